@@ -1,0 +1,102 @@
+//! Request and response bodies shared by the server and `arw-cli`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use arw_p2p::{
+    cluster::{ClusterNode, ClusterView},
+    hierarchy::{CoreAccept, CoreHello, CoreOffer},
+};
+
+/// `{"ok":true}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ok {
+    /// Always true.
+    pub ok: bool,
+}
+
+impl Ok {
+    /// The success body.
+    pub const YES: Ok = Ok { ok: true };
+}
+
+/// `POST /admin/hierarchy/role`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleRequest {
+    /// Role name or alias, case-insensitive.
+    pub role: String,
+}
+
+/// A node in the hierarchy view (`self_node` and each of `peers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HierarchyNode {
+    /// Node id.
+    pub id: String,
+    /// Canonical role.
+    pub role: String,
+    /// Scope tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Parent id.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Child ids.
+    #[serde(default)]
+    pub children: Vec<String>,
+    /// Declared capabilities (self only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Vec<String>>,
+    /// Last accepted hello epoch (self only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hello_epoch: Option<u64>,
+}
+
+/// `GET /admin/hierarchy/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HierarchyState {
+    /// Local change counter.
+    pub epoch: u64,
+    /// This node.
+    pub self_node: HierarchyNode,
+    /// Known peers by id.
+    pub peers: BTreeMap<String, HierarchyNode>,
+}
+
+/// CloudEvents attributes of a live event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudEvent {
+    /// Always `1.0`.
+    pub specversion: String,
+    /// The event kind.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `ARW_EVENT_SOURCE`, default `arw-server`.
+    pub source: String,
+    /// Unique per event (UUIDv7).
+    pub id: String,
+    /// Same as the envelope's `time`.
+    pub time: String,
+    /// Always `application/json`.
+    pub datacontenttype: String,
+}
+
+/// The event envelope (reference §1.3): on the bus, in the journal and in SSE `data`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// RFC 3339 UTC with milliseconds.
+    pub time: String,
+    /// Normalised dot.case kind.
+    pub kind: String,
+    /// Event payload.
+    pub payload: serde_json::Value,
+    /// The node that created the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// Capsule in force, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<serde_json::Value>,
+    /// CloudEvents attributes (live events only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce: Option<CloudEvent>,
+}

@@ -1,0 +1,67 @@
+//! arw-api: the HTTP admin API. Paths and shapes follow the runbook and the compatibility
+//! reference; every error is `application/problem+json` with a stable `code`.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    extract::DefaultBodyLimit,
+    middleware,
+    routing::{get, post},
+};
+use tower_http::catch_panic::CatchPanicLayer;
+
+use arw_p2p::{events::EventTx, node::NodeHandle};
+
+pub mod auth;
+pub mod dto;
+pub mod events;
+pub mod metrics;
+pub mod problem;
+mod routes;
+
+pub use auth::{AdminAuth, AuthConfig};
+pub use metrics::Metrics;
+pub use problem::Problem;
+
+/// Largest accepted request body, in bytes.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The node actor.
+    pub node: NodeHandle,
+    /// The event pipeline.
+    pub events: EventTx,
+    /// The admin gate.
+    pub auth: Arc<AdminAuth>,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(routes::healthz))
+        .route("/metrics", get(metrics::metrics))
+        .route("/state/cluster", get(routes::state_cluster))
+        .route("/admin/hierarchy/state", get(routes::hierarchy_state))
+        .route("/admin/hierarchy/role", post(routes::hierarchy_role))
+        .route("/admin/hierarchy/hello", post(routes::hierarchy_hello))
+        .route("/admin/hierarchy/offer", post(routes::hierarchy_offer))
+        .route("/admin/hierarchy/accept", post(routes::hierarchy_accept))
+        .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_admin,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::count_requests,
+        ))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(CatchPanicLayer::custom(routes::panic_response))
+        .with_state(state)
+}

@@ -1,0 +1,198 @@
+//! `application/problem+json` errors with a stable `code`, and the JSON body extractor that turns
+//! every axum rejection into one.
+
+use axum::{
+    extract::{FromRequest, Request, rejection::JsonRejection},
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use arw_p2p::{hierarchy::HierarchyError, node::NodeError};
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An RFC 9457 problem. Absent members are omitted, never `null`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Always `about:blank`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Short human summary (the status's reason phrase unless stated).
+    pub title: String,
+    /// HTTP status.
+    pub status: u16,
+    /// What went wrong, for a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Stable machine-readable code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Extra members (e.g. `valid_roles`).
+    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Seconds to wait before retrying (sent as `Retry-After`, not in the body).
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
+}
+
+impl Problem {
+    /// A problem with the status's reason phrase as title.
+    pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
+        Self {
+            kind: "about:blank".into(),
+            title: status.canonical_reason().unwrap_or("Error").into(),
+            status: status.as_u16(),
+            detail: Some(detail.into()),
+            code: Some(code.into()),
+            extra: serde_json::Map::new(),
+            retry_after: None,
+        }
+    }
+
+    /// Replaces the title.
+    pub fn with_title(mut self, title: &str) -> Self {
+        self.title = title.into();
+        self
+    }
+
+    /// Adds an extra member.
+    pub fn with(mut self, key: &str, value: serde_json::Value) -> Self {
+        self.extra.insert(key.into(), value);
+        self
+    }
+
+    /// The 401 every protected route answers.
+    pub fn unauthorized() -> Self {
+        Self {
+            kind: "about:blank".into(),
+            title: "Unauthorized".into(),
+            status: 401,
+            detail: None,
+            code: Some("unauthorized".into()),
+            extra: serde_json::Map::new(),
+            retry_after: None,
+        }
+    }
+
+    /// 404 for paths that do not exist.
+    pub fn not_found() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+    }
+
+    /// 500 without leaking internals.
+    pub fn internal(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", detail)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = serde_json::to_vec(&self).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<JsonRejection> for Problem {
+    fn from(rejection: JsonRejection) -> Self {
+        let detail = rejection.body_text();
+        match rejection {
+            JsonRejection::JsonDataError(_) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", detail)
+            }
+            JsonRejection::JsonSyntaxError(_) => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid_json", detail)
+            }
+            JsonRejection::MissingJsonContentType(_) => Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected Content-Type: application/json",
+            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("request body exceeds the {} byte limit", crate::BODY_LIMIT),
+            ),
+            other => Problem::new(other.status(), "invalid_body", detail),
+        }
+    }
+}
+
+impl From<HierarchyError> for Problem {
+    fn from(e: HierarchyError) -> Self {
+        let detail = e.to_string();
+        match e {
+            HierarchyError::UnknownRole(_) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_role", detail)
+                    .with("valid_roles", serde_json::json!(arw_p2p::role::CANONICAL))
+                    .with(
+                        "aliases",
+                        serde_json::json!({"home": "root", "worker": "edge"}),
+                    )
+            }
+            HierarchyError::InvalidNodeId(_) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id", detail)
+            }
+            HierarchyError::BlankNonce => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_nonce", detail)
+            }
+            HierarchyError::NodeIdMismatch { .. } => {
+                Problem::new(StatusCode::CONFLICT, "node_id_mismatch", detail)
+            }
+            HierarchyError::StaleEpoch { .. } => {
+                Problem::new(StatusCode::CONFLICT, "stale_epoch", detail)
+            }
+            HierarchyError::NonceReplay { .. } => {
+                Problem::new(StatusCode::CONFLICT, "nonce_replay", detail)
+            }
+        }
+    }
+}
+
+impl From<NodeError> for Problem {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::Rejected(h) => h.into(),
+            NodeError::Persist(detail) => {
+                tracing::error!(%detail, "state could not be persisted");
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "persist_failed", detail)
+            }
+            NodeError::Stopped => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the node is shutting down",
+            ),
+        }
+    }
+}
+
+/// `Json<T>` whose rejections are problem+json.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::Json(value) = axum::Json::<T>::from_request(req, state).await?;
+        Ok(Json(value))
+    }
+}
+
+impl<T: Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}

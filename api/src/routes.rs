@@ -1,0 +1,126 @@
+//! Handlers. Each one is a thin translation between HTTP and the node actor.
+
+use std::any::Any;
+
+use axum::{
+    extract::State,
+    http::{StatusCode, Uri},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+use arw_p2p::{hierarchy::Hierarchy, node::Snapshot, time::now_ms};
+
+use crate::{
+    AppState,
+    dto::{
+        self, ClusterView, CoreAccept, CoreHello, CoreOffer, HierarchyNode, HierarchyState,
+        RoleRequest,
+    },
+    problem::{Json, Problem},
+};
+
+/// `GET /healthz`: never gated.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "ok": true }))
+}
+
+/// `GET /state/cluster`.
+pub async fn state_cluster(State(state): State<AppState>) -> Json<ClusterView> {
+    Json(state.node.snapshot().cluster_view(now_ms()))
+}
+
+/// `GET /admin/hierarchy/state`: read-only, emits nothing.
+pub async fn hierarchy_state(State(state): State<AppState>) -> Json<HierarchyState> {
+    Json(hierarchy_view(&state.node.snapshot()))
+}
+
+/// `POST /admin/hierarchy/role`.
+pub async fn hierarchy_role(
+    State(state): State<AppState>,
+    Json(body): Json<RoleRequest>,
+) -> Result<Json<dto::Ok>, Problem> {
+    state.node.set_role(&body.role).await?;
+    Ok(Json(dto::Ok::YES))
+}
+
+/// `POST /admin/hierarchy/hello`.
+pub async fn hierarchy_hello(
+    State(state): State<AppState>,
+    Json(body): Json<CoreHello>,
+) -> Result<Json<dto::Ok>, Problem> {
+    state.node.hello(body).await?;
+    Ok(Json(dto::Ok::YES))
+}
+
+/// `POST /admin/hierarchy/offer`.
+pub async fn hierarchy_offer(
+    State(state): State<AppState>,
+    Json(body): Json<CoreOffer>,
+) -> Result<Json<dto::Ok>, Problem> {
+    state.node.offer(body).await?;
+    Ok(Json(dto::Ok::YES))
+}
+
+/// `POST /admin/hierarchy/accept`.
+pub async fn hierarchy_accept(
+    State(state): State<AppState>,
+    Json(body): Json<CoreAccept>,
+) -> Result<Json<dto::Ok>, Problem> {
+    state.node.accept(body).await?;
+    Ok(Json(dto::Ok::YES))
+}
+
+/// Any path that does not exist.
+pub async fn not_found(uri: Uri) -> Problem {
+    Problem::not_found().with("path", json!(uri.path()))
+}
+
+/// A path that exists, with the wrong method.
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this path",
+    )
+}
+
+/// A handler panicked: answer 500 problem+json instead of dropping the connection.
+pub fn panic_response(_: Box<dyn Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    Problem::internal("internal error").into_response()
+}
+
+fn hierarchy_view(snap: &Snapshot) -> HierarchyState {
+    let h: &Hierarchy = &snap.hierarchy;
+    let self_node = HierarchyNode {
+        id: snap.id.to_string(),
+        role: h.role.as_str().to_owned(),
+        tags: h.tags.clone(),
+        parent: h.parent.clone(),
+        children: h.children.iter().cloned().collect(),
+        capabilities: Some(h.capabilities.clone()),
+        hello_epoch: h.hello_epoch,
+    };
+    let peers = h
+        .peers
+        .values()
+        .map(|p| {
+            let node = HierarchyNode {
+                id: p.id.clone(),
+                role: p.role.as_str().to_owned(),
+                tags: p.tags.clone(),
+                parent: p.parent.clone(),
+                children: p.children.clone(),
+                capabilities: None,
+                hello_epoch: None,
+            };
+            (p.id.clone(), node)
+        })
+        .collect();
+    HierarchyState {
+        epoch: h.epoch,
+        self_node,
+        peers,
+    }
+}

@@ -1,0 +1,101 @@
+//! The HTTP client behind every `arw-cli` command: base URL, admin token (sent both as
+//! `Authorization: Bearer` and `X-ARW-Admin`), timeout, and the reference's error messages.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde_json::Value;
+
+/// A failed command; the message is what the user sees.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CliError(pub String);
+
+/// Talks to one server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client for `base` (e.g. `http://127.0.0.1:8091`).
+    pub fn new(base: &str, token: Option<String>, timeout: Duration) -> Result<Self, CliError> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| CliError(format!("cannot create HTTP client: {e}")))?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
+    }
+
+    /// The URL for `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET `path`, returning the body as JSON.
+    pub async fn get(&self, path: &str) -> Result<Value, CliError> {
+        self.send::<()>(Method::GET, path, None).await
+    }
+
+    /// POST `body` to `path`, returning the body as JSON.
+    pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> Result<Value, CliError> {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    /// A request builder with the auth headers set (for streaming commands).
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, self.url(path));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token).header("X-ARW-Admin", token);
+        }
+        request
+    }
+
+    async fn send<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Value, CliError> {
+        let url = self.url(path);
+        let mut request = self.request(method, path);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
+        check_status(&url, status, &text)?;
+        serde_json::from_str(&text)
+            .map_err(|e| CliError(format!("request to {url} returned invalid JSON: {e}")))
+    }
+}
+
+/// Maps a non-2xx status to the reference's messages.
+pub fn check_status(url: &str, status: StatusCode, body: &str) -> Result<(), CliError> {
+    if status == StatusCode::UNAUTHORIZED {
+        return Err(CliError(format!(
+            "request to {url} returned 401 Unauthorized; supply an admin token via --admin-token or ARW_ADMIN_TOKEN"
+        )));
+    }
+    if !status.is_success() {
+        return Err(CliError(format!(
+            "request to {url} failed ({status}): {}",
+            body.trim()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! `arw-cli state cluster`: the table of reference §3.2.
+
+use std::fmt::{Display, Write as _};
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::Value;
+
+const WIDTHS: [usize; 6] = [20, 10, 10, 32, 6, 8];
+const CAPS_WIDTH: usize = 40;
+const DASH: &str = "—";
+
+/// Renders a `/state/cluster` body as text at `now_ms`, with times in `tz`.
+pub fn render<Tz: TimeZone>(view: &Value, now_ms: i64, tz: &Tz) -> String
+where
+    Tz::Offset: Display,
+{
+    let mut out = String::from("Cluster snapshot\n");
+    let generated = view["generated_ms"]
+        .as_i64()
+        .and_then(|ms| local_time(ms, tz))
+        .or_else(|| view["generated"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| DASH.to_owned());
+    let ttl = view["ttl_seconds"].as_u64().unwrap_or(0);
+    let nodes = view["nodes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let _ = writeln!(out, "  Generated : {generated}");
+    let _ = writeln!(
+        out,
+        "  TTL       : {}",
+        if ttl == 0 {
+            DASH.to_owned()
+        } else {
+            format!("{ttl}s")
+        }
+    );
+    let _ = writeln!(out, "  Nodes     : {}", nodes.len());
+    out.push('\n');
+    if nodes.is_empty() {
+        out.push_str("  (no nodes advertised)\n");
+        return out;
+    }
+    row(
+        &mut out,
+        ["ID", "Role", "Health", "Last Seen", "Stale", "Models"].map(String::from),
+        "Capabilities",
+    );
+    for node in nodes {
+        let cells = [
+            id_cell(node),
+            node["role"].as_str().unwrap_or(DASH).to_lowercase(),
+            node["health"].as_str().unwrap_or(DASH).to_owned(),
+            last_seen(node, now_ms, tz),
+            stale(node, ttl, now_ms).to_owned(),
+            models(&node["models"]),
+        ];
+        row(&mut out, cells, &capabilities(&node["capabilities"]));
+    }
+    out
+}
+
+fn row(out: &mut String, cells: [String; 6], last: &str) {
+    for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
+        // The Stale column is never truncated.
+        let cell = if i == 4 {
+            cell.clone()
+        } else {
+            truncate(cell, width)
+        };
+        let _ = write!(out, "{cell:<width$} ");
+    }
+    let _ = writeln!(out, "{}", truncate(last, CAPS_WIDTH));
+}
+
+/// Cuts `s` to `width` characters, the last one `…`.
+pub fn truncate(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_owned();
+    }
+    let mut cut: String = s.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+fn local_time<Tz: TimeZone>(ms: i64, tz: &Tz) -> Option<String>
+where
+    Tz::Offset: Display,
+{
+    let utc: DateTime<Utc> = DateTime::from_timestamp_millis(ms)?;
+    Some(
+        utc.with_timezone(tz)
+            .format("%Y-%m-%d %H:%M:%S %Z")
+            .to_string(),
+    )
+}
+
+fn id_cell(node: &Value) -> String {
+    let id = node["id"].as_str().unwrap_or(DASH);
+    match node["name"].as_str().filter(|n| !n.is_empty()) {
+        Some(name) => format!("{id} ({name})"),
+        None => id.to_owned(),
+    }
+}
+
+fn last_seen<Tz: TimeZone>(node: &Value, now_ms: i64, tz: &Tz) -> String
+where
+    Tz::Offset: Display,
+{
+    let ms = node["last_seen_ms"].as_i64().unwrap_or(0);
+    let base = (ms > 0)
+        .then(|| local_time(ms, tz))
+        .flatten()
+        .or_else(|| node["last_seen"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| DASH.to_owned());
+    if ms <= 0 {
+        return base;
+    }
+    let delta = now_ms - ms;
+    let span = human_span(delta.unsigned_abs() / 1000);
+    if delta >= 0 {
+        format!("{base} ({span} ago)")
+    } else {
+        format!("{base} (in {span})")
+    }
+}
+
+/// The largest non-zero unit of d, h, m, s.
+fn human_span(secs: u64) -> String {
+    for (unit, size) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
+        if secs >= size {
+            return format!("{}{unit}", secs / size);
+        }
+    }
+    format!("{secs}s")
+}
+
+fn stale(node: &Value, ttl: u64, now_ms: i64) -> &'static str {
+    let ms = node["last_seen_ms"].as_i64().unwrap_or(0);
+    if ttl == 0 || ms == 0 {
+        return "no";
+    }
+    let ttl_ms = i64::try_from(ttl.saturating_mul(1000)).unwrap_or(i64::MAX);
+    if now_ms - ms > ttl_ms { "yes" } else { "no" }
+}
+
+fn models(models: &Value) -> String {
+    match models {
+        Value::Number(n) => n.to_string(),
+        Value::Object(m) => {
+            let count = m
+                .get("count")
+                .map_or_else(|| DASH.to_owned(), Value::to_string);
+            let preview: Vec<&str> = m
+                .get("preview")
+                .and_then(Value::as_array)
+                .map(|p| p.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if preview.is_empty() {
+                return count;
+            }
+            let mut shown: Vec<String> = preview
+                .iter()
+                .take(2)
+                .map(|h| h.chars().take(8).collect())
+                .collect();
+            if preview.len() > 2 {
+                shown.push("…".into());
+            }
+            format!("{count} ({})", shown.join(","))
+        }
+        _ => DASH.to_owned(),
+    }
+}
+
+fn capabilities(caps: &Value) -> String {
+    let (mut items, total): (Vec<String>, usize) = match caps {
+        Value::Object(m) => {
+            let mut keys: Vec<String> = m.keys().cloned().collect();
+            keys.sort();
+            let total = keys.len();
+            (keys, total)
+        }
+        Value::Array(a) => {
+            let items: Vec<String> = a
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect();
+            let total = items.len();
+            (items, total)
+        }
+        Value::String(s) if !s.is_empty() => return s.clone(),
+        _ => return DASH.to_owned(),
+    };
+    if total == 0 {
+        return DASH.to_owned();
+    }
+    items.truncate(3);
+    if total > 3 {
+        items.push("…".into());
+    }
+    items.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::FixedOffset;
+    use serde_json::json;
+
+    const NOW: i64 = 1_760_623_205_000; // 2025-10-16 14:00:05 UTC
+
+    #[test]
+    fn matches_the_reference_layout() {
+        let view = json!({
+            "nodes": [{
+                "id": "worker-gpu-01", "role": "Edge", "health": "ok",
+                "capabilities": {"os": "linux", "arch": "x86_64", "arw_version": "0.2.0-dev", "declared": []},
+                "models": {"count": 3, "preview": ["abcdef0123", "bcdef01234", "cdef012345"]},
+                "last_seen_ms": NOW - 124_000,
+            }],
+            "generated_ms": NOW, "ttl_seconds": 360,
+        });
+        let utc = FixedOffset::east_opt(0).expect("utc");
+        let text = render(&view, NOW, &utc);
+        let want = "Cluster snapshot\n  Generated : 2025-10-16 14:00:05 +00:00\n  TTL       : 360s\n  Nodes     : 1\n\n\
+ID                   Role       Health     Last Seen                        Stale  Models   Capabilities\n\
+worker-gpu-01        edge       ok         2025-10-16 13:58:01 +00:00 (2m … no     3 (abcd… arch,arw_version,declared,…\n";
+        assert_eq!(text, want);
+    }
+
+    #[test]
+    fn stale_markers_and_future_times() {
+        let view = json!({
+            "nodes": [
+                {"id": "old", "role": "edge", "last_seen_ms": NOW - 361_000},
+                {"id": "ahead", "role": "edge", "last_seen_ms": NOW + 7_200_000},
+                {"id": "never", "role": "edge"},
+            ],
+            "ttl_seconds": 360,
+        });
+        let utc = FixedOffset::east_opt(0).expect("utc");
+        let text = render(&view, NOW, &utc);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].ends_with(DASH), "{text}");
+        assert!(
+            lines[6].contains("13:54:04 +00:00 (6m …") && lines[6].contains(" yes "),
+            "{text}"
+        );
+        assert!(
+            lines[7].contains("16:00:05 +00:00 (in …") && lines[7].contains(" no "),
+            "{text}"
+        );
+        assert!(
+            lines[8].contains(" —  ") && lines[8].contains(" no "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn relative_times_use_the_largest_unit() {
+        assert_eq!(human_span(0), "0s");
+        assert_eq!(human_span(59), "59s");
+        assert_eq!(human_span(3_599), "59m");
+        assert_eq!(human_span(7_200), "2h");
+        assert_eq!(human_span(200_000), "2d");
+    }
+
+    #[test]
+    fn empty_cluster() {
+        let utc = FixedOffset::east_opt(0).expect("utc");
+        let text = render(&json!({"nodes": [], "ttl_seconds": 0}), NOW, &utc);
+        assert!(
+            text.ends_with("  TTL       : —\n  Nodes     : 0\n\n  (no nodes advertised)\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn truncation_counts_characters() {
+        let long = "ñ".repeat(30);
+        let cut = truncate(&long, 20);
+        assert_eq!(cut.chars().count(), 20);
+        assert!(cut.ends_with('…'));
+        assert_eq!(truncate("short", 20), "short");
+    }
+}

@@ -1,0 +1,225 @@
+//! `arw-cli`: drive a node's admin API from the shell.
+
+mod client;
+pub mod cluster;
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+pub use client::{CliError, Client};
+
+/// Operate an ARW federation node through its admin API.
+///
+/// The admin token comes from --admin-token, else ARW_ADMIN_TOKEN, else the token file a local
+/// arw-server generated in its state directory (ARW_STATE_DIR, else the platform data dir).
+#[derive(Debug, Parser)]
+#[command(name = "arw-cli", version, about, long_about)]
+pub struct Cli {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where and how to connect; accepted before or after the subcommand.
+#[derive(Debug, Args)]
+struct Connection {
+    /// Server base URL.
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:8091",
+        env = "ARW_BASE"
+    )]
+    base: String,
+    /// Admin token (default: $ARW_ADMIN_TOKEN, then the local server's generated token).
+    #[arg(long, global = true, env = "ARW_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Request timeout in seconds.
+    #[arg(long, global = true, default_value_t = 5)]
+    timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Read-only state views.
+    #[command(subcommand)]
+    State(StateCommand),
+    /// The node's hierarchy role and identity.
+    #[command(subcommand)]
+    Hierarchy(HierarchyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum StateCommand {
+    /// Nodes this node knows, with health, last-seen times and stale markers.
+    ///
+    /// Example: arw-cli state cluster --base http://127.0.0.1:8091 --json --pretty
+    Cluster(JsonOutput),
+}
+
+#[derive(Debug, Args)]
+struct JsonOutput {
+    /// Print the raw JSON body on one line.
+    #[arg(long)]
+    json: bool,
+    /// Pretty-print the JSON (requires --json).
+    #[arg(long, requires = "json")]
+    pretty: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum HierarchyCommand {
+    /// Set this node's role: root (alias home), regional, edge (alias worker), connector, observer.
+    ///
+    /// Example: arw-cli hierarchy role home
+    Role {
+        /// The role or alias, case-insensitive.
+        role: String,
+    },
+    /// Configure this node's identity, role and advertised capabilities.
+    ///
+    /// Example: arw-cli hierarchy hello --id worker-gpu-01 --role worker --capability gpu:rtx-4090 --scope-tag gpu
+    Hello(HelloArgs),
+    /// Show this node's hierarchy state.
+    ///
+    /// Example: arw-cli hierarchy state --json --pretty
+    State(JsonOutput),
+}
+
+#[derive(Debug, Args)]
+struct HelloArgs {
+    /// Node id (must match ARW_NODE_ID / cluster.node_id when those are set).
+    #[arg(long)]
+    id: String,
+    /// Role or alias.
+    #[arg(long, default_value = "edge")]
+    role: String,
+    /// A declared capability (repeatable), e.g. gpu:rtx-4090.
+    #[arg(long = "capability")]
+    capabilities: Vec<String>,
+    /// A scope tag (repeatable), e.g. gpu.
+    #[arg(long = "scope-tag")]
+    scope_tags: Vec<String>,
+    /// Hello epoch (default: the node's current hello epoch, or 0).
+    #[arg(long)]
+    epoch: Option<u64>,
+    /// Nonce (default: a fresh UUID).
+    #[arg(long)]
+    nonce: Option<String>,
+}
+
+impl Cli {
+    /// Runs the command, returning what to print on stdout.
+    pub async fn run(self) -> Result<String, CliError> {
+        let token = self.conn.admin_token.clone().or_else(local_token);
+        let client = Client::new(
+            &self.conn.base,
+            token,
+            Duration::from_secs(self.conn.timeout),
+        )?;
+        match self.command {
+            Command::State(StateCommand::Cluster(out)) => {
+                let view = client.get("/state/cluster").await?;
+                Ok(if out.json {
+                    json_text(&view, out.pretty)
+                } else {
+                    cluster::render(&view, chrono::Utc::now().timestamp_millis(), &chrono::Local)
+                })
+            }
+            Command::Hierarchy(HierarchyCommand::Role { role }) => {
+                client
+                    .post("/admin/hierarchy/role", &json!({ "role": role }))
+                    .await?;
+                let state = client.get("/admin/hierarchy/state").await?;
+                Ok(format!(
+                    "role: {} (hierarchy epoch {})\n",
+                    state["self_node"]["role"].as_str().unwrap_or("?"),
+                    state["epoch"]
+                ))
+            }
+            Command::Hierarchy(HierarchyCommand::Hello(args)) => hello(&client, args).await,
+            Command::Hierarchy(HierarchyCommand::State(out)) => {
+                let state = client.get("/admin/hierarchy/state").await?;
+                Ok(if out.json {
+                    json_text(&state, out.pretty)
+                } else {
+                    hierarchy_text(&state)
+                })
+            }
+        }
+    }
+}
+
+async fn hello(client: &Client, args: HelloArgs) -> Result<String, CliError> {
+    let epoch = match args.epoch {
+        Some(epoch) => epoch,
+        None => {
+            let state = client.get("/admin/hierarchy/state").await?;
+            state["self_node"]["hello_epoch"].as_u64().unwrap_or(0)
+        }
+    };
+    let nonce = args
+        .nonce
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let body = json!({
+        "id": args.id, "role": args.role, "capabilities": args.capabilities,
+        "scope_tags": args.scope_tags, "epoch": epoch, "nonce": nonce,
+    });
+    client.post("/admin/hierarchy/hello", &body).await?;
+    Ok(format!(
+        "hello accepted: id {} role {} epoch {epoch}\n",
+        args.id, args.role
+    ))
+}
+
+fn json_text(value: &Value, pretty: bool) -> String {
+    let text = if pretty {
+        serde_json::to_string_pretty(value)
+    } else {
+        serde_json::to_string(value)
+    };
+    format!("{}\n", text.unwrap_or_default())
+}
+
+fn hierarchy_text(state: &Value) -> String {
+    let node = &state["self_node"];
+    let list = |v: &Value| {
+        let items: Vec<&str> = v
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if items.is_empty() {
+            "—".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    let peers = state["peers"].as_object().map_or(0, serde_json::Map::len);
+    format!(
+        "Node         : {}\nRole         : {}\nEpoch        : {}\nHello epoch  : {}\nTags         : {}\nCapabilities : {}\nParent       : {}\nChildren     : {}\nPeers        : {peers}\n",
+        node["id"].as_str().unwrap_or("—"),
+        node["role"].as_str().unwrap_or("—"),
+        state["epoch"],
+        node["hello_epoch"]
+            .as_u64()
+            .map_or_else(|| "—".to_owned(), |e| e.to_string()),
+        list(&node["tags"]),
+        list(&node["capabilities"]),
+        node["parent"].as_str().unwrap_or("—"),
+        list(&node["children"]),
+    )
+}
+
+/// The token a local server generated, if readable.
+fn local_token() -> Option<String> {
+    let dir = std::env::var_os("ARW_STATE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            directories::ProjectDirs::from("org", "arw", "arw").map(|d| d.data_dir().to_path_buf())
+        })?;
+    let token = std::fs::read_to_string(dir.join(crate::state_dir::TOKEN_FILE)).ok()?;
+    Some(token.trim().to_owned()).filter(|t| !t.is_empty())
+}

@@ -1,0 +1,629 @@
+//! Configuration: built-in defaults (configs/default.toml compiled in), then a discovered config
+//! file, then `${state_dir}/config.toml`, then environment variables. Invalid values are refused
+//! naming the key and where it came from; unknown keys are reported as warnings.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use figment::{
+    Figment,
+    providers::{Format, Serialized, Toml},
+    value::Value,
+};
+use serde::{Deserialize, Serialize};
+
+use arw_p2p::{Multiaddr, node_id::NodeId};
+
+/// The documented defaults, compiled in.
+pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
+
+/// Exit status for configuration errors (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// `[server]`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerConfig {
+    /// Listen address (IP literal or `localhost`).
+    pub bind: String,
+    /// Listen port; 0 = ephemeral.
+    pub port: u16,
+    /// Admin token (secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    /// Hex SHA-256 of the admin token (secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_sha256: Option<String>,
+    /// Failed authentications per client and window; 0 = off.
+    pub admin_rate_limit: u32,
+    /// Rate window, seconds.
+    pub admin_rate_window_secs: u64,
+    /// Shutdown grace period, seconds.
+    pub shutdown_grace_secs: u64,
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("bind", &self.bind)
+            .field("port", &self.port)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| REDACTED))
+            .field(
+                "admin_token_sha256",
+                &self.admin_token_sha256.as_ref().map(|_| REDACTED),
+            )
+            .field("admin_rate_limit", &self.admin_rate_limit)
+            .field("admin_rate_window_secs", &self.admin_rate_window_secs)
+            .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .finish()
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogConfig {
+    /// tracing filter directive.
+    pub filter: String,
+}
+
+/// `[runtime]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RuntimeConfig {
+    /// State directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `[cluster] bus` / `queue`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// libp2p mesh (bus) or in-process queue.
+    Local,
+    /// NATS broker.
+    Nats,
+}
+
+impl Transport {
+    /// The config-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Local => "local",
+            Transport::Nats => "nats",
+        }
+    }
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    /// Federation on or off.
+    pub enabled: bool,
+    /// Explicit node id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Workspace id.
+    pub workspace: String,
+    /// Bus transport.
+    pub bus: Transport,
+    /// Queue transport.
+    pub queue: Transport,
+    /// NATS URL.
+    pub nats_url: String,
+    /// libp2p listen multiaddrs.
+    pub listen: Vec<String>,
+    /// libp2p bootstrap multiaddrs.
+    pub bootstrap: Vec<String>,
+    /// mDNS discovery.
+    pub mdns: bool,
+    /// Re-advertise interval, seconds.
+    pub advertise_interval_secs: u64,
+    /// Staleness threshold, seconds.
+    pub ttl_seconds: u64,
+    /// Eviction threshold, seconds.
+    pub evict_after_secs: u64,
+    /// Ignored (set through the API); kept so a value can be warned about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[log]`.
+    pub log: LogConfig,
+    /// `[runtime]`.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// `[cluster]`.
+    pub cluster: ClusterConfig,
+}
+
+const REDACTED: &str = "<redacted>";
+
+/// Environment variables that override keys, with the key each one sets and whether its value
+/// is a number.
+const ENV_KEYS: &[(&str, &str, bool)] = &[
+    ("ARW_BIND", "server.bind", false),
+    ("ARW_PORT", "server.port", true),
+    ("ARW_ADMIN_TOKEN", "server.admin_token", false),
+    ("ARW_ADMIN_TOKEN_SHA256", "server.admin_token_sha256", false),
+    ("ARW_ADMIN_RATE_LIMIT", "server.admin_rate_limit", true),
+    (
+        "ARW_ADMIN_RATE_WINDOW_SECS",
+        "server.admin_rate_window_secs",
+        true,
+    ),
+    ("ARW_LOG", "log.filter", false),
+    ("ARW_STATE_DIR", "runtime.state_dir", false),
+    ("ARW_NODE_ID", "cluster.node_id", false),
+    ("ARW_NATS_URL", "cluster.nats_url", false),
+];
+
+/// A configuration that cannot be used. Its message names the key and its source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The loaded configuration and how it was put together.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Effective values.
+    pub config: Config,
+    /// Files read, in order (the built-in defaults first).
+    pub sources: Vec<String>,
+    /// The resolved state directory.
+    pub state_dir: PathBuf,
+    /// The parsed HTTP bind address.
+    pub bind_ip: IpAddr,
+    /// Whether the node id was set explicitly, and by which source.
+    pub explicit_node_id: Option<(NodeId, arw_p2p::node_id::IdSource)>,
+    /// Things worth a warning (unknown keys, ignored settings).
+    pub warnings: Vec<String>,
+}
+
+/// Where to look for things; real process values in production, fakes in tests.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// Environment variables.
+    pub vars: std::collections::HashMap<String, String>,
+    /// The running executable.
+    pub exe: Option<PathBuf>,
+    /// The working directory.
+    pub cwd: Option<PathBuf>,
+    /// The platform data directory.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Environment {
+    /// The real process environment.
+    pub fn from_process() -> Self {
+        Self {
+            vars: std::env::vars().collect(),
+            exe: std::env::current_exe().ok(),
+            cwd: std::env::current_dir().ok(),
+            data_dir: directories::ProjectDirs::from("org", "arw", "arw")
+                .map(|d| d.data_dir().to_path_buf()),
+        }
+    }
+
+    fn var(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// Loads, merges and validates the configuration.
+pub fn load(env: &Environment) -> Result<Loaded, ConfigError> {
+    let mut sources = vec!["built-in defaults".to_owned()];
+    let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+    if let Some(file) = discover(env)? {
+        sources.push(file.display().to_string());
+        figment = figment.merge(Toml::file_exact(&file));
+    }
+    // The state dir may come from the environment or from the files read so far.
+    let state_dir = match env.var("ARW_STATE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => figment
+            .extract_inner::<Option<PathBuf>>("runtime.state_dir")
+            .ok()
+            .flatten()
+            .or_else(|| env.data_dir.clone())
+            .ok_or_else(|| {
+                ConfigError("no state directory: set ARW_STATE_DIR or runtime.state_dir".into())
+            })?,
+    };
+    let state_file = state_dir.join("config.toml");
+    if state_file.is_file() {
+        sources.push(state_file.display().to_string());
+        figment = figment.merge(Toml::file_exact(&state_file));
+    }
+    for (var, key, numeric) in ENV_KEYS {
+        if let Some(raw) = env.var(var) {
+            let value = match raw.trim().parse::<u64>() {
+                Ok(n) if *numeric => Value::from(n),
+                _ => Value::from(raw.to_owned()),
+            };
+            figment = figment.merge(Serialized::default(key, value));
+        }
+    }
+
+    let config: Config = figment.extract().map_err(|e| describe(e, env))?;
+    let mut warnings = unknown_keys(&figment)?;
+    let (bind_ip, explicit_node_id) = validate(&config, env, &mut warnings)?;
+    Ok(Loaded {
+        config,
+        sources,
+        state_dir,
+        bind_ip,
+        explicit_node_id,
+        warnings,
+    })
+}
+
+/// `ARW_CONFIG`, else the first `configs/default.toml` under `ARW_CONFIG_DIR`, the executable's
+/// directory, its parent, or the working directory.
+fn discover(env: &Environment) -> Result<Option<PathBuf>, ConfigError> {
+    if let Some(path) = env.var("ARW_CONFIG") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(Some(path))
+        } else {
+            Err(ConfigError(format!(
+                "ARW_CONFIG={}: no such file",
+                path.display()
+            )))
+        };
+    }
+    let exe_dir = env.exe.as_deref().and_then(Path::parent);
+    let candidates = [
+        env.var("ARW_CONFIG_DIR").map(PathBuf::from),
+        exe_dir.map(Path::to_path_buf),
+        exe_dir.and_then(Path::parent).map(Path::to_path_buf),
+        env.cwd.clone(),
+    ];
+    Ok(candidates
+        .into_iter()
+        .flatten()
+        .map(|dir| dir.join("configs").join("default.toml"))
+        .find(|p| p.is_file()))
+}
+
+fn describe(error: figment::Error, env: &Environment) -> ConfigError {
+    let lines: Vec<String> = error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                Some(figment::Source::File(path)) => format!(" in {}", path.display()),
+                _ => ENV_KEYS
+                    .iter()
+                    .find(|(var, k, _)| *k == key && env.var(var).is_some())
+                    .map(|(var, _, _)| format!(" (from {var})"))
+                    .unwrap_or_default(),
+            };
+            if key.is_empty() {
+                format!("{}{source}", e.kind)
+            } else {
+                format!("{key}: {}{source}", e.kind)
+            }
+        })
+        .collect();
+    ConfigError(lines.join("; "))
+}
+
+/// Keys present in the merged configuration that no setting reads.
+fn unknown_keys(figment: &Figment) -> Result<Vec<String>, ConfigError> {
+    let merged: serde_json::Value = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+    let mut unknown = Vec::new();
+    let _: Result<Config, _> = serde_ignored::deserialize(merged, |path| {
+        let key = path.to_string();
+        let source = figment
+            .find_metadata(&key)
+            .and_then(|m| m.source.as_ref())
+            .map(|s| format!(" in {s}"))
+            .unwrap_or_default();
+        unknown.push(format!(
+            "unknown configuration key `{key}`{source} (ignored)"
+        ));
+    });
+    Ok(unknown)
+}
+
+fn validate(
+    config: &Config,
+    env: &Environment,
+    warnings: &mut Vec<String>,
+) -> Result<(IpAddr, Option<(NodeId, arw_p2p::node_id::IdSource)>), ConfigError> {
+    use arw_p2p::node_id::IdSource;
+    let s = &config.server;
+    let bind_ip = parse_bind(&s.bind).ok_or_else(|| {
+        ConfigError(format!(
+            "server.bind: {:?} is not an IP address or `localhost`",
+            s.bind
+        ))
+    })?;
+    if s.admin_rate_window_secs == 0 {
+        return Err(ConfigError(
+            "server.admin_rate_window_secs: must be at least 1".into(),
+        ));
+    }
+    if let Some(digest) = &s.admin_token_sha256
+        && (digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()))
+    {
+        return Err(ConfigError(
+            "server.admin_token_sha256: must be 64 hexadecimal digits".into(),
+        ));
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
+        return Err(ConfigError(format!("log.filter: {e}")));
+    }
+
+    let c = &config.cluster;
+    let explicit_node_id = match &c.node_id {
+        Some(id) => {
+            let id = NodeId::parse(id).map_err(|e| ConfigError(format!("cluster.node_id: {e}")))?;
+            let source = if env.var("ARW_NODE_ID").is_some() {
+                IdSource::Env
+            } else {
+                IdSource::Config
+            };
+            Some((id, source))
+        }
+        None => None,
+    };
+    NodeId::parse(&c.workspace).map_err(|_| {
+        ConfigError(format!(
+            "cluster.workspace: {:?} must be 1-64 characters from A-Z a-z 0-9 _ -",
+            c.workspace
+        ))
+    })?;
+    for (key, addrs) in [
+        ("cluster.listen", &c.listen),
+        ("cluster.bootstrap", &c.bootstrap),
+    ] {
+        for addr in addrs {
+            addr.parse::<Multiaddr>()
+                .map_err(|e| ConfigError(format!("{key}: {addr:?} is not a multiaddr: {e}")))?;
+        }
+    }
+    if c.advertise_interval_secs == 0 {
+        return Err(ConfigError(
+            "cluster.advertise_interval_secs: must be at least 1".into(),
+        ));
+    }
+    if c.ttl_seconds <= c.advertise_interval_secs {
+        warnings.push(format!(
+            "cluster.ttl_seconds ({}) is not above cluster.advertise_interval_secs ({}): healthy nodes will show as stale between adverts",
+            c.ttl_seconds, c.advertise_interval_secs
+        ));
+    }
+    if c.evict_after_secs < c.ttl_seconds {
+        return Err(ConfigError(format!(
+            "cluster.evict_after_secs: {} is below ttl_seconds ({})",
+            c.evict_after_secs, c.ttl_seconds
+        )));
+    }
+    if c.role.is_some() {
+        warnings.push(
+            "cluster.role is ignored: set the role with POST /admin/hierarchy/role".to_owned(),
+        );
+    }
+    Ok((bind_ip, explicit_node_id))
+}
+
+/// Parses `localhost`, `::1`, `[::1]` and IP literals.
+pub fn parse_bind(bind: &str) -> Option<IpAddr> {
+    let bind = bind.trim();
+    if bind.eq_ignore_ascii_case("localhost") {
+        return Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    }
+    let inner = bind
+        .strip_prefix('[')
+        .and_then(|b| b.strip_suffix(']'))
+        .unwrap_or(bind);
+    inner
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6))
+}
+
+impl Config {
+    /// The configuration as TOML with secrets replaced by `<redacted>`.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        for secret in [
+            &mut shown.server.admin_token,
+            &mut shown.server.admin_token_sha256,
+        ] {
+            if secret.is_some() {
+                *secret = Some(REDACTED.to_owned());
+            }
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# could not render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> (Environment, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut vars: std::collections::HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        vars.entry("ARW_STATE_DIR".into())
+            .or_insert_with(|| dir.path().join("state").display().to_string());
+        (
+            Environment {
+                vars,
+                exe: None,
+                cwd: None,
+                data_dir: None,
+            },
+            dir,
+        )
+    }
+
+    #[test]
+    fn built_in_defaults_are_the_documented_ones() {
+        let (e, _d) = env(&[]);
+        let loaded = load(&e).expect("defaults load");
+        let c = &loaded.config;
+        assert_eq!((c.server.bind.as_str(), c.server.port), ("127.0.0.1", 8091));
+        assert!(!c.cluster.enabled);
+        assert_eq!(c.cluster.bus, Transport::Local);
+        assert_eq!(
+            (c.cluster.advertise_interval_secs, c.cluster.ttl_seconds),
+            (300, 360)
+        );
+        assert_eq!(c.cluster.evict_after_secs, 24 * 360);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(loaded.sources, vec!["built-in defaults".to_owned()]);
+    }
+
+    #[test]
+    fn precedence_file_then_state_config_then_env() {
+        let (mut e, dir) = env(&[]);
+        let file = dir.path().join("arw.toml");
+        std::fs::write(
+            &file,
+            "[server]\nport = 9000\nbind = \"::1\"\n[cluster]\nworkspace = \"lab\"\n",
+        )
+        .expect("write");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).expect("mkdir");
+        std::fs::write(state.join("config.toml"), "[server]\nport = 9100\n").expect("write");
+        e.vars
+            .insert("ARW_CONFIG".into(), file.display().to_string());
+        let c = load(&e).expect("load").config;
+        assert_eq!(c.server.port, 9100);
+        assert_eq!(c.server.bind, "::1");
+        assert_eq!(c.cluster.workspace, "lab");
+        e.vars.insert("ARW_PORT".into(), "0".into());
+        assert_eq!(load(&e).expect("load").config.server.port, 0);
+    }
+
+    #[test]
+    fn config_dir_discovery() {
+        let (mut e, dir) = env(&[]);
+        let configs = dir.path().join("etc/configs");
+        std::fs::create_dir_all(&configs).expect("mkdir");
+        std::fs::write(configs.join("default.toml"), "[cluster]\nenabled = true\n").expect("write");
+        e.vars.insert(
+            "ARW_CONFIG_DIR".into(),
+            dir.path().join("etc").display().to_string(),
+        );
+        let loaded = load(&e).expect("load");
+        assert!(loaded.config.cluster.enabled);
+        assert_eq!(loaded.sources.len(), 2);
+    }
+
+    #[test]
+    fn invalid_values_name_the_key_and_source() {
+        let (e, _d) = env(&[("ARW_PORT", "eighty")]);
+        let err = load(&e).expect_err("bad port").to_string();
+        assert!(
+            err.contains("server.port") && err.contains("ARW_PORT"),
+            "{err}"
+        );
+
+        let (mut e, dir) = env(&[]);
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "[cluster]\nbus = \"carrier-pigeon\"\n").expect("write");
+        e.vars
+            .insert("ARW_CONFIG".into(), file.display().to_string());
+        let err = load(&e).expect_err("bad bus").to_string();
+        assert!(
+            err.contains("cluster.bus") && err.contains("bad.toml"),
+            "{err}"
+        );
+
+        for (var, value, key) in [
+            ("ARW_NODE_ID", "has.dot", "cluster.node_id"),
+            ("ARW_BIND", "example.com", "server.bind"),
+            ("ARW_PORT", "70000", "server.port"),
+        ] {
+            let (e, _d) = env(&[(var, value)]);
+            let err = load(&e).expect_err(var).to_string();
+            assert!(err.contains(key), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn numeric_looking_strings_stay_strings() {
+        let (e, _d) = env(&[("ARW_NODE_ID", "1234"), ("ARW_ADMIN_TOKEN", "42")]);
+        let loaded = load(&e).expect("load");
+        assert_eq!(loaded.config.cluster.node_id.as_deref(), Some("1234"));
+        assert_eq!(loaded.config.server.admin_token.as_deref(), Some("42"));
+    }
+
+    #[test]
+    fn unknown_keys_warn_with_their_file() {
+        let (mut e, dir) = env(&[]);
+        let file = dir.path().join("arw.toml");
+        std::fs::write(
+            &file,
+            "[cluster]\nenabeld = true\nrole = \"home\"\n[extra]\nx = 1\n",
+        )
+        .expect("write");
+        e.vars
+            .insert("ARW_CONFIG".into(), file.display().to_string());
+        let warnings = load(&e).expect("load").warnings.join("\n");
+        assert!(
+            warnings.contains("cluster.enabeld") && warnings.contains("arw.toml"),
+            "{warnings}"
+        );
+        assert!(warnings.contains("`extra"), "{warnings}");
+        assert!(warnings.contains("cluster.role is ignored"), "{warnings}");
+    }
+
+    #[test]
+    fn missing_explicit_config_file_is_an_error() {
+        let (e, _d) = env(&[("ARW_CONFIG", "/nonexistent/arw.toml")]);
+        assert!(
+            load(&e)
+                .expect_err("missing")
+                .to_string()
+                .contains("ARW_CONFIG")
+        );
+    }
+
+    #[test]
+    fn bind_forms() {
+        for (input, loopback) in [
+            ("localhost", true),
+            ("::1", true),
+            ("[::1]", true),
+            ("127.0.0.1", true),
+            ("0.0.0.0", false),
+        ] {
+            assert_eq!(
+                parse_bind(input).map(|ip| ip.is_loopback()),
+                Some(loopback),
+                "{input}"
+            );
+        }
+        assert_eq!(parse_bind("example.com"), None);
+    }
+
+    #[test]
+    fn check_config_redacts_secrets() {
+        let (e, _d) = env(&[("ARW_ADMIN_TOKEN", "hunter2")]);
+        let loaded = load(&e).expect("load");
+        let shown = loaded.config.redacted_toml();
+        assert!(
+            !shown.contains("hunter2") && shown.contains("<redacted>"),
+            "{shown}"
+        );
+        assert!(!format!("{:?}", loaded.config).contains("hunter2"));
+    }
+}

@@ -1,0 +1,10 @@
+//! arw-daemon: configuration, state directory, capability probe and the wiring behind the
+//! `arw-server` and `arw-cli` binaries.
+
+pub mod cli;
+pub mod config;
+pub mod probe;
+pub mod process;
+pub mod publisher;
+pub mod server;
+pub mod state_dir;

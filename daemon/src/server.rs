@@ -1,0 +1,227 @@
+//! Wiring for `arw-server`: state dir, identity, node actor, event publisher, HTTP listener,
+//! ready file and graceful shutdown.
+
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+use arw_api::{AdminAuth, AppState, AuthConfig, Metrics};
+use arw_p2p::{
+    events::EventTx,
+    identity::NodeKey,
+    node::{self, NodeConfig, NodeHandle},
+};
+
+use crate::{
+    config::{EXIT_CONFIG, Loaded},
+    probe,
+    state_dir::{self, Endpoints},
+};
+
+/// Events queued between producers and the publisher.
+const EVENT_QUEUE: usize = 1024;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration cannot be used (exit 64).
+    #[error("{0}")]
+    Config(String),
+    /// Anything else (exit 1).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StartError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Config(_) => EXIT_CONFIG,
+            StartError::Other(_) => 1,
+        }
+    }
+}
+
+fn other(context: &str) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |e| StartError::Other(format!("{context}: {e}"))
+}
+
+/// A started node.
+#[derive(Debug)]
+pub struct Running {
+    /// What was written to endpoints.json.
+    pub endpoints: Endpoints,
+    /// The node actor.
+    pub node: NodeHandle,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    cancel: CancellationToken,
+    grace: Duration,
+    http: JoinHandle<std::io::Result<()>>,
+    node_task: JoinHandle<()>,
+    publisher_task: JoinHandle<()>,
+}
+
+/// Runs a node until `shutdown` completes, then stops it gracefully.
+pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let running = start(loaded).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Starts a node: everything is listening and endpoints.json is written when this returns.
+pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
+    let Loaded {
+        config,
+        state_dir,
+        bind_ip,
+        explicit_node_id,
+        ..
+    } = loaded;
+    state_dir::prepare(&state_dir).map_err(other("cannot prepare the state directory"))?;
+
+    let auth = admin_auth(&config.server, bind_ip, &state_dir)?;
+    let (key, created) = NodeKey::load_or_create(&state_dir.join(state_dir::KEY_FILE))
+        .map_err(other("cannot load the node key"))?;
+    tracing::info!(
+        peer_id = %key.peer_id(),
+        public_key = %key.public_b64(),
+        "node key {}", if created { "created" } else { "loaded" }
+    );
+    let capabilities = tokio::task::spawn_blocking(probe::capabilities)
+        .await
+        .map_err(|e| StartError::Other(format!("capability probe failed: {e}")))?;
+
+    let cancel = CancellationToken::new();
+    let (events, events_rx) = EventTx::channel(EVENT_QUEUE);
+    let cluster = &config.cluster;
+    let node_config = NodeConfig {
+        key: key.clone(),
+        explicit_id: explicit_node_id,
+        hostname: sysinfo::System::host_name().ok(),
+        workspace: cluster.workspace.clone(),
+        state_dir: state_dir.clone(),
+        advertise_interval: Duration::from_secs(cluster.advertise_interval_secs),
+        ttl: Duration::from_secs(cluster.ttl_seconds),
+        capabilities,
+        bus: cluster.bus.as_str().to_owned(),
+        queue: cluster.queue.as_str().to_owned(),
+    };
+    let (node, node_task) = node::spawn(node_config, events.clone(), cancel.child_token())
+        .await
+        .map_err(other("cannot load node state"))?;
+    let (_live, publisher_task) =
+        crate::publisher::spawn(events_rx, node.watch(), "arw-server".to_owned());
+
+    let state = AppState {
+        node: node.clone(),
+        events,
+        auth: Arc::new(auth),
+        metrics: Arc::new(Metrics::new()),
+    };
+    let listener = TcpListener::bind(SocketAddr::new(bind_ip, config.server.port))
+        .await
+        .map_err(|e| {
+            StartError::Other(format!(
+                "cannot listen on {bind_ip}:{}: {e}",
+                config.server.port
+            ))
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(other("listener has no address"))?;
+    tracing::info!(address = %bound, "HTTP API listening");
+
+    let app = arw_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let http = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.clone().cancelled_owned())
+            .into_future(),
+    );
+
+    let snapshot = node.snapshot();
+    let endpoints = Endpoints {
+        node_id: snapshot.id.to_string(),
+        pid: std::process::id(),
+        http: state_dir::local_http_addr(bound).to_string(),
+        peer_id: snapshot.peer_id.clone(),
+        p2p: Vec::new(),
+    };
+    state_dir::write_endpoints(&state_dir, &endpoints)
+        .map_err(other("cannot write endpoints.json"))?;
+    tracing::info!(path = %state_dir.join(state_dir::ENDPOINTS_FILE).display(), "ready");
+
+    Ok(Running {
+        endpoints,
+        node,
+        state_dir,
+        cancel,
+        grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        http,
+        node_task,
+        publisher_task,
+    })
+}
+
+impl Running {
+    /// Stops accepting requests, lets open ones finish within the grace period, stops the node
+    /// and removes endpoints.json.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        match tokio::time::timeout(self.grace, self.http).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error during shutdown"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "open requests cut off after the grace period")
+            }
+        }
+        if let Err(e) = self.node_task.await {
+            tracing::warn!(error = %e, "node actor failed");
+        }
+        // The publisher ends once the last event sender (held by the node and the router) is gone.
+        drop(self.node);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.publisher_task).await;
+        state_dir::remove_endpoints(&self.state_dir);
+        tracing::info!("stopped");
+    }
+}
+
+fn admin_auth(
+    server: &crate::config::ServerConfig,
+    bind_ip: std::net::IpAddr,
+    state_dir: &std::path::Path,
+) -> Result<AdminAuth, StartError> {
+    let mut auth = AuthConfig {
+        token: server.admin_token.clone(),
+        token_sha256: server.admin_token_sha256.clone(),
+        debug_loopback: debug_enabled(),
+        rate_limit: server.admin_rate_limit,
+        rate_window: Duration::from_secs(server.admin_rate_window_secs),
+    };
+    if auth.token.is_none() && auth.token_sha256.is_none() {
+        if !bind_ip.is_loopback() {
+            return Err(StartError::Config(format!(
+                "ARW_BIND={} is public and ARW_ADMIN_TOKEN/ARW_ADMIN_TOKEN_SHA256 not set; refusing to start",
+                server.bind
+            )));
+        }
+        let (token, path) = state_dir::generated_token(state_dir)
+            .map_err(other("cannot create the admin token"))?;
+        tracing::info!(path = %path.display(), "no admin token configured; using the generated token in this file");
+        auth.token = Some(token);
+    }
+    AdminAuth::new(&auth).map_err(StartError::Config)
+}
+
+fn debug_enabled() -> bool {
+    std::env::var("ARW_DEBUG").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on" | "debug"
+        )
+    })
+}

@@ -1,0 +1,14 @@
+//! arw-p2p: the federation core. Node identity, the hierarchy state machine, adverts and the
+//! registry, and the node actor that owns them. No HTTP, no CLI parsing, no process environment.
+
+pub mod cluster;
+pub mod events;
+pub mod hierarchy;
+pub mod identity;
+pub mod node;
+pub mod node_id;
+pub mod persist;
+pub mod role;
+pub mod time;
+
+pub use libp2p::{Multiaddr, PeerId};
