@@ -1,0 +1,518 @@
+//! The HTTP surface without sockets: status codes, problem+json bodies and hierarchy behaviour.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    body::Body,
+    http::{Request, StatusCode, header},
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use arw_api::{AdminAuth, AppState, AuthConfig, Metrics};
+use arw_p2p::{
+    events::{Emit, EventTx},
+    identity::NodeKey,
+    node::{self, NodeConfig},
+    node_id::{IdSource, NodeId},
+};
+
+const TOKEN: &str = "test-token";
+
+struct Harness {
+    app: Router,
+    events: mpsc::Receiver<Emit>,
+    _dir: tempfile::TempDir,
+    _cancel: tokio_util::sync::DropGuard,
+}
+
+async fn harness_with(explicit_id: Option<&str>, rate_limit: u32) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cancel = CancellationToken::new();
+    let (events, rx) = EventTx::channel(1024);
+    let config = NodeConfig {
+        key: NodeKey::generate().expect("key"),
+        explicit_id: explicit_id.map(|id| (NodeId::parse(id).expect("id"), IdSource::Env)),
+        hostname: Some("test-host".into()),
+        workspace: "default".into(),
+        state_dir: dir.path().to_path_buf(),
+        advertise_interval: Duration::from_secs(300),
+        ttl: Duration::from_secs(360),
+        capabilities: serde_json::Map::new(),
+        bus: "local".into(),
+        queue: "local".into(),
+    };
+    let (node, _task) = node::spawn(config, events.clone(), cancel.clone())
+        .await
+        .expect("node");
+    let auth = AdminAuth::new(&AuthConfig {
+        token: Some(TOKEN.into()),
+        rate_limit,
+        rate_window: Duration::from_secs(60),
+        ..AuthConfig::default()
+    })
+    .expect("auth");
+    let state = AppState {
+        node,
+        events,
+        auth: Arc::new(auth),
+        metrics: Arc::new(Metrics::new()),
+    };
+    Harness {
+        app: arw_api::router(state),
+        events: rx,
+        _dir: dir,
+        _cancel: cancel.drop_guard(),
+    }
+}
+
+async fn harness() -> Harness {
+    harness_with(None, 0).await
+}
+
+struct Reply {
+    status: StatusCode,
+    content_type: String,
+    retry_after: Option<String>,
+    body: Value,
+    text: String,
+}
+
+async fn send(app: &Router, request: Request<Body>) -> Reply {
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let content_type = header(header::CONTENT_TYPE).unwrap_or_default();
+    let retry_after = header(header::RETRY_AFTER);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Reply {
+        status,
+        content_type,
+        retry_after,
+        body,
+        text,
+    }
+}
+
+fn get(path: &str, token: Option<&str>) -> Request<Body> {
+    let mut builder = Request::get(path);
+    if let Some(t) = token {
+        builder = builder.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    builder.body(Body::empty()).expect("request")
+}
+
+fn post_raw(
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: impl Into<Body>,
+) -> Request<Body> {
+    let mut builder = Request::post(path).header(header::CONTENT_TYPE, content_type);
+    if let Some(t) = token {
+        builder = builder.header("X-ARW-Admin", t);
+    }
+    builder.body(body.into()).expect("request")
+}
+
+fn post(path: &str, body: Value) -> Request<Body> {
+    post_raw(path, Some(TOKEN), "application/json", body.to_string())
+}
+
+fn assert_problem(reply: &Reply, status: StatusCode, code: &str) {
+    assert_eq!(reply.status, status, "{}", reply.text);
+    assert_eq!(
+        reply.content_type, "application/problem+json",
+        "{}",
+        reply.text
+    );
+    assert_eq!(reply.body["status"], status.as_u16(), "{}", reply.text);
+    assert_eq!(reply.body["code"], code, "{}", reply.text);
+    assert!(
+        !reply.text.contains("null"),
+        "null member in {}",
+        reply.text
+    );
+}
+
+const PROTECTED_POSTS: [&str; 4] = [
+    "/admin/hierarchy/role",
+    "/admin/hierarchy/hello",
+    "/admin/hierarchy/offer",
+    "/admin/hierarchy/accept",
+];
+
+#[tokio::test]
+async fn every_protected_route_is_401_without_a_token_whatever_the_body() {
+    let h = harness().await;
+    let big = "x".repeat(arw_api::BODY_LIMIT * 2);
+    let bodies: [(&str, String); 5] = [
+        ("application/json", json!({"role": "home"}).to_string()),
+        ("application/json", "{not json".into()),
+        ("application/json", "{}".into()),
+        ("text/plain", "role=home".into()),
+        ("application/json", big),
+    ];
+    for path in PROTECTED_POSTS {
+        for (content_type, body) in &bodies {
+            for token in [None, Some("wrong")] {
+                let reply = send(&h.app, post_raw(path, token, content_type, body.clone())).await;
+                assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+                assert_eq!(
+                    reply.body,
+                    json!({"type": "about:blank", "title": "Unauthorized", "status": 401, "code": "unauthorized"})
+                );
+            }
+        }
+    }
+    for path in [
+        "/state/cluster",
+        "/admin/hierarchy/state",
+        "/admin/nope",
+        "/state/nope",
+        "/events",
+    ] {
+        let reply = send(&h.app, get(path, None)).await;
+        assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+}
+
+#[tokio::test]
+async fn healthz_and_metrics_are_open() {
+    let h = harness().await;
+    let reply = send(&h.app, get("/healthz", None)).await;
+    assert_eq!(
+        (reply.status, reply.body.clone()),
+        (StatusCode::OK, json!({"ok": true}))
+    );
+    send(&h.app, get("/state/cluster", Some(TOKEN))).await;
+    let metrics = send(&h.app, get("/metrics", None)).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(metrics.text.contains("arw_build_info"), "{}", metrics.text);
+    assert!(
+        metrics.text.contains(
+            r#"arw_http_requests_total{route="/state/cluster",method="GET",status="200"} 1"#
+        ),
+        "{}",
+        metrics.text
+    );
+}
+
+#[tokio::test]
+async fn role_table_aliases_and_unknown_roles() {
+    let h = harness().await;
+    for (input, canonical) in [
+        ("home", "root"),
+        ("Worker", "edge"),
+        ("REGIONAL", "regional"),
+        ("connector", "connector"),
+        ("observer", "observer"),
+        ("root", "root"),
+        ("edge", "edge"),
+    ] {
+        let reply = send(
+            &h.app,
+            post("/admin/hierarchy/role", json!({ "role": input })),
+        )
+        .await;
+        assert_eq!(
+            (reply.status, reply.body.clone()),
+            (StatusCode::OK, json!({"ok": true})),
+            "{input}"
+        );
+        let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
+            .await
+            .body;
+        assert_eq!(state["self_node"]["role"], canonical, "{input}");
+        let cluster = send(&h.app, get("/state/cluster", Some(TOKEN))).await.body;
+        assert_eq!(cluster["nodes"][0]["role"], canonical, "{input}");
+    }
+    let before = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
+        .await
+        .body;
+    let reply = send(
+        &h.app,
+        post("/admin/hierarchy/role", json!({"role": "admin"})),
+    )
+    .await;
+    assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "unknown_role");
+    assert_eq!(
+        reply.body["valid_roles"],
+        json!(["root", "regional", "edge", "connector", "observer"])
+    );
+    let after = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
+        .await
+        .body;
+    assert_eq!(before, after, "an unknown role changed state");
+}
+
+#[tokio::test]
+async fn role_change_emits_events_and_reads_emit_nothing() {
+    let mut h = harness().await;
+    while h.events.try_recv().is_ok() {} // boot advert
+    send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await;
+    assert!(h.events.try_recv().is_err(), "a read emitted an event");
+
+    send(
+        &h.app,
+        post("/admin/hierarchy/role", json!({"role": "Home"})),
+    )
+    .await;
+    let mut kinds = Vec::new();
+    while let Ok(emit) = h.events.try_recv() {
+        if emit.kind == "hierarchy.role.changed" {
+            assert_eq!(
+                emit.payload,
+                json!({"role": "root", "requested": "Home", "previous": "edge"})
+            );
+        }
+        kinds.push(emit.kind);
+    }
+    for kind in [
+        "hierarchy.state",
+        "hierarchy.role.changed",
+        "cluster.node.advertise",
+        "cluster.node.changed",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "{kind} missing from {kinds:?}"
+        );
+    }
+}
+
+fn hello(id: &str, epoch: u64, nonce: &str) -> Value {
+    json!({
+        "id": id, "role": "worker", "capabilities": ["gpu:rtx-4090", "memory:96g"],
+        "scope_tags": ["gpu", "balanced"], "epoch": epoch, "nonce": nonce,
+    })
+}
+
+#[tokio::test]
+async fn hello_is_stored_advertised_and_guarded() {
+    let h = harness().await;
+    let reply = send(
+        &h.app,
+        post("/admin/hierarchy/hello", hello("worker-gpu-01", 5, "n1")),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+
+    let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
+        .await
+        .body;
+    assert_eq!(state["self_node"]["id"], "worker-gpu-01");
+    assert_eq!(state["self_node"]["role"], "edge");
+    assert_eq!(state["self_node"]["tags"], json!(["gpu", "balanced"]));
+    assert_eq!(
+        state["self_node"]["capabilities"],
+        json!(["gpu:rtx-4090", "memory:96g"])
+    );
+    assert_eq!(state["self_node"]["hello_epoch"], 5);
+
+    let cluster = send(&h.app, get("/state/cluster", Some(TOKEN))).await.body;
+    let nodes = cluster["nodes"].as_array().expect("nodes");
+    assert_eq!(
+        nodes.len(),
+        1,
+        "the hostname-named record was not replaced: {cluster}"
+    );
+    assert_eq!(nodes[0]["id"], "worker-gpu-01");
+    assert_eq!(nodes[0]["tags"], json!(["gpu", "balanced"]));
+    assert_eq!(
+        nodes[0]["capabilities"]["declared"],
+        json!(["gpu:rtx-4090", "memory:96g"])
+    );
+    assert_eq!(nodes[0]["epoch"], 5);
+
+    let replay = send(
+        &h.app,
+        post("/admin/hierarchy/hello", hello("worker-gpu-01", 5, "n1")),
+    )
+    .await;
+    assert_problem(&replay, StatusCode::CONFLICT, "nonce_replay");
+    let stale = send(
+        &h.app,
+        post("/admin/hierarchy/hello", hello("worker-gpu-01", 4, "n2")),
+    )
+    .await;
+    assert_problem(&stale, StatusCode::CONFLICT, "stale_epoch");
+    let home = send(&h.app, post("/admin/hierarchy/hello", json!({
+        "id": "worker-gpu-01", "role": "home", "capabilities": [], "scope_tags": [], "epoch": 6, "nonce": "n3"
+    }))).await;
+    assert_eq!(
+        home.status,
+        StatusCode::OK,
+        "hello must accept the runbook's alias: {}",
+        home.text
+    );
+
+    let bad_role = send(&h.app, post("/admin/hierarchy/hello", json!({
+        "id": "worker-gpu-01", "role": "captain", "capabilities": [], "scope_tags": [], "epoch": 7, "nonce": "n4"
+    }))).await;
+    assert_problem(&bad_role, StatusCode::UNPROCESSABLE_ENTITY, "unknown_role");
+    let bad_id = send(
+        &h.app,
+        post("/admin/hierarchy/hello", hello("a.b", 7, "n5")),
+    )
+    .await;
+    assert_problem(&bad_id, StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id");
+}
+
+#[tokio::test]
+async fn hello_must_match_an_explicit_node_id() {
+    let h = harness_with(Some("home-east"), 0).await;
+    let reply = send(
+        &h.app,
+        post("/admin/hierarchy/hello", hello("worker-gpu-01", 0, "n")),
+    )
+    .await;
+    assert_problem(&reply, StatusCode::CONFLICT, "node_id_mismatch");
+    let ok = send(
+        &h.app,
+        post("/admin/hierarchy/hello", hello("home-east", 0, "n")),
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+}
+
+#[tokio::test]
+async fn bodies_are_validated_after_auth_as_problem_json() {
+    let h = harness().await;
+    let path = "/admin/hierarchy/role";
+    let malformed = send(
+        &h.app,
+        post_raw(path, Some(TOKEN), "application/json", "{not json"),
+    )
+    .await;
+    assert_problem(&malformed, StatusCode::BAD_REQUEST, "invalid_json");
+    let missing = send(
+        &h.app,
+        post_raw(path, Some(TOKEN), "application/json", "{}"),
+    )
+    .await;
+    assert_problem(&missing, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    let wrong_type = send(
+        &h.app,
+        post_raw(path, Some(TOKEN), "application/json", r#"{"role":7}"#),
+    )
+    .await;
+    assert_problem(
+        &wrong_type,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+    );
+    let text = send(
+        &h.app,
+        post_raw(path, Some(TOKEN), "text/plain", r#"{"role":"home"}"#),
+    )
+    .await;
+    assert_problem(
+        &text,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    );
+    let big = format!(r#"{{"role":"{}"}}"#, "x".repeat(arw_api::BODY_LIMIT));
+    let oversize = send(&h.app, post_raw(path, Some(TOKEN), "application/json", big)).await;
+    assert_problem(
+        &oversize,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+    let hello_missing = send(
+        &h.app,
+        post("/admin/hierarchy/hello", json!({"id": "x", "role": "edge"})),
+    )
+    .await;
+    assert_problem(
+        &hello_missing,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+    );
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_are_problem_json() {
+    let h = harness().await;
+    let missing = send(&h.app, get("/nope", None)).await;
+    assert_problem(&missing, StatusCode::NOT_FOUND, "not_found");
+    let admin_missing = send(&h.app, get("/admin/nope", Some(TOKEN))).await;
+    assert_problem(&admin_missing, StatusCode::NOT_FOUND, "not_found");
+    let method = send(&h.app, get("/admin/hierarchy/role", Some(TOKEN))).await;
+    assert_problem(
+        &method,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+}
+
+#[tokio::test]
+async fn repeated_failures_are_rate_limited_with_retry_after() {
+    let h = harness_with(None, 3).await;
+    for _ in 0..3 {
+        let reply = send(&h.app, get("/state/cluster", Some("guess"))).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    let limited = send(&h.app, get("/state/cluster", Some("guess"))).await;
+    assert_problem(&limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let retry: u64 = limited
+        .retry_after
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=60).contains(&retry), "{retry}");
+    let healthz = send(&h.app, get("/healthz", None)).await;
+    assert_eq!(
+        healthz.status,
+        StatusCode::OK,
+        "open routes are never limited"
+    );
+}
+
+#[tokio::test]
+async fn offer_and_accept_fill_children_and_peers() {
+    let h = harness_with(Some("root-1"), 0).await;
+    let offer = json!({"from_id": "edge-7", "proposed_role": "worker", "parent_hint": "root-1", "shard_ranges": [], "capacity_hint": 8});
+    assert_eq!(
+        send(&h.app, post("/admin/hierarchy/offer", offer))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let accept = json!({"child_id": "edge-7", "parent_id": "root-1", "role": "edge", "epoch": 4});
+    assert_eq!(
+        send(&h.app, post("/admin/hierarchy/accept", accept))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
+        .await
+        .body;
+    assert_eq!(state["self_node"]["children"], json!(["edge-7"]));
+    assert_eq!(
+        state["epoch"], 1,
+        "accepting a known child must not bump the epoch: {state}"
+    );
+    assert_eq!(state["peers"]["edge-7"]["role"], "edge");
+    assert_eq!(state["peers"]["edge-7"]["parent"], "root-1");
+    let bad = json!({"from_id": "edge-8", "proposed_role": "boss", "shard_ranges": []});
+    assert_problem(
+        &send(&h.app, post("/admin/hierarchy/offer", bad)).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_role",
+    );
+}

@@ -1,0 +1,237 @@
+//! Running real `arw-server` processes in tests: port 0, a private state dir, and the ready file
+//! instead of fixed ports. Every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long a server may take to write its ready file.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `arw-server`, killed when dropped.
+pub struct Server {
+    child: Option<Child>,
+    pub state_dir: PathBuf,
+    pub token: String,
+    pub endpoints: Value,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Environment for a server: extra variables on top of `ARW_PORT=0`, a state dir and a token.
+pub struct Launch {
+    pub env: Vec<(String, String)>,
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Launch {
+    pub fn new() -> Self {
+        Self {
+            env: Vec::new(),
+            state_dir: None,
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn state_dir(mut self, dir: &Path) -> Self {
+        self.state_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    pub fn start(self) -> Server {
+        let (dir, state_dir) = match self.state_dir {
+            Some(path) => (None, path),
+            None => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let path = dir.path().join("state");
+                (Some(dir), path)
+            }
+        };
+        let token = "test-admin-token".to_owned();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arw-server"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("ARW_PORT", "0")
+            .env("ARW_STATE_DIR", &state_dir)
+            .env("ARW_ADMIN_TOKEN", &token)
+            .env("ARW_CONFIG_DIR", state_dir.join("no-such-config-dir"))
+            .env("ARW_LOG", "warn")
+            .current_dir(state_dir.parent().unwrap_or(Path::new("/")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let ready = state_dir.join("endpoints.json");
+        let _ = std::fs::remove_file(&ready);
+        let mut child = cmd.spawn().expect("spawn arw-server");
+        let endpoints = wait_for_ready(&ready, &mut child);
+        Server {
+            child: Some(child),
+            state_dir,
+            token,
+            endpoints,
+            _dir: dir,
+        }
+    }
+}
+
+fn wait_for_ready(path: &Path, child: &mut Child) -> Value {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(value) = serde_json::from_str::<Value>(&text)
+            && value["pid"].as_u64() == Some(u64::from(child.id()))
+        {
+            return value;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("arw-server exited before it was ready: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "arw-server not ready within {START_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Server {
+    pub fn base(&self) -> String {
+        format!(
+            "http://{}",
+            self.endpoints["http"].as_str().expect("http address")
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("running")
+    }
+
+    /// GET with the admin token; returns (status, JSON body).
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        request(
+            "GET",
+            &format!("{}{path}", self.base()),
+            Some(&self.token),
+            None,
+        )
+    }
+
+    /// POST JSON with the admin token.
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        request(
+            "POST",
+            &format!("{}{path}", self.base()),
+            Some(&self.token),
+            Some(body),
+        )
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -TERM failed");
+        wait_exit(&mut child, Duration::from_secs(20))
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One HTTP request with curl (as operators do); returns (status, JSON body or Null).
+pub fn request(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-X",
+        method,
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        url,
+    ]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
+    }
+    let out = cmd.output().expect("curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (body, code) = text.rsplit_once('\n').expect("status line");
+    (
+        code.trim().parse().expect("status"),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+/// Runs `arw-cli` with the given arguments and environment.
+pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arw-cli"));
+    cmd.env_remove("ARW_ADMIN_TOKEN")
+        .env_remove("ARW_STATE_DIR")
+        .env_remove("ARW_BASE");
+    cmd.env("HOME", "/nonexistent").args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run arw-cli")
+}
+
+/// Directory holding the built binaries (for PATH in shell-driven tests).
+pub fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_arw-cli"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf()
+}
