@@ -11,6 +11,8 @@ use axum::{
 };
 use tower_http::catch_panic::CatchPanicLayer;
 
+use tokio_util::sync::CancellationToken;
+
 use arw_p2p::{events::EventTx, node::NodeHandle};
 
 pub mod auth;
@@ -38,6 +40,12 @@ pub struct AppState {
     pub auth: Arc<AdminAuth>,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
+    /// The durable event journal.
+    pub log: Arc<dyn events::EventLog>,
+    /// SSE settings.
+    pub sse: events::SseConfig,
+    /// Cancelled when the server shuts down; open streams end.
+    pub shutdown: CancellationToken,
 }
 
 /// The whole HTTP surface.
@@ -51,6 +59,9 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/hierarchy/hello", post(routes::hierarchy_hello))
         .route("/admin/hierarchy/offer", post(routes::hierarchy_offer))
         .route("/admin/hierarchy/accept", post(routes::hierarchy_accept))
+        .route("/events", get(events::stream))
+        .route("/admin/events/journal", get(events::journal))
+        .route("/admin/events/test", post(events::test_event))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(

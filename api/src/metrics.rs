@@ -24,6 +24,11 @@ struct RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -33,6 +38,15 @@ struct BuildLabels {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    sse_connections: Family<ModeLabels, Counter>,
+    /// Open SSE streams.
+    pub sse_clients: Gauge,
+    /// Events written to SSE streams.
+    pub sse_sent: Counter,
+    /// Streams closed because the client fell behind.
+    pub sse_lagged: Counter,
+    /// Events journaled and fanned out.
+    pub events_published: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -64,7 +78,54 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information (always 1)", build);
-        Self { registry, requests }
+        let sse_connections = Family::<ModeLabels, Counter>::default();
+        registry.register(
+            "events_sse_connections",
+            "SSE connections by replay mode (after, recent, live)",
+            sse_connections.clone(),
+        );
+        let sse_clients = Gauge::default();
+        registry.register(
+            "events_sse_clients",
+            "Open SSE streams",
+            sse_clients.clone(),
+        );
+        let sse_sent = Counter::default();
+        registry.register(
+            "events_sse_sent",
+            "Events written to SSE streams",
+            sse_sent.clone(),
+        );
+        let sse_lagged = Counter::default();
+        registry.register(
+            "events_sse_lagged",
+            "SSE streams closed with service.lagged because the client fell behind",
+            sse_lagged.clone(),
+        );
+        let events_published = Counter::default();
+        registry.register(
+            "events_published",
+            "Events journaled and fanned out",
+            events_published.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            sse_connections,
+            sse_clients,
+            sse_sent,
+            sse_lagged,
+            events_published,
+        }
+    }
+
+    /// Counts a new SSE connection in `mode`.
+    pub fn sse_connection(&self, mode: &str) {
+        self.sse_connections
+            .get_or_create(&ModeLabels {
+                mode: mode.to_owned(),
+            })
+            .inc();
     }
 
     /// Registers further metrics.

@@ -6,7 +6,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Serialize, de::DeserializeOwned};
 
 use arw_p2p::{hierarchy::HierarchyError, node::NodeError};
 
@@ -14,13 +14,13 @@ use arw_p2p::{hierarchy::HierarchyError, node::NodeError};
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// An RFC 9457 problem. Absent members are omitted, never `null`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {
     /// Always `about:blank`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: &'static str,
     /// Short human summary (the status's reason phrase unless stated).
-    pub title: String,
+    pub title: &'static str,
     /// HTTP status.
     pub status: u16,
     /// What went wrong, for a human.
@@ -30,8 +30,8 @@ pub struct Problem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<String>,
     /// Extra members (e.g. `valid_roles`).
-    #[serde(flatten, default, skip_serializing_if = "serde_json::Map::is_empty")]
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<Box<serde_json::Map<String, serde_json::Value>>>,
     /// Seconds to wait before retrying (sent as `Retry-After`, not in the body).
     #[serde(skip)]
     pub retry_after: Option<u64>,
@@ -41,37 +41,37 @@ impl Problem {
     /// A problem with the status's reason phrase as title.
     pub fn new(status: StatusCode, code: &str, detail: impl Into<String>) -> Self {
         Self {
-            kind: "about:blank".into(),
-            title: status.canonical_reason().unwrap_or("Error").into(),
+            kind: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail: Some(detail.into()),
             code: Some(code.into()),
-            extra: serde_json::Map::new(),
+            extra: None,
             retry_after: None,
         }
     }
 
     /// Replaces the title.
-    pub fn with_title(mut self, title: &str) -> Self {
-        self.title = title.into();
+    pub fn with_title(mut self, title: &'static str) -> Self {
+        self.title = title;
         self
     }
 
     /// Adds an extra member.
     pub fn with(mut self, key: &str, value: serde_json::Value) -> Self {
-        self.extra.insert(key.into(), value);
+        self.extra.get_or_insert_default().insert(key.into(), value);
         self
     }
 
     /// The 401 every protected route answers.
     pub fn unauthorized() -> Self {
         Self {
-            kind: "about:blank".into(),
-            title: "Unauthorized".into(),
+            kind: "about:blank",
+            title: "Unauthorized",
             status: 401,
             detail: None,
             code: Some("unauthorized".into()),
-            extra: serde_json::Map::new(),
+            extra: None,
             retry_after: None,
         }
     }

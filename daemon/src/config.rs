@@ -68,6 +68,21 @@ pub struct LogConfig {
     pub filter: String,
 }
 
+/// `[events]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsConfig {
+    /// Keep at most this many journal rows.
+    pub retention_rows: u64,
+    /// Drop journal rows older than this many days.
+    pub retention_days: u64,
+    /// fsync every journal commit.
+    pub fsync: bool,
+    /// SSE keep-alive interval, seconds.
+    pub sse_keepalive_secs: u64,
+    /// Live events buffered per SSE client.
+    pub sse_buffer: usize,
+}
+
 /// `[runtime]`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct RuntimeConfig {
@@ -136,6 +151,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[events]`.
+    pub events: EventsConfig,
     /// `[runtime]`.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -360,6 +377,17 @@ fn validate(
         return Err(ConfigError(
             "server.admin_token_sha256: must be 64 hexadecimal digits".into(),
         ));
+    }
+    let ev = &config.events;
+    for (key, value) in [
+        ("events.retention_rows", ev.retention_rows),
+        ("events.retention_days", ev.retention_days),
+        ("events.sse_keepalive_secs", ev.sse_keepalive_secs),
+        ("events.sse_buffer", ev.sse_buffer as u64),
+    ] {
+        if value == 0 {
+            return Err(ConfigError(format!("{key}: must be at least 1")));
+        }
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.filter) {
         return Err(ConfigError(format!("log.filter: {e}")));

@@ -3,8 +3,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod journal;
 pub mod probe;
 pub mod process;
-pub mod publisher;
 pub mod server;
 pub mod state_dir;

@@ -6,7 +6,7 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use arw_api::{AdminAuth, AppState, AuthConfig, Metrics};
+use arw_api::{AdminAuth, AppState, AuthConfig, Metrics, events::SseConfig};
 use arw_p2p::{
     events::EventTx,
     identity::NodeKey,
@@ -15,6 +15,7 @@ use arw_p2p::{
 
 use crate::{
     config::{EXIT_CONFIG, Loaded},
+    journal::{self, Journal, JournalConfig},
     probe,
     state_dir::{self, Endpoints},
 };
@@ -60,7 +61,7 @@ pub struct Running {
     grace: Duration,
     http: JoinHandle<std::io::Result<()>>,
     node_task: JoinHandle<()>,
-    publisher_task: JoinHandle<()>,
+    journal_thread: std::thread::JoinHandle<()>,
 }
 
 /// Runs a node until `shutdown` completes, then stops it gracefully.
@@ -113,14 +114,37 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let (node, node_task) = node::spawn(node_config, events.clone(), cancel.child_token())
         .await
         .map_err(other("cannot load node state"))?;
-    let (_live, publisher_task) =
-        crate::publisher::spawn(events_rx, node.watch(), "arw-server".to_owned());
+    let ev = &config.events;
+    let journal_config = JournalConfig {
+        retention_rows: ev.retention_rows,
+        retention_age: Duration::from_secs(ev.retention_days.saturating_mul(86_400)),
+        fsync: ev.fsync,
+        live_capacity: ev.sse_buffer,
+        source: "arw-server".to_owned(),
+    };
+    let (log, conn) = Journal::open(&state_dir.join(journal::FILE), &journal_config)
+        .map_err(|e| StartError::Other(format!("cannot open the event journal: {e}")))?;
+    let metrics = Arc::new(Metrics::new());
+    let journal_thread = journal::spawn_writer(
+        log.clone(),
+        conn,
+        journal_config,
+        events_rx,
+        node.watch(),
+        metrics.clone(),
+    )
+    .map_err(other("cannot start the journal writer"))?;
 
     let state = AppState {
         node: node.clone(),
         events,
         auth: Arc::new(auth),
-        metrics: Arc::new(Metrics::new()),
+        metrics,
+        log,
+        sse: SseConfig {
+            keepalive: Duration::from_secs(ev.sse_keepalive_secs),
+        },
+        shutdown: cancel.clone(),
     };
     let listener = TcpListener::bind(SocketAddr::new(bind_ip, config.server.port))
         .await
@@ -162,7 +186,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         grace: Duration::from_secs(config.server.shutdown_grace_secs),
         http,
         node_task,
-        publisher_task,
+        journal_thread,
     })
 }
 
@@ -182,9 +206,16 @@ impl Running {
         if let Err(e) = self.node_task.await {
             tracing::warn!(error = %e, "node actor failed");
         }
-        // The publisher ends once the last event sender (held by the node and the router) is gone.
+        // The journal writer ends once the last event sender (held by the node actor and the
+        // router, both gone now) is dropped, after writing what was queued.
         drop(self.node);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.publisher_task).await;
+        let journal = tokio::task::spawn_blocking(move || self.journal_thread.join());
+        if tokio::time::timeout(Duration::from_secs(5), journal)
+            .await
+            .is_err()
+        {
+            tracing::warn!("event journal writer did not stop in time");
+        }
         state_dir::remove_endpoints(&self.state_dir);
         tracing::info!("stopped");
     }

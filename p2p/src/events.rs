@@ -2,15 +2,17 @@
 //! daemon's publisher receives every [`Emit`], stamps the envelope, journals it and fans it out.
 
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// An event as produced, before it gets its envelope.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Emit {
     /// Event kind (normalised by the publisher).
     pub kind: String,
     /// Event payload.
     pub payload: Value,
+    /// Told the journal id once the event is durable, when the producer waits for it.
+    pub ack: Option<oneshot::Sender<i64>>,
 }
 
 /// Cheap-clone sending half of the event pipeline. Bounded: a producer waits when the publisher
@@ -30,9 +32,23 @@ impl EventTx {
         let emit = Emit {
             kind: kind.to_owned(),
             payload,
+            ack: None,
         };
         if self.0.send(emit).await.is_err() {
             tracing::debug!(kind, "event publisher stopped; event dropped");
         }
+    }
+
+    /// Publishes an event and waits until it is journaled; returns its journal id, or `None`
+    /// when the publisher has stopped or could not store it.
+    pub async fn emit_durable(&self, kind: &str, payload: Value) -> Option<i64> {
+        let (tx, rx) = oneshot::channel();
+        let emit = Emit {
+            kind: kind.to_owned(),
+            payload,
+            ack: Some(tx),
+        };
+        self.0.send(emit).await.ok()?;
+        rx.await.ok()
     }
 }
