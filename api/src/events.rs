@@ -35,11 +35,28 @@ pub struct StoredEvent {
     pub envelope: Envelope,
 }
 
+/// A journaled event on its way to live subscribers, its SSE `data` serialised once for all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveEvent {
+    /// The stored event.
+    pub event: StoredEvent,
+    /// `serde_json` of its envelope.
+    pub data: String,
+}
+
+impl LiveEvent {
+    /// Serialises the envelope once.
+    pub fn new(event: StoredEvent) -> Self {
+        let data = serde_json::to_string(&event.envelope).unwrap_or_default();
+        Self { event, data }
+    }
+}
+
 /// The durable event journal, as the HTTP layer needs it. Reads block (SQLite) and are called
 /// from `spawn_blocking`.
 pub trait EventLog: Send + Sync + std::fmt::Debug + 'static {
     /// Live events, each delivered only after it is journaled.
-    fn subscribe(&self) -> broadcast::Receiver<Arc<StoredEvent>>;
+    fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>>;
     /// Up to `limit` rows with `id > after` whose kind starts with one of `prefixes` (all when
     /// empty), oldest first.
     fn read_after(
@@ -210,7 +227,7 @@ pub async fn stream(
     });
     let keep_alive = KeepAlive::new()
         .interval(state.sse.keepalive)
-        .text(" keep-alive");
+        .text("keep-alive");
     let mut response = Sse::new(stream).keep_alive(keep_alive).into_response();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
@@ -240,7 +257,7 @@ impl Default for SseConfig {
 /// One client's stream: handshake, then replay (paged from the journal), then live events.
 struct Connection {
     state: AppState,
-    live: broadcast::Receiver<Arc<StoredEvent>>,
+    live: broadcast::Receiver<Arc<LiveEvent>>,
     prefixes: Vec<String>,
     queue: VecDeque<StoredEvent>,
     /// Highest id sent; live events at or below it were already replayed.
@@ -263,7 +280,8 @@ impl Connection {
         loop {
             if let Some(event) = self.queue.pop_front() {
                 self.cursor = event.id;
-                return Some(self.frame(&event));
+                let data = serde_json::to_string(&event.envelope).unwrap_or_default();
+                return Some(self.frame(event.id, &event.envelope.kind, &data));
             }
             if self.paging {
                 let (log, after, prefixes) =
@@ -287,11 +305,11 @@ impl Connection {
                     return None;
                 }
                 received = self.live.recv() => match received {
-                    Ok(event) if event.id <= self.cursor => {}
-                    Ok(event) if !kind_matches(&event.envelope.kind, &self.prefixes) => {}
-                    Ok(event) => {
-                        self.cursor = event.id;
-                        return Some(self.frame(&event));
+                    Ok(live) if live.event.id <= self.cursor => {}
+                    Ok(live) if !kind_matches(&live.event.envelope.kind, &self.prefixes) => {}
+                    Ok(live) => {
+                        self.cursor = live.event.id;
+                        return Some(self.frame(live.event.id, &live.event.envelope.kind, &live.data));
                     }
                     Err(RecvError::Lagged(skipped)) => {
                         self.state.metrics.sse_lagged.inc();
@@ -307,12 +325,11 @@ impl Connection {
         }
     }
 
-    fn frame(&self, event: &StoredEvent) -> SseEvent {
+    fn frame(&self, id: i64, kind: &str, data: &str) -> SseEvent {
         self.state.metrics.sse_sent.inc();
-        let data = serde_json::to_string(&event.envelope).unwrap_or_default();
         SseEvent::default()
-            .event(&event.envelope.kind)
-            .id(event.id.to_string())
+            .event(kind)
+            .id(id.to_string())
             .data(data)
     }
 

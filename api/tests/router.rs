@@ -18,7 +18,7 @@ use tower::ServiceExt;
 use arw_api::{
     AdminAuth, AppState, AuthConfig, Metrics,
     dto::Envelope,
-    events::{EventLog, SseConfig, StoredEvent, kind_matches},
+    events::{EventLog, LiveEvent, SseConfig, StoredEvent, kind_matches},
 };
 use arw_p2p::{
     events::EventTx,
@@ -33,7 +33,7 @@ const TOKEN: &str = "test-token";
 #[derive(Debug)]
 struct MemoryLog {
     rows: Mutex<Vec<StoredEvent>>,
-    live: broadcast::Sender<Arc<StoredEvent>>,
+    live: broadcast::Sender<Arc<LiveEvent>>,
 }
 
 impl MemoryLog {
@@ -52,7 +52,7 @@ impl MemoryLog {
 }
 
 impl EventLog for MemoryLog {
-    fn subscribe(&self) -> broadcast::Receiver<Arc<StoredEvent>> {
+    fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
         self.live.subscribe()
     }
     fn read_after(
@@ -125,7 +125,7 @@ async fn harness_with(explicit_id: Option<&str>, rate_limit: u32) -> Harness {
                 envelope,
             };
             writer.rows.lock().expect("lock").push(stored.clone());
-            let _ = writer.live.send(Arc::new(stored));
+            let _ = writer.live.send(Arc::new(LiveEvent::new(stored)));
             if let Some(ack) = emit.ack {
                 let _ = ack.send(next_id);
             }

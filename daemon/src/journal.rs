@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use arw_api::{
     Metrics,
     dto::{CloudEvent, Envelope},
-    events::{EventLog, StoredEvent, normalize_kind},
+    events::{EventLog, LiveEvent, StoredEvent, normalize_kind},
 };
 use arw_p2p::{events::Emit, node::Snapshot, time};
 
@@ -56,7 +56,7 @@ pub struct JournalConfig {
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    live: broadcast::Sender<Arc<StoredEvent>>,
+    live: broadcast::Sender<Arc<LiveEvent>>,
     oldest: AtomicI64,
     newest: AtomicI64,
 }
@@ -150,7 +150,7 @@ fn row_to_event(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 }
 
 impl EventLog for Journal {
-    fn subscribe(&self) -> broadcast::Receiver<Arc<StoredEvent>> {
+    fn subscribe(&self) -> broadcast::Receiver<Arc<LiveEvent>> {
         self.live.subscribe()
     }
 
@@ -295,7 +295,7 @@ impl Writer {
             let _ = self
                 .journal
                 .live
-                .send(Arc::new(StoredEvent { id, envelope }));
+                .send(Arc::new(LiveEvent::new(StoredEvent { id, envelope })));
         }
     }
 
@@ -504,10 +504,13 @@ mod tests {
             "n1",
         );
         let live = rx.try_recv().expect("live event");
-        assert_eq!(Some(live.id), ack_rx.try_recv().ok());
-        assert_eq!(
-            w.journal.read_after(live.id - 1, 1, &[]).expect("read")[0],
-            *live
-        );
+        assert_eq!(Some(live.event.id), ack_rx.try_recv().ok());
+        let stored = w
+            .journal
+            .read_after(live.event.id - 1, 1, &[])
+            .expect("read");
+        assert_eq!(stored[0], live.event);
+        let data: Envelope = serde_json::from_str(&live.data).expect("data");
+        assert_eq!(data, live.event.envelope);
     }
 }

@@ -7,6 +7,9 @@ use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
 
+/// Three missed keep-alives (sent every 10 s by default).
+pub const STREAM_READ_TIMEOUT: Duration = Duration::from_secs(35);
+
 /// A failed command; the message is what the user sees.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -25,6 +28,25 @@ impl Client {
     pub fn new(base: &str, token: Option<String>, timeout: Duration) -> Result<Self, CliError> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
+            .build()
+            .map_err(|e| CliError(format!("cannot create HTTP client: {e}")))?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token,
+            http,
+        })
+    }
+
+    /// A client for long-lived streams: `timeout` bounds connecting; a read that waits longer
+    /// than [`STREAM_READ_TIMEOUT`] means the connection is dead.
+    pub fn streaming(
+        base: &str,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, CliError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout)
+            .read_timeout(STREAM_READ_TIMEOUT)
             .build()
             .map_err(|e| CliError(format!("cannot create HTTP client: {e}")))?;
         Ok(Self {

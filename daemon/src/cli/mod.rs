@@ -2,6 +2,7 @@
 
 mod client;
 pub mod cluster;
+mod events;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -50,6 +51,30 @@ enum Command {
     /// The node's hierarchy role and identity.
     #[command(subcommand)]
     Hierarchy(HierarchyCommand),
+    /// The event stream.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// Follow events as they happen, one line each (time, kind, origin, payload).
+    ///
+    /// Reconnects after a dropped connection or a server restart and resumes with
+    /// Last-Event-ID, so no event is lost or printed twice. Stop with Ctrl-C.
+    ///
+    /// Example: arw-cli events tail --prefix cluster.,hierarchy. --after 120
+    Tail {
+        /// Only kinds starting with one of these comma-separated prefixes.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Replay events after this id first (default: only new events).
+        #[arg(long)]
+        after: Option<i64>,
+        /// Print each event as one JSON object (the envelope plus its `id`).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,40 +140,65 @@ impl Cli {
     /// Runs the command, returning what to print on stdout.
     pub async fn run(self) -> Result<String, CliError> {
         let token = self.conn.admin_token.clone().or_else(local_token);
-        let client = Client::new(
-            &self.conn.base,
-            token,
-            Duration::from_secs(self.conn.timeout),
-        )?;
+        let timeout = Duration::from_secs(self.conn.timeout);
+        let base = &self.conn.base;
         match self.command {
             Command::State(StateCommand::Cluster(out)) => {
-                let view = client.get("/state/cluster").await?;
+                let view = Client::new(base, token, timeout)?
+                    .get("/state/cluster")
+                    .await?;
                 Ok(if out.json {
                     json_text(&view, out.pretty)
                 } else {
                     cluster::render(&view, chrono::Utc::now().timestamp_millis(), &chrono::Local)
                 })
             }
-            Command::Hierarchy(HierarchyCommand::Role { role }) => {
-                client
-                    .post("/admin/hierarchy/role", &json!({ "role": role }))
-                    .await?;
-                let state = client.get("/admin/hierarchy/state").await?;
-                Ok(format!(
-                    "role: {} (hierarchy epoch {})\n",
-                    state["self_node"]["role"].as_str().unwrap_or("?"),
-                    state["epoch"]
-                ))
+            Command::Hierarchy(command) => {
+                hierarchy(&Client::new(base, token, timeout)?, command).await
             }
-            Command::Hierarchy(HierarchyCommand::Hello(args)) => hello(&client, args).await,
-            Command::Hierarchy(HierarchyCommand::State(out)) => {
-                let state = client.get("/admin/hierarchy/state").await?;
-                Ok(if out.json {
-                    json_text(&state, out.pretty)
-                } else {
-                    hierarchy_text(&state)
-                })
+            Command::Events(EventsCommand::Tail {
+                prefix,
+                after,
+                json,
+            }) => {
+                // A stream has no overall deadline: the timeout bounds connecting, and a read
+                // timeout well above the keep-alive interval detects a dead connection.
+                let client = Client::streaming(base, token, timeout)?;
+                events::tail(
+                    &client,
+                    events::Tail {
+                        prefix,
+                        after,
+                        json,
+                    },
+                )
+                .await
             }
+        }
+    }
+}
+
+async fn hierarchy(client: &Client, command: HierarchyCommand) -> Result<String, CliError> {
+    match command {
+        HierarchyCommand::Role { role } => {
+            client
+                .post("/admin/hierarchy/role", &json!({ "role": role }))
+                .await?;
+            let state = client.get("/admin/hierarchy/state").await?;
+            Ok(format!(
+                "role: {} (hierarchy epoch {})\n",
+                state["self_node"]["role"].as_str().unwrap_or("?"),
+                state["epoch"]
+            ))
+        }
+        HierarchyCommand::Hello(args) => hello(client, args).await,
+        HierarchyCommand::State(out) => {
+            let state = client.get("/admin/hierarchy/state").await?;
+            Ok(if out.json {
+                json_text(&state, out.pretty)
+            } else {
+                hierarchy_text(&state)
+            })
         }
     }
 }

@@ -27,6 +27,7 @@ pub struct Server {
 pub struct Launch {
     pub env: Vec<(String, String)>,
     pub state_dir: Option<PathBuf>,
+    pub config: Option<String>,
 }
 
 impl Launch {
@@ -34,7 +35,14 @@ impl Launch {
         Self {
             env: Vec::new(),
             state_dir: None,
+            config: None,
         }
+    }
+
+    /// Writes `toml` to `${state_dir}/config.toml` before starting.
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_owned());
+        self
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -56,6 +64,10 @@ impl Launch {
                 (Some(dir), path)
             }
         };
+        if let Some(toml) = &self.config {
+            std::fs::create_dir_all(&state_dir).expect("state dir");
+            std::fs::write(state_dir.join("config.toml"), toml).expect("config.toml");
+        }
         let token = "test-admin-token".to_owned();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_arw-server"));
         cmd.env_clear()
@@ -235,3 +247,5 @@ pub fn bin_dir() -> PathBuf {
         .expect("bin dir")
         .to_path_buf()
 }
+
+pub mod sse;

@@ -1,0 +1,138 @@
+//! `arw-cli events tail`: follow `/events`, resuming with `Last-Event-ID` after any drop.
+
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use super::{CliError, Client, cluster::truncate};
+
+/// What to follow and how to print it.
+#[derive(Debug, Clone)]
+pub struct Tail {
+    /// `prefix=` CSV.
+    pub prefix: Option<String>,
+    /// Start after this id (default: live only).
+    pub after: Option<i64>,
+    /// Print each event as one JSON object (with its `id`).
+    pub json: bool,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Follows the stream until interrupted. Returns only on an error that retrying cannot fix.
+pub async fn tail(client: &Client, tail: Tail) -> Result<String, CliError> {
+    let path = match &tail.prefix {
+        Some(p) => format!("/events?prefix={}", urlencode(p)),
+        None => "/events".to_owned(),
+    };
+    let url = client.url(&path);
+    let mut last_id = tail.after;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let mut request = client.request(Method::GET, &path);
+        if let Some(id) = last_id {
+            request = request.header("Last-Event-ID", id.to_string());
+        }
+        match request.send().await {
+            Ok(response) if response.status().is_success() => {
+                backoff = Duration::from_millis(250);
+                let mut events = response.bytes_stream().eventsource();
+                while let Some(event) = events.next().await {
+                    let Ok(event) = event else { break };
+                    match event.event.as_str() {
+                        "service.connected" => {
+                            let data: Value = serde_json::from_str(&event.data).unwrap_or_default();
+                            let replay = &data["payload"]["replay"];
+                            eprintln!(
+                                "connected to {url} (replay {} {})",
+                                replay["mode"], replay["count"]
+                            );
+                            if data["payload"]["truncated"] == true {
+                                eprintln!(
+                                    "note: events older than id {} were pruned; some were missed",
+                                    data["payload"]["oldest_id"]
+                                );
+                            }
+                        }
+                        "service.lagged" => {
+                            eprintln!("fell behind the live stream; resuming from the journal");
+                            break;
+                        }
+                        _ => {
+                            if let Ok(id) = event.id.parse::<i64>() {
+                                last_id = Some(id);
+                            }
+                            println!("{}", render(&event.data, last_id, tail.json));
+                        }
+                    }
+                }
+                eprintln!("stream ended; reconnecting");
+            }
+            Ok(response)
+                if response.status() == StatusCode::UNAUTHORIZED
+                    || response.status().is_client_error() =>
+            {
+                let status = response.status();
+                let body = response.text().await.unwrap_or_default();
+                super::client::check_status(&url, status, &body)?;
+            }
+            Ok(response) => eprintln!("request to {url} failed ({}); retrying", response.status()),
+            Err(e) => eprintln!("request to {url} failed: {e}; retrying in {backoff:?}"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn render(data: &str, id: Option<i64>, json: bool) -> String {
+    let Ok(mut envelope) = serde_json::from_str::<Value>(data) else {
+        return data.to_owned();
+    };
+    if json {
+        if let (Value::Object(map), Some(id)) = (&mut envelope, id) {
+            map.insert("id".into(), id.into());
+        }
+        return envelope.to_string();
+    }
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    format!(
+        "{}  {:<28}  {:<16}  {}",
+        text(&envelope["time"]),
+        text(&envelope["kind"]),
+        text(&envelope["origin"]),
+        truncate(&envelope["payload"].to_string(), 120)
+    )
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b',' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_and_json() {
+        let data = r#"{"time":"2025-10-16T12:00:00.123Z","kind":"service.test","origin":"n1","payload":{"a":1}}"#;
+        let line = render(data, Some(7), false);
+        assert!(
+            line.starts_with("2025-10-16T12:00:00.123Z  service.test"),
+            "{line}"
+        );
+        assert!(line.ends_with(r#"n1                {"a":1}"#), "{line}");
+        let json: Value = serde_json::from_str(&render(data, Some(7), true)).expect("json");
+        assert_eq!(json["id"], 7);
+        assert_eq!(urlencode("cluster.,a b"), "cluster.,a%20b");
+    }
+}
