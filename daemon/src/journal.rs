@@ -33,9 +33,8 @@ pub const FILE: &str = "events.sqlite";
 const BATCH: usize = 512;
 /// Most rows deleted by one pruning statement.
 const PRUNE_CHUNK: i64 = 2_000;
-/// Prune after this many inserts, or this long, whichever comes first.
-const PRUNE_EVERY_ROWS: u64 = 512;
-const PRUNE_EVERY: Duration = Duration::from_secs(30);
+/// How often the age limit is checked (the row limit is checked after every batch).
+const AGE_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// Journal settings (`[events]`).
 #[derive(Debug, Clone)]
@@ -226,8 +225,7 @@ pub fn spawn_writer(
                 conn,
                 config,
                 metrics,
-                since_prune: 0,
-                last_prune: Instant::now(),
+                last_age_check: Instant::now(),
             };
             writer.prune_all();
             writer.run(rx, &node);
@@ -239,8 +237,7 @@ struct Writer {
     conn: Connection,
     config: JournalConfig,
     metrics: Arc<Metrics>,
-    since_prune: u64,
-    last_prune: Instant,
+    last_age_check: Instant,
 }
 
 impl Writer {
@@ -255,7 +252,7 @@ impl Writer {
             }
             let origin = node.borrow().id.to_string();
             self.publish(batch, &origin);
-            if self.since_prune >= PRUNE_EVERY_ROWS || self.last_prune.elapsed() >= PRUNE_EVERY {
+            if self.over_row_limit() || self.last_age_check.elapsed() >= AGE_CHECK_EVERY {
                 self.prune_chunk();
             }
         }
@@ -279,7 +276,6 @@ impl Writer {
                 return;
             }
         };
-        self.since_prune += ids.len() as u64;
         if let Some(&last) = ids.last() {
             self.journal.newest.store(last, Ordering::Release);
             if self.journal.oldest.load(Ordering::Acquire) == 0 {
@@ -334,6 +330,11 @@ impl Writer {
         Ok(ids)
     }
 
+    fn over_row_limit(&self) -> bool {
+        let (oldest, newest) = self.journal.bounds();
+        oldest > 0 && u64::try_from(newest - oldest + 1).unwrap_or(0) > self.config.retention_rows
+    }
+
     /// The highest id that retention says must go (0 = none).
     fn prune_target(&self) -> i64 {
         let newest = self.journal.newest.load(Ordering::Acquire);
@@ -354,8 +355,7 @@ impl Writer {
 
     /// Deletes at most one chunk of expired rows.
     fn prune_chunk(&mut self) -> bool {
-        self.since_prune = 0;
-        self.last_prune = Instant::now();
+        self.last_age_check = Instant::now();
         let target = self.prune_target();
         let oldest = self.journal.oldest.load(Ordering::Acquire);
         if target < oldest || oldest == 0 {
@@ -428,8 +428,7 @@ mod tests {
             conn,
             config: cfg,
             metrics: Arc::new(Metrics::new()),
-            since_prune: 0,
-            last_prune: Instant::now(),
+            last_age_check: Instant::now(),
         }
     }
 

@@ -388,3 +388,43 @@ async fn one_thousand_subscribers_all_receive_a_published_event() {
     }
     assert_eq!(delivered, subscribers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_older_than_retention_is_reported_in_the_handshake() {
+    let server = common::Launch::new()
+        .config("[events]\nretention_rows = 5\n")
+        .start();
+    let (base, token) = (server.base(), server.token.clone());
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for n in 0..10 {
+        ids.push(publish(&client, &base, &token, json!({ "n": n })).await);
+    }
+    let mut reader = Reader::open(&client, &base, "/events?after=1", &token, None).await;
+    let hello = reader.next(STEP).await.expect("handshake");
+    let payload = &hello.data()["payload"];
+    assert_eq!(payload["truncated"], true, "{payload}");
+    let oldest = payload["oldest_id"].as_i64().expect("oldest_id");
+    assert_eq!(payload["last_id"], ids[9]);
+    assert!(
+        oldest > 2 && oldest > ids[9] - 6,
+        "retention kept too much: {payload}"
+    );
+    let first = reader.next_event(STEP).await.expect("replay");
+    assert_eq!(
+        first.id(),
+        Some(oldest),
+        "replay starts at the oldest retained row"
+    );
+
+    let mut current = Reader::open(
+        &client,
+        &base,
+        &format!("/events?after={}", ids[8]),
+        &token,
+        None,
+    )
+    .await;
+    let hello = current.next(STEP).await.expect("handshake");
+    assert_eq!(hello.data()["payload"]["truncated"], false);
+}
