@@ -5,10 +5,12 @@ pub mod cluster;
 pub mod events;
 pub mod hierarchy;
 pub mod identity;
+pub mod membership;
 pub mod node;
 pub mod node_id;
 pub mod persist;
 pub mod role;
 pub mod time;
+pub mod wire;
 
 pub use libp2p::{Multiaddr, PeerId};

@@ -1,0 +1,280 @@
+//! The signed envelope every bus carries, and the messages inside it.
+//!
+//! ```text
+//! {"v":1,"payload":{...},"key":"<base64 ed25519 public key>","sig":"<base64 signature>"}
+//! signed bytes = "arw.federation.v1\n" || workspace || "\n" || payload bytes exactly as sent
+//! ```
+//!
+//! The payload is kept as the raw JSON text it arrived as; the signature is checked over those
+//! bytes with `verify_strict` before the payload is decoded, so nothing is ever re-serialised to
+//! check a signature. The workspace is part of the signed bytes (it never travels in them), so a
+//! message signed for one workspace fails verification in any other.
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::{cluster::Advert, identity::NodeKey, node_id::NodeId};
+
+/// Domain-separation prefix of the signed bytes.
+pub const DOMAIN: &[u8] = b"arw.federation.v1\n";
+/// Largest envelope accepted.
+pub const MAX_ENVELOPE: usize = 8 * 1024;
+/// Largest payload accepted (an advert must stay within it).
+pub const MAX_PAYLOAD: usize = 4 * 1024;
+
+/// What a node says, inside the envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Everything the node claims about itself.
+    Advert(Advert),
+    /// "Still here": liveness between adverts.
+    Heartbeat(Beat),
+    /// Graceful departure.
+    Leave(Beat),
+}
+
+impl Message {
+    /// The claimed sender.
+    pub fn id(&self) -> &NodeId {
+        match self {
+            Message::Advert(a) => &a.id,
+            Message::Heartbeat(b) | Message::Leave(b) => &b.id,
+        }
+    }
+
+    /// The claimed workspace.
+    pub fn workspace(&self) -> &str {
+        match self {
+            Message::Advert(a) => &a.workspace,
+            Message::Heartbeat(b) | Message::Leave(b) => &b.workspace,
+        }
+    }
+
+    /// `advert`, `heartbeat` or `leave`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Advert(_) => "advert",
+            Message::Heartbeat(_) => "heartbeat",
+            Message::Leave(_) => "leave",
+        }
+    }
+}
+
+/// Heartbeat and leave body. `(seq, beat)` rises strictly: `seq` is the sender's current advert
+/// sequence number, `beat` counts messages since that advert.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Beat {
+    /// Sender.
+    pub id: NodeId,
+    /// Sender's workspace.
+    pub workspace: String,
+    /// Sender's current advert `seq`.
+    pub seq: u64,
+    /// Counter since that advert.
+    pub beat: u64,
+    /// Sender's clock when sent.
+    pub sent_ms: u64,
+}
+
+/// Why a message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// Not an envelope, or a payload that does not decode.
+    Malformed,
+    /// Envelope version other than 1.
+    UnsupportedVersion,
+    /// Over [`MAX_ENVELOPE`] / [`MAX_PAYLOAD`].
+    TooLarge,
+    /// The key is not a valid ed25519 public key.
+    BadKey,
+    /// The signature does not verify (tampering, another key, or another workspace).
+    BadSignature,
+    /// Signed for this workspace but claims another in its payload.
+    WrongWorkspace,
+    /// Older than its validity allows.
+    Expired,
+    /// Dated too far in the future.
+    Future,
+    /// Not newer than what was already accepted from this node.
+    Replayed,
+    /// The id is bound to another key.
+    KeyConflict,
+    /// The id is pinned (`ARW_TRUST_NODES`) to another key.
+    UntrustedKey,
+    /// A heartbeat or leave from a node whose advert has not been seen.
+    UnknownNode,
+    /// An exact copy of something already accepted (benign; not reported).
+    Duplicate,
+}
+
+impl Reason {
+    /// The `reason` in `cluster.event.rejected`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::UnsupportedVersion => "unsupported_version",
+            Reason::TooLarge => "too_large",
+            Reason::BadKey => "bad_key",
+            Reason::BadSignature => "bad_signature",
+            Reason::WrongWorkspace => "wrong_workspace",
+            Reason::Expired => "expired",
+            Reason::Future => "future",
+            Reason::Replayed => "replayed",
+            Reason::KeyConflict => "key_conflict",
+            Reason::UntrustedKey => "untrusted_key",
+            Reason::UnknownNode => "unknown_node",
+            Reason::Duplicate => "duplicate",
+        }
+    }
+
+    /// Whether the sender of such a message misbehaves (its gossip score should drop), as
+    /// opposed to a message that is merely late, early or already known.
+    pub fn is_invalid(self) -> bool {
+        matches!(
+            self,
+            Reason::Malformed
+                | Reason::UnsupportedVersion
+                | Reason::TooLarge
+                | Reason::BadKey
+                | Reason::BadSignature
+                | Reason::WrongWorkspace
+                | Reason::KeyConflict
+                | Reason::UntrustedKey
+        )
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<'a> {
+    v: u8,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    key: String,
+    sig: String,
+}
+
+/// A verified message and the key that signed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opened {
+    /// The signer.
+    pub key: VerifyingKey,
+    /// The decoded payload.
+    pub message: Message,
+}
+
+fn signed_bytes(workspace: &str, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(DOMAIN.len() + workspace.len() + 1 + payload.len());
+    bytes.extend_from_slice(DOMAIN);
+    bytes.extend_from_slice(workspace.as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// Signs `message` for `workspace`.
+pub fn seal(key: &NodeKey, workspace: &str, message: &Message) -> Vec<u8> {
+    // Serialising our own types cannot fail.
+    let payload = serde_json::to_string(message).unwrap_or_default();
+    let sig = key.sign(&signed_bytes(workspace, payload.as_bytes()));
+    let envelope = format!(
+        r#"{{"v":1,"payload":{payload},"key":"{}","sig":"{}"}}"#,
+        key.public_b64(),
+        B64.encode(sig.to_bytes())
+    );
+    envelope.into_bytes()
+}
+
+/// Checks an envelope's signature for `workspace`, then decodes its payload.
+pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
+    if bytes.len() > MAX_ENVELOPE {
+        return Err(Reason::TooLarge);
+    }
+    let envelope: Envelope<'_> = serde_json::from_slice(bytes).map_err(|_| Reason::Malformed)?;
+    if envelope.v != 1 {
+        return Err(Reason::UnsupportedVersion);
+    }
+    let key: [u8; 32] = B64
+        .decode(&envelope.key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .ok_or(Reason::BadKey)?;
+    let key = VerifyingKey::from_bytes(&key).map_err(|_| Reason::BadKey)?;
+    let sig: [u8; 64] = B64
+        .decode(&envelope.sig)
+        .ok()
+        .and_then(|s| s.try_into().ok())
+        .ok_or(Reason::BadSignature)?;
+    let payload = envelope.payload.get().as_bytes();
+    key.verify_strict(
+        &signed_bytes(workspace, payload),
+        &Signature::from_bytes(&sig),
+    )
+    .map_err(|_| Reason::BadSignature)?;
+    if payload.len() > MAX_PAYLOAD {
+        return Err(Reason::TooLarge);
+    }
+    let message: Message = serde_json::from_slice(payload).map_err(|_| Reason::Malformed)?;
+    if message.workspace() != workspace {
+        return Err(Reason::WrongWorkspace);
+    }
+    Ok(Opened { key, message })
+}
+
+/// The claimed sender of an envelope that could not be opened, for reports (unverified).
+pub fn claimed_id(bytes: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    value["payload"]["id"]
+        .as_str()
+        .map(|s| s.chars().take(64).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(id: &str) -> Message {
+        Message::Heartbeat(Beat {
+            id: NodeId::parse(id).expect("id"),
+            workspace: "lab".into(),
+            seq: 1,
+            beat: 1,
+            sent_ms: 1,
+        })
+    }
+
+    #[test]
+    fn round_trip_and_workspace_binding() {
+        let key = NodeKey::from_secret([1; 32]);
+        let bytes = seal(&key, "lab", &beat("n1"));
+        let opened = open(&bytes, "lab").expect("valid");
+        assert_eq!(opened.message, beat("n1"));
+        assert_eq!(opened.key, key.verifying_key());
+        assert_eq!(open(&bytes, "other"), Err(Reason::BadSignature));
+    }
+
+    #[test]
+    fn payload_bytes_are_verified_as_sent() {
+        // Whitespace inside the payload is part of what was signed: changing it breaks the
+        // signature even though the JSON means the same.
+        let key = NodeKey::from_secret([2; 32]);
+        let bytes = String::from_utf8(seal(&key, "lab", &beat("n1"))).expect("utf8");
+        let spaced = bytes.replacen(r#"{"type""#, r#"{ "type""#, 1);
+        assert_eq!(open(spaced.as_bytes(), "lab"), Err(Reason::BadSignature));
+    }
+
+    #[test]
+    fn claimed_workspace_must_match() {
+        let key = NodeKey::from_secret([3; 32]);
+        let mut msg = beat("n1");
+        if let Message::Heartbeat(b) = &mut msg {
+            b.workspace = "elsewhere".into();
+        }
+        assert_eq!(
+            open(&seal(&key, "lab", &msg), "lab"),
+            Err(Reason::WrongWorkspace)
+        );
+    }
+}
