@@ -43,10 +43,7 @@ impl fmt::Debug for AuthConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthConfig")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field(
-                "token_sha256",
-                &self.token_sha256.as_ref().map(|_| "<redacted>"),
-            )
+            .field("token_sha256", &self.token_sha256.as_ref().map(|_| "<redacted>"))
             .field("debug_loopback", &self.debug_loopback)
             .field("rate_limit", &self.rate_limit)
             .field("rate_window", &self.rate_window)
@@ -83,12 +80,7 @@ impl AdminAuth {
     /// Builds the gate. An `ARW_ADMIN_TOKEN_SHA256` that is not 64 hex digits is an error.
     pub fn new(config: &AuthConfig) -> Result<Self, String> {
         let mut digests = Vec::new();
-        if let Some(token) = config
-            .token
-            .as_deref()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        {
+        if let Some(token) = config.token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
             digests.push(sha256(token));
         }
         if let Some(hex_digest) = config.token_sha256.as_deref().map(str::trim) {
@@ -160,10 +152,7 @@ fn sha256(token: &str) -> [u8; 32] {
 /// Whether a path needs the admin token: `/admin/**`, `/state/**` and the event stream.
 pub fn is_protected(path: &str) -> bool {
     let under = |prefix: &str| {
-        path == prefix
-            || path
-                .strip_prefix(prefix)
-                .is_some_and(|rest| rest.starts_with('/'))
+        path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
     };
     under("/admin") || under("/state") || under("/events")
 }
@@ -178,10 +167,7 @@ pub async fn require_admin(
     if !is_protected(request.uri().path()) {
         return next.run(request).await;
     }
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     match state.auth.check(request.headers(), peer) {
         Ok(()) => next.run(request).await,
         Err(Denied::Unauthorized) => Problem::unauthorized().into_response(),
@@ -212,11 +198,7 @@ const MAX_TRACKED: usize = 10_000;
 
 impl FailureLimiter {
     fn new(limit: u32, window: Duration) -> Self {
-        Self {
-            limit,
-            window: window.max(Duration::from_secs(1)),
-            windows: Mutex::default(),
-        }
+        Self { limit, window: window.max(Duration::from_secs(1)), windows: Mutex::default() }
     }
 
     /// Seconds until `ip` may try again, if it is blocked now.
@@ -282,14 +264,8 @@ mod tests {
     #[test]
     fn bearer_or_legacy_header() {
         let a = auth("s3cret", 0);
-        assert_eq!(
-            a.check(&headers(&[("authorization", "Bearer s3cret")]), None),
-            Ok(())
-        );
-        assert_eq!(
-            a.check(&headers(&[("x-arw-admin", " s3cret ")]), None),
-            Ok(())
-        );
+        assert_eq!(a.check(&headers(&[("authorization", "Bearer s3cret")]), None), Ok(()));
+        assert_eq!(a.check(&headers(&[("x-arw-admin", " s3cret ")]), None), Ok(()));
         assert_eq!(
             a.check(&headers(&[("authorization", "Bearer nope")]), None),
             Err(Denied::Unauthorized)
@@ -305,16 +281,10 @@ mod tests {
             ..AuthConfig::default()
         })
         .expect("auth");
-        assert_eq!(
-            a.check(&headers(&[("authorization", "Bearer tok")]), None),
-            Ok(())
-        );
+        assert_eq!(a.check(&headers(&[("authorization", "Bearer tok")]), None), Ok(()));
         assert!(
-            AdminAuth::new(&AuthConfig {
-                token_sha256: Some("zz".into()),
-                ..Default::default()
-            })
-            .is_err()
+            AdminAuth::new(&AuthConfig { token_sha256: Some("zz".into()), ..Default::default() })
+                .is_err()
         );
     }
 
@@ -330,39 +300,24 @@ mod tests {
         assert!(
             matches!(a.check(&bad, Some(peer)), Err(Denied::RateLimited(s)) if (1..=60).contains(&s))
         );
-        assert!(matches!(
-            a.check(&good, Some(peer)),
-            Err(Denied::RateLimited(_))
-        ));
+        assert!(matches!(a.check(&good, Some(peer)), Err(Denied::RateLimited(_))));
         assert_eq!(a.check(&good, Some(other)), Ok(()));
     }
 
     #[test]
     fn debug_bypass_needs_a_known_loopback_peer() {
-        let a = AdminAuth::new(&AuthConfig {
-            debug_loopback: true,
-            ..Default::default()
-        })
-        .expect("auth");
+        let a = AdminAuth::new(&AuthConfig { debug_loopback: true, ..Default::default() })
+            .expect("auth");
         let lo: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let remote: SocketAddr = "192.0.2.1:1".parse().expect("addr");
         assert_eq!(a.check(&HeaderMap::new(), Some(lo)), Ok(()));
-        assert_eq!(
-            a.check(&HeaderMap::new(), Some(remote)),
-            Err(Denied::Unauthorized)
-        );
+        assert_eq!(a.check(&HeaderMap::new(), Some(remote)), Err(Denied::Unauthorized));
         assert_eq!(a.check(&HeaderMap::new(), None), Err(Denied::Unauthorized));
     }
 
     #[test]
     fn protected_paths() {
-        for p in [
-            "/admin",
-            "/admin/hierarchy/role",
-            "/state/cluster",
-            "/events",
-            "/admin/nope",
-        ] {
+        for p in ["/admin", "/admin/hierarchy/role", "/state/cluster", "/events", "/admin/nope"] {
             assert!(is_protected(p), "{p}");
         }
         for p in ["/healthz", "/metrics", "/administrator", "/eventsx"] {

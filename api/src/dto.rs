@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 pub use arw_p2p::{
     cluster::{ClusterNode, ClusterView},
     hierarchy::{CoreAccept, CoreHello, CoreOffer},
+    node::NetworkStatus,
 };
 
 /// `{"ok":true}`.
@@ -50,6 +51,9 @@ pub struct HierarchyNode {
     /// Last accepted hello epoch (self only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hello_epoch: Option<u64>,
+    /// Liveness as this node sees it (remote nodes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
 }
 
 /// `GET /admin/hierarchy/state`.
@@ -59,8 +63,11 @@ pub struct HierarchyState {
     pub epoch: u64,
     /// This node.
     pub self_node: HierarchyNode,
-    /// Known peers by id.
+    /// Known peers by id: from offers and accepts, and every node heard on the bus.
     pub peers: BTreeMap<String, HierarchyNode>,
+    /// The transport: `disabled`, `no_peers` (listening, nobody yet) or `connected`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkStatus>,
 }
 
 /// CloudEvents attributes of a live event.

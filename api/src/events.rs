@@ -106,14 +106,8 @@ pub fn normalize_kind(kind: &str) -> String {
 
 /// Splits a `prefix=` CSV: entries trimmed, empty ones dropped.
 pub fn parse_prefixes(csv: Option<&str>) -> Vec<String> {
-    csv.map(|s| {
-        s.split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect()
-    })
-    .unwrap_or_default()
+    csv.map(|s| s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 /// Whether `kind` starts with one of `prefixes` (all kinds match an empty list).
@@ -152,9 +146,7 @@ pub async fn stream(
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, Problem> {
     let prefixes = parse_prefixes(query.prefix.as_deref());
-    let last_event_id = headers
-        .get("last-event-id")
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let replay = match (&query.after, last_event_id) {
         (Some(after), _) => Replay::After(cursor(after, "after")?),
         (None, Some(id)) => Replay::After(cursor(id, "Last-Event-ID")?),
@@ -201,10 +193,11 @@ pub async fn stream(
         "truncated": resume_from.is_some_and(|c| oldest > 0 && c + 1 < oldest),
     });
     let origin = state.node.snapshot().id.to_string();
-    let handshake = SseEvent::default()
-        .event("service.connected")
-        .id("0")
-        .data(envelope_json("service.connected", handshake, &origin));
+    let handshake = SseEvent::default().event("service.connected").id("0").data(envelope_json(
+        "service.connected",
+        handshake,
+        &origin,
+    ));
 
     state.metrics.sse_connection(mode);
     let paging = matches!(mode, "after") && first_page.len() == REPLAY_PAGE;
@@ -221,13 +214,9 @@ pub async fn stream(
         _client: ClientGuard::new(&state),
     };
     let stream = futures::stream::unfold(conn, |mut conn| async move {
-        conn.next()
-            .await
-            .map(|event| (Ok::<_, Infallible>(event), conn))
+        conn.next().await.map(|event| (Ok::<_, Infallible>(event), conn))
     });
-    let keep_alive = KeepAlive::new()
-        .interval(state.sse.keepalive)
-        .text("keep-alive");
+    let keep_alive = KeepAlive::new().interval(state.sse.keepalive).text("keep-alive");
     let mut response = Sse::new(stream).keep_alive(keep_alive).into_response();
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
@@ -248,9 +237,7 @@ pub struct SseConfig {
 
 impl Default for SseConfig {
     fn default() -> Self {
-        Self {
-            keepalive: Duration::from_secs(10),
-        }
+        Self { keepalive: Duration::from_secs(10) }
     }
 }
 
@@ -327,21 +314,14 @@ impl Connection {
 
     fn frame(&self, id: i64, kind: &str, data: &str) -> SseEvent {
         self.state.metrics.sse_sent.inc();
-        SseEvent::default()
-            .event(kind)
-            .id(id.to_string())
-            .data(data)
+        SseEvent::default().event(kind).id(id.to_string()).data(data)
     }
 
     /// A final frame, after which the stream ends.
     fn close_with(&mut self, kind: &str, payload: Value) -> Option<SseEvent> {
         self.done = true;
         let origin = self.state.node.snapshot().id.to_string();
-        Some(
-            SseEvent::default()
-                .event(kind)
-                .data(envelope_json(kind, payload, &origin)),
-        )
+        Some(SseEvent::default().event(kind).data(envelope_json(kind, payload, &origin)))
     }
 }
 
@@ -411,10 +391,8 @@ pub async fn journal(
         None => 200,
     }
     .clamp(1, REPLAY_PAGE);
-    let prefixes: Vec<String> = parse_prefixes(query.prefix.as_deref())
-        .into_iter()
-        .map(|p| p.to_lowercase())
-        .collect();
+    let prefixes: Vec<String> =
+        parse_prefixes(query.prefix.as_deref()).into_iter().map(|p| p.to_lowercase()).collect();
     let log = state.log.clone();
     let read_prefixes = prefixes.clone();
     let (entries, total) = blocking(move || log.read_last(limit, &read_prefixes)).await?;

@@ -72,11 +72,7 @@ impl Metrics {
             requests.clone(),
         );
         let build = Family::<BuildLabels, Gauge>::default();
-        build
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
-            .set(1);
+        build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").into() }).set(1);
         registry.register("build_info", "Build information (always 1)", build);
         let sse_connections = Family::<ModeLabels, Counter>::default();
         registry.register(
@@ -85,17 +81,9 @@ impl Metrics {
             sse_connections.clone(),
         );
         let sse_clients = Gauge::default();
-        registry.register(
-            "events_sse_clients",
-            "Open SSE streams",
-            sse_clients.clone(),
-        );
+        registry.register("events_sse_clients", "Open SSE streams", sse_clients.clone());
         let sse_sent = Counter::default();
-        registry.register(
-            "events_sse_sent",
-            "Events written to SSE streams",
-            sse_sent.clone(),
-        );
+        registry.register("events_sse_sent", "Events written to SSE streams", sse_sent.clone());
         let sse_lagged = Counter::default();
         registry.register(
             "events_sse_lagged",
@@ -121,11 +109,7 @@ impl Metrics {
 
     /// Counts a new SSE connection in `mode`.
     pub fn sse_connection(&self, mode: &str) {
-        self.sse_connections
-            .get_or_create(&ModeLabels {
-                mode: mode.to_owned(),
-            })
-            .inc();
+        self.sse_connections.get_or_create(&ModeLabels { mode: mode.to_owned() }).inc();
     }
 
     /// Registers further metrics.
@@ -154,11 +138,7 @@ pub async fn count_requests(
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().as_str().to_owned();
     let response = next.run(request).await;
-    let labels = RequestLabels {
-        route,
-        method,
-        status: response.status().as_u16(),
-    };
+    let labels = RequestLabels { route, method, status: response.status().as_u16() };
     state.metrics.requests.get_or_create(&labels).inc();
     response
 }

@@ -133,10 +133,7 @@ impl From<HierarchyError> for Problem {
             HierarchyError::UnknownRole(_) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "unknown_role", detail)
                     .with("valid_roles", serde_json::json!(arw_p2p::role::CANONICAL))
-                    .with(
-                        "aliases",
-                        serde_json::json!({"home": "root", "worker": "edge"}),
-                    )
+                    .with("aliases", serde_json::json!({"home": "root", "worker": "edge"}))
             }
             HierarchyError::InvalidNodeId(_) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id", detail)

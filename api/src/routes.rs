@@ -1,6 +1,6 @@
 //! Handlers. Each one is a thin translation between HTTP and the node actor.
 
-use std::any::Any;
+use std::{any::Any, collections::BTreeMap};
 
 use axum::{
     extract::State,
@@ -101,8 +101,9 @@ fn hierarchy_view(snap: &Snapshot) -> HierarchyState {
         children: h.children.iter().cloned().collect(),
         capabilities: Some(h.capabilities.clone()),
         hello_epoch: h.hello_epoch,
+        health: None,
     };
-    let peers = h
+    let mut peers: BTreeMap<String, HierarchyNode> = h
         .peers
         .values()
         .map(|p| {
@@ -114,13 +115,28 @@ fn hierarchy_view(snap: &Snapshot) -> HierarchyState {
                 children: p.children.clone(),
                 capabilities: None,
                 hello_epoch: None,
+                health: None,
             };
             (p.id.clone(), node)
         })
         .collect();
-    HierarchyState {
-        epoch: h.epoch,
-        self_node,
-        peers,
+    let now = now_ms();
+    for record in snap.nodes.values().filter(|r| !r.local) {
+        let a = &record.advert;
+        let entry = peers.entry(a.id.to_string()).or_insert_with(|| HierarchyNode {
+            id: a.id.to_string(),
+            role: a.role.as_str().to_owned(),
+            tags: Vec::new(),
+            parent: None,
+            children: Vec::new(),
+            capabilities: None,
+            hello_epoch: None,
+            health: None,
+        });
+        // The node's own advert is the authority on its role and tags.
+        entry.role = a.role.as_str().to_owned();
+        entry.tags = a.tags.clone();
+        entry.health = Some(record.health_at(now, snap.ttl_ms).as_str().to_owned());
     }
+    HierarchyState { epoch: h.epoch, self_node, peers, network: Some(snap.network.clone()) }
 }

@@ -38,12 +38,7 @@ struct MemoryLog {
 
 impl MemoryLog {
     fn kinds(&self) -> Vec<String> {
-        self.rows
-            .lock()
-            .expect("lock")
-            .iter()
-            .map(|e| e.envelope.kind.clone())
-            .collect()
+        self.rows.lock().expect("lock").iter().map(|e| e.envelope.kind.clone()).collect()
     }
 
     fn take(&self) -> Vec<StoredEvent> {
@@ -75,20 +70,14 @@ impl EventLog for MemoryLog {
         prefixes: &[String],
     ) -> Result<(Vec<StoredEvent>, u64), String> {
         let rows = self.rows.lock().expect("lock");
-        let all: Vec<StoredEvent> = rows
-            .iter()
-            .filter(|e| kind_matches(&e.envelope.kind, prefixes))
-            .cloned()
-            .collect();
+        let all: Vec<StoredEvent> =
+            rows.iter().filter(|e| kind_matches(&e.envelope.kind, prefixes)).cloned().collect();
         let total = all.len() as u64;
         Ok((all[all.len().saturating_sub(limit)..].to_vec(), total))
     }
     fn bounds(&self) -> (i64, i64) {
         let rows = self.rows.lock().expect("lock");
-        (
-            rows.first().map_or(0, |e| e.id),
-            rows.last().map_or(0, |e| e.id),
-        )
+        (rows.first().map_or(0, |e| e.id), rows.last().map_or(0, |e| e.id))
     }
 }
 
@@ -103,10 +92,7 @@ async fn harness_with(explicit_id: Option<&str>, rate_limit: u32) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let cancel = CancellationToken::new();
     let (events, mut rx) = EventTx::channel(1024);
-    let log = Arc::new(MemoryLog {
-        rows: Mutex::default(),
-        live: broadcast::channel(64).0,
-    });
+    let log = Arc::new(MemoryLog { rows: Mutex::default(), live: broadcast::channel(64).0 });
     let writer = log.clone();
     tokio::spawn(async move {
         let mut next_id = 0;
@@ -120,10 +106,7 @@ async fn harness_with(explicit_id: Option<&str>, rate_limit: u32) -> Harness {
                 policy: None,
                 ce: None,
             };
-            let stored = StoredEvent {
-                id: next_id,
-                envelope,
-            };
+            let stored = StoredEvent { id: next_id, envelope };
             writer.rows.lock().expect("lock").push(stored.clone());
             let _ = writer.live.send(Arc::new(LiveEvent::new(stored)));
             if let Some(ack) = emit.ack {
@@ -142,10 +125,9 @@ async fn harness_with(explicit_id: Option<&str>, rate_limit: u32) -> Harness {
         capabilities: serde_json::Map::new(),
         bus: "local".into(),
         queue: "local".into(),
+        federation: None,
     };
-    let (node, _task) = node::spawn(config, events.clone(), cancel.clone())
-        .await
-        .expect("node");
+    let (node, _task) = node::spawn(config, events.clone(), cancel.clone()).await.expect("node");
     let auth = AdminAuth::new(&AuthConfig {
         token: Some(TOKEN.into()),
         rate_limit,
@@ -162,12 +144,7 @@ async fn harness_with(explicit_id: Option<&str>, rate_limit: u32) -> Harness {
         sse: SseConfig::default(),
         shutdown: cancel.clone(),
     };
-    Harness {
-        app: arw_api::router(state),
-        log,
-        _dir: dir,
-        _cancel: cancel.drop_guard(),
-    }
+    Harness { app: arw_api::router(state), log, _dir: dir, _cancel: cancel.drop_guard() }
 }
 
 async fn harness() -> Harness {
@@ -185,27 +162,14 @@ struct Reply {
 async fn send(app: &Router, request: Request<Body>) -> Reply {
     let response = app.clone().oneshot(request).await.expect("infallible");
     let status = response.status();
-    let header = |name| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+    let header =
+        |name| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let content_type = header(header::CONTENT_TYPE).unwrap_or_default();
     let retry_after = header(header::RETRY_AFTER);
-    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
-        .await
-        .expect("body");
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
     let text = String::from_utf8_lossy(&bytes).into_owned();
     let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    Reply {
-        status,
-        content_type,
-        retry_after,
-        body,
-        text,
-    }
+    Reply { status, content_type, retry_after, body, text }
 }
 
 fn get(path: &str, token: Option<&str>) -> Request<Body> {
@@ -235,18 +199,10 @@ fn post(path: &str, body: Value) -> Request<Body> {
 
 fn assert_problem(reply: &Reply, status: StatusCode, code: &str) {
     assert_eq!(reply.status, status, "{}", reply.text);
-    assert_eq!(
-        reply.content_type, "application/problem+json",
-        "{}",
-        reply.text
-    );
+    assert_eq!(reply.content_type, "application/problem+json", "{}", reply.text);
     assert_eq!(reply.body["status"], status.as_u16(), "{}", reply.text);
     assert_eq!(reply.body["code"], code, "{}", reply.text);
-    assert!(
-        !reply.text.contains("null"),
-        "null member in {}",
-        reply.text
-    );
+    assert!(!reply.text.contains("null"), "null member in {}", reply.text);
 }
 
 const PROTECTED_POSTS: [&str; 4] = [
@@ -279,13 +235,9 @@ async fn every_protected_route_is_401_without_a_token_whatever_the_body() {
             }
         }
     }
-    for path in [
-        "/state/cluster",
-        "/admin/hierarchy/state",
-        "/admin/nope",
-        "/state/nope",
-        "/events",
-    ] {
+    for path in
+        ["/state/cluster", "/admin/hierarchy/state", "/admin/nope", "/state/nope", "/events"]
+    {
         let reply = send(&h.app, get(path, None)).await;
         assert_problem(&reply, StatusCode::UNAUTHORIZED, "unauthorized");
     }
@@ -295,10 +247,7 @@ async fn every_protected_route_is_401_without_a_token_whatever_the_body() {
 async fn healthz_and_metrics_are_open() {
     let h = harness().await;
     let reply = send(&h.app, get("/healthz", None)).await;
-    assert_eq!(
-        (reply.status, reply.body.clone()),
-        (StatusCode::OK, json!({"ok": true}))
-    );
+    assert_eq!((reply.status, reply.body.clone()), (StatusCode::OK, json!({"ok": true})));
     send(&h.app, get("/state/cluster", Some(TOKEN))).await;
     let metrics = send(&h.app, get("/metrics", None)).await;
     assert_eq!(metrics.status, StatusCode::OK);
@@ -324,39 +273,25 @@ async fn role_table_aliases_and_unknown_roles() {
         ("root", "root"),
         ("edge", "edge"),
     ] {
-        let reply = send(
-            &h.app,
-            post("/admin/hierarchy/role", json!({ "role": input })),
-        )
-        .await;
+        let reply = send(&h.app, post("/admin/hierarchy/role", json!({ "role": input }))).await;
         assert_eq!(
             (reply.status, reply.body.clone()),
             (StatusCode::OK, json!({"ok": true})),
             "{input}"
         );
-        let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
-            .await
-            .body;
+        let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await.body;
         assert_eq!(state["self_node"]["role"], canonical, "{input}");
         let cluster = send(&h.app, get("/state/cluster", Some(TOKEN))).await.body;
         assert_eq!(cluster["nodes"][0]["role"], canonical, "{input}");
     }
-    let before = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
-        .await
-        .body;
-    let reply = send(
-        &h.app,
-        post("/admin/hierarchy/role", json!({"role": "admin"})),
-    )
-    .await;
+    let before = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await.body;
+    let reply = send(&h.app, post("/admin/hierarchy/role", json!({"role": "admin"}))).await;
     assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "unknown_role");
     assert_eq!(
         reply.body["valid_roles"],
         json!(["root", "regional", "edge", "connector", "observer"])
     );
-    let after = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
-        .await
-        .body;
+    let after = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await.body;
     assert_eq!(before, after, "an unknown role changed state");
 }
 
@@ -370,34 +305,20 @@ async fn role_change_emits_events_and_reads_emit_nothing() {
     h.log.take();
     send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await;
     send(&h.app, post("/admin/events/test", json!({"marker": 1}))).await;
-    assert_eq!(
-        h.log.kinds(),
-        vec!["service.test".to_owned()],
-        "a read emitted an event"
-    );
+    assert_eq!(h.log.kinds(), vec!["service.test".to_owned()], "a read emitted an event");
 
     h.log.take();
-    send(
-        &h.app,
-        post("/admin/hierarchy/role", json!({"role": "Home"})),
-    )
-    .await;
+    send(&h.app, post("/admin/hierarchy/role", json!({"role": "Home"}))).await;
     send(&h.app, post("/admin/events/test", json!({"marker": 2}))).await;
     let events = h.log.take();
-    let changed = events
-        .iter()
-        .find(|e| e.envelope.kind == "hierarchy.role.changed")
-        .expect("role event");
+    let changed =
+        events.iter().find(|e| e.envelope.kind == "hierarchy.role.changed").expect("role event");
     assert_eq!(
         changed.envelope.payload,
         json!({"role": "root", "requested": "Home", "previous": "edge"})
     );
     let kinds: Vec<&str> = events.iter().map(|e| e.envelope.kind.as_str()).collect();
-    for kind in [
-        "hierarchy.state",
-        "cluster.node.advertise",
-        "cluster.node.changed",
-    ] {
+    for kind in ["hierarchy.state", "cluster.node.advertise", "cluster.node.changed"] {
         assert!(kinds.contains(&kind), "{kind} missing from {kinds:?}");
     }
 }
@@ -405,11 +326,8 @@ async fn role_change_emits_events_and_reads_emit_nothing() {
 #[tokio::test]
 async fn test_event_merges_the_body_and_the_journal_pages_it() {
     let h = harness().await;
-    let reply = send(
-        &h.app,
-        post("/admin/events/test", json!({"message": "hi", "extra": 7})),
-    )
-    .await;
+    let reply =
+        send(&h.app, post("/admin/events/test", json!({"message": "hi", "extra": 7}))).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
     assert_eq!(
         (reply.body["who"].as_str(), reply.body["message"].as_str()),
@@ -422,19 +340,12 @@ async fn test_event_merges_the_body_and_the_journal_pages_it() {
         .header("X-ARW-Admin", TOKEN)
         .body(Body::empty())
         .expect("req");
-    assert_eq!(
-        send(&h.app, empty).await.status,
-        StatusCode::OK,
-        "a body is optional"
-    );
+    assert_eq!(send(&h.app, empty).await.status, StatusCode::OK, "a body is optional");
     let array = send(&h.app, post("/admin/events/test", json!([1]))).await;
     assert_problem(&array, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
 
-    let page = send(
-        &h.app,
-        get("/admin/events/journal?prefix=SERVICE.&limit=1", Some(TOKEN)),
-    )
-    .await;
+    let page =
+        send(&h.app, get("/admin/events/journal?prefix=SERVICE.&limit=1", Some(TOKEN))).await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.text);
     assert_eq!(page.body["prefixes"], json!(["service."]));
     assert_eq!(page.body["limit"], 1);
@@ -456,11 +367,7 @@ async fn non_numeric_cursors_are_refused() {
         .header("Last-Event-ID", "abc")
         .body(Body::empty())
         .expect("request");
-    assert_problem(
-        &send(&h.app, request).await,
-        StatusCode::BAD_REQUEST,
-        "invalid_cursor",
-    );
+    assert_problem(&send(&h.app, request).await, StatusCode::BAD_REQUEST, "invalid_cursor");
     let replay = send(&h.app, get("/events?replay=-1", Some(TOKEN))).await;
     assert_problem(&replay, StatusCode::BAD_REQUEST, "invalid_replay");
 }
@@ -475,88 +382,48 @@ fn hello(id: &str, epoch: u64, nonce: &str) -> Value {
 #[tokio::test]
 async fn hello_is_stored_advertised_and_guarded() {
     let h = harness().await;
-    let reply = send(
-        &h.app,
-        post("/admin/hierarchy/hello", hello("worker-gpu-01", 5, "n1")),
-    )
-    .await;
+    let reply = send(&h.app, post("/admin/hierarchy/hello", hello("worker-gpu-01", 5, "n1"))).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
 
-    let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
-        .await
-        .body;
+    let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await.body;
     assert_eq!(state["self_node"]["id"], "worker-gpu-01");
     assert_eq!(state["self_node"]["role"], "edge");
     assert_eq!(state["self_node"]["tags"], json!(["gpu", "balanced"]));
-    assert_eq!(
-        state["self_node"]["capabilities"],
-        json!(["gpu:rtx-4090", "memory:96g"])
-    );
+    assert_eq!(state["self_node"]["capabilities"], json!(["gpu:rtx-4090", "memory:96g"]));
     assert_eq!(state["self_node"]["hello_epoch"], 5);
 
     let cluster = send(&h.app, get("/state/cluster", Some(TOKEN))).await.body;
     let nodes = cluster["nodes"].as_array().expect("nodes");
-    assert_eq!(
-        nodes.len(),
-        1,
-        "the hostname-named record was not replaced: {cluster}"
-    );
+    assert_eq!(nodes.len(), 1, "the hostname-named record was not replaced: {cluster}");
     assert_eq!(nodes[0]["id"], "worker-gpu-01");
     assert_eq!(nodes[0]["tags"], json!(["gpu", "balanced"]));
-    assert_eq!(
-        nodes[0]["capabilities"]["declared"],
-        json!(["gpu:rtx-4090", "memory:96g"])
-    );
+    assert_eq!(nodes[0]["capabilities"]["declared"], json!(["gpu:rtx-4090", "memory:96g"]));
     assert_eq!(nodes[0]["epoch"], 5);
 
-    let replay = send(
-        &h.app,
-        post("/admin/hierarchy/hello", hello("worker-gpu-01", 5, "n1")),
-    )
-    .await;
+    let replay =
+        send(&h.app, post("/admin/hierarchy/hello", hello("worker-gpu-01", 5, "n1"))).await;
     assert_problem(&replay, StatusCode::CONFLICT, "nonce_replay");
-    let stale = send(
-        &h.app,
-        post("/admin/hierarchy/hello", hello("worker-gpu-01", 4, "n2")),
-    )
-    .await;
+    let stale = send(&h.app, post("/admin/hierarchy/hello", hello("worker-gpu-01", 4, "n2"))).await;
     assert_problem(&stale, StatusCode::CONFLICT, "stale_epoch");
     let home = send(&h.app, post("/admin/hierarchy/hello", json!({
         "id": "worker-gpu-01", "role": "home", "capabilities": [], "scope_tags": [], "epoch": 6, "nonce": "n3"
     }))).await;
-    assert_eq!(
-        home.status,
-        StatusCode::OK,
-        "hello must accept the runbook's alias: {}",
-        home.text
-    );
+    assert_eq!(home.status, StatusCode::OK, "hello must accept the runbook's alias: {}", home.text);
 
     let bad_role = send(&h.app, post("/admin/hierarchy/hello", json!({
         "id": "worker-gpu-01", "role": "captain", "capabilities": [], "scope_tags": [], "epoch": 7, "nonce": "n4"
     }))).await;
     assert_problem(&bad_role, StatusCode::UNPROCESSABLE_ENTITY, "unknown_role");
-    let bad_id = send(
-        &h.app,
-        post("/admin/hierarchy/hello", hello("a.b", 7, "n5")),
-    )
-    .await;
+    let bad_id = send(&h.app, post("/admin/hierarchy/hello", hello("a.b", 7, "n5"))).await;
     assert_problem(&bad_id, StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id");
 }
 
 #[tokio::test]
 async fn hello_must_match_an_explicit_node_id() {
     let h = harness_with(Some("home-east"), 0).await;
-    let reply = send(
-        &h.app,
-        post("/admin/hierarchy/hello", hello("worker-gpu-01", 0, "n")),
-    )
-    .await;
+    let reply = send(&h.app, post("/admin/hierarchy/hello", hello("worker-gpu-01", 0, "n"))).await;
     assert_problem(&reply, StatusCode::CONFLICT, "node_id_mismatch");
-    let ok = send(
-        &h.app,
-        post("/admin/hierarchy/hello", hello("home-east", 0, "n")),
-    )
-    .await;
+    let ok = send(&h.app, post("/admin/hierarchy/hello", hello("home-east", 0, "n"))).await;
     assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
 }
 
@@ -564,55 +431,22 @@ async fn hello_must_match_an_explicit_node_id() {
 async fn bodies_are_validated_after_auth_as_problem_json() {
     let h = harness().await;
     let path = "/admin/hierarchy/role";
-    let malformed = send(
-        &h.app,
-        post_raw(path, Some(TOKEN), "application/json", "{not json"),
-    )
-    .await;
+    let malformed =
+        send(&h.app, post_raw(path, Some(TOKEN), "application/json", "{not json")).await;
     assert_problem(&malformed, StatusCode::BAD_REQUEST, "invalid_json");
-    let missing = send(
-        &h.app,
-        post_raw(path, Some(TOKEN), "application/json", "{}"),
-    )
-    .await;
+    let missing = send(&h.app, post_raw(path, Some(TOKEN), "application/json", "{}")).await;
     assert_problem(&missing, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
-    let wrong_type = send(
-        &h.app,
-        post_raw(path, Some(TOKEN), "application/json", r#"{"role":7}"#),
-    )
-    .await;
-    assert_problem(
-        &wrong_type,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_body",
-    );
-    let text = send(
-        &h.app,
-        post_raw(path, Some(TOKEN), "text/plain", r#"{"role":"home"}"#),
-    )
-    .await;
-    assert_problem(
-        &text,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported_media_type",
-    );
+    let wrong_type =
+        send(&h.app, post_raw(path, Some(TOKEN), "application/json", r#"{"role":7}"#)).await;
+    assert_problem(&wrong_type, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
+    let text = send(&h.app, post_raw(path, Some(TOKEN), "text/plain", r#"{"role":"home"}"#)).await;
+    assert_problem(&text, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
     let big = format!(r#"{{"role":"{}"}}"#, "x".repeat(arw_api::BODY_LIMIT));
     let oversize = send(&h.app, post_raw(path, Some(TOKEN), "application/json", big)).await;
-    assert_problem(
-        &oversize,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-    );
-    let hello_missing = send(
-        &h.app,
-        post("/admin/hierarchy/hello", json!({"id": "x", "role": "edge"})),
-    )
-    .await;
-    assert_problem(
-        &hello_missing,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_body",
-    );
+    assert_problem(&oversize, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    let hello_missing =
+        send(&h.app, post("/admin/hierarchy/hello", json!({"id": "x", "role": "edge"}))).await;
+    assert_problem(&hello_missing, StatusCode::UNPROCESSABLE_ENTITY, "invalid_body");
 }
 
 #[tokio::test]
@@ -623,11 +457,7 @@ async fn unknown_paths_and_methods_are_problem_json() {
     let admin_missing = send(&h.app, get("/admin/nope", Some(TOKEN))).await;
     assert_problem(&admin_missing, StatusCode::NOT_FOUND, "not_found");
     let method = send(&h.app, get("/admin/hierarchy/role", Some(TOKEN))).await;
-    assert_problem(
-        &method,
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-    );
+    assert_problem(&method, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
 }
 
 #[tokio::test]
@@ -639,45 +469,23 @@ async fn repeated_failures_are_rate_limited_with_retry_after() {
     }
     let limited = send(&h.app, get("/state/cluster", Some("guess"))).await;
     assert_problem(&limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
-    let retry: u64 = limited
-        .retry_after
-        .as_deref()
-        .and_then(|v| v.parse().ok())
-        .expect("Retry-After");
+    let retry: u64 =
+        limited.retry_after.as_deref().and_then(|v| v.parse().ok()).expect("Retry-After");
     assert!((1..=60).contains(&retry), "{retry}");
     let healthz = send(&h.app, get("/healthz", None)).await;
-    assert_eq!(
-        healthz.status,
-        StatusCode::OK,
-        "open routes are never limited"
-    );
+    assert_eq!(healthz.status, StatusCode::OK, "open routes are never limited");
 }
 
 #[tokio::test]
 async fn offer_and_accept_fill_children_and_peers() {
     let h = harness_with(Some("root-1"), 0).await;
     let offer = json!({"from_id": "edge-7", "proposed_role": "worker", "parent_hint": "root-1", "shard_ranges": [], "capacity_hint": 8});
-    assert_eq!(
-        send(&h.app, post("/admin/hierarchy/offer", offer))
-            .await
-            .status,
-        StatusCode::OK
-    );
+    assert_eq!(send(&h.app, post("/admin/hierarchy/offer", offer)).await.status, StatusCode::OK);
     let accept = json!({"child_id": "edge-7", "parent_id": "root-1", "role": "edge", "epoch": 4});
-    assert_eq!(
-        send(&h.app, post("/admin/hierarchy/accept", accept))
-            .await
-            .status,
-        StatusCode::OK
-    );
-    let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN)))
-        .await
-        .body;
+    assert_eq!(send(&h.app, post("/admin/hierarchy/accept", accept)).await.status, StatusCode::OK);
+    let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await.body;
     assert_eq!(state["self_node"]["children"], json!(["edge-7"]));
-    assert_eq!(
-        state["epoch"], 1,
-        "accepting a known child must not bump the epoch: {state}"
-    );
+    assert_eq!(state["epoch"], 1, "accepting a known child must not bump the epoch: {state}");
     assert_eq!(state["peers"]["edge-7"]["role"], "edge");
     assert_eq!(state["peers"]["edge-7"]["parent"], "root-1");
     let bad = json!({"from_id": "edge-8", "proposed_role": "boss", "shard_ranges": []});

@@ -35,9 +35,7 @@ fn arg(name: &str, default: &str) -> String {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 struct Server {
@@ -80,11 +78,7 @@ fn start(binary: &Path, config: &str) -> Server {
         assert!(Instant::now() < deadline, "server not ready");
         std::thread::sleep(Duration::from_millis(20));
     };
-    Server {
-        child,
-        http,
-        _dir: dir,
-    }
+    Server { child, http, _dir: dir }
 }
 
 fn rss_bytes(pid: u32) -> u64 {
@@ -146,11 +140,7 @@ async fn fanout(binary: &Path, subscribers: usize, events: usize) {
     let (lat_tx, mut lat_rx) = mpsc::unbounded_channel();
     let connect_started = Instant::now();
     for _ in 0..subscribers {
-        tokio::spawn(subscriber(
-            server.http.clone(),
-            ready_tx.clone(),
-            lat_tx.clone(),
-        ));
+        tokio::spawn(subscriber(server.http.clone(), ready_tx.clone(), lat_tx.clone()));
     }
     drop(lat_tx);
     for _ in 0..subscribers {
@@ -230,14 +220,10 @@ async fn publish_rate(binary: &Path, fsync: bool, publishers: usize, secs: u64) 
 #[tokio::main]
 async fn main() {
     let binary = PathBuf::from(arg("--server", "target/release/arw-server"));
-    let subscribers: usize = arg("--subscribers", "1000")
-        .parse()
-        .expect("--subscribers N");
+    let subscribers: usize = arg("--subscribers", "1000").parse().expect("--subscribers N");
     let events: usize = arg("--events", "20").parse().expect("--events N");
     let publishers: usize = arg("--publishers", "8").parse().expect("--publishers N");
-    let secs: u64 = arg("--publish-secs", "5")
-        .parse()
-        .expect("--publish-secs S");
+    let secs: u64 = arg("--publish-secs", "5").parse().expect("--publish-secs S");
     let mode = arg("--mode", "all");
     if mode == "all" || mode == "fanout" {
         fanout(&binary, subscribers, events).await;

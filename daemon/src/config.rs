@@ -50,10 +50,7 @@ impl fmt::Debug for ServerConfig {
             .field("bind", &self.bind)
             .field("port", &self.port)
             .field("admin_token", &self.admin_token.as_ref().map(|_| REDACTED))
-            .field(
-                "admin_token_sha256",
-                &self.admin_token_sha256.as_ref().map(|_| REDACTED),
-            )
+            .field("admin_token_sha256", &self.admin_token_sha256.as_ref().map(|_| REDACTED))
             .field("admin_rate_limit", &self.admin_rate_limit)
             .field("admin_rate_window_secs", &self.admin_rate_window_secs)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
@@ -139,6 +136,17 @@ pub struct ClusterConfig {
     pub ttl_seconds: u64,
     /// Eviction threshold, seconds.
     pub evict_after_secs: u64,
+    /// Heartbeat period, ms.
+    pub heartbeat_interval_ms: u64,
+    /// Silence before `suspect`, ms.
+    pub suspect_after_ms: u64,
+    /// Silence before `down`, ms.
+    pub down_after_ms: u64,
+    /// Clock skew bound, seconds.
+    pub max_clock_skew_secs: u64,
+    /// Pinned node keys file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_nodes: Option<PathBuf>,
     /// Ignored (set through the API); kept so a value can be warned about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
@@ -170,15 +178,12 @@ const ENV_KEYS: &[(&str, &str, bool)] = &[
     ("ARW_ADMIN_TOKEN", "server.admin_token", false),
     ("ARW_ADMIN_TOKEN_SHA256", "server.admin_token_sha256", false),
     ("ARW_ADMIN_RATE_LIMIT", "server.admin_rate_limit", true),
-    (
-        "ARW_ADMIN_RATE_WINDOW_SECS",
-        "server.admin_rate_window_secs",
-        true,
-    ),
+    ("ARW_ADMIN_RATE_WINDOW_SECS", "server.admin_rate_window_secs", true),
     ("ARW_LOG", "log.filter", false),
     ("ARW_STATE_DIR", "runtime.state_dir", false),
     ("ARW_NODE_ID", "cluster.node_id", false),
     ("ARW_NATS_URL", "cluster.nats_url", false),
+    ("ARW_TRUST_NODES", "cluster.trust_nodes", false),
 ];
 
 /// A configuration that cannot be used. Its message names the key and its source.
@@ -201,6 +206,8 @@ pub struct Loaded {
     pub explicit_node_id: Option<(NodeId, arw_p2p::node_id::IdSource)>,
     /// Things worth a warning (unknown keys, ignored settings).
     pub warnings: Vec<String>,
+    /// Directory of the config file read (relative paths in it resolve here), else the CWD.
+    pub config_dir: Option<PathBuf>,
 }
 
 /// Where to look for things; real process values in production, fakes in tests.
@@ -229,10 +236,7 @@ impl Environment {
     }
 
     fn var(&self, name: &str) -> Option<&str> {
-        self.vars
-            .get(name)
-            .map(String::as_str)
-            .filter(|v| !v.trim().is_empty())
+        self.vars.get(name).map(String::as_str).filter(|v| !v.trim().is_empty())
     }
 }
 
@@ -240,7 +244,9 @@ impl Environment {
 pub fn load(env: &Environment) -> Result<Loaded, ConfigError> {
     let mut sources = vec!["built-in defaults".to_owned()];
     let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+    let mut config_dir = env.cwd.clone();
     if let Some(file) = discover(env)? {
+        config_dir = file.parent().map(Path::to_path_buf).or(config_dir);
         sources.push(file.display().to_string());
         figment = figment.merge(Toml::file_exact(&file));
     }
@@ -274,14 +280,7 @@ pub fn load(env: &Environment) -> Result<Loaded, ConfigError> {
     let config: Config = figment.extract().map_err(|e| describe(e, env))?;
     let mut warnings = unknown_keys(&figment)?;
     let (bind_ip, explicit_node_id) = validate(&config, env, &mut warnings)?;
-    Ok(Loaded {
-        config,
-        sources,
-        state_dir,
-        bind_ip,
-        explicit_node_id,
-        warnings,
-    })
+    Ok(Loaded { config, sources, state_dir, bind_ip, explicit_node_id, warnings, config_dir })
 }
 
 /// `ARW_CONFIG`, else the first `configs/default.toml` under `ARW_CONFIG_DIR`, the executable's
@@ -292,10 +291,7 @@ fn discover(env: &Environment) -> Result<Option<PathBuf>, ConfigError> {
         return if path.is_file() {
             Ok(Some(path))
         } else {
-            Err(ConfigError(format!(
-                "ARW_CONFIG={}: no such file",
-                path.display()
-            )))
+            Err(ConfigError(format!("ARW_CONFIG={}: no such file", path.display())))
         };
     }
     let exe_dir = env.exe.as_deref().and_then(Path::parent);
@@ -346,9 +342,7 @@ fn unknown_keys(figment: &Figment) -> Result<Vec<String>, ConfigError> {
             .and_then(|m| m.source.as_ref())
             .map(|s| format!(" in {s}"))
             .unwrap_or_default();
-        unknown.push(format!(
-            "unknown configuration key `{key}`{source} (ignored)"
-        ));
+        unknown.push(format!("unknown configuration key `{key}`{source} (ignored)"));
     });
     Ok(unknown)
 }
@@ -361,22 +355,15 @@ fn validate(
     use arw_p2p::node_id::IdSource;
     let s = &config.server;
     let bind_ip = parse_bind(&s.bind).ok_or_else(|| {
-        ConfigError(format!(
-            "server.bind: {:?} is not an IP address or `localhost`",
-            s.bind
-        ))
+        ConfigError(format!("server.bind: {:?} is not an IP address or `localhost`", s.bind))
     })?;
     if s.admin_rate_window_secs == 0 {
-        return Err(ConfigError(
-            "server.admin_rate_window_secs: must be at least 1".into(),
-        ));
+        return Err(ConfigError("server.admin_rate_window_secs: must be at least 1".into()));
     }
     if let Some(digest) = &s.admin_token_sha256
         && (digest.len() != 64 || !digest.chars().all(|c| c.is_ascii_hexdigit()))
     {
-        return Err(ConfigError(
-            "server.admin_token_sha256: must be 64 hexadecimal digits".into(),
-        ));
+        return Err(ConfigError("server.admin_token_sha256: must be 64 hexadecimal digits".into()));
     }
     let ev = &config.events;
     for (key, value) in [
@@ -397,11 +384,8 @@ fn validate(
     let explicit_node_id = match &c.node_id {
         Some(id) => {
             let id = NodeId::parse(id).map_err(|e| ConfigError(format!("cluster.node_id: {e}")))?;
-            let source = if env.var("ARW_NODE_ID").is_some() {
-                IdSource::Env
-            } else {
-                IdSource::Config
-            };
+            let source =
+                if env.var("ARW_NODE_ID").is_some() { IdSource::Env } else { IdSource::Config };
             Some((id, source))
         }
         None => None,
@@ -412,19 +396,26 @@ fn validate(
             c.workspace
         ))
     })?;
-    for (key, addrs) in [
-        ("cluster.listen", &c.listen),
-        ("cluster.bootstrap", &c.bootstrap),
-    ] {
+    for (key, addrs) in [("cluster.listen", &c.listen), ("cluster.bootstrap", &c.bootstrap)] {
         for addr in addrs {
             addr.parse::<Multiaddr>()
                 .map_err(|e| ConfigError(format!("{key}: {addr:?} is not a multiaddr: {e}")))?;
         }
     }
+    if c.heartbeat_interval_ms == 0 || c.suspect_after_ms <= c.heartbeat_interval_ms {
+        return Err(ConfigError(format!(
+            "cluster.suspect_after_ms: {} must be above heartbeat_interval_ms ({}, itself at least 1)",
+            c.suspect_after_ms, c.heartbeat_interval_ms
+        )));
+    }
+    if c.down_after_ms <= c.suspect_after_ms {
+        return Err(ConfigError(format!(
+            "cluster.down_after_ms: {} must be above suspect_after_ms ({})",
+            c.down_after_ms, c.suspect_after_ms
+        )));
+    }
     if c.advertise_interval_secs == 0 {
-        return Err(ConfigError(
-            "cluster.advertise_interval_secs: must be at least 1".into(),
-        ));
+        return Err(ConfigError("cluster.advertise_interval_secs: must be at least 1".into()));
     }
     if c.ttl_seconds <= c.advertise_interval_secs {
         warnings.push(format!(
@@ -452,24 +443,25 @@ pub fn parse_bind(bind: &str) -> Option<IpAddr> {
     if bind.eq_ignore_ascii_case("localhost") {
         return Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     }
-    let inner = bind
-        .strip_prefix('[')
-        .and_then(|b| b.strip_suffix(']'))
-        .unwrap_or(bind);
-    inner
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6))
+    let inner = bind.strip_prefix('[').and_then(|b| b.strip_suffix(']')).unwrap_or(bind);
+    inner.parse::<IpAddr>().ok().or_else(|| inner.parse::<Ipv6Addr>().ok().map(IpAddr::V6))
+}
+
+impl Loaded {
+    /// `path` as written in the config: relative paths resolve against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        match &self.config_dir {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
 }
 
 impl Config {
     /// The configuration as TOML with secrets replaced by `<redacted>`.
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
-        for secret in [
-            &mut shown.server.admin_token,
-            &mut shown.server.admin_token_sha256,
-        ] {
+        for secret in [&mut shown.server.admin_token, &mut shown.server.admin_token_sha256] {
             if secret.is_some() {
                 *secret = Some(REDACTED.to_owned());
             }
@@ -484,21 +476,11 @@ mod tests {
 
     fn env(vars: &[(&str, &str)]) -> (Environment, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut vars: std::collections::HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let mut vars: std::collections::HashMap<String, String> =
+            vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         vars.entry("ARW_STATE_DIR".into())
             .or_insert_with(|| dir.path().join("state").display().to_string());
-        (
-            Environment {
-                vars,
-                exe: None,
-                cwd: None,
-                data_dir: None,
-            },
-            dir,
-        )
+        (Environment { vars, exe: None, cwd: None, data_dir: None }, dir)
     }
 
     #[test]
@@ -509,10 +491,7 @@ mod tests {
         assert_eq!((c.server.bind.as_str(), c.server.port), ("127.0.0.1", 8091));
         assert!(!c.cluster.enabled);
         assert_eq!(c.cluster.bus, Transport::Local);
-        assert_eq!(
-            (c.cluster.advertise_interval_secs, c.cluster.ttl_seconds),
-            (300, 360)
-        );
+        assert_eq!((c.cluster.advertise_interval_secs, c.cluster.ttl_seconds), (300, 360));
         assert_eq!(c.cluster.evict_after_secs, 24 * 360);
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         assert_eq!(loaded.sources, vec!["built-in defaults".to_owned()]);
@@ -530,8 +509,7 @@ mod tests {
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state).expect("mkdir");
         std::fs::write(state.join("config.toml"), "[server]\nport = 9100\n").expect("write");
-        e.vars
-            .insert("ARW_CONFIG".into(), file.display().to_string());
+        e.vars.insert("ARW_CONFIG".into(), file.display().to_string());
         let c = load(&e).expect("load").config;
         assert_eq!(c.server.port, 9100);
         assert_eq!(c.server.bind, "::1");
@@ -546,10 +524,7 @@ mod tests {
         let configs = dir.path().join("etc/configs");
         std::fs::create_dir_all(&configs).expect("mkdir");
         std::fs::write(configs.join("default.toml"), "[cluster]\nenabled = true\n").expect("write");
-        e.vars.insert(
-            "ARW_CONFIG_DIR".into(),
-            dir.path().join("etc").display().to_string(),
-        );
+        e.vars.insert("ARW_CONFIG_DIR".into(), dir.path().join("etc").display().to_string());
         let loaded = load(&e).expect("load");
         assert!(loaded.config.cluster.enabled);
         assert_eq!(loaded.sources.len(), 2);
@@ -559,21 +534,14 @@ mod tests {
     fn invalid_values_name_the_key_and_source() {
         let (e, _d) = env(&[("ARW_PORT", "eighty")]);
         let err = load(&e).expect_err("bad port").to_string();
-        assert!(
-            err.contains("server.port") && err.contains("ARW_PORT"),
-            "{err}"
-        );
+        assert!(err.contains("server.port") && err.contains("ARW_PORT"), "{err}");
 
         let (mut e, dir) = env(&[]);
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "[cluster]\nbus = \"carrier-pigeon\"\n").expect("write");
-        e.vars
-            .insert("ARW_CONFIG".into(), file.display().to_string());
+        e.vars.insert("ARW_CONFIG".into(), file.display().to_string());
         let err = load(&e).expect_err("bad bus").to_string();
-        assert!(
-            err.contains("cluster.bus") && err.contains("bad.toml"),
-            "{err}"
-        );
+        assert!(err.contains("cluster.bus") && err.contains("bad.toml"), "{err}");
 
         for (var, value, key) in [
             ("ARW_NODE_ID", "has.dot", "cluster.node_id"),
@@ -598,13 +566,9 @@ mod tests {
     fn unknown_keys_warn_with_their_file() {
         let (mut e, dir) = env(&[]);
         let file = dir.path().join("arw.toml");
-        std::fs::write(
-            &file,
-            "[cluster]\nenabeld = true\nrole = \"home\"\n[extra]\nx = 1\n",
-        )
-        .expect("write");
-        e.vars
-            .insert("ARW_CONFIG".into(), file.display().to_string());
+        std::fs::write(&file, "[cluster]\nenabeld = true\nrole = \"home\"\n[extra]\nx = 1\n")
+            .expect("write");
+        e.vars.insert("ARW_CONFIG".into(), file.display().to_string());
         let warnings = load(&e).expect("load").warnings.join("\n");
         assert!(
             warnings.contains("cluster.enabeld") && warnings.contains("arw.toml"),
@@ -617,12 +581,7 @@ mod tests {
     #[test]
     fn missing_explicit_config_file_is_an_error() {
         let (e, _d) = env(&[("ARW_CONFIG", "/nonexistent/arw.toml")]);
-        assert!(
-            load(&e)
-                .expect_err("missing")
-                .to_string()
-                .contains("ARW_CONFIG")
-        );
+        assert!(load(&e).expect_err("missing").to_string().contains("ARW_CONFIG"));
     }
 
     #[test]
@@ -634,11 +593,7 @@ mod tests {
             ("127.0.0.1", true),
             ("0.0.0.0", false),
         ] {
-            assert_eq!(
-                parse_bind(input).map(|ip| ip.is_loopback()),
-                Some(loopback),
-                "{input}"
-            );
+            assert_eq!(parse_bind(input).map(|ip| ip.is_loopback()), Some(loopback), "{input}");
         }
         assert_eq!(parse_bind("example.com"), None);
     }
@@ -648,10 +603,7 @@ mod tests {
         let (e, _d) = env(&[("ARW_ADMIN_TOKEN", "hunter2")]);
         let loaded = load(&e).expect("load");
         let shown = loaded.config.redacted_toml();
-        assert!(
-            !shown.contains("hunter2") && shown.contains("<redacted>"),
-            "{shown}"
-        );
+        assert!(!shown.contains("hunter2") && shown.contains("<redacted>"), "{shown}");
         assert!(!format!("{:?}", loaded.config).contains("hunter2"));
     }
 }

@@ -97,18 +97,15 @@ impl Journal {
     fn reader(&self) -> Result<Connection, String> {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&self.path, flags).map_err(|e| e.to_string())?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(|e| e.to_string())?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(|e| e.to_string())?;
         Ok(conn)
     }
 }
 
 fn bounds(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
-    conn.query_row(
-        "SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM events",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
+    conn.query_row("SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM events", [], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
 }
 
 /// `(substr(kind,1,length(?1)) = ?1 OR ...)` for the prefixes, numbering parameters from `first`.
@@ -167,9 +164,8 @@ impl EventLog for Journal {
         let mut params = vec![SqlValue::Integer(after)];
         params.extend(prefixes.iter().map(|p| SqlValue::Text(p.clone())));
         let mut stmt = conn.prepare(&sql).map_err(|e| e.to_string())?;
-        let rows = stmt
-            .query_map(params_from_iter(params), row_to_event)
-            .map_err(|e| e.to_string())?;
+        let rows =
+            stmt.query_map(params_from_iter(params), row_to_event).map_err(|e| e.to_string())?;
         rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
     }
 
@@ -201,10 +197,7 @@ impl EventLog for Journal {
     }
 
     fn bounds(&self) -> (i64, i64) {
-        (
-            self.oldest.load(Ordering::Acquire),
-            self.newest.load(Ordering::Acquire),
-        )
+        (self.oldest.load(Ordering::Acquire), self.newest.load(Ordering::Acquire))
     }
 }
 
@@ -217,19 +210,11 @@ pub fn spawn_writer(
     node: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("arw-journal".into())
-        .spawn(move || {
-            let mut writer = Writer {
-                journal,
-                conn,
-                config,
-                metrics,
-                last_age_check: Instant::now(),
-            };
-            writer.prune_all();
-            writer.run(rx, &node);
-        })
+    std::thread::Builder::new().name("arw-journal".into()).spawn(move || {
+        let mut writer = Writer { journal, conn, config, metrics, last_age_check: Instant::now() };
+        writer.prune_all();
+        writer.run(rx, &node);
+    })
 }
 
 struct Writer {
@@ -262,12 +247,7 @@ impl Writer {
     fn publish(&mut self, batch: Vec<Emit>, origin: &str) {
         let stamped: Vec<(Envelope, Option<tokio::sync::oneshot::Sender<i64>>)> = batch
             .into_iter()
-            .map(|emit| {
-                (
-                    stamp(emit.kind, emit.payload, origin, &self.config.source),
-                    emit.ack,
-                )
-            })
+            .map(|emit| (stamp(emit.kind, emit.payload, origin, &self.config.source), emit.ack))
             .collect();
         let ids = match self.insert(stamped.iter().map(|(e, _)| e)) {
             Ok(ids) => ids,
@@ -288,10 +268,7 @@ impl Writer {
             }
             self.metrics.events_published.inc();
             // No subscribers is normal.
-            let _ = self
-                .journal
-                .live
-                .send(Arc::new(LiveEvent::new(StoredEvent { id, envelope })));
+            let _ = self.journal.live.send(Arc::new(LiveEvent::new(StoredEvent { id, envelope })));
         }
     }
 
@@ -310,8 +287,7 @@ impl Writer {
                 let time_ms = chrono::DateTime::parse_from_rfc3339(&e.time)
                     .map_or(0, |t| t.timestamp_millis());
                 let (source, ce_id) =
-                    e.ce.as_ref()
-                        .map_or(("", ""), |ce| (ce.source.as_str(), ce.id.as_str()));
+                    e.ce.as_ref().map_or(("", ""), |ce| (ce.source.as_str(), ce.id.as_str()));
                 let corr_id = e.payload.get("corr_id").and_then(Value::as_str);
                 stmt.execute(rusqlite::params![
                     e.time,
@@ -362,10 +338,7 @@ impl Writer {
             return false;
         }
         let upto = target.min(oldest + PRUNE_CHUNK - 1);
-        if let Err(e) = self
-            .conn
-            .execute("DELETE FROM events WHERE id <= ?1", [upto])
-        {
+        if let Err(e) = self.conn.execute("DELETE FROM events WHERE id <= ?1", [upto]) {
             tracing::warn!(error = %e, "journal pruning failed");
             return false;
         }
@@ -386,8 +359,7 @@ pub fn stamp(kind: String, payload: Value, origin: &str, source: &str) -> Envelo
     let kind = normalize_kind(&kind);
     let mut payload = payload;
     if let Value::Object(map) = &mut payload {
-        map.entry("corr_id")
-            .or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
+        map.entry("corr_id").or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
     }
     Envelope {
         ce: Some(CloudEvent {
@@ -433,11 +405,7 @@ mod tests {
     }
 
     fn emit(kind: &str) -> Emit {
-        Emit {
-            kind: kind.into(),
-            payload: serde_json::json!({"n": 1}),
-            ack: None,
-        }
+        Emit { kind: kind.into(), payload: serde_json::json!({"n": 1}), ack: None }
     }
 
     #[test]
@@ -455,10 +423,7 @@ mod tests {
         let (ids, _) = w.journal.read_last(10, &[]).expect("read");
         assert_eq!(ids.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 2, 3]);
         assert_eq!(ids[1].envelope.kind, "hierarchy.state");
-        let cluster = w
-            .journal
-            .read_after(0, 10, &["cluster.".into()])
-            .expect("read");
+        let cluster = w.journal.read_after(0, 10, &["cluster.".into()]).expect("read");
         assert_eq!(cluster.iter().map(|e| e.id).collect::<Vec<_>>(), vec![1, 3]);
         assert!(cluster[0].envelope.payload["corr_id"].is_string());
         drop(w);
@@ -504,10 +469,7 @@ mod tests {
         );
         let live = rx.try_recv().expect("live event");
         assert_eq!(Some(live.event.id), ack_rx.try_recv().ok());
-        let stored = w
-            .journal
-            .read_after(live.event.id - 1, 1, &[])
-            .expect("read");
+        let stored = w.journal.read_after(live.event.id - 1, 1, &[]).expect("read");
         assert_eq!(stored[0], live.event);
         let data: Envelope = serde_json::from_str(&live.data).expect("data");
         assert_eq!(data, live.event.envelope);

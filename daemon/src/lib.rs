@@ -8,3 +8,4 @@ pub mod probe;
 pub mod process;
 pub mod server;
 pub mod state_dir;
+pub mod trust;

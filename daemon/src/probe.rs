@@ -13,21 +13,14 @@ pub fn capabilities() -> Map<String, Value> {
         Ok(mut sys) => {
             sys.refresh_cpu_all();
             sys.refresh_memory();
-            let model = sys
-                .cpus()
-                .first()
-                .map(|c| c.brand().trim().to_owned())
-                .unwrap_or_default();
+            let model = sys.cpus().first().map(|c| c.brand().trim().to_owned()).unwrap_or_default();
             let logical = sys.cpus().len();
             let cores = sysinfo::System::physical_core_count().unwrap_or(logical);
             caps.insert(
                 "cpu".into(),
                 json!({ "cores": cores, "threads": logical, "model": model }),
             );
-            caps.insert(
-                "memory".into(),
-                json!({ "total_bytes": sys.total_memory() }),
-            );
+            caps.insert("memory".into(), json!({ "total_bytes": sys.total_memory() }));
         }
         Err(e) => tracing::debug!(error = %e, "system information unavailable"),
     }
@@ -68,9 +61,6 @@ mod tests {
         assert_eq!(caps["arch"], std::env::consts::ARCH);
         assert!(caps["gpus"].is_array());
         assert!(caps["cpu"]["cores"].as_u64().unwrap_or(0) >= 1, "{caps:?}");
-        assert!(
-            caps["memory"]["total_bytes"].as_u64().unwrap_or(0) > 0,
-            "{caps:?}"
-        );
+        assert!(caps["memory"]["total_bytes"].as_u64().unwrap_or(0) > 0, "{caps:?}");
     }
 }

@@ -42,10 +42,7 @@ pub async fn shutdown_signal() {
 /// The `--check-config` report: sources, state dir, then the effective TOML.
 pub fn describe_config(loaded: &Loaded) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# effective arw-server configuration (secrets redacted)"
-    );
+    let _ = writeln!(out, "# effective arw-server configuration (secrets redacted)");
     let _ = writeln!(out, "# sources, later wins:");
     for source in &loaded.sources {
         let _ = writeln!(out, "#   {source}");

@@ -8,9 +8,12 @@ use tokio_util::sync::CancellationToken;
 
 use arw_api::{AdminAuth, AppState, AuthConfig, Metrics, events::SseConfig};
 use arw_p2p::{
+    Multiaddr,
     events::EventTx,
     identity::NodeKey,
-    node::{self, NodeConfig, NodeHandle},
+    membership::MembershipConfig,
+    net::NetConfig,
+    node::{self, FederationConfig, NodeConfig, NodeHandle},
 };
 
 use crate::{
@@ -75,13 +78,8 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
 
 /// Starts a node: everything is listening and endpoints.json is written when this returns.
 pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
-    let Loaded {
-        config,
-        state_dir,
-        bind_ip,
-        explicit_node_id,
-        ..
-    } = loaded;
+    let federation = federation(&loaded)?;
+    let Loaded { config, state_dir, bind_ip, explicit_node_id, .. } = loaded;
     state_dir::prepare(&state_dir).map_err(other("cannot prepare the state directory"))?;
 
     let auth = admin_auth(&config.server, bind_ip, &state_dir)?;
@@ -110,6 +108,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         capabilities,
         bus: cluster.bus.as_str().to_owned(),
         queue: cluster.queue.as_str().to_owned(),
+        federation,
     };
     let (node, node_task) = node::spawn(node_config, events.clone(), cancel.child_token())
         .await
@@ -141,22 +140,14 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         auth: Arc::new(auth),
         metrics,
         log,
-        sse: SseConfig {
-            keepalive: Duration::from_secs(ev.sse_keepalive_secs),
-        },
+        sse: SseConfig { keepalive: Duration::from_secs(ev.sse_keepalive_secs) },
         shutdown: cancel.clone(),
     };
-    let listener = TcpListener::bind(SocketAddr::new(bind_ip, config.server.port))
-        .await
-        .map_err(|e| {
-            StartError::Other(format!(
-                "cannot listen on {bind_ip}:{}: {e}",
-                config.server.port
-            ))
+    let listener =
+        TcpListener::bind(SocketAddr::new(bind_ip, config.server.port)).await.map_err(|e| {
+            StartError::Other(format!("cannot listen on {bind_ip}:{}: {e}", config.server.port))
         })?;
-    let bound = listener
-        .local_addr()
-        .map_err(other("listener has no address"))?;
+    let bound = listener.local_addr().map_err(other("listener has no address"))?;
     tracing::info!(address = %bound, "HTTP API listening");
 
     let app = arw_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
@@ -172,7 +163,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         pid: std::process::id(),
         http: state_dir::local_http_addr(bound).to_string(),
         peer_id: snapshot.peer_id.clone(),
-        p2p: Vec::new(),
+        p2p: snapshot.network.listen.clone(),
     };
     state_dir::write_endpoints(&state_dir, &endpoints)
         .map_err(other("cannot write endpoints.json"))?;
@@ -210,15 +201,52 @@ impl Running {
         // router, both gone now) is dropped, after writing what was queued.
         drop(self.node);
         let journal = tokio::task::spawn_blocking(move || self.journal_thread.join());
-        if tokio::time::timeout(Duration::from_secs(5), journal)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(Duration::from_secs(5), journal).await.is_err() {
             tracing::warn!("event journal writer did not stop in time");
         }
         state_dir::remove_endpoints(&self.state_dir);
         tracing::info!("stopped");
     }
+}
+
+/// The federation settings, or `None` for the single-node fast path.
+fn federation(loaded: &Loaded) -> Result<Option<FederationConfig>, StartError> {
+    let c = &loaded.config.cluster;
+    if !c.enabled {
+        return Ok(None);
+    }
+    if c.bus == crate::config::Transport::Nats {
+        tracing::warn!("cluster.bus = \"nats\" is not available in this build; federation is off");
+        return Ok(None);
+    }
+    let addrs = |key: &str, list: &[String]| -> Result<Vec<Multiaddr>, StartError> {
+        list.iter()
+            .map(|a| a.parse().map_err(|e| StartError::Config(format!("{key}: {a:?}: {e}"))))
+            .collect()
+    };
+    let mut membership = MembershipConfig::new(&c.workspace);
+    membership.evict_after_ms = c.evict_after_secs.saturating_mul(1000);
+    membership.max_skew_ms = c.max_clock_skew_secs.saturating_mul(1000);
+    membership.heartbeat_interval_ms = c.heartbeat_interval_ms;
+    membership.suspect_after_ms = c.suspect_after_ms;
+    membership.down_after_ms = c.down_after_ms;
+    membership.beat_max_age_ms = membership.beat_max_age_ms.max(c.down_after_ms * 2);
+    if let Some(path) = &c.trust_nodes {
+        let path = loaded.resolve(path);
+        membership.pinned = crate::trust::node_keys(&path)
+            .map_err(|e| StartError::Config(format!("cluster.trust_nodes: {e}")))?;
+        tracing::info!(path = %path.display(), pinned = membership.pinned.len(), "node keys pinned");
+    }
+    Ok(Some(FederationConfig {
+        net: NetConfig {
+            workspace: c.workspace.clone(),
+            listen: addrs("cluster.listen", &c.listen)?,
+            bootstrap: addrs("cluster.bootstrap", &c.bootstrap)?,
+            mdns: c.mdns,
+        },
+        heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms),
+        membership,
+    }))
 }
 
 fn admin_auth(
@@ -250,9 +278,6 @@ fn admin_auth(
 
 fn debug_enabled() -> bool {
     std::env::var("ARW_DEBUG").is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on" | "debug"
-        )
+        matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on" | "debug")
     })
 }

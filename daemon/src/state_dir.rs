@@ -108,10 +108,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                fs::metadata(path).expect("meta").permissions().mode() & 0o777,
-                0o600
-            );
+            assert_eq!(fs::metadata(path).expect("meta").permissions().mode() & 0o777, 0o600);
         }
     }
 

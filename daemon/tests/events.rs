@@ -53,9 +53,7 @@ async fn read_until(reader: &mut Reader, id: i64) -> Vec<Frame> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_prefixes_resume_replay_and_keepalive() {
-    let server = common::Launch::new()
-        .config("[events]\nsse_keepalive_secs = 1\n")
-        .start();
+    let server = common::Launch::new().config("[events]\nsse_keepalive_secs = 1\n").start();
     let (base, token) = (server.base(), server.token.clone());
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
@@ -65,25 +63,16 @@ async fn handshake_prefixes_resume_replay_and_keepalive() {
     set_role(&client, &base, &token, "home").await;
 
     // Resume from 0 with a prefix: only service.* rows are replayed, oldest first.
-    let mut reader = Reader::open(
-        &client,
-        &base,
-        "/events?prefix=service.&after=0",
-        &token,
-        None,
-    )
-    .await;
+    let mut reader =
+        Reader::open(&client, &base, "/events?prefix=service.&after=0", &token, None).await;
     let hello = reader.next(STEP).await.expect("handshake");
     assert_eq!((hello.kind(), hello.id()), ("service.connected", Some(0)));
     let payload = &hello.data()["payload"];
     assert_eq!(payload["replay"], json!({ "mode": "after", "count": 3 }));
     assert_eq!(payload["resume_from"], "0");
     assert_eq!(payload["prefixes"], json!(["service."]));
-    let replayed: Vec<i64> = read_until(&mut reader, ids[2])
-        .await
-        .iter()
-        .filter_map(Frame::id)
-        .collect();
+    let replayed: Vec<i64> =
+        read_until(&mut reader, ids[2]).await.iter().filter_map(Frame::id).collect();
     assert_eq!(replayed, ids);
 
     // Live: the prefix applies too; a role change (hierarchy.*, cluster.*) is not delivered.
@@ -93,11 +82,7 @@ async fn handshake_prefixes_resume_replay_and_keepalive() {
     assert_eq!((frame.kind(), frame.id()), ("service.test", Some(live_id)));
     assert_eq!(frame.data()["payload"]["live"], true);
     assert_eq!(frame.data()["origin"], server.endpoints["node_id"]);
-    assert!(
-        frame.data()["ce"]["id"]
-            .as_str()
-            .is_some_and(|id| id.len() == 36)
-    );
+    assert!(frame.data()["ce"]["id"].as_str().is_some_and(|id| id.len() == 36));
 
     // Keep-alive comment after a second without events.
     let mut saw_keepalive = false;
@@ -111,61 +96,32 @@ async fn handshake_prefixes_resume_replay_and_keepalive() {
     assert!(saw_keepalive, "no keep-alive comment");
 
     // Last-Event-ID resumes after the given id.
-    let mut resumed = Reader::open(
-        &client,
-        &base,
-        "/events?prefix=service.",
-        &token,
-        Some(ids[0]),
-    )
-    .await;
+    let mut resumed =
+        Reader::open(&client, &base, "/events?prefix=service.", &token, Some(ids[0])).await;
     let hello = resumed.next(STEP).await.expect("handshake");
-    assert_eq!(
-        hello.data()["payload"]["replay"],
-        json!({ "mode": "after", "count": 3 })
-    );
-    let got: Vec<i64> = read_until(&mut resumed, live_id)
-        .await
-        .iter()
-        .filter_map(Frame::id)
-        .collect();
+    assert_eq!(hello.data()["payload"]["replay"], json!({ "mode": "after", "count": 3 }));
+    let got: Vec<i64> =
+        read_until(&mut resumed, live_id).await.iter().filter_map(Frame::id).collect();
     assert_eq!(got, vec![ids[1], ids[2], live_id]);
 
     // after= wins over Last-Event-ID.
     let path = format!("/events?prefix=service.&after={}", ids[1]);
     let mut both = Reader::open(&client, &base, &path, &token, Some(0)).await;
     both.next(STEP).await.expect("handshake");
-    assert_eq!(
-        both.next_event(STEP).await.and_then(|f| f.id()),
-        Some(ids[2])
-    );
+    assert_eq!(both.next_event(STEP).await.and_then(|f| f.id()), Some(ids[2]));
 
     // replay=N: the last N matching rows, oldest first.
-    let mut recent = Reader::open(
-        &client,
-        &base,
-        "/events?prefix=service.&replay=2",
-        &token,
-        None,
-    )
-    .await;
+    let mut recent =
+        Reader::open(&client, &base, "/events?prefix=service.&replay=2", &token, None).await;
     let hello = recent.next(STEP).await.expect("handshake");
-    assert_eq!(
-        hello.data()["payload"]["replay"],
-        json!({ "mode": "recent", "count": 2 })
-    );
-    let got: Vec<i64> = read_until(&mut recent, live_id)
-        .await
-        .iter()
-        .filter_map(Frame::id)
-        .collect();
+    assert_eq!(hello.data()["payload"]["replay"], json!({ "mode": "recent", "count": 2 }));
+    let got: Vec<i64> =
+        read_until(&mut recent, live_id).await.iter().filter_map(Frame::id).collect();
     assert_eq!(got, vec![ids[2], live_id]);
 
     // Shutdown ends open streams promptly and the server exits cleanly.
     let started = std::time::Instant::now();
-    let status = tokio::task::spawn_blocking(move || server.stop())
-        .await
-        .expect("stop");
+    let status = tokio::task::spawn_blocking(move || server.stop()).await.expect("stop");
     assert!(status.success(), "{status}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -174,10 +130,7 @@ async fn handshake_prefixes_resume_replay_and_keepalive() {
     );
     // The stream reaches its end (None) within the step limit instead of hanging.
     while let Some(frame) = reader.next(STEP).await {
-        assert!(
-            matches!(frame, Frame::Comment(_)),
-            "unexpected frame after shutdown: {frame:?}"
-        );
+        assert!(matches!(frame, Frame::Comment(_)), "unexpected frame after shutdown: {frame:?}");
     }
 }
 
@@ -197,10 +150,7 @@ async fn resume_after_kill_9_gets_exactly_the_missed_events() {
     let mut reader = Reader::open(&client, &base, "/events?prefix=service.", &token, None).await;
     reader.next(STEP).await.expect("handshake");
     let seen = publish(&client, &base, &token, json!({ "n": 1 })).await;
-    assert_eq!(
-        reader.next_event(STEP).await.and_then(|f| f.id()),
-        Some(seen)
-    );
+    assert_eq!(reader.next_event(STEP).await.and_then(|f| f.id()), Some(seen));
     drop(reader);
 
     // Published while the client is away, then the server dies without any cleanup.
@@ -210,10 +160,7 @@ async fn resume_after_kill_9_gets_exactly_the_missed_events() {
     ];
     server.kill();
 
-    let server = common::Launch::new()
-        .state_dir(&state)
-        .env("ARW_PORT", &port)
-        .start();
+    let server = common::Launch::new().state_dir(&state).env("ARW_PORT", &port).start();
     for n in 4..6 {
         missed.push(publish(&client, &base, &token, json!({ "n": n })).await);
     }
@@ -222,25 +169,14 @@ async fn resume_after_kill_9_gets_exactly_the_missed_events() {
         "ids must keep rising across the restart: {missed:?}"
     );
 
-    let mut resumed = Reader::open(
-        &client,
-        &base,
-        "/events?prefix=service.",
-        &token,
-        Some(seen),
-    )
-    .await;
+    let mut resumed =
+        Reader::open(&client, &base, "/events?prefix=service.", &token, Some(seen)).await;
     resumed.next(STEP).await.expect("handshake");
     let frames = read_until(&mut resumed, *missed.last().expect("ids")).await;
     let got: Vec<i64> = frames.iter().filter_map(Frame::id).collect();
-    assert_eq!(
-        got, missed,
-        "exactly the missed events, once each, in order"
-    );
-    let ns: Vec<i64> = frames
-        .iter()
-        .map(|f| f.data()["payload"]["n"].as_i64().unwrap_or(-1))
-        .collect();
+    assert_eq!(got, missed, "exactly the missed events, once each, in order");
+    let ns: Vec<i64> =
+        frames.iter().map(|f| f.data()["payload"]["n"].as_i64().unwrap_or(-1)).collect();
     assert_eq!(ns, vec![2, 3, 4, 5]);
     drop(server);
 }
@@ -249,10 +185,7 @@ async fn resume_after_kill_9_gets_exactly_the_missed_events() {
 async fn stalled_client(addr: &str, token: &str) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let stream = socket
-        .connect(addr.parse().expect("addr"))
-        .await
-        .expect("connect");
+    let stream = socket.connect(addr.parse().expect("addr")).await.expect("connect");
     let request = format!(
         "GET /events?prefix=service. HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\nConnection: close\r\n\r\n"
     );
@@ -264,9 +197,7 @@ async fn stalled_client(addr: &str, token: &str) -> tokio::net::TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_is_told_it_lagged_and_closed_while_others_keep_up() {
-    let server = common::Launch::new()
-        .config("[events]\nsse_buffer = 16\n")
-        .start();
+    let server = common::Launch::new().config("[events]\nsse_buffer = 16\n").start();
     let (base, token) = (server.base(), server.token.clone());
     let addr = server.endpoints["http"].as_str().expect("http").to_owned();
     let client = reqwest::Client::new();
@@ -291,15 +222,8 @@ async fn a_slow_client_is_told_it_lagged_and_closed_while_others_keep_up() {
     let mut received = 0;
     let mut previous = 0;
     loop {
-        let frame = healthy
-            .next_event(Duration::from_secs(30))
-            .await
-            .expect("healthy stream open");
-        assert_eq!(
-            frame.kind(),
-            "service.test",
-            "the healthy client lagged: {frame:?}"
-        );
+        let frame = healthy.next_event(Duration::from_secs(30)).await.expect("healthy stream open");
+        assert_eq!(frame.kind(), "service.test", "the healthy client lagged: {frame:?}");
         let id = frame.id().expect("id");
         assert!(id > previous, "out of order");
         previous = id;
@@ -314,9 +238,7 @@ async fn a_slow_client_is_told_it_lagged_and_closed_while_others_keep_up() {
     // Now drain the stalled client: after what was buffered comes service.lagged, then EOF.
     let std_stream = slow.into_std().expect("std");
     std_stream.set_nonblocking(false).expect("blocking");
-    std_stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .expect("timeout");
+    std_stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
     let text = tokio::task::spawn_blocking(move || {
         let mut text = Vec::new();
         std::io::Read::read_to_end(&mut &std_stream, &mut text)
@@ -326,28 +248,16 @@ async fn a_slow_client_is_told_it_lagged_and_closed_while_others_keep_up() {
     .await
     .expect("reader");
     let tail = &text[text.len().saturating_sub(600)..];
-    assert!(
-        tail.contains("event: service.lagged"),
-        "no lag notice at the end: {tail}"
-    );
+    assert!(tail.contains("event: service.lagged"), "no lag notice at the end: {tail}");
     let data = tail
         .split("event: service.lagged")
         .nth(1)
         .and_then(|t| t.split("data: ").nth(1))
         .expect("data");
     let notice: Value = serde_json::from_str(data.lines().next().expect("line")).expect("json");
-    assert!(
-        notice["payload"]["skipped"].as_u64().unwrap_or(0) > 0,
-        "{notice}"
-    );
-    assert!(
-        notice["payload"]["last_id"].as_i64().unwrap_or(0) > 0,
-        "{notice}"
-    );
-    assert!(
-        text.len() < total * PAD,
-        "the stalled client received everything: it never lagged"
-    );
+    assert!(notice["payload"]["skipped"].as_u64().unwrap_or(0) > 0, "{notice}");
+    assert!(notice["payload"]["last_id"].as_i64().unwrap_or(0) > 0, "{notice}");
+    assert!(text.len() < total * PAD, "the stalled client received everything: it never lagged");
 }
 
 const PAD: usize = 16 * 1024;
@@ -356,10 +266,7 @@ const PAD: usize = 16 * 1024;
 async fn one_thousand_subscribers_all_receive_a_published_event() {
     let server = common::Launch::new().start();
     let (base, token) = (server.base(), server.token.clone());
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("client");
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
     let subscribers = 1000;
     let mut readers = Vec::with_capacity(subscribers);
     for _ in 0..subscribers {
@@ -373,10 +280,7 @@ async fn one_thousand_subscribers_all_receive_a_published_event() {
         .into_iter()
         .map(|mut reader| {
             tokio::spawn(async move {
-                reader
-                    .next_event(Duration::from_secs(60))
-                    .await
-                    .and_then(|f| f.id())
+                reader.next_event(Duration::from_secs(60)).await.and_then(|f| f.id())
             })
         })
         .collect();
@@ -391,9 +295,7 @@ async fn one_thousand_subscribers_all_receive_a_published_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resume_older_than_retention_is_reported_in_the_handshake() {
-    let server = common::Launch::new()
-        .config("[events]\nretention_rows = 5\n")
-        .start();
+    let server = common::Launch::new().config("[events]\nretention_rows = 5\n").start();
     let (base, token) = (server.base(), server.token.clone());
     let client = reqwest::Client::new();
     let mut ids = Vec::new();
@@ -406,25 +308,12 @@ async fn a_resume_older_than_retention_is_reported_in_the_handshake() {
     assert_eq!(payload["truncated"], true, "{payload}");
     let oldest = payload["oldest_id"].as_i64().expect("oldest_id");
     assert_eq!(payload["last_id"], ids[9]);
-    assert!(
-        oldest > 2 && oldest > ids[9] - 6,
-        "retention kept too much: {payload}"
-    );
+    assert!(oldest > 2 && oldest > ids[9] - 6, "retention kept too much: {payload}");
     let first = reader.next_event(STEP).await.expect("replay");
-    assert_eq!(
-        first.id(),
-        Some(oldest),
-        "replay starts at the oldest retained row"
-    );
+    assert_eq!(first.id(), Some(oldest), "replay starts at the oldest retained row");
 
-    let mut current = Reader::open(
-        &client,
-        &base,
-        &format!("/events?after={}", ids[8]),
-        &token,
-        None,
-    )
-    .await;
+    let mut current =
+        Reader::open(&client, &base, &format!("/events?after={}", ids[8]), &token, None).await;
     let hello = current.next(STEP).await.expect("handshake");
     assert_eq!(hello.data()["payload"]["truncated"], false);
 }

@@ -36,16 +36,9 @@ fn runbook_commands_work_as_written_and_survive_a_restart() {
     let state_dir = dir.path().join("state");
     let server = common::Launch::new().state_dir(&state_dir).start();
     let blocks = runbook_blocks();
-    assert!(
-        blocks.len() >= 8,
-        "runbook lost its commands: {}",
-        blocks.len()
-    );
-    let path = format!(
-        "{}:{}",
-        common::bin_dir().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    assert!(blocks.len() >= 8, "runbook lost its commands: {}", blocks.len());
+    let path =
+        format!("{}:{}", common::bin_dir().display(), std::env::var("PATH").unwrap_or_default());
     for (i, block) in blocks.iter().enumerate() {
         let script = format!(
             "set -euo pipefail\ncurl() {{ command curl --fail-with-body --max-time 10 \"$@\"; }}\n{}",
@@ -65,10 +58,7 @@ fn runbook_commands_work_as_written_and_survive_a_restart() {
             String::from_utf8_lossy(&out.stderr)
         );
         if block.contains("/healthz") {
-            assert_eq!(
-                String::from_utf8_lossy(&out.stdout).trim(),
-                r#"{"ok":true}"#
-            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), r#"{"ok":true}"#);
         }
         if block.contains(r#"select(.id=="worker-gpu-01")"#) {
             let node: serde_json::Value = serde_json::from_slice(&out.stdout).expect("node JSON");
@@ -88,20 +78,11 @@ fn runbook_commands_work_as_written_and_survive_a_restart() {
 
     let status = server.stop();
     assert!(status.success(), "clean shutdown: {status}");
-    assert!(
-        !state_dir.join("endpoints.json").exists(),
-        "endpoints.json left after clean shutdown"
-    );
+    assert!(!state_dir.join("endpoints.json").exists(), "endpoints.json left after clean shutdown");
 
     let again = common::Launch::new().state_dir(&state_dir).start();
-    assert_eq!(
-        again.endpoints["peer_id"], peer_id,
-        "node key changed across restart"
-    );
-    assert_eq!(
-        std::fs::read_to_string(state_dir.join("node.key")).expect("key"),
-        key
-    );
+    assert_eq!(again.endpoints["peer_id"], peer_id, "node key changed across restart");
+    assert_eq!(std::fs::read_to_string(state_dir.join("node.key")).expect("key"), key);
     assert_eq!(again.endpoints["node_id"], "worker-gpu-01");
     let (_, state) = again.get("/admin/hierarchy/state");
     assert_eq!(state["self_node"]["role"], "edge");
@@ -109,10 +90,7 @@ fn runbook_commands_work_as_written_and_survive_a_restart() {
     assert_eq!(state["self_node"]["capabilities"], json!(["gpu:rtx-4090"]));
     assert_eq!(state["self_node"]["hello_epoch"], 0);
     let (_, cluster) = again.get("/state/cluster");
-    assert!(
-        cluster["nodes"][0]["seq"].as_u64().expect("seq") > seq,
-        "advert seq did not rise"
-    );
+    assert!(cluster["nodes"][0]["seq"].as_u64().expect("seq") > seq, "advert seq did not rise");
     // The nonce used before the restart is still remembered.
     let replay = json!({
         "id": "worker-gpu-01", "role": "edge", "capabilities": [], "scope_tags": [],

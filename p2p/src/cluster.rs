@@ -157,11 +157,7 @@ impl NodeRecord {
     /// Health as shown at `now_ms`: an `ok` node not heard from for `ttl_ms` is `stale`.
     pub fn health_at(&self, now_ms: u64, ttl_ms: u64) -> Health {
         let silent = self.last_seen_ms > 0 && now_ms.saturating_sub(self.last_seen_ms) > ttl_ms;
-        if self.health == Health::Ok && silent {
-            Health::Stale
-        } else {
-            self.health
-        }
+        if self.health == Health::Ok && silent { Health::Stale } else { self.health }
     }
 
     /// The `/state/cluster` entry for this record at `now_ms`.

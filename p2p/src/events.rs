@@ -29,11 +29,7 @@ impl EventTx {
 
     /// Publishes an event. After shutdown (publisher gone) the event is dropped with a debug log.
     pub async fn emit(&self, kind: &str, payload: Value) {
-        let emit = Emit {
-            kind: kind.to_owned(),
-            payload,
-            ack: None,
-        };
+        let emit = Emit { kind: kind.to_owned(), payload, ack: None };
         if self.0.send(emit).await.is_err() {
             tracing::debug!(kind, "event publisher stopped; event dropped");
         }
@@ -43,11 +39,7 @@ impl EventTx {
     /// when the publisher has stopped or could not store it.
     pub async fn emit_durable(&self, kind: &str, payload: Value) -> Option<i64> {
         let (tx, rx) = oneshot::channel();
-        let emit = Emit {
-            kind: kind.to_owned(),
-            payload,
-            ack: Some(tx),
-        };
+        let emit = Emit { kind: kind.to_owned(), payload, ack: Some(tx) };
         self.0.send(emit).await.ok()?;
         rx.await.ok()
     }

@@ -169,10 +169,7 @@ impl Hierarchy {
     /// Sets the role. Bumps the epoch only when it changes.
     pub fn set_role(&mut self, requested: &str) -> Result<RoleChange, HierarchyError> {
         let role: Role = requested.parse()?;
-        let change = RoleChange {
-            previous: self.role,
-            role,
-        };
+        let change = RoleChange { previous: self.role, role };
         if change.changed() {
             self.role = role;
             self.epoch += 1;
@@ -204,16 +201,9 @@ impl Hierarchy {
         if let Some(stored) = self.hello_epoch
             && hello.epoch < stored
         {
-            return Err(HierarchyError::StaleEpoch {
-                stored,
-                got: hello.epoch,
-            });
+            return Err(HierarchyError::StaleEpoch { stored, got: hello.epoch });
         }
-        if self
-            .nonces
-            .iter()
-            .any(|(e, n)| *e == hello.epoch && *n == hello.nonce)
-        {
+        if self.nonces.iter().any(|(e, n)| *e == hello.epoch && *n == hello.nonce) {
             return Err(HierarchyError::NonceReplay { epoch: hello.epoch });
         }
 
@@ -228,16 +218,10 @@ impl Hierarchy {
         self.hello_epoch = Some(hello.epoch);
         self.capabilities = hello.capabilities.clone();
         self.tags = hello.scope_tags.clone();
-        let change = RoleChange {
-            previous: self.role,
-            role,
-        };
+        let change = RoleChange { previous: self.role, role };
         self.role = role;
         self.epoch += 1;
-        Ok(HelloOutcome {
-            role: change,
-            new_id,
-        })
+        Ok(HelloOutcome { role: change, new_id })
     }
 
     /// Records an offer. When it names this node as parent, the offerer becomes a child.
@@ -284,16 +268,13 @@ impl Hierarchy {
     }
 
     fn peer_mut(&mut self, id: &NodeId, role: Role) -> &mut PeerNode {
-        let peer = self
-            .peers
-            .entry(id.to_string())
-            .or_insert_with(|| PeerNode {
-                id: id.to_string(),
-                role,
-                tags: Vec::new(),
-                parent: None,
-                children: Vec::new(),
-            });
+        let peer = self.peers.entry(id.to_string()).or_insert_with(|| PeerNode {
+            id: id.to_string(),
+            role,
+            tags: Vec::new(),
+            parent: None,
+            children: Vec::new(),
+        });
         peer.role = role;
         peer
     }
@@ -332,10 +313,7 @@ mod tests {
     fn unknown_role_changes_nothing() {
         let mut h = Hierarchy::default();
         let before = h.clone();
-        assert!(matches!(
-            h.set_role("admin"),
-            Err(HierarchyError::UnknownRole(_))
-        ));
+        assert!(matches!(h.set_role("admin"), Err(HierarchyError::UnknownRole(_))));
         assert_eq!(h, before);
     }
 
@@ -375,8 +353,7 @@ mod tests {
         let mut h = Hierarchy::default();
         let me = id("worker-gpu-01");
         for i in 0..(NONCE_MEMORY + 10) {
-            h.hello(&hello(0, &format!("n{i}")), &me, false)
-                .expect("hello");
+            h.hello(&hello(0, &format!("n{i}")), &me, false).expect("hello");
         }
         assert_eq!(h.nonces.len(), NONCE_MEMORY);
     }

@@ -16,9 +16,7 @@ pub struct NodeKey {
 
 impl fmt::Debug for NodeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeKey")
-            .field("public", &self.public_b64())
-            .finish()
+        f.debug_struct("NodeKey").field("public", &self.public_b64()).finish()
     }
 }
 
@@ -32,9 +30,7 @@ impl NodeKey {
 
     /// A key from its 32 secret bytes.
     pub fn from_secret(secret: [u8; 32]) -> Self {
-        Self {
-            signing: SigningKey::from_bytes(&secret),
-        }
+        Self { signing: SigningKey::from_bytes(&secret) }
     }
 
     /// Loads the key stored at `path` (base64 of the 32 secret bytes), or creates one there with
@@ -42,12 +38,9 @@ impl NodeKey {
     pub fn load_or_create(path: &Path) -> io::Result<(Self, bool)> {
         match fs::read_to_string(path) {
             Ok(text) => {
-                let bytes = B64
-                    .decode(text.trim())
-                    .map_err(|e| invalid(path, &e.to_string()))?;
-                let secret: [u8; 32] = bytes
-                    .try_into()
-                    .map_err(|_| invalid(path, "expected 32 key bytes"))?;
+                let bytes = B64.decode(text.trim()).map_err(|e| invalid(path, &e.to_string()))?;
+                let secret: [u8; 32] =
+                    bytes.try_into().map_err(|_| invalid(path, "expected 32 key bytes"))?;
                 Ok((Self::from_secret(secret), false))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -91,10 +84,7 @@ impl NodeKey {
 }
 
 fn invalid(path: &Path, why: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("{}: {why}", path.display()),
-    )
+    io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", path.display()))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod events;
 pub mod hierarchy;
 pub mod identity;
 pub mod membership;
+pub mod net;
 pub mod node;
 pub mod node_id;
 pub mod persist;

@@ -181,21 +181,13 @@ fn peer_id_of(key: &[u8; 32]) -> Option<PeerId> {
 impl Membership {
     /// An empty registry for the node `self_id` holding `self_key`.
     pub fn new(config: MembershipConfig, self_id: NodeId, self_key: [u8; 32]) -> Self {
-        Self {
-            config,
-            self_id,
-            self_key,
-            members: BTreeMap::new(),
-        }
+        Self { config, self_id, self_key, members: BTreeMap::new() }
     }
 
     /// Restores persisted members. They show as `stale` until heard from again.
     pub fn restore(&mut self, stored: Vec<StoredMember>) {
         for s in stored {
-            let Some(key) = B64
-                .decode(&s.key)
-                .ok()
-                .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            let Some(key) = B64.decode(&s.key).ok().and_then(|k| <[u8; 32]>::try_from(k).ok())
             else {
                 continue;
             };
@@ -245,31 +237,21 @@ impl Membership {
 
     /// `id → advert seq` of every known node, for a sync request.
     pub fn digest(&self) -> BTreeMap<String, u64> {
-        self.members
-            .iter()
-            .map(|(id, m)| (id.to_string(), m.record.advert.seq))
-            .collect()
+        self.members.iter().map(|(id, m)| (id.to_string(), m.record.advert.seq)).collect()
     }
 
     /// Advert envelopes newer than what `digest` lists, for a sync response.
     pub fn newer_than(&self, digest: &BTreeMap<String, u64>) -> Vec<Vec<u8>> {
         self.members
             .iter()
-            .filter(|(id, m)| {
-                digest
-                    .get(id.as_str())
-                    .is_none_or(|seq| *seq < m.record.advert.seq)
-            })
+            .filter(|(id, m)| digest.get(id.as_str()).is_none_or(|seq| *seq < m.record.advert.seq))
             .map(|(_, m)| m.envelope.clone())
             .collect()
     }
 
     /// The node id whose key is this libp2p peer, if known.
     pub fn id_of_peer(&self, peer: &PeerId) -> Option<&NodeId> {
-        self.members
-            .iter()
-            .find(|(_, m)| m.peer_id.as_ref() == Some(peer))
-            .map(|(id, _)| id)
+        self.members.iter().find(|(_, m)| m.peer_id.as_ref() == Some(peer)).map(|(id, _)| id)
     }
 
     /// Verifies and applies one envelope received at `now_ms`.
@@ -301,11 +283,7 @@ impl Membership {
             Message::Leave(beat) => self.beat(&beat, now_ms, true),
         };
         match result {
-            Ok(changes) => Receipt {
-                verdict: Verdict::Accept,
-                changes,
-                refusal: None,
-            },
+            Ok(changes) => Receipt { verdict: Verdict::Accept, changes, refusal: None },
             Err(reason) => refuse(reason, kind, Some(id.to_string()), Vec::new()),
         }
     }
@@ -314,10 +292,7 @@ impl Membership {
         let bound = if *id == self.self_id {
             Some(&self.self_key)
         } else {
-            self.config
-                .pinned
-                .get(id)
-                .or_else(|| self.members.get(id).map(|m| &m.key))
+            self.config.pinned.get(id).or_else(|| self.members.get(id).map(|m| &m.key))
         };
         let known = bound.filter(|known| *known != key)?;
         Some(Change::Conflict {
@@ -341,12 +316,7 @@ impl Membership {
             return Err(Reason::Expired);
         }
         let id = advert.id.clone();
-        let record = NodeRecord {
-            advert,
-            last_seen_ms: now,
-            health: Health::Ok,
-            local: false,
-        };
+        let record = NodeRecord { advert, last_seen_ms: now, health: Health::Ok, local: false };
         let mut changes = Vec::new();
         match self.members.get_mut(&id) {
             Some(member) => {
@@ -366,17 +336,9 @@ impl Membership {
                 member.beat_pos = member.beat_pos.max((record.advert.seq, 0));
                 member.record = record;
                 member.envelope = bytes.to_vec();
-                changes.push(Change::Advert {
-                    id: id.clone(),
-                    first: false,
-                    changed,
-                });
+                changes.push(Change::Advert { id: id.clone(), first: false, changed });
                 if from != Health::Ok {
-                    changes.push(Change::Health {
-                        id,
-                        from,
-                        to: Health::Ok,
-                    });
+                    changes.push(Change::Health { id, from, to: Health::Ok });
                 }
             }
             None => {
@@ -392,11 +354,7 @@ impl Membership {
                         link: Link::Unknown,
                     },
                 );
-                changes.push(Change::Advert {
-                    id,
-                    first: true,
-                    changed: true,
-                });
+                changes.push(Change::Advert { id, first: true, changed: true });
             }
         }
         Ok(changes)
@@ -422,22 +380,14 @@ impl Membership {
         Ok(if from == to {
             Vec::new()
         } else {
-            vec![Change::Health {
-                id: beat.id.clone(),
-                from,
-                to,
-            }]
+            vec![Change::Health { id: beat.id.clone(), from, to }]
         })
     }
 
     /// The transport says a direct connection to `peer` came up or went away. A node whose
     /// connection is gone is judged on a shorter silence (see [`Membership::tick`]).
     pub fn transport(&mut self, peer: &PeerId, connected: bool) {
-        if let Some(member) = self
-            .members
-            .values_mut()
-            .find(|m| m.peer_id.as_ref() == Some(peer))
-        {
+        if let Some(member) = self.members.values_mut().find(|m| m.peer_id.as_ref() == Some(peer)) {
             member.link = if connected { Link::Up } else { Link::Dropped };
         }
     }
@@ -461,10 +411,7 @@ impl Membership {
                 continue;
             }
             let (suspect_after, down_after) = match member.link {
-                Link::Dropped => (
-                    c.heartbeat_interval_ms * 3 / 2,
-                    c.heartbeat_interval_ms * 5 / 2,
-                ),
+                Link::Dropped => (c.heartbeat_interval_ms * 3 / 2, c.heartbeat_interval_ms * 5 / 2),
                 Link::Up | Link::Unknown => (c.suspect_after_ms, c.down_after_ms),
             };
             let to = if silence >= down_after {
@@ -476,18 +423,12 @@ impl Membership {
             };
             if to != health {
                 member.record.health = to;
-                changes.push(Change::Health {
-                    id: id.clone(),
-                    from: health,
-                    to,
-                });
+                changes.push(Change::Health { id: id.clone(), from: health, to });
             }
         }
         for id in evict {
             if let Some(member) = self.members.remove(&id) {
-                changes.push(Change::Evicted {
-                    record: Box::new(member.record),
-                });
+                changes.push(Change::Evicted { record: Box::new(member.record) });
             }
         }
         changes
@@ -500,21 +441,9 @@ fn refuse(
     claimed_id: Option<String>,
     changes: Vec<Change>,
 ) -> Receipt {
-    let verdict = if reason.is_invalid() {
-        Verdict::Reject
-    } else {
-        Verdict::Ignore
-    };
-    let refusal = (reason != Reason::Duplicate).then_some(Refusal {
-        reason,
-        kind,
-        claimed_id,
-    });
-    Receipt {
-        verdict,
-        changes,
-        refusal,
-    }
+    let verdict = if reason.is_invalid() { Verdict::Reject } else { Verdict::Ignore };
+    let refusal = (reason != Reason::Duplicate).then_some(Refusal { reason, kind, claimed_id });
+    Receipt { verdict, changes, refusal }
 }
 
 #[cfg(test)]
@@ -575,7 +504,7 @@ mod tests {
         let r = m.receive(&seal(&honest, "lab", &advert("n1", 1, NOW)), NOW);
         assert_eq!(r.verdict, Verdict::Accept);
         let r = m.receive(&seal(&rogue, "lab", &advert("n1", 2, NOW)), NOW);
-        assert_eq!(r.verdict, Verdict::Reject);
+        assert_eq!(r.verdict, Verdict::Ignore, "not forwarded; the forwarder may be honest");
         assert_eq!(r.refusal.map(|x| x.reason), Some(Reason::KeyConflict));
         assert!(matches!(r.changes[..], [Change::Conflict { .. }]));
         assert_eq!(m.members()["n1"].record.advert.seq, 1);
@@ -588,20 +517,13 @@ mod tests {
     fn pinned_keys_win_over_first_use() {
         let mut config = MembershipConfig::new("lab");
         let owner = NodeKey::from_secret([1; 32]);
-        config.pinned.insert(
-            NodeId::parse("n1").expect("id"),
-            owner.verifying_key().to_bytes(),
-        );
+        config.pinned.insert(NodeId::parse("n1").expect("id"), owner.verifying_key().to_bytes());
         let mut m = Membership::new(config, NodeId::parse("me").expect("id"), [0; 32]);
-        let r = m.receive(
-            &seal(&NodeKey::from_secret([2; 32]), "lab", &advert("n1", 1, NOW)),
-            NOW,
-        );
+        let r = m.receive(&seal(&NodeKey::from_secret([2; 32]), "lab", &advert("n1", 1, NOW)), NOW);
         assert_eq!(r.refusal.map(|x| x.reason), Some(Reason::UntrustedKey));
         assert!(m.members().is_empty());
         assert_eq!(
-            m.receive(&seal(&owner, "lab", &advert("n1", 1, NOW)), NOW)
-                .verdict,
+            m.receive(&seal(&owner, "lab", &advert("n1", 1, NOW)), NOW).verdict,
             Verdict::Accept
         );
     }
@@ -612,32 +534,13 @@ mod tests {
         let k = NodeKey::from_secret([1; 32]);
         m.receive(&seal(&k, "lab", &advert("n1", 10, NOW)), NOW);
         assert!(m.tick(NOW + 2_999).is_empty());
-        assert!(matches!(
-            m.tick(NOW + 3_000)[..],
-            [Change::Health {
-                to: Health::Suspect,
-                ..
-            }]
-        ));
-        assert!(matches!(
-            m.tick(NOW + 5_000)[..],
-            [Change::Health {
-                to: Health::Down,
-                ..
-            }]
-        ));
+        assert!(matches!(m.tick(NOW + 3_000)[..], [Change::Health { to: Health::Suspect, .. }]));
+        assert!(matches!(m.tick(NOW + 5_000)[..], [Change::Health { to: Health::Down, .. }]));
         assert!(m.tick(NOW + 9_000).is_empty());
-        let r = m.receive(
-            &seal(&k, "lab", &beat("n1", 10, 1, NOW + 9_000)),
-            NOW + 9_000,
-        );
+        let r = m.receive(&seal(&k, "lab", &beat("n1", 10, 1, NOW + 9_000)), NOW + 9_000);
         assert!(matches!(
             r.changes[..],
-            [Change::Health {
-                from: Health::Down,
-                to: Health::Ok,
-                ..
-            }]
+            [Change::Health { from: Health::Down, to: Health::Ok, .. }]
         ));
     }
 
@@ -648,13 +551,7 @@ mod tests {
         m.receive(&seal(&k, "lab", &advert("n1", 10, NOW)), NOW);
         m.transport(&k.peer_id(), true);
         m.transport(&k.peer_id(), false);
-        assert!(matches!(
-            m.tick(NOW + 2_500)[..],
-            [Change::Health {
-                to: Health::Down,
-                ..
-            }]
-        ));
+        assert!(matches!(m.tick(NOW + 2_500)[..], [Change::Health { to: Health::Down, .. }]));
     }
 
     #[test]
@@ -670,17 +567,8 @@ mod tests {
             sent_ms: NOW,
         });
         let r = m.receive(&seal(&k, "lab", &leave), NOW);
-        assert!(matches!(
-            r.changes[..],
-            [Change::Health {
-                to: Health::Left,
-                ..
-            }]
-        ));
-        assert!(
-            m.tick(NOW + 60_000).is_empty(),
-            "a node that left is not marked down"
-        );
+        assert!(matches!(r.changes[..], [Change::Health { to: Health::Left, .. }]));
+        assert!(m.tick(NOW + 60_000).is_empty(), "a node that left is not marked down");
         let evict_at = NOW + m.config().evict_after_ms;
         assert!(matches!(m.tick(evict_at)[..], [Change::Evicted { .. }]));
         assert!(m.members().is_empty());
@@ -693,23 +581,19 @@ mod tests {
         let k = NodeKey::from_secret([1; 32]);
         m.receive(&seal(&k, "lab", &advert("n1", 10, NOW)), NOW);
         assert_eq!(
-            m.receive(&seal(&k, "lab", &beat("n1", 20, 1, NOW)), NOW)
-                .verdict,
+            m.receive(&seal(&k, "lab", &beat("n1", 20, 1, NOW)), NOW).verdict,
             Verdict::Accept
         );
         assert_eq!(
-            m.receive(&seal(&k, "lab", &advert("n1", 20, NOW)), NOW)
-                .verdict,
+            m.receive(&seal(&k, "lab", &advert("n1", 20, NOW)), NOW).verdict,
             Verdict::Accept
         );
         assert_eq!(
-            m.receive(&seal(&k, "lab", &beat("n1", 20, 1, NOW)), NOW)
-                .verdict,
+            m.receive(&seal(&k, "lab", &beat("n1", 20, 1, NOW)), NOW).verdict,
             Verdict::Ignore
         );
         assert_eq!(
-            m.receive(&seal(&k, "lab", &beat("n1", 10, 7, NOW)), NOW)
-                .verdict,
+            m.receive(&seal(&k, "lab", &beat("n1", 10, 7, NOW)), NOW).verdict,
             Verdict::Ignore
         );
     }
@@ -727,34 +611,21 @@ mod tests {
 
         let mut restored = membership();
         restored.restore(m.stored());
-        assert!(
-            restored
-                .members()
-                .values()
-                .all(|x| x.record.health == Health::Stale)
-        );
+        assert!(restored.members().values().all(|x| x.record.health == Health::Stale));
         // Replays of what was already accepted stay refused after a restart.
         let k = NodeKey::from_secret([1; 32]);
         assert_eq!(
-            restored
-                .receive(&seal(&k, "lab", &advert("a", 5, NOW)), NOW)
-                .verdict,
+            restored.receive(&seal(&k, "lab", &advert("a", 5, NOW)), NOW).verdict,
             Verdict::Ignore
         );
         assert_eq!(
-            restored
-                .receive(&seal(&k, "lab", &beat("a", 4, 9, NOW)), NOW)
-                .verdict,
+            restored.receive(&seal(&k, "lab", &beat("a", 4, 9, NOW)), NOW).verdict,
             Verdict::Ignore
         );
         let r = restored.receive(&seal(&k, "lab", &beat("a", 5, 1, NOW)), NOW);
         assert!(matches!(
             r.changes[..],
-            [Change::Health {
-                from: Health::Stale,
-                to: Health::Ok,
-                ..
-            }]
+            [Change::Health { from: Health::Stale, to: Health::Ok, .. }]
         ));
     }
 }

@@ -35,12 +35,8 @@ impl NodeId {
     /// Turns an arbitrary host name into a valid id: invalid characters become `-`,
     /// the result is cut to [`MAX_LEN`]; an empty name yields `None`.
     pub fn sanitize(name: &str) -> Option<Self> {
-        let cleaned: String = name
-            .trim()
-            .chars()
-            .map(|c| if allowed(c) { c } else { '-' })
-            .take(MAX_LEN)
-            .collect();
+        let cleaned: String =
+            name.trim().chars().map(|c| if allowed(c) { c } else { '-' }).take(MAX_LEN).collect();
         (!cleaned.is_empty()).then_some(Self(cleaned))
     }
 
@@ -141,18 +137,9 @@ mod tests {
     #[test]
     fn precedence_is_env_config_hello_hostname_local() {
         let id = |s| NodeId::parse(s).ok();
-        assert_eq!(
-            resolve(id("e"), id("c"), id("h"), Some("host")).1,
-            IdSource::Env
-        );
-        assert_eq!(
-            resolve(None, id("c"), id("h"), Some("host")).1,
-            IdSource::Config
-        );
-        assert_eq!(
-            resolve(None, None, id("h"), Some("host")).1,
-            IdSource::Hello
-        );
+        assert_eq!(resolve(id("e"), id("c"), id("h"), Some("host")).1, IdSource::Env);
+        assert_eq!(resolve(None, id("c"), id("h"), Some("host")).1, IdSource::Config);
+        assert_eq!(resolve(None, None, id("h"), Some("host")).1, IdSource::Hello);
         assert_eq!(resolve(None, None, None, Some("host")).0.as_str(), "host");
         assert_eq!(resolve(None, None, None, None).0.as_str(), "local");
     }

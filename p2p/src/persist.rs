@@ -47,10 +47,7 @@ pub fn save_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
 pub fn load_json<T: DeserializeOwned>(path: &Path) -> io::Result<Option<T>> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{}: {e}", path.display()),
-            )
+            io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
@@ -67,10 +64,7 @@ mod tests {
         let path = dir.path().join("sub/state.json");
         assert_eq!(load_json::<Vec<u32>>(&path).expect("missing is fine"), None);
         save_json(&path, &vec![1u32, 2]).expect("save");
-        assert_eq!(
-            load_json::<Vec<u32>>(&path).expect("load"),
-            Some(vec![1, 2])
-        );
+        assert_eq!(load_json::<Vec<u32>>(&path).expect("load"), Some(vec![1, 2]));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -19,9 +19,6 @@ pub fn rfc3339_ms(ms: u64) -> String {
 mod tests {
     #[test]
     fn formats_with_millis_and_z() {
-        assert_eq!(
-            super::rfc3339_ms(1_760_616_000_123),
-            "2025-10-16T12:00:00.123Z"
-        );
+        assert_eq!(super::rfc3339_ms(1_760_616_000_123), "2025-10-16T12:00:00.123Z");
     }
 }

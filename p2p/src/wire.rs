@@ -130,8 +130,9 @@ impl Reason {
         }
     }
 
-    /// Whether the sender of such a message misbehaves (its gossip score should drop), as
-    /// opposed to a message that is merely late, early or already known.
+    /// Whether the message is invalid on its face, so whoever forwarded it misbehaves (its
+    /// gossip score drops). Late, early, known, or conflicting with this node's own trust
+    /// decisions (another node may have trusted a different key first) is not.
     pub fn is_invalid(self) -> bool {
         matches!(
             self,
@@ -141,8 +142,6 @@ impl Reason {
                 | Reason::BadKey
                 | Reason::BadSignature
                 | Reason::WrongWorkspace
-                | Reason::KeyConflict
-                | Reason::UntrustedKey
         )
     }
 }
@@ -196,11 +195,8 @@ pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
     if envelope.v != 1 {
         return Err(Reason::UnsupportedVersion);
     }
-    let key: [u8; 32] = B64
-        .decode(&envelope.key)
-        .ok()
-        .and_then(|k| k.try_into().ok())
-        .ok_or(Reason::BadKey)?;
+    let key: [u8; 32] =
+        B64.decode(&envelope.key).ok().and_then(|k| k.try_into().ok()).ok_or(Reason::BadKey)?;
     let key = VerifyingKey::from_bytes(&key).map_err(|_| Reason::BadKey)?;
     let sig: [u8; 64] = B64
         .decode(&envelope.sig)
@@ -208,11 +204,8 @@ pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
         .and_then(|s| s.try_into().ok())
         .ok_or(Reason::BadSignature)?;
     let payload = envelope.payload.get().as_bytes();
-    key.verify_strict(
-        &signed_bytes(workspace, payload),
-        &Signature::from_bytes(&sig),
-    )
-    .map_err(|_| Reason::BadSignature)?;
+    key.verify_strict(&signed_bytes(workspace, payload), &Signature::from_bytes(&sig))
+        .map_err(|_| Reason::BadSignature)?;
     if payload.len() > MAX_PAYLOAD {
         return Err(Reason::TooLarge);
     }
@@ -226,9 +219,7 @@ pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
 /// The claimed sender of an envelope that could not be opened, for reports (unverified).
 pub fn claimed_id(bytes: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    value["payload"]["id"]
-        .as_str()
-        .map(|s| s.chars().take(64).collect())
+    value["payload"]["id"].as_str().map(|s| s.chars().take(64).collect())
 }
 
 #[cfg(test)]
@@ -272,9 +263,6 @@ mod tests {
         if let Message::Heartbeat(b) = &mut msg {
             b.workspace = "elsewhere".into();
         }
-        assert_eq!(
-            open(&seal(&key, "lab", &msg), "lab"),
-            Err(Reason::WrongWorkspace)
-        );
+        assert_eq!(open(&seal(&key, "lab", &msg), "lab"), Err(Reason::WrongWorkspace));
     }
 }

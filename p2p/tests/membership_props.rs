@@ -35,11 +35,7 @@ fn advert(id: &str, seq: u64, at: u64, tag: &str) -> Message {
 }
 
 fn fresh() -> Membership {
-    Membership::new(
-        MembershipConfig::new("lab"),
-        NodeId::parse("self").expect("id"),
-        [0; 32],
-    )
+    Membership::new(MembershipConfig::new("lab"), NodeId::parse("self").expect("id"), [0; 32])
 }
 
 fn key(seed: u8) -> NodeKey {
@@ -50,11 +46,7 @@ fn state(m: &Membership) -> Vec<(String, u64, Vec<String>)> {
     m.members()
         .values()
         .map(|x| {
-            (
-                x.record.advert.id.to_string(),
-                x.record.advert.seq,
-                x.record.advert.tags.clone(),
-            )
+            (x.record.advert.id.to_string(), x.record.advert.seq, x.record.advert.tags.clone())
         })
         .collect()
 }
@@ -97,7 +89,8 @@ proptest! {
         m.receive(&seal(&key(1), "lab", &advert("n1", 1, NOW, "a")), NOW);
         let before = state(&m);
         let receipt = m.receive(&seal(&key(rogue), "lab", &advert("n1", seq, NOW, "evil")), NOW);
-        prop_assert_eq!(receipt.verdict, Verdict::Reject);
+        prop_assert_ne!(receipt.verdict, Verdict::Accept);
+        prop_assert!(receipt.refusal.is_some(), "a conflict is reported");
         prop_assert_eq!(state(&m), before);
     }
 

@@ -30,11 +30,7 @@ impl Client {
             .timeout(timeout)
             .build()
             .map_err(|e| CliError(format!("cannot create HTTP client: {e}")))?;
-        Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            token,
-            http,
-        })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), token, http })
     }
 
     /// A client for long-lived streams: `timeout` bounds connecting; a read that waits longer
@@ -49,11 +45,7 @@ impl Client {
             .read_timeout(STREAM_READ_TIMEOUT)
             .build()
             .map_err(|e| CliError(format!("cannot create HTTP client: {e}")))?;
-        Ok(Self {
-            base: base.trim_end_matches('/').to_owned(),
-            token,
-            http,
-        })
+        Ok(Self { base: base.trim_end_matches('/').to_owned(), token, http })
     }
 
     /// The URL for `path`.
@@ -91,15 +83,11 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
+        let response =
+            request.send().await.map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
         let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
+        let text =
+            response.text().await.map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
         check_status(&url, status, &text)?;
         serde_json::from_str(&text)
             .map_err(|e| CliError(format!("request to {url} returned invalid JSON: {e}")))
@@ -114,10 +102,7 @@ pub fn check_status(url: &str, status: StatusCode, body: &str) -> Result<(), Cli
         )));
     }
     if !status.is_success() {
-        return Err(CliError(format!(
-            "request to {url} failed ({status}): {}",
-            body.trim()
-        )));
+        return Err(CliError(format!("request to {url} failed ({status}): {}", body.trim())));
     }
     Ok(())
 }

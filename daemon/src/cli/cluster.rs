@@ -21,19 +21,12 @@ where
         .or_else(|| view["generated"].as_str().map(str::to_owned))
         .unwrap_or_else(|| DASH.to_owned());
     let ttl = view["ttl_seconds"].as_u64().unwrap_or(0);
-    let nodes = view["nodes"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
+    let nodes = view["nodes"].as_array().map(Vec::as_slice).unwrap_or_default();
     let _ = writeln!(out, "  Generated : {generated}");
     let _ = writeln!(
         out,
         "  TTL       : {}",
-        if ttl == 0 {
-            DASH.to_owned()
-        } else {
-            format!("{ttl}s")
-        }
+        if ttl == 0 { DASH.to_owned() } else { format!("{ttl}s") }
     );
     let _ = writeln!(out, "  Nodes     : {}", nodes.len());
     out.push('\n');
@@ -63,11 +56,7 @@ where
 fn row(out: &mut String, cells: [String; 6], last: &str) {
     for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
         // The Stale column is never truncated.
-        let cell = if i == 4 {
-            cell.clone()
-        } else {
-            truncate(cell, width)
-        };
+        let cell = if i == 4 { cell.clone() } else { truncate(cell, width) };
         let _ = write!(out, "{cell:<width$} ");
     }
     let _ = writeln!(out, "{}", truncate(last, CAPS_WIDTH));
@@ -88,11 +77,7 @@ where
     Tz::Offset: Display,
 {
     let utc: DateTime<Utc> = DateTime::from_timestamp_millis(ms)?;
-    Some(
-        utc.with_timezone(tz)
-            .format("%Y-%m-%d %H:%M:%S %Z")
-            .to_string(),
-    )
+    Some(utc.with_timezone(tz).format("%Y-%m-%d %H:%M:%S %Z").to_string())
 }
 
 fn id_cell(node: &Value) -> String {
@@ -118,11 +103,7 @@ where
     }
     let delta = now_ms - ms;
     let span = human_span(delta.unsigned_abs() / 1000);
-    if delta >= 0 {
-        format!("{base} ({span} ago)")
-    } else {
-        format!("{base} (in {span})")
-    }
+    if delta >= 0 { format!("{base} ({span} ago)") } else { format!("{base} (in {span})") }
 }
 
 /// The largest non-zero unit of d, h, m, s.
@@ -148,9 +129,7 @@ fn models(models: &Value) -> String {
     match models {
         Value::Number(n) => n.to_string(),
         Value::Object(m) => {
-            let count = m
-                .get("count")
-                .map_or_else(|| DASH.to_owned(), Value::to_string);
+            let count = m.get("count").map_or_else(|| DASH.to_owned(), Value::to_string);
             let preview: Vec<&str> = m
                 .get("preview")
                 .and_then(Value::as_array)
@@ -159,11 +138,8 @@ fn models(models: &Value) -> String {
             if preview.is_empty() {
                 return count;
             }
-            let mut shown: Vec<String> = preview
-                .iter()
-                .take(2)
-                .map(|h| h.chars().take(8).collect())
-                .collect();
+            let mut shown: Vec<String> =
+                preview.iter().take(2).map(|h| h.chars().take(8).collect()).collect();
             if preview.len() > 2 {
                 shown.push("…".into());
             }
@@ -182,11 +158,8 @@ fn capabilities(caps: &Value) -> String {
             (keys, total)
         }
         Value::Array(a) => {
-            let items: Vec<String> = a
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect();
+            let items: Vec<String> =
+                a.iter().filter_map(Value::as_str).map(str::to_owned).collect();
             let total = items.len();
             (items, total)
         }
@@ -244,18 +217,9 @@ worker-gpu-01        edge       ok         2025-10-16 13:58:01 +00:00 (2m … no
         let text = render(&view, NOW, &utc);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].ends_with(DASH), "{text}");
-        assert!(
-            lines[6].contains("13:54:04 +00:00 (6m …") && lines[6].contains(" yes "),
-            "{text}"
-        );
-        assert!(
-            lines[7].contains("16:00:05 +00:00 (in …") && lines[7].contains(" no "),
-            "{text}"
-        );
-        assert!(
-            lines[8].contains(" —  ") && lines[8].contains(" no "),
-            "{text}"
-        );
+        assert!(lines[6].contains("13:54:04 +00:00 (6m …") && lines[6].contains(" yes "), "{text}");
+        assert!(lines[7].contains("16:00:05 +00:00 (in …") && lines[7].contains(" no "), "{text}");
+        assert!(lines[8].contains(" —  ") && lines[8].contains(" no "), "{text}");
     }
 
     #[test]

@@ -126,10 +126,7 @@ mod tests {
     fn lines_and_json() {
         let data = r#"{"time":"2025-10-16T12:00:00.123Z","kind":"service.test","origin":"n1","payload":{"a":1}}"#;
         let line = render(data, Some(7), false);
-        assert!(
-            line.starts_with("2025-10-16T12:00:00.123Z  service.test"),
-            "{line}"
-        );
+        assert!(line.starts_with("2025-10-16T12:00:00.123Z  service.test"), "{line}");
         assert!(line.ends_with(r#"n1                {"a":1}"#), "{line}");
         let json: Value = serde_json::from_str(&render(data, Some(7), true)).expect("json");
         assert_eq!(json["id"], 7);

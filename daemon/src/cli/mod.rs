@@ -28,12 +28,7 @@ pub struct Cli {
 #[derive(Debug, Args)]
 struct Connection {
     /// Server base URL.
-    #[arg(
-        long,
-        global = true,
-        default_value = "http://127.0.0.1:8091",
-        env = "ARW_BASE"
-    )]
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8091", env = "ARW_BASE")]
     base: String,
     /// Admin token (default: $ARW_ADMIN_TOKEN, then the local server's generated token).
     #[arg(long, global = true, env = "ARW_ADMIN_TOKEN", hide_env_values = true)]
@@ -144,9 +139,7 @@ impl Cli {
         let base = &self.conn.base;
         match self.command {
             Command::State(StateCommand::Cluster(out)) => {
-                let view = Client::new(base, token, timeout)?
-                    .get("/state/cluster")
-                    .await?;
+                let view = Client::new(base, token, timeout)?.get("/state/cluster").await?;
                 Ok(if out.json {
                     json_text(&view, out.pretty)
                 } else {
@@ -156,23 +149,11 @@ impl Cli {
             Command::Hierarchy(command) => {
                 hierarchy(&Client::new(base, token, timeout)?, command).await
             }
-            Command::Events(EventsCommand::Tail {
-                prefix,
-                after,
-                json,
-            }) => {
+            Command::Events(EventsCommand::Tail { prefix, after, json }) => {
                 // A stream has no overall deadline: the timeout bounds connecting, and a read
                 // timeout well above the keep-alive interval detects a dead connection.
                 let client = Client::streaming(base, token, timeout)?;
-                events::tail(
-                    &client,
-                    events::Tail {
-                        prefix,
-                        after,
-                        json,
-                    },
-                )
-                .await
+                events::tail(&client, events::Tail { prefix, after, json }).await
             }
         }
     }
@@ -181,9 +162,7 @@ impl Cli {
 async fn hierarchy(client: &Client, command: HierarchyCommand) -> Result<String, CliError> {
     match command {
         HierarchyCommand::Role { role } => {
-            client
-                .post("/admin/hierarchy/role", &json!({ "role": role }))
-                .await?;
+            client.post("/admin/hierarchy/role", &json!({ "role": role })).await?;
             let state = client.get("/admin/hierarchy/state").await?;
             Ok(format!(
                 "role: {} (hierarchy epoch {})\n",
@@ -194,11 +173,7 @@ async fn hierarchy(client: &Client, command: HierarchyCommand) -> Result<String,
         HierarchyCommand::Hello(args) => hello(client, args).await,
         HierarchyCommand::State(out) => {
             let state = client.get("/admin/hierarchy/state").await?;
-            Ok(if out.json {
-                json_text(&state, out.pretty)
-            } else {
-                hierarchy_text(&state)
-            })
+            Ok(if out.json { json_text(&state, out.pretty) } else { hierarchy_text(&state) })
         }
     }
 }
@@ -211,41 +186,27 @@ async fn hello(client: &Client, args: HelloArgs) -> Result<String, CliError> {
             state["self_node"]["hello_epoch"].as_u64().unwrap_or(0)
         }
     };
-    let nonce = args
-        .nonce
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let nonce = args.nonce.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let body = json!({
         "id": args.id, "role": args.role, "capabilities": args.capabilities,
         "scope_tags": args.scope_tags, "epoch": epoch, "nonce": nonce,
     });
     client.post("/admin/hierarchy/hello", &body).await?;
-    Ok(format!(
-        "hello accepted: id {} role {} epoch {epoch}\n",
-        args.id, args.role
-    ))
+    Ok(format!("hello accepted: id {} role {} epoch {epoch}\n", args.id, args.role))
 }
 
 fn json_text(value: &Value, pretty: bool) -> String {
-    let text = if pretty {
-        serde_json::to_string_pretty(value)
-    } else {
-        serde_json::to_string(value)
-    };
+    let text =
+        if pretty { serde_json::to_string_pretty(value) } else { serde_json::to_string(value) };
     format!("{}\n", text.unwrap_or_default())
 }
 
 fn hierarchy_text(state: &Value) -> String {
     let node = &state["self_node"];
     let list = |v: &Value| {
-        let items: Vec<&str> = v
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        if items.is_empty() {
-            "—".to_owned()
-        } else {
-            items.join(", ")
-        }
+        let items: Vec<&str> =
+            v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        if items.is_empty() { "—".to_owned() } else { items.join(", ") }
     };
     let peers = state["peers"].as_object().map_or(0, serde_json::Map::len);
     format!(
@@ -253,9 +214,7 @@ fn hierarchy_text(state: &Value) -> String {
         node["id"].as_str().unwrap_or("—"),
         node["role"].as_str().unwrap_or("—"),
         state["epoch"],
-        node["hello_epoch"]
-            .as_u64()
-            .map_or_else(|| "—".to_owned(), |e| e.to_string()),
+        node["hello_epoch"].as_u64().map_or_else(|| "—".to_owned(), |e| e.to_string()),
         list(&node["tags"]),
         list(&node["capabilities"]),
         node["parent"].as_str().unwrap_or("—"),
@@ -265,11 +224,9 @@ fn hierarchy_text(state: &Value) -> String {
 
 /// The token a local server generated, if readable.
 fn local_token() -> Option<String> {
-    let dir = std::env::var_os("ARW_STATE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| {
-            directories::ProjectDirs::from("org", "arw", "arw").map(|d| d.data_dir().to_path_buf())
-        })?;
+    let dir = std::env::var_os("ARW_STATE_DIR").map(PathBuf::from).or_else(|| {
+        directories::ProjectDirs::from("org", "arw", "arw").map(|d| d.data_dir().to_path_buf())
+    })?;
     let token = std::fs::read_to_string(dir.join(crate::state_dir::TOKEN_FILE)).ok()?;
     Some(token.trim().to_owned()).filter(|t| !t.is_empty())
 }

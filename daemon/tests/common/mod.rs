@@ -32,11 +32,7 @@ pub struct Launch {
 
 impl Launch {
     pub fn new() -> Self {
-        Self {
-            env: Vec::new(),
-            state_dir: None,
-            config: None,
-        }
+        Self { env: Vec::new(), state_dir: None, config: None }
     }
 
     /// Writes `toml` to `${state_dir}/config.toml` before starting.
@@ -88,13 +84,7 @@ impl Launch {
         let _ = std::fs::remove_file(&ready);
         let mut child = cmd.spawn().expect("spawn arw-server");
         let endpoints = wait_for_ready(&ready, &mut child);
-        Server {
-            child: Some(child),
-            state_dir,
-            token,
-            endpoints,
-            _dir: dir,
-        }
+        Server { child: Some(child), state_dir, token, endpoints, _dir: dir }
     }
 }
 
@@ -110,20 +100,14 @@ fn wait_for_ready(path: &Path, child: &mut Child) -> Value {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("arw-server exited before it was ready: {status}");
         }
-        assert!(
-            Instant::now() < deadline,
-            "arw-server not ready within {START_TIMEOUT:?}"
-        );
+        assert!(Instant::now() < deadline, "arw-server not ready within {START_TIMEOUT:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 impl Server {
     pub fn base(&self) -> String {
-        format!(
-            "http://{}",
-            self.endpoints["http"].as_str().expect("http address")
-        )
+        format!("http://{}", self.endpoints["http"].as_str().expect("http address"))
     }
 
     pub fn pid(&self) -> u32 {
@@ -132,30 +116,18 @@ impl Server {
 
     /// GET with the admin token; returns (status, JSON body).
     pub fn get(&self, path: &str) -> (u16, Value) {
-        request(
-            "GET",
-            &format!("{}{path}", self.base()),
-            Some(&self.token),
-            None,
-        )
+        request("GET", &format!("{}{path}", self.base()), Some(&self.token), None)
     }
 
     /// POST JSON with the admin token.
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        request(
-            "POST",
-            &format!("{}{path}", self.base()),
-            Some(&self.token),
-            Some(body),
-        )
+        request("POST", &format!("{}{path}", self.base()), Some(&self.token), Some(body))
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         assert!(status.is_ok_and(|s| s.success()), "kill -TERM failed");
         wait_exit(&mut child, Duration::from_secs(20))
     }
@@ -195,18 +167,7 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
 /// One HTTP request with curl (as operators do); returns (status, JSON body or Null).
 pub fn request(method: &str, url: &str, token: Option<&str>, body: Option<&Value>) -> (u16, Value) {
     let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--max-time",
-        "10",
-        "-X",
-        method,
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-        url,
-    ]);
+    cmd.args(["-sS", "--max-time", "10", "-X", method, "-o", "-", "-w", "\n%{http_code}", url]);
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
@@ -214,25 +175,16 @@ pub fn request(method: &str, url: &str, token: Option<&str>, body: Option<&Value
         cmd.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
     }
     let out = cmd.output().expect("curl");
-    assert!(
-        out.status.success(),
-        "curl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let (body, code) = text.rsplit_once('\n').expect("status line");
-    (
-        code.trim().parse().expect("status"),
-        serde_json::from_str(body).unwrap_or(Value::Null),
-    )
+    (code.trim().parse().expect("status"), serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 /// Runs `arw-cli` with the given arguments and environment.
 pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_arw-cli"));
-    cmd.env_remove("ARW_ADMIN_TOKEN")
-        .env_remove("ARW_STATE_DIR")
-        .env_remove("ARW_BASE");
+    cmd.env_remove("ARW_ADMIN_TOKEN").env_remove("ARW_STATE_DIR").env_remove("ARW_BASE");
     cmd.env("HOME", "/nonexistent").args(args);
     for (k, v) in env {
         cmd.env(k, v);
@@ -242,10 +194,7 @@ pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// Directory holding the built binaries (for PATH in shell-driven tests).
 pub fn bin_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_arw-cli"))
-        .parent()
-        .expect("bin dir")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_BIN_EXE_arw-cli")).parent().expect("bin dir").to_path_buf()
 }
 
 pub mod sse;

@@ -8,11 +8,7 @@ use serde_json::Value;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     /// `event:` / `id:` / `data:`.
-    Event {
-        event: String,
-        id: Option<i64>,
-        data: Value,
-    },
+    Event { event: String, id: Option<i64>, data: Value },
     /// A `:` comment line (keep-alive).
     Comment(String),
 }
@@ -63,17 +59,12 @@ impl Reader {
             .expect("connect within 10 s")
             .expect("connect");
         assert_eq!(response.status(), 200, "GET {path}");
-        Self {
-            response,
-            buf: String::new(),
-        }
+        Self { response, buf: String::new() }
     }
 
     /// The next frame; `None` at the end of the stream. Panics after `limit`.
     pub async fn next(&mut self, limit: Duration) -> Option<Frame> {
-        tokio::time::timeout(limit, self.next_inner())
-            .await
-            .expect("SSE frame within the limit")
+        tokio::time::timeout(limit, self.next_inner()).await.expect("SSE frame within the limit")
     }
 
     /// The next event frame, skipping comments.

@@ -1,0 +1,126 @@
+//! Three arw-server processes federating over loopback: convergence through a bootstrap peer,
+//! crash detection, graceful leave, restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const CLUSTER: &str =
+    "[cluster]\nenabled = true\nmdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n";
+
+fn start(id: &str, state: &std::path::Path, bootstrap: Option<&str>) -> common::Server {
+    let mut config = CLUSTER.to_owned();
+    if let Some(addr) = bootstrap {
+        config.push_str(&format!("bootstrap = [\"{addr}\"]\n"));
+    }
+    common::Launch::new().state_dir(state).env("ARW_NODE_ID", id).config(&config).start()
+}
+
+fn health(server: &common::Server) -> Vec<(String, String, u64)> {
+    let (status, view) = server.get("/state/cluster");
+    assert_eq!(status, 200);
+    view["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n["id"].as_str().unwrap_or("?").to_owned(),
+                        n["health"].as_str().unwrap_or("?").to_owned(),
+                        n["seq"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `server` until `check` holds, at most `limit`; returns how long it took.
+fn wait_for(
+    server: &common::Server,
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&[(String, String, u64)]) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let nodes = health(server);
+        if check(&nodes) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{what} not seen within {limit:?}: {nodes:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn state_of(nodes: &[(String, String, u64)], id: &str) -> Option<(String, u64)> {
+    nodes.iter().find(|(n, _, _)| n == id).map(|(_, h, s)| (h.clone(), *s))
+}
+
+#[test]
+fn three_processes_federate_detect_a_crash_a_leave_and_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start("node-a", &dir.path().join("a"), None);
+    let boot = a.endpoints["p2p"][0].as_str().expect("p2p address").to_owned();
+    let b = start("node-b", &dir.path().join("b"), Some(&boot));
+    let c_state = dir.path().join("c");
+    let c = start("node-c", &c_state, Some(&boot));
+
+    for server in [&a, &b, &c] {
+        wait_for(server, Duration::from_secs(20), "all three ok", |nodes| {
+            nodes.len() == 3 && nodes.iter().all(|(_, h, _)| h == "ok")
+        });
+    }
+    let (_, state) = a.get("/admin/hierarchy/state");
+    assert_eq!(state["network"]["state"], "connected");
+    assert_eq!(state["peers"]["node-b"]["health"], "ok");
+    let table =
+        common::cli(&["state", "cluster", "--base", &a.base(), "--admin-token", &a.token], &[]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    for id in ["node-a", "node-b", "node-c"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(id) && l.contains(" ok ")),
+            "{id} missing: {text}"
+        );
+    }
+    let c_seq = state_of(&health(&a), "node-c").map(|(_, s)| s).expect("node-c");
+
+    // A crash: no leave, so the others must notice on their own.
+    c.kill();
+    let seen = wait_for(&a, Duration::from_secs(10), "node-c not ok after kill -9", |nodes| {
+        state_of(nodes, "node-c").is_some_and(|(h, _)| h != "ok")
+    });
+    eprintln!("crash noticed by node-a after {seen:?}");
+    wait_for(&b, Duration::from_secs(10), "node-c down on node-b", |nodes| {
+        state_of(nodes, "node-c").is_some_and(|(h, _)| h == "down")
+    });
+
+    // A graceful stop says goodbye: left at once.
+    let status = b.stop();
+    assert!(status.success());
+    let seen = wait_for(&a, Duration::from_secs(2), "node-b left", |nodes| {
+        state_of(nodes, "node-b").is_some_and(|(h, _)| h == "left")
+    });
+    eprintln!("leave seen by node-a after {seen:?}");
+
+    // Back from the crash: ok again, with a higher sequence number.
+    let c = start("node-c", &c_state, Some(&boot));
+    wait_for(&a, Duration::from_secs(20), "node-c back", |nodes| {
+        state_of(nodes, "node-c").is_some_and(|(h, s)| h == "ok" && s > c_seq)
+    });
+    let events: Value = a.get("/admin/events/journal?prefix=cluster.node.changed&limit=1000").1;
+    let c_changes: Vec<&str> = events["entries"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|x| x["payload"]["id"] == "node-c")
+                .filter_map(|x| x["payload"]["health"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(c_changes.contains(&"down") && c_changes.last() == Some(&"ok"), "{c_changes:?}");
+    drop(c);
+}

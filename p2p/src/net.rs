@@ -1,0 +1,444 @@
+//! The libp2p transport: TCP + noise + yamux, gossipsub on one topic per workspace, mDNS and
+//! Kademlia for discovery, identify, ping, and a request-response protocol for anti-entropy.
+//!
+//! [`Net`] is owned by the node actor and polled from its loop; it handles discovery itself and
+//! surfaces only what the federation core needs as [`NetEvent`]s.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, gossipsub, identify, kad, mdns,
+    multiaddr::Protocol,
+    noise, ping,
+    request_response::{self, ProtocolSupport, ResponseChannel},
+    swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts},
+    tcp, yamux,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{identity::NodeKey, membership::Verdict, wire};
+
+/// Anti-entropy request: what the asker already has (`id → advert seq`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Known advert sequence numbers.
+    pub have: BTreeMap<String, u64>,
+}
+
+/// Anti-entropy response: signed advert envelopes newer than the request listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// Envelopes exactly as their authors signed them.
+    pub adverts: Vec<String>,
+}
+
+/// Transport settings.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Workspace (names the gossip topic).
+    pub workspace: String,
+    /// Listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start and whenever no peer is connected.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Multicast DNS discovery.
+    pub mdns: bool,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    gossipsub: gossipsub::Behaviour,
+    sync: request_response::json::Behaviour<SyncRequest, SyncResponse>,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// What the node actor needs to know.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// A gossip message to validate.
+    Message {
+        /// The envelope bytes.
+        bytes: Vec<u8>,
+        /// For the validation report.
+        id: gossipsub::MessageId,
+        /// The peer that forwarded it.
+        source: PeerId,
+    },
+    /// First connection to a peer.
+    PeerUp(PeerId),
+    /// Last connection to a peer closed.
+    PeerDown(PeerId),
+    /// A peer asks for adverts.
+    SyncRequest {
+        /// Asking peer.
+        peer: PeerId,
+        /// What it has.
+        request: SyncRequest,
+        /// Where the answer goes.
+        channel: ResponseChannel<SyncResponse>,
+    },
+    /// Adverts from a peer we asked.
+    SyncResponse {
+        /// Answering peer.
+        peer: PeerId,
+        /// The adverts.
+        response: SyncResponse,
+    },
+    /// Listen addresses changed.
+    Listening,
+    /// Handled inside (discovery, identify, ping...).
+    Internal,
+}
+
+/// The transport.
+pub struct Net {
+    swarm: Swarm<Behaviour>,
+    topic: gossipsub::IdentTopic,
+    bootstrap: Vec<Multiaddr>,
+    listen: BTreeSet<Multiaddr>,
+    connected: BTreeSet<PeerId>,
+    last_bootstrap_dial: Option<Instant>,
+    last_kad_bootstrap: Option<Instant>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("topic", &self.topic.to_string())
+            .field("listen", &self.listen)
+            .field("connected", &self.connected.len())
+            .finish()
+    }
+}
+
+/// Retry bootstrap dials at most this often while no peer is connected.
+const REDIAL_EVERY: Duration = Duration::from_secs(2);
+/// Re-run a Kademlia bootstrap at most this often (on new peers).
+const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(5);
+/// And at least this often while connected.
+const KAD_REFRESH: Duration = Duration::from_secs(60);
+
+/// The gossip topic of a workspace.
+pub fn topic_name(workspace: &str) -> String {
+    format!("arw/{workspace}/v1")
+}
+
+impl Net {
+    /// Builds the swarm, starts listening and dials the bootstrap peers.
+    pub fn start(key: &NodeKey, config: &NetConfig) -> Result<Self, String> {
+        let topic = gossipsub::IdentTopic::new(topic_name(&config.workspace));
+        let gossip_topic = topic.clone();
+        let mdns_enabled = config.mdns;
+        let mut swarm = SwarmBuilder::with_existing_identity(key.libp2p_keypair())
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| format!("tcp transport: {e}"))?
+            .with_behaviour(move |keypair| {
+                let peer_id = keypair.public().to_peer_id();
+                let gossipsub = gossip(&gossip_topic)?;
+                let sync = request_response::json::Behaviour::new(
+                    [(StreamProtocol::new("/arw/sync/1.0.0"), ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(Duration::from_secs(10)),
+                );
+                let mut kad = kad::Behaviour::with_config(
+                    peer_id,
+                    kad::store::MemoryStore::new(peer_id),
+                    kad::Config::new(StreamProtocol::new("/arw/kad/1.0.0")),
+                );
+                kad.set_mode(Some(kad::Mode::Server));
+                let identify = identify::Behaviour::new(
+                    identify::Config::new("/arw/id/1.0.0".into(), keypair.public())
+                        .with_agent_version(format!("arw-server/{}", env!("CARGO_PKG_VERSION"))),
+                );
+                let mdns = if mdns_enabled {
+                    let config = mdns::Config {
+                        query_interval: Duration::from_secs(5),
+                        ..Default::default()
+                    };
+                    Some(mdns::tokio::Behaviour::new(config, peer_id)?)
+                } else {
+                    None
+                };
+                Ok(Behaviour {
+                    gossipsub,
+                    sync,
+                    kad,
+                    identify,
+                    ping: ping::Behaviour::new(ping::Config::new()),
+                    mdns: Toggle::from(mdns),
+                })
+            })
+            .map_err(|e| format!("behaviour: {e}"))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build();
+        swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| format!("subscribe: {e}"))?;
+        for addr in &config.listen {
+            swarm.listen_on(addr.clone()).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        }
+        let mut net = Self {
+            swarm,
+            topic,
+            bootstrap: config.bootstrap.clone(),
+            listen: BTreeSet::new(),
+            connected: BTreeSet::new(),
+            last_bootstrap_dial: None,
+            last_kad_bootstrap: None,
+        };
+        net.dial_bootstrap();
+        Ok(net)
+    }
+
+    /// Polls until every listener reports its address (or `limit` passes), so the first advert
+    /// and the ready file carry real addresses. Other events that arrive meanwhile are handled.
+    pub async fn wait_listening(&mut self, listeners: usize, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.listen.len() < listeners {
+            match tokio::time::timeout_at(deadline, self.next()).await {
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Listen addresses, each with this node's `/p2p/<peer id>` suffix.
+    pub fn addresses(&self) -> Vec<String> {
+        let me = *self.swarm.local_peer_id();
+        self.listen.iter().map(|a| a.clone().with(Protocol::P2p(me)).to_string()).collect()
+    }
+
+    /// Directly connected peers.
+    pub fn connected(&self) -> usize {
+        self.connected.len()
+    }
+
+    /// The gossip topic.
+    pub fn topic(&self) -> String {
+        self.topic.to_string()
+    }
+
+    /// Publishes to the workspace topic. Returns false when no peer could take it yet.
+    pub fn publish(&mut self, bytes: Vec<u8>) -> bool {
+        match self.swarm.behaviour_mut().gossipsub.publish(self.topic.clone(), bytes) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "gossip publish not sent");
+                false
+            }
+        }
+    }
+
+    /// Reports the validation verdict for a received message.
+    pub fn report(&mut self, id: &gossipsub::MessageId, source: &PeerId, verdict: Verdict) {
+        let acceptance = match verdict {
+            Verdict::Accept => gossipsub::MessageAcceptance::Accept,
+            Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+            Verdict::Reject => gossipsub::MessageAcceptance::Reject,
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(id, source, acceptance);
+    }
+
+    /// Asks `peer` for adverts newer than `request`.
+    pub fn request_sync(&mut self, peer: &PeerId, request: SyncRequest) {
+        self.swarm.behaviour_mut().sync.send_request(peer, request);
+    }
+
+    /// Answers a sync request.
+    pub fn respond_sync(&mut self, channel: ResponseChannel<SyncResponse>, response: SyncResponse) {
+        if self.swarm.behaviour_mut().sync.send_response(channel, response).is_err() {
+            tracing::debug!("sync response not sent: the peer went away");
+        }
+    }
+
+    /// Periodic upkeep: re-dial the bootstrap peers while alone; refresh Kademlia now and then.
+    pub fn maintain(&mut self) {
+        if self.connected.is_empty() && !self.bootstrap.is_empty() {
+            self.dial_bootstrap();
+        }
+        if !self.connected.is_empty()
+            && self.last_kad_bootstrap.is_none_or(|t| t.elapsed() >= KAD_REFRESH)
+        {
+            self.kad_bootstrap();
+        }
+    }
+
+    fn dial_bootstrap(&mut self) {
+        if self.last_bootstrap_dial.is_some_and(|t| t.elapsed() < REDIAL_EVERY) {
+            return;
+        }
+        self.last_bootstrap_dial = Some(Instant::now());
+        for addr in self.bootstrap.clone() {
+            if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, error = %e, "bootstrap dial failed");
+            }
+        }
+    }
+
+    fn kad_bootstrap(&mut self) {
+        if self.last_kad_bootstrap.is_some_and(|t| t.elapsed() < KAD_BOOTSTRAP_EVERY) {
+            return;
+        }
+        self.last_kad_bootstrap = Some(Instant::now());
+        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+    }
+
+    /// Dials a node at the addresses it advertised (`/ip4/.../tcp/.../p2p/<peer id>`) unless it
+    /// is already connected: a verified advert is as good a discovery source as mDNS or Kademlia.
+    pub fn dial_advertised(&mut self, addrs: &[String]) {
+        let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
+        for addr in addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
+            if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                by_peer.entry(peer).or_default().push(addr);
+            }
+        }
+        for (peer, addrs) in by_peer {
+            self.dial_peer(peer, addrs);
+        }
+    }
+
+    fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == *self.swarm.local_peer_id() || self.connected.contains(&peer) {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer).addresses(addrs).build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::trace!(%peer, error = %e, "dial skipped");
+        }
+    }
+
+    /// The next event the core cares about.
+    pub async fn next(&mut self) -> NetEvent {
+        use futures::StreamExt;
+        let Some(event) = self.swarm.next().await else {
+            return std::future::pending().await;
+        };
+        self.handle(event)
+    }
+
+    fn handle(&mut self, event: SwarmEvent<BehaviourEvent>) -> NetEvent {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "p2p listening");
+                self.listen.insert(address);
+                NetEvent::Listening
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen.remove(&address);
+                NetEvent::Listening
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, num_established, .. }
+                if num_established.get() == 1 =>
+            {
+                self.connected.insert(peer_id);
+                NetEvent::PeerUp(peer_id)
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.connected.remove(&peer_id);
+                NetEvent::PeerDown(peer_id)
+            }
+            SwarmEvent::Behaviour(event) => self.behaviour(event),
+            _ => NetEvent::Internal,
+        }
+    }
+
+    fn behaviour(&mut self, event: BehaviourEvent) -> NetEvent {
+        match event {
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => NetEvent::Message {
+                bytes: message.data,
+                id: message_id,
+                source: propagation_source,
+            },
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
+                for (peer, addr) in found {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    self.dial_peer(peer, addrs);
+                }
+                NetEvent::Internal
+            }
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for addr in info.listen_addrs {
+                    if !addr.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+                // A new peer is known: look for its neighbours now rather than at the next
+                // periodic bootstrap, so a node that joins through one peer finds all of them.
+                self.kad_bootstrap();
+                NetEvent::Internal
+            }
+
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
+                self.dial_peer(peer, addresses.into_vec());
+                NetEvent::Internal
+            }
+            BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        NetEvent::SyncRequest { peer, request, channel }
+                    }
+                    request_response::Message::Response { response, .. } => {
+                        NetEvent::SyncResponse { peer, response }
+                    }
+                }
+            }
+            _ => NetEvent::Internal,
+        }
+    }
+}
+
+fn gossip(
+    topic: &gossipsub::IdentTopic,
+) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
+    // Our envelope signature is the authenticity: messages travel anonymous with a
+    // content-addressed id, and each unique message is verified once, before it is forwarded.
+    let config = gossipsub::ConfigBuilder::default()
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .validate_messages()
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::from(Sha256::digest(&m.data).to_vec())
+        })
+        .max_transmit_size(wire::MAX_ENVELOPE + 1024)
+        .build()?;
+    let mut behaviour =
+        gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, config)?;
+    let topic_params = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.5,
+        ..Default::default()
+    };
+    let params = gossipsub::PeerScoreParams {
+        // Nodes on one host (tests, simulations) must not be penalised for sharing an address.
+        ip_colocation_factor_weight: 0.0,
+        topics: [(topic.hash(), topic_params)].into_iter().collect(),
+        ..Default::default()
+    };
+
+    behaviour.with_peer_score(params, gossipsub::PeerScoreThresholds::default())?;
+    Ok(behaviour)
+}

@@ -1,0 +1,633 @@
+//! The actor behind [`super::NodeHandle`]: hierarchy commands, local adverts and heartbeats,
+//! and the glue between the membership core and the transport.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant as StdInstant},
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::{
+    sync::{mpsc, watch},
+    time::{Instant, MissedTickBehavior},
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{Command, NetworkStatus, NodeConfig, NodeError, Snapshot};
+use crate::{
+    cluster::{Advert, Health, NodeRecord},
+    events::EventTx,
+    hierarchy::{CoreHello, HelloOutcome, Hierarchy, HierarchyError, RoleChange},
+    membership::{Change, Membership, MembershipConfig, Receipt, StoredMember},
+    net::{self, Net, NetEvent, SyncRequest, SyncResponse},
+    node_id::{self, IdSource, NodeId},
+    persist,
+    time::{now_ms, rfc3339_ms},
+    wire::{self, Beat, Message, Reason},
+};
+
+const HIERARCHY_FILE: &str = "hierarchy.json";
+const CLUSTER_FILE: &str = "cluster_nodes.json";
+pub(super) const COMMAND_QUEUE: usize = 64;
+/// Membership timers, snapshot refresh and registry flushes run this often.
+const TICK: Duration = Duration::from_millis(250);
+/// The registry file is rewritten at most this often.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// How long a graceful stop keeps the transport running so the leave goes out.
+const LEAVE_FLUSH: Duration = Duration::from_millis(300);
+/// At most this many `cluster.event.rejected` events per window; the rest are counted.
+const REJECTIONS_PER_WINDOW: u32 = 20;
+const REJECTION_WINDOW: Duration = Duration::from_secs(10);
+/// Ask one peer for a sync at most this often when its heartbeats name unknown nodes.
+const SYNC_RETRY: Duration = Duration::from_secs(5);
+
+/// Persisted registry state (`cluster_nodes.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+struct ClusterStore {
+    /// Highest advert `seq` this node has signed.
+    self_seq: u64,
+    /// Remote nodes as last known.
+    nodes: Vec<StoredMember>,
+}
+
+pub(super) struct Actor {
+    config: NodeConfig,
+    events: EventTx,
+    id: NodeId,
+    id_source: IdSource,
+    hierarchy: Arc<Hierarchy>,
+    local: Option<NodeRecord>,
+    self_seq: u64,
+    beat: u64,
+    own_advert: Option<Vec<u8>>,
+    membership: Membership,
+    net: Option<Net>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    snapshot_dirty: bool,
+    store_dirty: bool,
+    last_flush: StdInstant,
+    rejections: RejectionLimit,
+    sync_asked: BTreeMap<libp2p::PeerId, StdInstant>,
+}
+
+impl Actor {
+    /// Loads state, starts the transport, publishes the first snapshot and advert.
+    pub(super) async fn start(
+        config: NodeConfig,
+        events: EventTx,
+    ) -> std::io::Result<(Self, watch::Receiver<Arc<Snapshot>>)> {
+        let hierarchy: Hierarchy =
+            persist::load_json(&config.state_dir.join(HIERARCHY_FILE))?.unwrap_or_default();
+        let store: ClusterStore =
+            persist::load_json(&config.state_dir.join(CLUSTER_FILE))?.unwrap_or_default();
+        let (env_id, config_id) = match &config.explicit_id {
+            Some((id, IdSource::Env)) => (Some(id.clone()), None),
+            Some((id, _)) => (None, Some(id.clone())),
+            None => (None, None),
+        };
+        let (id, id_source) = node_id::resolve(
+            env_id,
+            config_id,
+            hierarchy.assigned_id.clone(),
+            config.hostname.as_deref(),
+        );
+
+        let membership_config = config
+            .federation
+            .as_ref()
+            .map_or_else(|| MembershipConfig::new(&config.workspace), |f| f.membership.clone());
+        let mut membership =
+            Membership::new(membership_config, id.clone(), config.key.verifying_key().to_bytes());
+        membership.restore(store.nodes);
+
+        let net = match &config.federation {
+            Some(federation) => {
+                let mut net =
+                    Net::start(&config.key, &federation.net).map_err(std::io::Error::other)?;
+                net.wait_listening(federation.net.listen.len(), Duration::from_secs(5)).await;
+                Some(net)
+            }
+            None => None,
+        };
+
+        let (snapshot, rx) = watch::channel(Arc::new(Snapshot {
+            id: id.clone(),
+            id_source,
+            peer_id: config.key.peer_id().to_string(),
+            public_key: config.key.public_b64(),
+            workspace: config.workspace.clone(),
+            hierarchy: Arc::new(hierarchy.clone()),
+            nodes: BTreeMap::new(),
+            ttl_ms: duration_ms(config.ttl),
+            network: NetworkStatus::default(),
+        }));
+        let mut actor = Self {
+            config,
+            events,
+            id,
+            id_source,
+            hierarchy: Arc::new(hierarchy),
+            local: None,
+            self_seq: store.self_seq,
+            beat: 0,
+            own_advert: None,
+            membership,
+            net,
+            snapshot,
+            snapshot_dirty: true,
+            store_dirty: false,
+            last_flush: StdInstant::now(),
+            rejections: RejectionLimit::default(),
+            sync_asked: BTreeMap::new(),
+        };
+        actor.advertise("boot").await;
+        Ok((actor, rx))
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        cancel: CancellationToken,
+    ) {
+        let period = self.config.advertise_interval.max(Duration::from_secs(1));
+        let mut readvertise = tokio::time::interval_at(Instant::now() + period, period);
+        readvertise.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let beat_period = self
+            .config
+            .federation
+            .as_ref()
+            .map_or(Duration::from_secs(3600), |f| f.heartbeat_interval);
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + beat_period, beat_period);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(cmd) = commands.recv() => self.handle(cmd).await,
+                event = next_net_event(&mut self.net) => self.on_net(event).await,
+                _ = tick.tick() => self.on_tick().await,
+                _ = heartbeat.tick(), if self.net.is_some() => self.send_beat(false),
+                _ = readvertise.tick() => self.advertise("interval").await,
+            }
+        }
+        self.stop().await;
+    }
+
+    async fn stop(&mut self) {
+        if self.net.is_some() {
+            self.send_beat(true);
+            let deadline = Instant::now() + LEAVE_FLUSH;
+            while tokio::time::timeout_at(deadline, next_net_event(&mut self.net)).await.is_ok() {}
+        }
+        self.flush_store(true);
+        tracing::debug!("node actor stopped");
+    }
+
+    async fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::SetRole(role, reply) => {
+                let result = self.set_role(&role).await;
+                let _ = reply.send(result);
+            }
+            Command::Hello(hello, reply) => {
+                let result = self.hello(hello).await;
+                let _ = reply.send(result);
+            }
+            Command::Offer(offer, reply) => {
+                let result = self.change_hierarchy(|h, me| h.offer(&offer, me)).await;
+                if result.is_ok() {
+                    self.emit("hierarchy.offer", json_of(&offer)).await;
+                }
+                let _ = reply.send(result);
+            }
+            Command::Accept(accept, reply) => {
+                let result = self.change_hierarchy(|h, me| h.accept(&accept, me)).await;
+                if result.is_ok() {
+                    self.emit("hierarchy.accepted", json_of(&accept)).await;
+                }
+                let _ = reply.send(result);
+            }
+        }
+        self.publish_snapshot();
+    }
+
+    async fn set_role(&mut self, requested: &str) -> Result<RoleChange, NodeError> {
+        let change = self.change_hierarchy(|h, _| h.set_role(requested)).await?;
+        if change.changed() {
+            let payload = json!({
+                "role": change.role.as_str(),
+                "requested": requested,
+                "previous": change.previous.as_str(),
+            });
+            self.emit("hierarchy.role.changed", payload).await;
+            self.advertise("role").await;
+        }
+        Ok(change)
+    }
+
+    async fn hello(&mut self, hello: CoreHello) -> Result<HelloOutcome, NodeError> {
+        let explicit = self.id_source.is_explicit();
+        let outcome = self.change_hierarchy(|h, me| h.hello(&hello, me, explicit)).await?;
+        if let Some(new_id) = &outcome.new_id {
+            tracing::info!(from = %self.id, to = %new_id, "node id assigned by hello");
+            // Tell the others the old id is gone before speaking under the new one.
+            self.send_beat(true);
+            self.local = None;
+            self.id = new_id.clone();
+            self.id_source = IdSource::Hello;
+            self.membership.set_self_id(new_id.clone());
+        }
+        self.emit("hierarchy.hello", json_of(&hello)).await;
+        if outcome.role.changed() {
+            let payload = json!({
+                "role": outcome.role.role.as_str(),
+                "requested": hello.role,
+                "previous": outcome.role.previous.as_str(),
+            });
+            self.emit("hierarchy.role.changed", payload).await;
+        }
+        self.advertise("hello").await;
+        Ok(outcome)
+    }
+
+    /// Applies `f` to a copy of the hierarchy, persists the copy, then commits it: a refused or
+    /// unpersistable change leaves the state untouched. Emits `hierarchy.state` when the epoch
+    /// moved.
+    async fn change_hierarchy<T>(
+        &mut self,
+        f: impl FnOnce(&mut Hierarchy, &NodeId) -> Result<T, HierarchyError>,
+    ) -> Result<T, NodeError> {
+        let mut next = (*self.hierarchy).clone();
+        let out = f(&mut next, &self.id)?;
+        if next == *self.hierarchy {
+            return Ok(out);
+        }
+        persist::save_json(&self.path(HIERARCHY_FILE), &next)
+            .map_err(|e| NodeError::Persist(e.to_string()))?;
+        let epoch_moved = next.epoch != self.hierarchy.epoch;
+        self.hierarchy = Arc::new(next);
+        self.snapshot_dirty = true;
+        if epoch_moved {
+            self.emit("hierarchy.state", json!({ "epoch": self.hierarchy.epoch })).await;
+        }
+        Ok(out)
+    }
+
+    /// Signs the next advert, records it locally and sends it.
+    async fn advertise(&mut self, reason: &str) {
+        let now = now_ms();
+        let seq = now.max(self.self_seq + 1);
+        self.self_seq = seq;
+        // The sequence number must be on disk before anyone sees it.
+        if let Err(e) = self.write_store() {
+            tracing::warn!(error = %e, "could not persist advert sequence; advert skipped");
+            return;
+        }
+        let advert = self.local_advert(seq, now);
+        let record = NodeRecord {
+            advert: advert.clone(),
+            last_seen_ms: now,
+            health: Health::Ok,
+            local: true,
+        };
+        let changed = self.local.as_ref().is_none_or(|old| old.differs_from(&record));
+        self.local = Some(record.clone());
+        self.beat = 0;
+        let sealed =
+            wire::seal(&self.config.key, &self.config.workspace, &Message::Advert(advert.clone()));
+        if sealed.len() > wire::MAX_ENVELOPE {
+            tracing::warn!(
+                bytes = sealed.len(),
+                "advert exceeds the envelope limit; peers will refuse it"
+            );
+        }
+        if let Some(net) = &mut self.net {
+            net.publish(sealed.clone());
+        }
+        self.own_advert = Some(sealed);
+        self.publish_snapshot();
+        tracing::debug!(reason, seq, "advertised");
+        self.emit("cluster.node.advertise", advert_payload(&advert)).await;
+        if changed {
+            let view = record.view(now, duration_ms(self.config.ttl));
+            self.emit("cluster.node.changed", json_of(&view)).await;
+        }
+    }
+
+    fn local_advert(&self, seq: u64, now: u64) -> Advert {
+        let h = &self.hierarchy;
+        let mut capabilities = self.config.capabilities.clone();
+        capabilities.insert("declared".into(), json!(h.capabilities));
+        Advert {
+            id: self.id.clone(),
+            role: h.role,
+            workspace: self.config.workspace.clone(),
+            epoch: h.hello_epoch.unwrap_or(0),
+            seq,
+            advertised_ms: now,
+            ttl_ms: duration_ms(self.config.ttl),
+            capabilities,
+            tags: h.tags.clone(),
+            models: None,
+            health: Health::Ok,
+            addrs: self.net.as_ref().map(Net::addresses).unwrap_or_default(),
+            bus: self.config.bus.clone(),
+            queue: self.config.queue.clone(),
+        }
+    }
+
+    /// A heartbeat, or with `leave` a graceful departure, for the current id.
+    fn send_beat(&mut self, leave: bool) {
+        let Some(net) = &mut self.net else { return };
+        self.beat += 1;
+        let beat = Beat {
+            id: self.id.clone(),
+            workspace: self.config.workspace.clone(),
+            seq: self.self_seq,
+            beat: self.beat,
+            sent_ms: now_ms(),
+        };
+        let message = if leave { Message::Leave(beat) } else { Message::Heartbeat(beat) };
+        net.publish(wire::seal(&self.config.key, &self.config.workspace, &message));
+    }
+
+    async fn on_tick(&mut self) {
+        let changes = self.membership.tick(now_ms());
+        self.apply_changes(changes).await;
+        if let Some(net) = &mut self.net {
+            net.maintain();
+        }
+        self.flush_store(false);
+        if self.snapshot_dirty {
+            self.publish_snapshot();
+        }
+    }
+
+    async fn on_net(&mut self, event: NetEvent) {
+        match event {
+            NetEvent::Message { bytes, id, source } => {
+                let receipt = self.membership.receive(&bytes, now_ms());
+                if let Some(net) = &mut self.net {
+                    net.report(&id, &source, receipt.verdict);
+                }
+                self.on_receipt(receipt, Some(source)).await;
+            }
+            NetEvent::PeerUp(peer) => {
+                self.membership.transport(&peer, true);
+                self.ask_sync(peer, true);
+                self.snapshot_dirty = true;
+            }
+            NetEvent::PeerDown(peer) => {
+                self.membership.transport(&peer, false);
+                self.snapshot_dirty = true;
+            }
+            NetEvent::SyncRequest { request, channel, .. } => {
+                let mut adverts = self.membership.newer_than(&request.have);
+                if let Some(own) = &self.own_advert
+                    && request.have.get(self.id.as_str()).is_none_or(|seq| *seq < self.self_seq)
+                {
+                    adverts.push(own.clone());
+                }
+                let adverts =
+                    adverts.into_iter().map(|a| String::from_utf8_lossy(&a).into_owned()).collect();
+                if let Some(net) = &mut self.net {
+                    net.respond_sync(channel, SyncResponse { adverts });
+                }
+            }
+            NetEvent::SyncResponse { peer, response } => {
+                for advert in response.adverts {
+                    let receipt = self.membership.receive(advert.as_bytes(), now_ms());
+                    self.on_receipt(receipt, Some(peer)).await;
+                }
+            }
+            NetEvent::Listening => {
+                let listen = self.net.as_ref().map(Net::addresses).unwrap_or_default();
+                if self.local.as_ref().is_some_and(|l| l.advert.addrs != listen) {
+                    self.advertise("addresses").await;
+                }
+            }
+            NetEvent::Internal => {}
+        }
+    }
+
+    /// Asks `peer` for the adverts it has that this node lacks.
+    fn ask_sync(&mut self, peer: libp2p::PeerId, force: bool) {
+        let now = StdInstant::now();
+        if !force && self.sync_asked.get(&peer).is_some_and(|t| now.duration_since(*t) < SYNC_RETRY)
+        {
+            return;
+        }
+        self.sync_asked.insert(peer, now);
+        let mut have = self.membership.digest();
+        have.insert(self.id.to_string(), self.self_seq);
+        if let Some(net) = &mut self.net {
+            net.request_sync(&peer, SyncRequest { have });
+        }
+    }
+
+    async fn on_receipt(&mut self, receipt: Receipt, source: Option<libp2p::PeerId>) {
+        // Even a heartbeat that changes no health moves `last_seen`.
+        self.snapshot_dirty |= receipt.verdict == crate::membership::Verdict::Accept;
+        self.apply_changes(receipt.changes).await;
+
+        let Some(refusal) = receipt.refusal else {
+            return;
+        };
+        if refusal.reason == Reason::UnknownNode {
+            // A heartbeat from a node whose advert never reached us: ask the forwarder.
+            if let Some(peer) = source {
+                self.ask_sync(peer, false);
+            }
+            return;
+        }
+        tracing::debug!(reason = refusal.reason.as_str(), kind = refusal.kind, claimed = ?refusal.claimed_id, "message refused");
+        if let Some(suppressed) = self.rejections.admit() {
+            let topic = self
+                .net
+                .as_ref()
+                .map(Net::topic)
+                .unwrap_or_else(|| net::topic_name(&self.config.workspace));
+            let mut payload = json!({ "subject": topic, "kind": refusal.kind, "reason": refusal.reason.as_str() });
+            if let Some(id) = refusal.claimed_id {
+                payload["claimed_id"] = json!(id);
+            }
+            if suppressed > 0 {
+                payload["suppressed"] = json!(suppressed);
+            }
+            self.emit("cluster.event.rejected", payload).await;
+        }
+    }
+
+    async fn apply_changes(&mut self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        self.snapshot_dirty = true;
+        let now = now_ms();
+        let ttl = duration_ms(self.config.ttl);
+        for change in changes {
+            match change {
+                Change::Advert { id, changed, .. } => {
+                    self.store_dirty = true;
+                    let Some(member) = self.membership.members().get(&id) else {
+                        continue;
+                    };
+                    let record = member.record.clone();
+                    if let Some(net) = &mut self.net {
+                        net.dial_advertised(&record.advert.addrs);
+                    }
+                    self.emit("cluster.node.advertise", advert_payload(&record.advert)).await;
+
+                    if changed {
+                        self.emit("cluster.node.changed", json_of(&record.view(now, ttl))).await;
+                    }
+                }
+                Change::Health { id, from, to } => {
+                    tracing::info!(node = %id, from = from.as_str(), to = to.as_str(), "node health changed");
+                    let Some(member) = self.membership.members().get(&id) else {
+                        continue;
+                    };
+                    let mut view = json_of(&member.record.view(now, ttl));
+                    view["previous_health"] = json!(from.as_str());
+                    self.emit("cluster.node.changed", view).await;
+                }
+                Change::Evicted { record } => {
+                    self.store_dirty = true;
+                    let mut view = json_of(&record.view(now, ttl));
+                    view["evicted"] = json!(true);
+                    self.emit("cluster.node.changed", view).await;
+                }
+                Change::Conflict { id, known_key, claimed_key } => {
+                    tracing::warn!(node = %id, "a message claimed this id with another key");
+                    let payload =
+                        json!({ "id": id, "known_key": known_key, "claimed_key": claimed_key });
+                    self.emit("cluster.node.conflict", payload).await;
+                }
+            }
+        }
+    }
+
+    fn publish_snapshot(&mut self) {
+        self.snapshot_dirty = false;
+        let mut nodes: BTreeMap<NodeId, NodeRecord> = self
+            .membership
+            .members()
+            .iter()
+            .map(|(id, m)| (id.clone(), m.record.clone()))
+            .collect();
+        if let Some(local) = &self.local {
+            nodes.insert(local.advert.id.clone(), local.clone());
+        }
+        let network = match &self.net {
+            Some(net) => NetworkStatus {
+                state: if net.connected() == 0 { "no_peers" } else { "connected" }.to_owned(),
+                bus: self.config.bus.clone(),
+                topic: Some(net.topic()),
+                listen: net.addresses(),
+                connected_peers: net.connected(),
+            },
+            None => NetworkStatus {
+                state: "disabled".to_owned(),
+                bus: self.config.bus.clone(),
+                ..NetworkStatus::default()
+            },
+        };
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            id: self.id.clone(),
+            id_source: self.id_source,
+            peer_id: self.config.key.peer_id().to_string(),
+            public_key: self.config.key.public_b64(),
+            workspace: self.config.workspace.clone(),
+            hierarchy: self.hierarchy.clone(),
+            nodes,
+            ttl_ms: duration_ms(self.config.ttl),
+            network,
+        }));
+    }
+
+    fn write_store(&mut self) -> std::io::Result<()> {
+        let store = ClusterStore { self_seq: self.self_seq, nodes: self.membership.stored() };
+        persist::save_json(&self.path(CLUSTER_FILE), &store)?;
+        self.store_dirty = false;
+        self.last_flush = StdInstant::now();
+        Ok(())
+    }
+
+    fn flush_store(&mut self, force: bool) {
+        if self.store_dirty
+            && (force || self.last_flush.elapsed() >= FLUSH_EVERY)
+            && let Err(e) = self.write_store()
+        {
+            tracing::warn!(error = %e, "could not persist the node registry");
+        }
+    }
+
+    /// Publishes an event. The future owns what it needs: the actor holds the swarm, which is
+    /// not `Sync`, so no borrow of the actor may live across the await.
+    fn emit(&self, kind: &str, payload: Value) -> impl Future<Output = ()> + Send + 'static {
+        let (events, kind) = (self.events.clone(), kind.to_owned());
+        async move { events.emit(&kind, payload).await }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.config.state_dir.join(file)
+    }
+}
+
+async fn next_net_event(net: &mut Option<Net>) -> NetEvent {
+    match net {
+        Some(net) => net.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn advert_payload(advert: &Advert) -> Value {
+    let mut payload = json_of(advert);
+    payload["advertised"] = json!(rfc3339_ms(advert.advertised_ms));
+    payload
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn json_of<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// Caps `cluster.event.rejected` so a flood of bad messages cannot flood the journal.
+#[derive(Debug, Default)]
+struct RejectionLimit {
+    window_start: Option<StdInstant>,
+    admitted: u32,
+    suppressed: u64,
+}
+
+impl RejectionLimit {
+    /// `Some(suppressed since the last admitted event)` when this one may be emitted.
+    fn admit(&mut self) -> Option<u64> {
+        let now = StdInstant::now();
+        if self.window_start.is_none_or(|s| now.duration_since(s) >= REJECTION_WINDOW) {
+            self.window_start = Some(now);
+            self.admitted = 0;
+        }
+        if self.admitted >= REJECTIONS_PER_WINDOW {
+            self.suppressed += 1;
+            return None;
+        }
+        self.admitted += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+impl std::fmt::Debug for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Actor").field("id", &self.id).finish_non_exhaustive()
+    }
+}

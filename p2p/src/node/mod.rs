@@ -1,0 +1,211 @@
+//! The node actor: one task owns the hierarchy, the membership registry and the transport.
+//! Handlers talk to it through a [`NodeHandle`]; readers get an `Arc<Snapshot>` from a watch
+//! channel, never a lock.
+
+mod actor;
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cluster::{ClusterView, NodeRecord},
+    events::EventTx,
+    hierarchy::{
+        CoreAccept, CoreHello, CoreOffer, HelloOutcome, Hierarchy, HierarchyError, RoleChange,
+    },
+    identity::NodeKey,
+    membership::MembershipConfig,
+    net::NetConfig,
+    node_id::{IdSource, NodeId},
+    time::rfc3339_ms,
+};
+
+/// Everything the actor needs to start.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The node key (signs adverts; the libp2p identity).
+    pub key: NodeKey,
+    /// An explicitly configured id and where it came from (`Env` or `Config`).
+    pub explicit_id: Option<(NodeId, IdSource)>,
+    /// The host name, the fallback id source.
+    pub hostname: Option<String>,
+    /// Workspace this node belongs to.
+    pub workspace: String,
+    /// Directory for `hierarchy.json` and `cluster_nodes.json`.
+    pub state_dir: PathBuf,
+    /// Re-advertise at least this often.
+    pub advertise_interval: Duration,
+    /// A node silent for longer is shown `stale`.
+    pub ttl: Duration,
+    /// Probe results advertised under `capabilities`.
+    pub capabilities: Map<String, Value>,
+    /// `[cluster] bus`.
+    pub bus: String,
+    /// `[cluster] queue`.
+    pub queue: String,
+    /// Federation over libp2p; `None` is the single-node fast path.
+    pub federation: Option<FederationConfig>,
+}
+
+/// Settings for federating with other nodes.
+#[derive(Debug, Clone)]
+pub struct FederationConfig {
+    /// Transport.
+    pub net: NetConfig,
+    /// How often to send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Trust and liveness rules.
+    pub membership: MembershipConfig,
+}
+
+/// A refused or failed node command.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The request was invalid; nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] HierarchyError),
+    /// The change could not be persisted; nothing changed.
+    #[error("could not persist node state: {0}")]
+    Persist(String),
+    /// The actor has stopped (shutdown in progress).
+    #[error("node is shutting down")]
+    Stopped,
+}
+
+/// The transport as readers see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    /// `disabled` (single node), `no_peers` (listening, nobody connected yet) or `connected`.
+    pub state: String,
+    /// `local` (libp2p) or `nats`.
+    pub bus: String,
+    /// The gossip topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// Listen addresses with `/p2p/<peer id>`.
+    pub listen: Vec<String>,
+    /// Directly connected peers.
+    pub connected_peers: usize,
+}
+
+/// The node as readers see it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The effective node id.
+    pub id: NodeId,
+    /// Where it came from.
+    pub id_source: IdSource,
+    /// libp2p PeerId of the node key.
+    pub peer_id: String,
+    /// Base64 public key.
+    pub public_key: String,
+    /// Workspace.
+    pub workspace: String,
+    /// Hierarchy state.
+    pub hierarchy: Arc<Hierarchy>,
+    /// Registry (local and remote nodes), keyed and so sorted by id.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Staleness threshold.
+    pub ttl_ms: u64,
+    /// Transport state.
+    pub network: NetworkStatus,
+}
+
+impl Snapshot {
+    /// The `/state/cluster` view at `now_ms`.
+    pub fn cluster_view(&self, now_ms: u64) -> ClusterView {
+        ClusterView {
+            nodes: self.nodes.values().map(|r| r.view(now_ms, self.ttl_ms)).collect(),
+            generated: Some(rfc3339_ms(now_ms)),
+            generated_ms: Some(now_ms),
+            ttl_seconds: Some(self.ttl_ms / 1000),
+        }
+    }
+}
+
+enum Command {
+    SetRole(String, oneshot::Sender<Result<RoleChange, NodeError>>),
+    Hello(CoreHello, oneshot::Sender<Result<HelloOutcome, NodeError>>),
+    Offer(CoreOffer, oneshot::Sender<Result<bool, NodeError>>),
+    Accept(CoreAccept, oneshot::Sender<Result<bool, NodeError>>),
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::SetRole(..) => "SetRole",
+            Command::Hello(..) => "Hello",
+            Command::Offer(..) => "Offer",
+            Command::Accept(..) => "Accept",
+        })
+    }
+}
+
+/// Cheap-clone handle to the node actor.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    commands: mpsc::Sender<Command>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+impl NodeHandle {
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that wakes on every snapshot change.
+    pub fn watch(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// Sets the hierarchy role (aliases accepted).
+    pub async fn set_role(&self, role: &str) -> Result<RoleChange, NodeError> {
+        self.call(|tx| Command::SetRole(role.to_owned(), tx)).await
+    }
+
+    /// Applies an operator hello.
+    pub async fn hello(&self, hello: CoreHello) -> Result<HelloOutcome, NodeError> {
+        self.call(|tx| Command::Hello(hello, tx)).await
+    }
+
+    /// Records an offer; returns whether the epoch changed.
+    pub async fn offer(&self, offer: CoreOffer) -> Result<bool, NodeError> {
+        self.call(|tx| Command::Offer(offer, tx)).await
+    }
+
+    /// Records an accept; returns whether the epoch changed.
+    pub async fn accept(&self, accept: CoreAccept) -> Result<bool, NodeError> {
+        self.call(|tx| Command::Accept(accept, tx)).await
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> Command,
+    ) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+}
+
+/// Loads persisted state, resolves the node id, starts the transport and the actor. The first
+/// advert goes out before this returns, so the local node is in the first snapshot, and the
+/// listen addresses are known.
+pub async fn spawn(
+    config: NodeConfig,
+    events: EventTx,
+    cancel: CancellationToken,
+) -> std::io::Result<(NodeHandle, JoinHandle<()>)> {
+    let (commands, rx) = mpsc::channel(actor::COMMAND_QUEUE);
+    let (actor, snapshot) = actor::Actor::start(config, events).await?;
+    let task = tokio::spawn(actor.run(rx, cancel));
+    Ok((NodeHandle { commands, snapshot }, task))
+}
