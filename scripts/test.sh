@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, lints, then every test in the workspace.
 # Installs the system packages the tests need when they are missing (Debian/Ubuntu, as root or
-# with sudo): curl and jq drive the runbook test.
+# with sudo): curl and jq drive the runbook test; iproute2 and nftables build the network
+# namespaces of the LAN test (which runs only as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+
 if ((${#need[@]})); then
   echo "test.sh: installing ${need[*]}" >&2
   sudo_cmd=()

@@ -124,3 +124,41 @@ fn three_processes_federate_detect_a_crash_a_leave_and_a_restart() {
     assert!(c_changes.contains(&"down") && c_changes.last() == Some(&"ok"), "{c_changes:?}");
     drop(c);
 }
+
+/// README's three-node walk-through, as written: start, status on every node, stop.
+#[test]
+fn the_local_cluster_script_starts_three_nodes_that_see_each_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/local-cluster.sh");
+    let bin = common::bin_dir();
+    let run = |cmd: &str| {
+        std::process::Command::new(script)
+            .args([cmd, &dir.path().display().to_string()])
+            .env("ARW_BIN", &bin)
+            .output()
+            .expect("run scripts/local-cluster.sh")
+    };
+    let started = run("start");
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let status = run("status");
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        let ok_rows = text.lines().filter(|l| l.starts_with("node-") && l.contains(" ok ")).count();
+        if status.status.success() && ok_rows == 9 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "not all nodes see each other: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(text.matches("Nodes     : 3").count(), 3, "{text}");
+    assert!(run("stop").status.success());
+    for n in ["a", "b", "c"] {
+        let ready = dir.path().join(n).join("endpoints.json");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while ready.exists() {
+            assert!(Instant::now() < deadline, "node-{n} did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
