@@ -21,21 +21,7 @@ fn start(id: &str, state: &std::path::Path, bootstrap: Option<&str>) -> common::
 fn health(server: &common::Server) -> Vec<(String, String, u64)> {
     let (status, view) = server.get("/state/cluster");
     assert_eq!(status, 200);
-    view["nodes"]
-        .as_array()
-        .map(|nodes| {
-            nodes
-                .iter()
-                .map(|n| {
-                    (
-                        n["id"].as_str().unwrap_or("?").to_owned(),
-                        n["health"].as_str().unwrap_or("?").to_owned(),
-                        n["seq"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    common::node_rows(&view)
 }
 
 /// Polls `server` until `check` holds, at most `limit`; returns how long it took.

@@ -146,7 +146,7 @@ fn start(ns: &str, id: &str, state: &Path) -> Node {
         "[cluster]\nenabled = true\nmdns = true\nlisten = [\"/ip4/0.0.0.0/tcp/0\"]\n",
     )
     .expect("config");
-    let child = Command::new("ip")
+    let mut child = Command::new("ip")
         .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_arw-server")])
         .env("ARW_PORT", "0")
         .env("ARW_STATE_DIR", state)
@@ -157,19 +157,9 @@ fn start(ns: &str, id: &str, state: &Path) -> Node {
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn arw-server in its namespace");
-    let ready = state.join("endpoints.json");
-    let deadline = Instant::now() + common::START_TIMEOUT;
-    let http = loop {
-        if let Some(http) = std::fs::read_to_string(&ready)
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["http"].as_str().map(str::to_owned))
-        {
-            break http;
-        }
-        assert!(Instant::now() < deadline, "{id} not ready");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    // `ip netns exec` execs the server, so the ready file carries this child's pid.
+    let endpoints = common::wait_for_ready(&state.join("endpoints.json"), &mut child);
+    let http = endpoints["http"].as_str().expect("http address").to_owned();
     Node { ns: ns.to_owned(), child, http }
 }
 
@@ -182,20 +172,7 @@ fn view(node: &Node) -> Vec<(String, String)> {
         .output()
         .expect("curl");
     let value: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    value["nodes"]
-        .as_array()
-        .map(|nodes| {
-            nodes
-                .iter()
-                .map(|n| {
-                    (
-                        n["id"].as_str().unwrap_or("?").to_owned(),
-                        n["health"].as_str().unwrap_or("?").to_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    common::node_rows(&value).into_iter().map(|(id, health, _)| (id, health)).collect()
 }
 
 #[test]

@@ -88,7 +88,8 @@ impl Launch {
     }
 }
 
-fn wait_for_ready(path: &Path, child: &mut Child) -> Value {
+/// Waits (bounded) until `path` holds a ready file written by `child`; panics if it exits first.
+pub fn wait_for_ready(path: &Path, child: &mut Child) -> Value {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(text) = std::fs::read_to_string(path)
@@ -179,6 +180,17 @@ pub fn request(method: &str, url: &str, token: Option<&str>, body: Option<&Value
     let text = String::from_utf8_lossy(&out.stdout);
     let (body, code) = text.rsplit_once('\n').expect("status line");
     (code.trim().parse().expect("status"), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// `(id, health, seq)` of every node in a `/state/cluster` body.
+pub fn node_rows(view: &Value) -> Vec<(String, String, u64)> {
+    let rows = view["nodes"].as_array().map(Vec::as_slice).unwrap_or_default();
+    rows.iter()
+        .map(|n| {
+            let text = |key: &str| n[key].as_str().unwrap_or("?").to_owned();
+            (text("id"), text("health"), n["seq"].as_u64().unwrap_or(0))
+        })
+        .collect()
 }
 
 /// Runs `arw-cli` with the given arguments and environment.
