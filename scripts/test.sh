@@ -2,7 +2,8 @@
 # Runs the whole test suite: formatting, lints, then every test in the workspace.
 # Installs the system packages the tests need when they are missing (Debian/Ubuntu, as root or
 # with sudo): curl and jq drive the runbook test; iproute2 and nftables build the network
-# namespaces of the LAN test (which runs only as root).
+# namespaces of the LAN test (which runs only as root); the NATS tests start their own
+# nats-server on a free port.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
 
 if ((${#need[@]})); then
   echo "test.sh: installing ${need[*]}" >&2

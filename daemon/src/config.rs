@@ -6,6 +6,7 @@ use std::{
     fmt,
     net::{IpAddr, Ipv6Addr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use figment::{
@@ -78,6 +79,44 @@ pub struct EventsConfig {
     pub sse_keepalive_secs: u64,
     /// Live events buffered per SSE client.
     pub sse_buffer: usize,
+}
+
+/// `[nats]`: every NATS connection of the process (bus, relay, queue, arw-connector).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct NatsSection {
+    /// Rewrite `nats://` to `tls://`.
+    pub tls: bool,
+    /// User name when the URL has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Password (secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass: Option<String>,
+    /// Start-up connection retries.
+    pub connect_retries: u32,
+    /// Delay between them, ms.
+    pub connect_backoff_ms: u64,
+    /// Queue group on `arw.tasks`.
+    pub group: String,
+    /// Relay local events out (default: when `bus = "nats"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_out: Option<bool>,
+    /// Kind prefixes relayed out.
+    pub relay_out_filter: String,
+}
+
+impl fmt::Debug for NatsSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSection")
+            .field("tls", &self.tls)
+            .field("user", &self.user)
+            .field("pass", &self.pass.as_ref().map(|_| REDACTED))
+            .field("connect_retries", &self.connect_retries)
+            .field("group", &self.group)
+            .field("relay_out", &self.relay_out)
+            .field("relay_out_filter", &self.relay_out_filter)
+            .finish_non_exhaustive()
+    }
 }
 
 /// `[runtime]`.
@@ -166,25 +205,61 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// `[cluster]`.
     pub cluster: ClusterConfig,
+    /// `[nats]`.
+    pub nats: NatsSection,
 }
 
 const REDACTED: &str = "<redacted>";
 
 /// Environment variables that override keys, with the key each one sets and whether its value
 /// is a number.
-const ENV_KEYS: &[(&str, &str, bool)] = &[
-    ("ARW_BIND", "server.bind", false),
-    ("ARW_PORT", "server.port", true),
-    ("ARW_ADMIN_TOKEN", "server.admin_token", false),
-    ("ARW_ADMIN_TOKEN_SHA256", "server.admin_token_sha256", false),
-    ("ARW_ADMIN_RATE_LIMIT", "server.admin_rate_limit", true),
-    ("ARW_ADMIN_RATE_WINDOW_SECS", "server.admin_rate_window_secs", true),
-    ("ARW_LOG", "log.filter", false),
-    ("ARW_STATE_DIR", "runtime.state_dir", false),
-    ("ARW_NODE_ID", "cluster.node_id", false),
-    ("ARW_NATS_URL", "cluster.nats_url", false),
-    ("ARW_TRUST_NODES", "cluster.trust_nodes", false),
+const ENV_KEYS: &[(&str, &str, Kind)] = &[
+    ("ARW_BIND", "server.bind", Kind::Text),
+    ("ARW_PORT", "server.port", Kind::Number),
+    ("ARW_ADMIN_TOKEN", "server.admin_token", Kind::Text),
+    ("ARW_ADMIN_TOKEN_SHA256", "server.admin_token_sha256", Kind::Text),
+    ("ARW_ADMIN_RATE_LIMIT", "server.admin_rate_limit", Kind::Number),
+    ("ARW_ADMIN_RATE_WINDOW_SECS", "server.admin_rate_window_secs", Kind::Number),
+    ("ARW_LOG", "log.filter", Kind::Text),
+    ("ARW_STATE_DIR", "runtime.state_dir", Kind::Text),
+    ("ARW_NODE_ID", "cluster.node_id", Kind::Text),
+    ("ARW_NATS_URL", "cluster.nats_url", Kind::Text),
+    ("ARW_TRUST_NODES", "cluster.trust_nodes", Kind::Text),
+    ("ARW_NATS_TLS", "nats.tls", Kind::Flag),
+    ("ARW_NATS_USER", "nats.user", Kind::Text),
+    ("ARW_NATS_PASS", "nats.pass", Kind::Text),
+    ("ARW_NATS_CONNECT_RETRIES", "nats.connect_retries", Kind::Number),
+    ("ARW_NATS_CONNECT_BACKOFF_MS", "nats.connect_backoff_ms", Kind::Number),
+    ("ARW_GROUP", "nats.group", Kind::Text),
+    ("ARW_NATS_OUT", "nats.relay_out", Kind::Flag),
+    ("ARW_NATS_OUT_FILTER", "nats.relay_out_filter", Kind::Text),
 ];
+
+/// How an environment variable's text becomes a configuration value.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Text,
+    Number,
+    /// `1/true/yes/on` or `0/false/no/off`.
+    Flag,
+}
+
+impl Kind {
+    fn value(self, raw: &str) -> Value {
+        let trimmed = raw.trim();
+        match self {
+            Kind::Number => {
+                trimmed.parse::<u64>().map_or_else(|_| Value::from(raw.to_owned()), Value::from)
+            }
+            Kind::Flag => match trimmed.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Value::from(true),
+                "0" | "false" | "no" | "off" => Value::from(false),
+                _ => Value::from(raw.to_owned()),
+            },
+            Kind::Text => Value::from(raw.to_owned()),
+        }
+    }
+}
 
 /// A configuration that cannot be used. Its message names the key and its source.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -267,13 +342,9 @@ pub fn load(env: &Environment) -> Result<Loaded, ConfigError> {
         sources.push(state_file.display().to_string());
         figment = figment.merge(Toml::file_exact(&state_file));
     }
-    for (var, key, numeric) in ENV_KEYS {
+    for (var, key, kind) in ENV_KEYS {
         if let Some(raw) = env.var(var) {
-            let value = match raw.trim().parse::<u64>() {
-                Ok(n) if *numeric => Value::from(n),
-                _ => Value::from(raw.to_owned()),
-            };
-            figment = figment.merge(Serialized::default(key, value));
+            figment = figment.merge(Serialized::default(key, kind.value(raw)));
         }
     }
 
@@ -414,6 +485,20 @@ fn validate(
             c.down_after_ms, c.suspect_after_ms
         )));
     }
+    if !c.nats_url.contains("://") {
+        return Err(ConfigError(format!(
+            "cluster.nats_url: {:?} must be a URL such as nats://127.0.0.1:4222",
+            c.nats_url
+        )));
+    }
+    if !config.nats.group.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+        || config.nats.group.is_empty()
+    {
+        return Err(ConfigError(format!(
+            "nats.group: {:?} must be 1 or more characters from A-Z a-z 0-9 _ -",
+            config.nats.group
+        )));
+    }
     if c.advertise_interval_secs == 0 {
         return Err(ConfigError("cluster.advertise_interval_secs: must be at least 1".into()));
     }
@@ -448,6 +533,20 @@ pub fn parse_bind(bind: &str) -> Option<IpAddr> {
 }
 
 impl Loaded {
+    /// How this process connects to NATS (every connection uses the same settings).
+    pub fn nats(&self, name: &str) -> arw_p2p::nats::NatsConfig {
+        let n = &self.config.nats;
+        arw_p2p::nats::NatsConfig {
+            url: self.config.cluster.nats_url.clone(),
+            tls: n.tls,
+            user: n.user.clone(),
+            pass: n.pass.clone(),
+            connect_retries: n.connect_retries,
+            connect_backoff: Duration::from_millis(n.connect_backoff_ms),
+            name: name.to_owned(),
+        }
+    }
+
     /// `path` as written in the config: relative paths resolve against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
         match &self.config_dir {
@@ -461,7 +560,11 @@ impl Config {
     /// The configuration as TOML with secrets replaced by `<redacted>`.
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
-        for secret in [&mut shown.server.admin_token, &mut shown.server.admin_token_sha256] {
+        for secret in [
+            &mut shown.server.admin_token,
+            &mut shown.server.admin_token_sha256,
+            &mut shown.nats.pass,
+        ] {
             if secret.is_some() {
                 *secret = Some(REDACTED.to_owned());
             }
@@ -481,6 +584,17 @@ mod tests {
         vars.entry("ARW_STATE_DIR".into())
             .or_insert_with(|| dir.path().join("state").display().to_string());
         (Environment { vars, exe: None, cwd: None, data_dir: None }, dir)
+    }
+
+    #[test]
+    fn shipped_configs_load_without_warnings() {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        for name in ["default.toml", "nats-home.toml", "nats-worker.toml"] {
+            let (mut e, _d) = env(&[]);
+            e.vars.insert("ARW_CONFIG".into(), configs.join(name).display().to_string());
+            let loaded = load(&e).unwrap_or_else(|err| panic!("{name}: {err}"));
+            assert!(loaded.warnings.is_empty(), "{name}: {:?}", loaded.warnings);
+        }
     }
 
     #[test]

@@ -247,7 +247,7 @@ impl Writer {
     fn publish(&mut self, batch: Vec<Emit>, origin: &str) {
         let stamped: Vec<(Envelope, Option<tokio::sync::oneshot::Sender<i64>>)> = batch
             .into_iter()
-            .map(|emit| (stamp(emit.kind, emit.payload, origin, &self.config.source), emit.ack))
+            .map(|mut emit| (stamp(&mut emit, origin, &self.config.source), emit.ack))
             .collect();
         let ids = match self.insert(stamped.iter().map(|(e, _)| e)) {
             Ok(ids) => ids,
@@ -353,27 +353,34 @@ impl Writer {
     }
 }
 
-/// The envelope for an event created on this node.
-pub fn stamp(kind: String, payload: Value, origin: &str, source: &str) -> Envelope {
-    let now = time::rfc3339_ms(time::now_ms());
-    let kind = normalize_kind(&kind);
-    let mut payload = payload;
-    if let Value::Object(map) = &mut payload {
-        map.entry("corr_id").or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
-    }
+/// The envelope of an event: created on this node (`origin`), or relayed from another node,
+/// whose origin, `ce.id` and time it keeps.
+pub fn stamp(emit: &mut Emit, origin: &str, source: &str) -> Envelope {
+    let kind = normalize_kind(&emit.kind);
+    let mut payload = std::mem::take(&mut emit.payload);
+    let (origin, id, time) = match emit.relayed.take() {
+        Some(r) => (r.origin, r.ce_id, r.time),
+        None => {
+            if let Value::Object(map) = &mut payload {
+                map.entry("corr_id")
+                    .or_insert_with(|| Value::String(uuid::Uuid::now_v7().to_string()));
+            }
+            (origin.to_owned(), uuid::Uuid::now_v7().to_string(), time::rfc3339_ms(time::now_ms()))
+        }
+    };
     Envelope {
         ce: Some(CloudEvent {
             specversion: "1.0".into(),
             kind: kind.clone(),
             source: source.to_owned(),
-            id: uuid::Uuid::now_v7().to_string(),
-            time: now.clone(),
+            id,
+            time: time.clone(),
             datacontenttype: "application/json".into(),
         }),
-        time: now,
+        time,
         kind,
         payload,
-        origin: Some(origin.to_owned()),
+        origin: Some(origin),
         policy: None,
     }
 }
@@ -405,7 +412,7 @@ mod tests {
     }
 
     fn emit(kind: &str) -> Emit {
-        Emit { kind: kind.into(), payload: serde_json::json!({"n": 1}), ack: None }
+        Emit { kind: kind.into(), payload: serde_json::json!({"n": 1}), ack: None, relayed: None }
     }
 
     #[test]
@@ -464,6 +471,7 @@ mod tests {
                 kind: "service.test".into(),
                 payload: serde_json::json!({}),
                 ack: Some(ack_tx),
+                relayed: None,
             }],
             "n1",
         );

@@ -3,9 +3,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod connector;
 pub mod journal;
 pub mod probe;
 pub mod process;
+pub mod relay;
 pub mod server;
 pub mod state_dir;
+pub mod tasks;
 pub mod trust;

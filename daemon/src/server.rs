@@ -13,11 +13,11 @@ use arw_p2p::{
     identity::NodeKey,
     membership::MembershipConfig,
     net::NetConfig,
-    node::{self, FederationConfig, NodeConfig, NodeHandle},
+    node::{self, BusConfig, FederationConfig, NodeConfig, NodeHandle},
 };
 
 use crate::{
-    config::{EXIT_CONFIG, Loaded},
+    config::{EXIT_CONFIG, Loaded, Transport},
     journal::{self, Journal, JournalConfig},
     probe,
     state_dir::{self, Endpoints},
@@ -65,6 +65,8 @@ pub struct Running {
     http: JoinHandle<std::io::Result<()>>,
     node_task: JoinHandle<()>,
     journal_thread: std::thread::JoinHandle<()>,
+    /// The event relay and the queue worker, when NATS is in use.
+    background: Vec<JoinHandle<()>>,
 }
 
 /// Runs a node until `shutdown` completes, then stops it gracefully.
@@ -79,6 +81,7 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
 /// Starts a node: everything is listening and endpoints.json is written when this returns.
 pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let federation = federation(&loaded)?;
+    let nats_plan = NatsPlan::from(&loaded);
     let Loaded { config, state_dir, bind_ip, explicit_node_id, .. } = loaded;
     state_dir::prepare(&state_dir).map_err(other("cannot prepare the state directory"))?;
 
@@ -134,6 +137,8 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     )
     .map_err(other("cannot start the journal writer"))?;
 
+    let background = start_nats_services(&nats_plan, &log, &events, &node, &cancel).await?;
+
     let state = AppState {
         node: node.clone(),
         events,
@@ -178,6 +183,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         http,
         node_task,
         journal_thread,
+        background,
     })
 }
 
@@ -194,6 +200,9 @@ impl Running {
                 tracing::warn!(grace = ?self.grace, "open requests cut off after the grace period")
             }
         }
+        for task in self.background {
+            let _ = task.await;
+        }
         if let Err(e) = self.node_task.await {
             tracing::warn!(error = %e, "node actor failed");
         }
@@ -209,14 +218,66 @@ impl Running {
     }
 }
 
+/// Which NATS services this node runs besides the bus: the event relay and the queue worker.
+#[derive(Debug)]
+struct NatsPlan {
+    nats: Option<arw_p2p::nats::NatsConfig>,
+    relay_out: bool,
+    filter: Vec<String>,
+    queue_group: Option<String>,
+}
+
+impl NatsPlan {
+    fn from(loaded: &Loaded) -> Self {
+        let c = &loaded.config.cluster;
+        let n = &loaded.config.nats;
+        let uses_nats = c.bus == Transport::Nats || c.queue == Transport::Nats;
+        let relay_out = n.relay_out.unwrap_or(uses_nats);
+        let wanted = c.enabled && (uses_nats || relay_out);
+        Self {
+            nats: wanted.then(|| loaded.nats("arw-server-relay")),
+            relay_out,
+            filter: arw_api::events::parse_prefixes(Some(&n.relay_out_filter)),
+            queue_group: (c.enabled && c.queue == Transport::Nats).then(|| n.group.clone()),
+        }
+    }
+}
+
+async fn start_nats_services(
+    plan: &NatsPlan,
+    journal: &Arc<Journal>,
+    events: &EventTx,
+    node: &NodeHandle,
+    cancel: &CancellationToken,
+) -> Result<Vec<JoinHandle<()>>, StartError> {
+    let Some(nats) = &plan.nats else { return Ok(Vec::new()) };
+    let (client, _links) = arw_p2p::nats::connect(nats).await.map_err(StartError::Config)?;
+    let mut tasks = Vec::new();
+    let relay = crate::relay::RelayConfig { out: plan.relay_out, filter: plan.filter.clone() };
+    tasks.push(tokio::spawn(crate::relay::run(
+        client.clone(),
+        journal.clone(),
+        events.clone(),
+        node.watch(),
+        relay,
+        cancel.child_token(),
+    )));
+    if let Some(group) = &plan.queue_group {
+        tasks.push(tokio::spawn(crate::tasks::serve(
+            client,
+            group.clone(),
+            node.watch(),
+            events.clone(),
+            cancel.child_token(),
+        )));
+    }
+    Ok(tasks)
+}
+
 /// The federation settings, or `None` for the single-node fast path.
 fn federation(loaded: &Loaded) -> Result<Option<FederationConfig>, StartError> {
     let c = &loaded.config.cluster;
     if !c.enabled {
-        return Ok(None);
-    }
-    if c.bus == crate::config::Transport::Nats {
-        tracing::warn!("cluster.bus = \"nats\" is not available in this build; federation is off");
         return Ok(None);
     }
     let addrs = |key: &str, list: &[String]| -> Result<Vec<Multiaddr>, StartError> {
@@ -237,13 +298,17 @@ fn federation(loaded: &Loaded) -> Result<Option<FederationConfig>, StartError> {
             .map_err(|e| StartError::Config(format!("cluster.trust_nodes: {e}")))?;
         tracing::info!(path = %path.display(), pinned = membership.pinned.len(), "node keys pinned");
     }
-    Ok(Some(FederationConfig {
-        net: NetConfig {
+    let bus = match c.bus {
+        Transport::Local => BusConfig::Libp2p(NetConfig {
             workspace: c.workspace.clone(),
             listen: addrs("cluster.listen", &c.listen)?,
             bootstrap: addrs("cluster.bootstrap", &c.bootstrap)?,
             mdns: c.mdns,
-        },
+        }),
+        Transport::Nats => BusConfig::Nats(loaded.nats("arw-server")),
+    };
+    Ok(Some(FederationConfig {
+        bus,
         heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms),
         membership,
     }))

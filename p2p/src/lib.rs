@@ -6,12 +6,14 @@ pub mod events;
 pub mod hierarchy;
 pub mod identity;
 pub mod membership;
+pub mod nats;
 pub mod net;
 pub mod node;
 pub mod node_id;
 pub mod persist;
 pub mod role;
 pub mod time;
+pub mod transport;
 pub mod wire;
 
 pub use libp2p::{Multiaddr, PeerId};

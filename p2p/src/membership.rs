@@ -168,6 +168,8 @@ pub struct StoredMember {
 #[derive(Debug, Clone)]
 pub struct Membership {
     config: MembershipConfig,
+    /// Silence before this instant does not count (this node could not hear anyone).
+    resumed_ms: u64,
     self_id: NodeId,
     self_key: [u8; 32],
     members: BTreeMap<NodeId, Member>,
@@ -181,7 +183,7 @@ fn peer_id_of(key: &[u8; 32]) -> Option<PeerId> {
 impl Membership {
     /// An empty registry for the node `self_id` holding `self_key`.
     pub fn new(config: MembershipConfig, self_id: NodeId, self_key: [u8; 32]) -> Self {
-        Self { config, self_id, self_key, members: BTreeMap::new() }
+        Self { config, self_id, self_key, resumed_ms: 0, members: BTreeMap::new() }
     }
 
     /// Restores persisted members. They show as `stale` until heard from again.
@@ -384,6 +386,12 @@ impl Membership {
         })
     }
 
+    /// This node could not hear anyone until `now_ms` (its own link to the bus was down): silence
+    /// before that is not held against the others.
+    pub fn resume(&mut self, now_ms: u64) {
+        self.resumed_ms = now_ms;
+    }
+
     /// The transport says a direct connection to `peer` came up or went away. A node whose
     /// connection is gone is judged on a shorter silence (see [`Membership::tick`]).
     pub fn transport(&mut self, peer: &PeerId, connected: bool) {
@@ -401,8 +409,8 @@ impl Membership {
         let mut changes = Vec::new();
         let mut evict = Vec::new();
         for (id, member) in &mut self.members {
-            let silence = now_ms.saturating_sub(member.record.last_seen_ms);
-            if silence >= c.evict_after_ms {
+            let heard = member.record.last_seen_ms;
+            if now_ms.saturating_sub(heard) >= c.evict_after_ms {
                 evict.push(id.clone());
                 continue;
             }
@@ -410,6 +418,7 @@ impl Membership {
             if matches!(health, Health::Left | Health::Stale | Health::Down) {
                 continue;
             }
+            let silence = now_ms.saturating_sub(heard.max(self.resumed_ms));
             let (suspect_after, down_after) = match member.link {
                 Link::Dropped => (c.heartbeat_interval_ms * 3 / 2, c.heartbeat_interval_ms * 5 / 2),
                 Link::Up | Link::Unknown => (c.suspect_after_ms, c.down_after_ms),

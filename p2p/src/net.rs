@@ -2,7 +2,7 @@
 //! Kademlia for discovery, identify, ping, and a request-response protocol for anti-entropy.
 //!
 //! [`Net`] is owned by the node actor and polled from its loop; it handles discovery itself and
-//! surfaces only what the federation core needs as [`NetEvent`]s.
+//! surfaces only what the federation core needs as [`TransportEvent`]s.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -13,28 +13,18 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, gossipsub, identify, kad, mdns,
     multiaddr::Protocol,
     noise, ping,
-    request_response::{self, ProtocolSupport, ResponseChannel},
+    request_response::{self, ProtocolSupport},
     swarm::{NetworkBehaviour, SwarmEvent, behaviour::toggle::Toggle, dial_opts::DialOpts},
     tcp, yamux,
 };
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{identity::NodeKey, membership::Verdict, wire};
-
-/// Anti-entropy request: what the asker already has (`id → advert seq`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncRequest {
-    /// Known advert sequence numbers.
-    pub have: BTreeMap<String, u64>,
-}
-
-/// Anti-entropy response: signed advert envelopes newer than the request listed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncResponse {
-    /// Envelopes exactly as their authors signed them.
-    pub adverts: Vec<String>,
-}
+use crate::{
+    identity::NodeKey,
+    membership::Verdict,
+    transport::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent},
+    wire,
+};
 
 /// Transport settings.
 #[derive(Debug, Clone)]
@@ -57,44 +47,6 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     mdns: Toggle<mdns::tokio::Behaviour>,
-}
-
-/// What the node actor needs to know.
-#[derive(Debug)]
-pub enum NetEvent {
-    /// A gossip message to validate.
-    Message {
-        /// The envelope bytes.
-        bytes: Vec<u8>,
-        /// For the validation report.
-        id: gossipsub::MessageId,
-        /// The peer that forwarded it.
-        source: PeerId,
-    },
-    /// First connection to a peer.
-    PeerUp(PeerId),
-    /// Last connection to a peer closed.
-    PeerDown(PeerId),
-    /// A peer asks for adverts.
-    SyncRequest {
-        /// Asking peer.
-        peer: PeerId,
-        /// What it has.
-        request: SyncRequest,
-        /// Where the answer goes.
-        channel: ResponseChannel<SyncResponse>,
-    },
-    /// Adverts from a peer we asked.
-    SyncResponse {
-        /// Answering peer.
-        peer: PeerId,
-        /// The adverts.
-        response: SyncResponse,
-    },
-    /// Listen addresses changed.
-    Listening,
-    /// Handled inside (discovery, identify, ping...).
-    Internal,
 }
 
 /// The transport.
@@ -239,7 +191,7 @@ impl Net {
         }
     }
 
-    /// Reports the validation verdict for a received message.
+    /// Reports the validation verdict for a received gossip message.
     pub fn report(&mut self, id: &gossipsub::MessageId, source: &PeerId, verdict: Verdict) {
         let acceptance = match verdict {
             Verdict::Accept => gossipsub::MessageAcceptance::Accept,
@@ -258,7 +210,11 @@ impl Net {
     }
 
     /// Answers a sync request.
-    pub fn respond_sync(&mut self, channel: ResponseChannel<SyncResponse>, response: SyncResponse) {
+    pub fn respond_sync(
+        &mut self,
+        channel: request_response::ResponseChannel<SyncResponse>,
+        response: SyncResponse,
+    ) {
         if self.swarm.behaviour_mut().sync.send_response(channel, response).is_err() {
             tracing::debug!("sync response not sent: the peer went away");
         }
@@ -324,7 +280,7 @@ impl Net {
     }
 
     /// The next event the core cares about.
-    pub async fn next(&mut self) -> NetEvent {
+    pub async fn next(&mut self) -> TransportEvent {
         use futures::StreamExt;
         let Some(event) = self.swarm.next().await else {
             return std::future::pending().await;
@@ -332,42 +288,41 @@ impl Net {
         self.handle(event)
     }
 
-    fn handle(&mut self, event: SwarmEvent<BehaviourEvent>) -> NetEvent {
+    fn handle(&mut self, event: SwarmEvent<BehaviourEvent>) -> TransportEvent {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "p2p listening");
                 self.listen.insert(address);
-                NetEvent::Listening
+                TransportEvent::Listening
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen.remove(&address);
-                NetEvent::Listening
+                TransportEvent::Listening
             }
             SwarmEvent::ConnectionEstablished { peer_id, num_established, .. }
                 if num_established.get() == 1 =>
             {
                 self.connected.insert(peer_id);
-                NetEvent::PeerUp(peer_id)
+                TransportEvent::PeerUp(peer_id)
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.connected.remove(&peer_id);
-                NetEvent::PeerDown(peer_id)
+                TransportEvent::PeerDown(peer_id)
             }
             SwarmEvent::Behaviour(event) => self.behaviour(event),
-            _ => NetEvent::Internal,
+            _ => TransportEvent::Internal,
         }
     }
 
-    fn behaviour(&mut self, event: BehaviourEvent) -> NetEvent {
+    fn behaviour(&mut self, event: BehaviourEvent) -> TransportEvent {
         match event {
             BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,
                 message_id,
                 message,
-            }) => NetEvent::Message {
+            }) => TransportEvent::Message {
                 bytes: message.data,
-                id: message_id,
-                source: propagation_source,
+                via: Inbound::Gossip { id: message_id, source: propagation_source },
             },
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
@@ -378,7 +333,7 @@ impl Net {
                 for (peer, addrs) in by_peer {
                     self.dial_peer(peer, addrs);
                 }
-                NetEvent::Internal
+                TransportEvent::Internal
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 for addr in info.listen_addrs {
@@ -389,24 +344,23 @@ impl Net {
                 // A new peer is known: look for its neighbours now rather than at the next
                 // periodic bootstrap, so a node that joins through one peer finds all of them.
                 self.kad_bootstrap();
-                NetEvent::Internal
+                TransportEvent::Internal
             }
-
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
                 self.dial_peer(peer, addresses.into_vec());
-                NetEvent::Internal
+                TransportEvent::Internal
             }
             BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. }) => {
                 match message {
                     request_response::Message::Request { request, channel, .. } => {
-                        NetEvent::SyncRequest { peer, request, channel }
+                        TransportEvent::SyncRequest { request, reply: SyncReply::Peer(channel) }
                     }
                     request_response::Message::Response { response, .. } => {
-                        NetEvent::SyncResponse { peer, response }
+                        TransportEvent::SyncResponse { from: Some(peer), response }
                     }
                 }
             }
-            _ => NetEvent::Internal,
+            _ => TransportEvent::Internal,
         }
     }
 }

@@ -12,7 +12,7 @@ use arw_p2p::{
     identity::NodeKey,
     membership::MembershipConfig,
     net::NetConfig,
-    node::{self, FederationConfig, NodeConfig, NodeHandle, Snapshot},
+    node::{self, BusConfig, FederationConfig, NodeConfig, NodeHandle, Snapshot},
     node_id::{IdSource, NodeId},
 };
 
@@ -39,12 +39,12 @@ async fn start(id: &str, seed: u8, bootstrap: Vec<String>, cancel: &Cancellation
         bus: "local".into(),
         queue: "local".into(),
         federation: Some(FederationConfig {
-            net: NetConfig {
+            bus: BusConfig::Libp2p(NetConfig {
                 workspace: "lab".into(),
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
                 bootstrap: bootstrap.iter().map(|a| a.parse().expect("addr")).collect(),
                 mdns: false,
-            },
+            }),
             heartbeat_interval: Duration::from_millis(500),
             membership: MembershipConfig::new("lab"),
         }),

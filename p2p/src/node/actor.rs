@@ -16,16 +16,20 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Command, NetworkStatus, NodeConfig, NodeError, Snapshot};
+use super::{
+    BusConfig, Command, FederationConfig, Mismatch, NetworkStatus, NodeConfig, NodeError, Snapshot,
+};
 use crate::{
     cluster::{Advert, Health, NodeRecord},
     events::EventTx,
     hierarchy::{CoreHello, HelloOutcome, Hierarchy, HierarchyError, RoleChange},
     membership::{Change, Membership, MembershipConfig, Receipt, StoredMember},
-    net::{self, Net, NetEvent, SyncRequest, SyncResponse},
+    nats::{self, NatsBus},
+    net::{self, Net},
     node_id::{self, IdSource, NodeId},
     persist,
     time::{now_ms, rfc3339_ms},
+    transport::{Inbound, SyncReply, SyncRequest, SyncResponse, Transport, TransportEvent},
     wire::{self, Beat, Message, Reason},
 };
 
@@ -65,13 +69,16 @@ pub(super) struct Actor {
     beat: u64,
     own_advert: Option<Vec<u8>>,
     membership: Membership,
-    net: Option<Net>,
+    transport: Option<Transport>,
+    /// Remote nodes whose advertised bus or queue differs from ours, as last reported.
+    mismatched: BTreeMap<NodeId, (String, String)>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     snapshot_dirty: bool,
     store_dirty: bool,
     last_flush: StdInstant,
     rejections: RejectionLimit,
-    sync_asked: BTreeMap<libp2p::PeerId, StdInstant>,
+    /// When a sync was last asked of each peer (`None`: of everyone, on NATS).
+    sync_asked: BTreeMap<Option<libp2p::PeerId>, StdInstant>,
 }
 
 impl Actor {
@@ -104,13 +111,8 @@ impl Actor {
             Membership::new(membership_config, id.clone(), config.key.verifying_key().to_bytes());
         membership.restore(store.nodes);
 
-        let net = match &config.federation {
-            Some(federation) => {
-                let mut net =
-                    Net::start(&config.key, &federation.net).map_err(std::io::Error::other)?;
-                net.wait_listening(federation.net.listen.len(), Duration::from_secs(5)).await;
-                Some(net)
-            }
+        let transport = match &config.federation {
+            Some(federation) => Some(start_transport(&config, federation).await?),
             None => None,
         };
 
@@ -136,7 +138,8 @@ impl Actor {
             beat: 0,
             own_advert: None,
             membership,
-            net,
+            transport,
+            mismatched: BTreeMap::new(),
             snapshot,
             snapshot_dirty: true,
             store_dirty: false,
@@ -170,9 +173,9 @@ impl Actor {
                 biased;
                 () = cancel.cancelled() => break,
                 Some(cmd) = commands.recv() => self.handle(cmd).await,
-                event = next_net_event(&mut self.net) => self.on_net(event).await,
+                event = next_event(&mut self.transport) => self.on_transport(event).await,
                 _ = tick.tick() => self.on_tick().await,
-                _ = heartbeat.tick(), if self.net.is_some() => self.send_beat(false),
+                _ = heartbeat.tick(), if self.transport.is_some() => self.send_beat(false).await,
                 _ = readvertise.tick() => self.advertise("interval").await,
             }
         }
@@ -180,10 +183,11 @@ impl Actor {
     }
 
     async fn stop(&mut self) {
-        if self.net.is_some() {
-            self.send_beat(true);
+        if self.transport.is_some() {
+            self.send_beat(true).await;
             let deadline = Instant::now() + LEAVE_FLUSH;
-            while tokio::time::timeout_at(deadline, next_net_event(&mut self.net)).await.is_ok() {}
+            while tokio::time::timeout_at(deadline, next_event(&mut self.transport)).await.is_ok() {
+            }
         }
         self.flush_store(true);
         tracing::debug!("node actor stopped");
@@ -237,7 +241,7 @@ impl Actor {
         if let Some(new_id) = &outcome.new_id {
             tracing::info!(from = %self.id, to = %new_id, "node id assigned by hello");
             // Tell the others the old id is gone before speaking under the new one.
-            self.send_beat(true);
+            self.send_beat(true).await;
             self.local = None;
             self.id = new_id.clone();
             self.id_source = IdSource::Hello;
@@ -307,8 +311,8 @@ impl Actor {
                 "advert exceeds the envelope limit; peers will refuse it"
             );
         }
-        if let Some(net) = &mut self.net {
-            net.publish(sealed.clone());
+        if let Some(transport) = &mut self.transport {
+            transport.publish(sealed.clone()).await;
         }
         self.own_advert = Some(sealed);
         self.publish_snapshot();
@@ -336,15 +340,15 @@ impl Actor {
             tags: h.tags.clone(),
             models: None,
             health: Health::Ok,
-            addrs: self.net.as_ref().map(Net::addresses).unwrap_or_default(),
+            addrs: self.transport.as_ref().map(Transport::addresses).unwrap_or_default(),
             bus: self.config.bus.clone(),
             queue: self.config.queue.clone(),
         }
     }
 
     /// A heartbeat, or with `leave` a graceful departure, for the current id.
-    fn send_beat(&mut self, leave: bool) {
-        let Some(net) = &mut self.net else { return };
+    async fn send_beat(&mut self, leave: bool) {
+        let Some(transport) = &mut self.transport else { return };
         self.beat += 1;
         let beat = Beat {
             id: self.id.clone(),
@@ -354,14 +358,18 @@ impl Actor {
             sent_ms: now_ms(),
         };
         let message = if leave { Message::Leave(beat) } else { Message::Heartbeat(beat) };
-        net.publish(wire::seal(&self.config.key, &self.config.workspace, &message));
+        transport.publish(wire::seal(&self.config.key, &self.config.workspace, &message)).await;
     }
 
     async fn on_tick(&mut self) {
-        let changes = self.membership.tick(now_ms());
-        self.apply_changes(changes).await;
-        if let Some(net) = &mut self.net {
-            net.maintain();
+        // While the broker is unreachable this node cannot hear anyone: the silence is ours, not
+        // theirs, so nobody is judged until the link is back.
+        if self.transport.as_ref().is_none_or(Transport::is_linked) {
+            let changes = self.membership.tick(now_ms());
+            self.apply_changes(changes).await;
+        }
+        if let Some(transport) = &mut self.transport {
+            transport.maintain();
         }
         self.flush_store(false);
         if self.snapshot_dirty {
@@ -369,65 +377,99 @@ impl Actor {
         }
     }
 
-    async fn on_net(&mut self, event: NetEvent) {
+    async fn on_transport(&mut self, event: TransportEvent) {
         match event {
-            NetEvent::Message { bytes, id, source } => {
+            TransportEvent::Message { bytes, via } => {
                 let receipt = self.membership.receive(&bytes, now_ms());
-                if let Some(net) = &mut self.net {
-                    net.report(&id, &source, receipt.verdict);
+                if let Some(transport) = &mut self.transport {
+                    transport.report(&via, receipt.verdict);
                 }
-                self.on_receipt(receipt, Some(source)).await;
+                let source = match via {
+                    Inbound::Gossip { source, .. } => Some(source),
+                    Inbound::Broker => None,
+                };
+                self.on_receipt(receipt, source).await;
             }
-            NetEvent::PeerUp(peer) => {
+            TransportEvent::PeerUp(peer) => {
                 self.membership.transport(&peer, true);
-                self.ask_sync(peer, true);
+                self.ask_sync(Some(peer), true).await;
                 self.snapshot_dirty = true;
             }
-            NetEvent::PeerDown(peer) => {
+            TransportEvent::PeerDown(peer) => {
                 self.membership.transport(&peer, false);
                 self.snapshot_dirty = true;
             }
-            NetEvent::SyncRequest { request, channel, .. } => {
-                let mut adverts = self.membership.newer_than(&request.have);
-                if let Some(own) = &self.own_advert
-                    && request.have.get(self.id.as_str()).is_none_or(|seq| *seq < self.self_seq)
-                {
-                    adverts.push(own.clone());
-                }
-                let adverts =
-                    adverts.into_iter().map(|a| String::from_utf8_lossy(&a).into_owned()).collect();
-                if let Some(net) = &mut self.net {
-                    net.respond_sync(channel, SyncResponse { adverts });
-                }
+            TransportEvent::Link(up) => self.on_link(up).await,
+            TransportEvent::SyncRequest { request, reply } => {
+                self.answer_sync(&request, reply).await
             }
-            NetEvent::SyncResponse { peer, response } => {
+            TransportEvent::SyncResponse { from, response } => {
                 for advert in response.adverts {
                     let receipt = self.membership.receive(advert.as_bytes(), now_ms());
-                    self.on_receipt(receipt, Some(peer)).await;
+                    self.on_receipt(receipt, from).await;
                 }
             }
-            NetEvent::Listening => {
-                let listen = self.net.as_ref().map(Net::addresses).unwrap_or_default();
+            TransportEvent::Listening => {
+                let listen = self.transport.as_ref().map(Transport::addresses).unwrap_or_default();
                 if self.local.as_ref().is_some_and(|l| l.advert.addrs != listen) {
                     self.advertise("addresses").await;
                 }
             }
-            NetEvent::Internal => {}
+            TransportEvent::Internal => {}
         }
     }
 
-    /// Asks `peer` for the adverts it has that this node lacks.
-    fn ask_sync(&mut self, peer: libp2p::PeerId, force: bool) {
-        let now = StdInstant::now();
-        if !force && self.sync_asked.get(&peer).is_some_and(|t| now.duration_since(*t) < SYNC_RETRY)
+    /// The broker link came up or went away.
+    async fn on_link(&mut self, up: bool) {
+        self.snapshot_dirty = true;
+        let broker = self.transport.as_ref().and_then(|t| t.status(&self.config.bus).broker);
+        if !up {
+            tracing::warn!(?broker, "bus disconnected; reconnecting");
+            self.emit("cluster.bus.disconnected", json!({ "broker": broker })).await;
+            return;
+        }
+        tracing::info!(?broker, "bus connected");
+        self.membership.resume(now_ms());
+        self.emit("cluster.bus.connected", json!({ "broker": broker })).await;
+        // Whatever was missed while away: the others' adverts, and ours to them.
+        self.ask_sync(None, true).await;
+        if let (Some(transport), Some(own)) = (&mut self.transport, &self.own_advert) {
+            transport.publish(own.clone()).await;
+        }
+    }
+
+    /// Sends the asker the adverts it lacks: everything known over libp2p (it asked one peer),
+    /// only this node's own over NATS (every node answers).
+    async fn answer_sync(&mut self, request: &SyncRequest, reply: SyncReply) {
+        let Some(transport) = &mut self.transport else { return };
+        let everyone = transport.answers_for_everyone();
+        let mut adverts =
+            if everyone { self.membership.newer_than(&request.have) } else { Vec::new() };
+        if let Some(own) = &self.own_advert
+            && request.have.get(self.id.as_str()).is_none_or(|seq| *seq < self.self_seq)
         {
+            adverts.push(own.clone());
+        }
+        if adverts.is_empty() && !everyone {
+            return;
+        }
+        let adverts =
+            adverts.into_iter().map(|a| String::from_utf8_lossy(&a).into_owned()).collect();
+        transport.respond(reply, SyncResponse { adverts }).await;
+    }
+
+    /// Asks for the adverts this node lacks: from `peer` (libp2p), or from everyone (NATS).
+    async fn ask_sync(&mut self, peer: Option<libp2p::PeerId>, force: bool) {
+        let now = StdInstant::now();
+        let last = self.sync_asked.get(&peer);
+        if !force && last.is_some_and(|t| now.duration_since(*t) < SYNC_RETRY) {
             return;
         }
         self.sync_asked.insert(peer, now);
         let mut have = self.membership.digest();
         have.insert(self.id.to_string(), self.self_seq);
-        if let Some(net) = &mut self.net {
-            net.request_sync(&peer, SyncRequest { have });
+        if let Some(transport) = &mut self.transport {
+            transport.request_sync(peer, SyncRequest { have }).await;
         }
     }
 
@@ -440,18 +482,17 @@ impl Actor {
             return;
         };
         if refusal.reason == Reason::UnknownNode {
-            // A heartbeat from a node whose advert never reached us: ask the forwarder.
-            if let Some(peer) = source {
-                self.ask_sync(peer, false);
-            }
+            // A heartbeat from a node whose advert never reached us: ask the forwarder (libp2p)
+            // or everyone (NATS).
+            self.ask_sync(source, false).await;
             return;
         }
         tracing::debug!(reason = refusal.reason.as_str(), kind = refusal.kind, claimed = ?refusal.claimed_id, "message refused");
         if let Some(suppressed) = self.rejections.admit() {
             let topic = self
-                .net
+                .transport
                 .as_ref()
-                .map(Net::topic)
+                .and_then(|t| t.status(&self.config.bus).topic)
                 .unwrap_or_else(|| net::topic_name(&self.config.workspace));
             let mut payload = json!({ "subject": topic, "kind": refusal.kind, "reason": refusal.reason.as_str() });
             if let Some(id) = refusal.claimed_id {
@@ -462,6 +503,30 @@ impl Actor {
             }
             self.emit("cluster.event.rejected", payload).await;
         }
+    }
+
+    /// Reports (once per change) a node whose bus or queue setting differs from ours: such nodes
+    /// do not hear each other's broadcasts or share a task queue.
+    async fn check_transport_match(&mut self, advert: &Advert) {
+        let theirs = (advert.bus.clone(), advert.queue.clone());
+        let same = theirs.0 == self.config.bus && theirs.1 == self.config.queue;
+        if same {
+            if self.mismatched.remove(&advert.id).is_some() {
+                self.snapshot_dirty = true;
+            }
+            return;
+        }
+        if self.mismatched.get(&advert.id) == Some(&theirs) {
+            return;
+        }
+        tracing::warn!(node = %advert.id, bus = %theirs.0, queue = %theirs.1, "node uses another bus or queue");
+        let payload = json!({
+            "id": advert.id, "bus": theirs.0, "queue": theirs.1,
+            "local_bus": self.config.bus, "local_queue": self.config.queue,
+        });
+        self.mismatched.insert(advert.id.clone(), theirs);
+        self.snapshot_dirty = true;
+        self.emit("cluster.bus.mismatch", payload).await;
     }
 
     async fn apply_changes(&mut self, changes: Vec<Change>) {
@@ -479,11 +544,11 @@ impl Actor {
                         continue;
                     };
                     let record = member.record.clone();
-                    if let Some(net) = &mut self.net {
-                        net.dial_advertised(&record.advert.addrs);
+                    if let Some(transport) = &mut self.transport {
+                        transport.dial_advertised(&record.advert.addrs);
                     }
+                    self.check_transport_match(&record.advert).await;
                     self.emit("cluster.node.advertise", advert_payload(&record.advert)).await;
-
                     if changed {
                         self.emit("cluster.node.changed", json_of(&record.view(now, ttl))).await;
                     }
@@ -524,20 +589,24 @@ impl Actor {
         if let Some(local) = &self.local {
             nodes.insert(local.advert.id.clone(), local.clone());
         }
-        let network = match &self.net {
-            Some(net) => NetworkStatus {
-                state: if net.connected() == 0 { "no_peers" } else { "connected" }.to_owned(),
-                bus: self.config.bus.clone(),
-                topic: Some(net.topic()),
-                listen: net.addresses(),
-                connected_peers: net.connected(),
-            },
+        let mut network = match &self.transport {
+            Some(transport) => transport.status(&self.config.bus),
             None => NetworkStatus {
                 state: "disabled".to_owned(),
                 bus: self.config.bus.clone(),
                 ..NetworkStatus::default()
             },
         };
+        network.queue = self.config.queue.clone();
+        network.mismatched = self
+            .mismatched
+            .iter()
+            .map(|(id, (bus, queue))| Mismatch {
+                id: id.to_string(),
+                bus: bus.clone(),
+                queue: queue.clone(),
+            })
+            .collect();
         self.snapshot.send_replace(Arc::new(Snapshot {
             id: self.id.clone(),
             id_source: self.id_source,
@@ -580,11 +649,34 @@ impl Actor {
     }
 }
 
-async fn next_net_event(net: &mut Option<Net>) -> NetEvent {
-    match net {
-        Some(net) => net.next().await,
+async fn next_event(transport: &mut Option<Transport>) -> TransportEvent {
+    match transport {
+        Some(transport) => transport.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// Connects the bus the configuration names.
+async fn start_transport(
+    config: &NodeConfig,
+    federation: &FederationConfig,
+) -> std::io::Result<Transport> {
+    Ok(match &federation.bus {
+        BusConfig::Libp2p(net) => {
+            let mut transport = Net::start(&config.key, net).map_err(std::io::Error::other)?;
+            transport.wait_listening(net.listen.len(), Duration::from_secs(5)).await;
+            Transport::Libp2p(Box::new(transport))
+        }
+        BusConfig::Nats(nats_config) => {
+            let (client, links) =
+                nats::connect(nats_config).await.map_err(std::io::Error::other)?;
+            let url = nats_config.effective_url();
+            let bus = NatsBus::start(client, links, &url, &config.workspace)
+                .await
+                .map_err(std::io::Error::other)?;
+            Transport::Nats(Box::new(bus))
+        }
+    })
 }
 
 fn advert_payload(advert: &Advert) -> Value {

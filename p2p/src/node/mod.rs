@@ -22,6 +22,7 @@ use crate::{
     },
     identity::NodeKey,
     membership::MembershipConfig,
+    nats::NatsConfig,
     net::NetConfig,
     node_id::{IdSource, NodeId},
     time::rfc3339_ms,
@@ -57,12 +58,32 @@ pub struct NodeConfig {
 /// Settings for federating with other nodes.
 #[derive(Debug, Clone)]
 pub struct FederationConfig {
-    /// Transport.
-    pub net: NetConfig,
+    /// The bus.
+    pub bus: BusConfig,
     /// How often to send a heartbeat.
     pub heartbeat_interval: Duration,
     /// Trust and liveness rules.
     pub membership: MembershipConfig,
+}
+
+/// Which bus carries the federation.
+#[derive(Debug, Clone)]
+pub enum BusConfig {
+    /// The broker-less libp2p mesh (`bus = "local"`).
+    Libp2p(NetConfig),
+    /// A NATS broker (`bus = "nats"`).
+    Nats(NatsConfig),
+}
+
+/// A node whose advertised bus or queue differs from this node's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mismatch {
+    /// The node.
+    pub id: String,
+    /// Its bus.
+    pub bus: String,
+    /// Its queue.
+    pub queue: String,
 }
 
 /// A refused or failed node command.
@@ -91,8 +112,17 @@ pub struct NetworkStatus {
     pub topic: Option<String>,
     /// Listen addresses with `/p2p/<peer id>`.
     pub listen: Vec<String>,
-    /// Directly connected peers.
+    /// Directly connected peers (libp2p).
     pub connected_peers: usize,
+    /// The broker URL (NATS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+    /// This node's queue setting.
+    #[serde(default)]
+    pub queue: String,
+    /// Nodes advertising another bus or queue (they miss each other's broadcasts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mismatched: Vec<Mismatch>,
 }
 
 /// The node as readers see it.

@@ -1,0 +1,105 @@
+//! The task queue over NATS: workers take tasks from `arw.tasks` in a queue group (each task goes
+//! to one worker, at most once) and run the sample tools.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// Subject tasks are enqueued on.
+pub const TASKS: &str = "arw.tasks";
+/// Cluster-wide completion subject.
+pub const COMPLETED: &str = "arw.events.task.completed";
+
+/// A task on `arw.tasks`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Task id.
+    pub id: String,
+    /// Routing hint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_key: Option<String>,
+    /// The tool, e.g. `math.add`.
+    pub kind: String,
+    /// Its input.
+    #[serde(default)]
+    pub payload: Value,
+    /// Idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idem_key: Option<String>,
+    /// Priority.
+    #[serde(default)]
+    pub priority: i32,
+    /// Attempt number.
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+/// Runs a sample tool: `math.add {a, b}` → `{sum}`, `time.now` → `{now_ms}`. Returns `(ok, output)`;
+/// an unknown tool or bad input is `ok: false` with an `error`.
+pub fn run(kind: &str, input: &Value) -> (bool, Value) {
+    match kind {
+        "math.add" => match (input["a"].as_f64(), input["b"].as_f64()) {
+            (Some(a), Some(b)) => (true, json!({ "sum": a + b })),
+            _ => (false, json!({ "error": "math.add needs numbers a and b", "id": kind })),
+        },
+        "time.now" => (true, json!({ "now_ms": arw_p2p::time::now_ms() })),
+        _ => (false, json!({ "error": "unknown tool", "id": kind })),
+    }
+}
+
+/// The `task.completed` payload.
+pub fn completion(task: &Task, node_id: &str) -> Value {
+    let (ok, output) = run(&task.kind, &task.payload);
+    json!({ "id": task.id, "ok": ok, "output": output, "node_id": node_id })
+}
+
+/// A server's queue worker (`queue = "nats"`): takes tasks from `arw.tasks` in `group`, runs them
+/// and journals `task.completed` with this node's id (the relay then publishes it on
+/// `arw.events.node.<node_id>.task.completed`). Runs until `cancel`.
+pub async fn serve(
+    client: async_nats::Client,
+    group: String,
+    node: tokio::sync::watch::Receiver<std::sync::Arc<arw_p2p::node::Snapshot>>,
+    events: arw_p2p::events::EventTx,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    use futures::StreamExt;
+    let mut tasks = match client.queue_subscribe(TASKS, group.clone()).await {
+        Ok(sub) => sub,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot subscribe to {TASKS}; this node takes no tasks");
+            return;
+        }
+    };
+    tracing::info!(%group, "taking tasks from {TASKS}");
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            Some(message) = tasks.next() => {
+                let Ok(task) = serde_json::from_slice::<Task>(&message.payload) else {
+                    tracing::warn!("undecodable task on {TASKS} dropped");
+                    continue;
+                };
+                let me = node.borrow().id.to_string();
+                events.emit("task.completed", completion(&task, &me)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_tools() {
+        assert_eq!(run("math.add", &json!({"a": 2, "b": 3})), (true, json!({"sum": 5.0})));
+        assert!(!run("math.add", &json!({"a": "x"})).0);
+        let (ok, out) = run("time.now", &Value::Null);
+        assert!(ok && out["now_ms"].as_u64().is_some());
+        assert_eq!(
+            run("rm.rf", &Value::Null),
+            (false, json!({"error": "unknown tool", "id": "rm.rf"}))
+        );
+    }
+}

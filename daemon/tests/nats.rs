@@ -1,0 +1,384 @@
+//! NATS mode against a real nats-server (Debian's `nats-server`, started here on a free port):
+//! the bus, broker restarts, forged messages, the event relay and arw-connector.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// A nats-server on loopback, killed on drop.
+struct Broker {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Broker {
+    /// On a free port (`-p -1`), read back from its ports file.
+    fn start(dir: &Path) -> Self {
+        Self::start_on(dir, None)
+    }
+
+    fn start_on(dir: &Path, port: Option<u16>) -> Self {
+        std::fs::create_dir_all(dir).expect("dir");
+        for entry in std::fs::read_dir(dir).expect("dir").flatten() {
+            if entry.path().extension().is_some_and(|e| e == "ports") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "--ports_file_dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server is not installed: scripts/test.sh installs it (apt-get install nats-server)");
+        let ports = dir.join(format!("nats-server_{}.ports", child.id()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&ports)
+                .ok()
+                .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+                .and_then(|v| {
+                    v["nats"][0]
+                        .as_str()
+                        .and_then(|u| u.rsplit(':').next())
+                        .and_then(|p| p.parse().ok())
+                })
+            {
+                break port;
+            }
+            assert!(Instant::now() < deadline, "nats-server did not report its port");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self { child, port, dir: dir.to_path_buf() }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops it and starts a new one on the same port.
+    fn restart(mut self) -> Self {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Self::start_on(&self.dir.clone(), Some(self.port))
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(id: &str, state: &Path, broker: &Broker, extra: &str) -> common::Server {
+    let config = format!(
+        "[cluster]\nenabled = true\nbus = \"nats\"\nnats_url = \"{}\"\nheartbeat_interval_ms = 500\nsuspect_after_ms = 2000\ndown_after_ms = 4000\n{extra}",
+        broker.url()
+    );
+    common::Launch::new().state_dir(state).env("ARW_NODE_ID", id).config(&config).start()
+}
+
+fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn all_ok(server: &common::Server, n: usize) -> bool {
+    let rows = common::node_rows(&server.get("/state/cluster").1);
+    rows.len() == n && rows.iter().all(|(_, h, _)| h == "ok")
+}
+
+fn journal(server: &common::Server, prefix: &str) -> Vec<Value> {
+    let page = server.get(&format!("/admin/events/journal?prefix={prefix}&limit=1000")).1;
+    page["entries"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn three_daemons_federate_over_nats_and_survive_a_broker_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let nodes: Vec<common::Server> =
+        ["w1", "w2", "w3"].iter().map(|id| node(id, &dir.path().join(id), &broker, "")).collect();
+    for n in &nodes {
+        wait_until(Duration::from_secs(20), "all three ok over NATS", || all_ok(n, 3));
+    }
+    let network = nodes[0].get("/admin/hierarchy/state").1["network"].clone();
+    assert_eq!(
+        (network["bus"].as_str(), network["state"].as_str()),
+        (Some("nats"), Some("connected"))
+    );
+    assert!(
+        nodes[0].endpoints["p2p"].as_array().is_some_and(Vec::is_empty),
+        "no libp2p listener with bus = nats"
+    );
+
+    let broker = broker.restart();
+    for n in &nodes {
+        wait_until(Duration::from_secs(20), "reconnected", || {
+            n.get("/admin/hierarchy/state").1["network"]["state"] == "connected"
+        });
+    }
+    // Adverts resume: a change made after the restart reaches the others.
+    assert_eq!(nodes[1].post("/admin/hierarchy/role", &json!({"role": "regional"})).0, 200);
+    wait_until(Duration::from_secs(20), "w2's new role on w1", || {
+        nodes[0].get("/admin/hierarchy/state").1["peers"]["w2"]["role"] == "regional"
+    });
+    for n in &nodes {
+        assert!(all_ok(n, 3), "a node was marked down for the broker's outage");
+        // Re-sent adverts are duplicates, never accepted twice.
+        let mut seen = std::collections::BTreeSet::new();
+        let me = n.endpoints["node_id"].clone();
+        // (Events relayed from other nodes have their origin; only this node's own count here.)
+        for e in journal(n, "cluster.node.advertise").into_iter().filter(|e| e["origin"] == me) {
+            let key = (e["payload"]["id"].to_string(), e["payload"]["seq"].as_u64());
+            assert!(seen.insert(key.clone()), "advert {key:?} accepted twice");
+        }
+        let kinds: Vec<String> = journal(n, "cluster.bus.")
+            .iter()
+            .filter(|e| e["origin"] == me)
+            .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+            .collect();
+        assert!(
+            kinds.ends_with(&[
+                "cluster.bus.disconnected".to_owned(),
+                "cluster.bus.connected".to_owned()
+            ]),
+            "{kinds:?}"
+        );
+    }
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_messages_on_the_subject_are_refused_and_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let w1 = node("w1", &dir.path().join("w1"), &broker, "");
+    let w2 = node("w2", &dir.path().join("w2"), &broker, "");
+    let (w1, w2) = tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(20), "both ok", || all_ok(&w1, 2) && all_ok(&w2, 2));
+        (w1, w2)
+    })
+    .await
+    .expect("wait");
+
+    let client = async_nats::connect(broker.url()).await.expect("connect");
+    let subject = "arw.cluster.default.msg";
+    // w2's real advert, captured off the wire, then tampered with.
+    let mut sub = client.subscribe(subject).await.expect("subscribe");
+    assert_eq!(w2.post("/admin/hierarchy/role", &json!({"role": "observer"})).0, 200);
+    let advert = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("advert")
+            .expect("open");
+        if String::from_utf8_lossy(&m.payload).contains(r#""type":"advert""#) {
+            break m.payload.to_vec();
+        }
+    };
+    let tampered = String::from_utf8(advert.clone()).expect("utf8").replace("observer", "root");
+    client.publish(subject, tampered.into_bytes().into()).await.expect("publish");
+    // A different key claiming w2's id.
+    let rogue = arw_p2p::identity::NodeKey::from_secret([42; 32]);
+    let mut claim: Value = serde_json::from_slice(&advert).expect("json");
+    let mut payload = claim["payload"].clone();
+    payload["seq"] = json!(payload["seq"].as_u64().unwrap_or(0) + 1);
+    let message: arw_p2p::wire::Message = serde_json::from_value(payload).expect("message");
+    let forged = arw_p2p::wire::seal(&rogue, "default", &message);
+    client.publish(subject, forged.into()).await.expect("publish");
+    // The original, replayed.
+    client.publish(subject, advert.into()).await.expect("publish");
+    client.flush().await.expect("flush");
+    claim["v"] = json!(1);
+
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(20), "rejections reported on w1", || {
+            let reasons: Vec<String> = journal(&w1, "cluster.event.rejected")
+                .iter()
+                .filter_map(|e| e["payload"]["reason"].as_str().map(str::to_owned))
+                .collect();
+            reasons.contains(&"bad_signature".to_owned())
+                && reasons.contains(&"key_conflict".to_owned())
+        });
+        let conflicts = journal(&w1, "cluster.node.conflict");
+        assert!(conflicts.iter().any(|e| e["payload"]["id"] == "w2"), "{conflicts:?}");
+        assert_eq!(w1.get("/admin/hierarchy/state").1["peers"]["w2"]["role"], "observer");
+        drop(w2);
+    })
+    .await
+    .expect("checks");
+}
+
+#[test]
+fn relayed_events_arrive_once_at_every_other_node_without_loops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let relay = "[nats]\nrelay_out_filter = \"service.\"\n";
+    let nodes: Vec<common::Server> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|id| node(id, &dir.path().join(id), &broker, relay))
+        .collect();
+    for n in &nodes {
+        wait_until(Duration::from_secs(20), "all three ok", || all_ok(n, 3));
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(n.post("/admin/events/test", &json!({ "from": i })).0, 200);
+    }
+    // Then a second round as markers: NATS keeps one publisher's order, so once a node has
+    // every marker it has every first-round event too.
+    for (i, n) in nodes.iter().enumerate() {
+        assert_eq!(n.post("/admin/events/test", &json!({ "marker": i })).0, 200);
+    }
+    for n in &nodes {
+        wait_until(Duration::from_secs(20), "all markers", || {
+            journal(n, "service.test").iter().filter(|e| e["payload"]["marker"].is_number()).count()
+                == 3
+        });
+        let events = journal(n, "service.test");
+        assert_eq!(events.len(), 6, "each event exactly once, no loops: {events:?}");
+        let mut ids: Vec<&str> = events.iter().filter_map(|e| e["ce"]["id"].as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 6);
+        let origins: std::collections::BTreeSet<&str> =
+            events.iter().filter_map(|e| e["origin"].as_str()).collect();
+        assert_eq!(origins.len(), 3, "relayed events keep their origin");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connector_and_server_queue_complete_tasks_with_their_node_ids() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let client = async_nats::connect(broker.url()).await.expect("connect");
+    let mut cluster_wide = client.subscribe("arw.events.task.completed").await.expect("sub");
+    let mut per_node = client.subscribe("arw.events.node.*.task.completed").await.expect("sub");
+    client.flush().await.expect("flush");
+
+    let mut connector = Command::new(env!("CARGO_BIN_EXE_arw-connector"))
+        .env("ARW_NODE_ID", "connector-01")
+        .env("ARW_NATS_URL", broker.url())
+        .env("ARW_GROUP", "workers")
+        .env("ARW_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("arw-connector");
+    // The connector is the only worker in the group: wait until it takes a task.
+    let task = |id: &str, kind: &str, payload: Value| -> bytes::Bytes {
+        serde_json::to_vec(
+            &json!({"id": id, "kind": kind, "payload": payload, "priority": 0, "attempt": 0}),
+        )
+        .expect("json")
+        .into()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        client
+            .publish("arw.tasks", task("t1", "math.add", json!({"a": 2, "b": 3})))
+            .await
+            .expect("publish");
+        if let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_millis(500), cluster_wide.next()).await
+        {
+            break m;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the connector never completed a task");
+    };
+    let envelope: Value = serde_json::from_slice(&done.payload).expect("envelope");
+    assert_eq!(envelope["kind"], "task.completed");
+    let p = &envelope["payload"];
+    assert_eq!(
+        (&p["id"], &p["ok"], &p["output"], &p["node_id"]),
+        (&json!("t1"), &json!(true), &json!({"sum": 5.0}), &json!("connector-01"))
+    );
+    let node_copy = tokio::time::timeout(Duration::from_secs(10), per_node.next())
+        .await
+        .expect("per-node")
+        .expect("open");
+    assert_eq!(node_copy.subject.as_str(), "arw.events.node.connector-01.task.completed");
+
+    client.publish("arw.tasks", task("t2", "rm.rf", json!({}))).await.expect("publish");
+    let failed = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), cluster_wide.next())
+            .await
+            .expect("t2")
+            .expect("open");
+        let v: Value = serde_json::from_slice(&m.payload).expect("json");
+        if v["payload"]["id"] == "t2" {
+            break v;
+        }
+    };
+    assert_eq!(failed["payload"]["ok"], false);
+    assert_eq!(failed["payload"]["output"]["error"], "unknown tool");
+
+    // A server with queue = "nats" shares the group: its completions go out on its own subject
+    // (through its event relay), and the connector mirrors them cluster-wide.
+    let state = dir.path().join("q1");
+    let server = tokio::task::spawn_blocking({
+        let broker_url = broker.url();
+        move || {
+            let config = format!("[cluster]\nenabled = true\nbus = \"nats\"\nqueue = \"nats\"\nnats_url = \"{broker_url}\"\n");
+            common::Launch::new().state_dir(&state).env("ARW_NODE_ID", "q1").config(&config).start()
+        }
+    })
+    .await
+    .expect("server");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    let by_server = loop {
+        n += 1;
+        let id = format!("s{n}");
+        client.publish("arw.tasks", task(&id, "time.now", json!({}))).await.expect("publish");
+        let mut found = None;
+        while let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_millis(300), per_node.next()).await
+        {
+            if m.subject.as_str() == "arw.events.node.q1.task.completed" {
+                found = Some(serde_json::from_slice::<Value>(&m.payload).expect("json"));
+                break;
+            }
+        }
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the server never took a task");
+    };
+    assert_eq!(
+        (by_server["origin"].as_str(), by_server["payload"]["node_id"].as_str()),
+        (Some("q1"), Some("q1"))
+    );
+    assert_eq!(by_server["payload"]["ok"], true);
+    let task_id = by_server["payload"]["id"].clone();
+    let mirrored = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), cluster_wide.next())
+            .await
+            .expect("mirror")
+            .expect("open");
+        let v: Value = serde_json::from_slice(&m.payload).expect("json");
+        if v["payload"]["id"] == task_id {
+            break v;
+        }
+    };
+    assert_eq!(mirrored["payload"]["node_id"], "q1");
+    let journaled = tokio::task::spawn_blocking(move || journal(&server, "task.completed"))
+        .await
+        .expect("journal");
+    assert!(journaled.iter().any(|e| e["payload"]["id"] == task_id), "{journaled:?}");
+
+    let _ = connector.kill();
+    let _ = connector.wait();
+    drop(broker);
+}

@@ -1,0 +1,267 @@
+//! The NATS bus: the same signed envelopes as the libp2p mesh, through a broker, for sites that
+//! multicast cannot join. The broker is trusted for nothing but delivery: authenticity, ordering
+//! and freshness are the membership core's job.
+//!
+//! Subjects, scoped by workspace: `arw.cluster.<workspace>.msg` carries adverts, heartbeats and
+//! leaves; `arw.cluster.<workspace>.sync` carries anti-entropy requests, answered on the
+//! requester's inbox with each node's own advert.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::transport::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent};
+
+/// How to reach the broker.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// `nats://host:port` (or `tls://`).
+    pub url: String,
+    /// Rewrite `nats://` to `tls://` and `ws://` to `wss://`.
+    pub tls: bool,
+    /// Credentials, used when the URL carries none.
+    pub user: Option<String>,
+    /// See `user`.
+    pub pass: Option<String>,
+    /// Connection attempts at start before giving up (then keep trying in the background).
+    pub connect_retries: u32,
+    /// Delay between those attempts.
+    pub connect_backoff: Duration,
+    /// Client name shown by the broker.
+    pub name: String,
+}
+
+impl NatsConfig {
+    /// The URL after the TLS rewrite.
+    pub fn effective_url(&self) -> String {
+        if !self.tls {
+            return self.url.clone();
+        }
+        if let Some(rest) = self.url.strip_prefix("nats://") {
+            format!("tls://{rest}")
+        } else if let Some(rest) = self.url.strip_prefix("ws://") {
+            format!("wss://{rest}")
+        } else {
+            self.url.clone()
+        }
+    }
+}
+
+/// Connects to the broker with the settings every NATS connection of this process uses (URL,
+/// TLS, credentials), trying `connect_retries` more times `connect_backoff` apart. If the broker
+/// is still unreachable the client is returned anyway and keeps connecting in the background; after
+/// that it reconnects forever with backoff. Link changes (`true` = up) arrive on the channel. Only
+/// an unusable URL is an error.
+pub async fn connect(
+    config: &NatsConfig,
+) -> Result<(async_nats::Client, mpsc::UnboundedReceiver<bool>), String> {
+    let url = config.effective_url();
+    let (links, rx) = mpsc::unbounded_channel();
+    for attempt in 0..=config.connect_retries {
+        if attempt > 0 {
+            tokio::time::sleep(config.connect_backoff).await;
+        }
+        match options(config, &url, links.clone()).connect(url.as_str()).await {
+            // The connect callback has already reported the link up.
+            Ok(client) => return Ok((client, rx)),
+            Err(e) => tracing::warn!(%url, attempt, error = %e, "NATS connection failed"),
+        }
+    }
+    tracing::warn!(%url, "NATS broker unreachable; connecting in the background");
+    // With `retry_on_initial_connect` only an unusable URL can fail here.
+    let client = options(config, &url, links)
+        .retry_on_initial_connect()
+        .connect(url.as_str())
+        .await
+        .map_err(|e| format!("NATS URL {url}: {e}"))?;
+    Ok((client, rx))
+}
+
+fn options(
+    config: &NatsConfig,
+    url: &str,
+    links: mpsc::UnboundedSender<bool>,
+) -> async_nats::ConnectOptions {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&config.name)
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((100u64 << attempts.min(6)).min(5_000))
+        })
+        .event_callback(move |event| {
+            let links = links.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        let _ = links.send(true);
+                    }
+                    async_nats::Event::Disconnected => {
+                        let _ = links.send(false);
+                    }
+                    other => tracing::debug!(event = %other, "nats"),
+                }
+            }
+        });
+    if config.tls {
+        options = options.require_tls(true);
+    }
+    if let (Some(user), Some(pass)) = (&config.user, &config.pass)
+        && !url.contains('@')
+    {
+        options = options.user_and_password(user.clone(), pass.clone());
+    }
+    options
+}
+
+/// The federation bus over NATS.
+#[derive(Debug)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    url: String,
+    msg_subject: String,
+    sync_subject: String,
+    inbox: String,
+    messages: async_nats::Subscriber,
+    requests: async_nats::Subscriber,
+    answers: async_nats::Subscriber,
+    links: mpsc::UnboundedReceiver<bool>,
+    connected: bool,
+}
+
+impl NatsBus {
+    /// Subscribes to the workspace's subjects on an existing connection.
+    pub async fn start(
+        client: async_nats::Client,
+        links: mpsc::UnboundedReceiver<bool>,
+        url: &str,
+        workspace: &str,
+    ) -> Result<Self, String> {
+        let msg_subject = format!("arw.cluster.{workspace}.msg");
+        let sync_subject = format!("arw.cluster.{workspace}.sync");
+        let inbox = client.new_inbox();
+        let subscribe = |subject: String| {
+            let client = client.clone();
+            async move {
+                client
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|e| format!("subscribe {subject}: {e}"))
+            }
+        };
+        let messages = subscribe(msg_subject.clone()).await?;
+        let requests = subscribe(sync_subject.clone()).await?;
+        let answers = subscribe(inbox.clone()).await?;
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        Ok(Self {
+            client,
+            url: url.to_owned(),
+            msg_subject,
+            sync_subject,
+            inbox,
+            messages,
+            requests,
+            answers,
+            links,
+            connected,
+        })
+    }
+
+    /// The broker URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The message subject.
+    pub fn subject(&self) -> String {
+        self.msg_subject.clone()
+    }
+
+    /// Whether the broker connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Publishes an envelope. While disconnected the client buffers it.
+    pub async fn publish(&mut self, bytes: Vec<u8>) {
+        if let Err(e) = self.client.publish(self.msg_subject.clone(), bytes.into()).await {
+            tracing::debug!(error = %e, "NATS publish failed");
+        }
+    }
+
+    /// Asks every node for the adverts this node lacks.
+    pub async fn request_sync(&mut self, request: &SyncRequest) {
+        let body = serde_json::to_vec(request).unwrap_or_default();
+        let sent = self
+            .client
+            .publish_with_reply(self.sync_subject.clone(), self.inbox.clone(), body.into())
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "NATS sync request failed");
+        }
+    }
+
+    /// Answers a sync request on its reply subject.
+    pub async fn respond(&mut self, subject: String, response: &SyncResponse) {
+        let body = serde_json::to_vec(response).unwrap_or_default();
+        if let Err(e) = self.client.publish(subject, body.into()).await {
+            tracing::debug!(error = %e, "NATS sync answer failed");
+        }
+    }
+
+    /// The next event.
+    pub async fn next(&mut self) -> TransportEvent {
+        tokio::select! {
+            Some(up) = self.links.recv() => {
+                // The client reports every attempt; only changes matter.
+                if up == self.connected {
+                    return TransportEvent::Internal;
+                }
+                self.connected = up;
+                TransportEvent::Link(up)
+            }
+            Some(message) = self.messages.next() => {
+                TransportEvent::Message { bytes: message.payload.to_vec(), via: Inbound::Broker }
+            }
+            Some(message) = self.requests.next() => {
+                match (serde_json::from_slice::<SyncRequest>(&message.payload), message.reply) {
+                    (Ok(request), Some(reply)) => {
+                        TransportEvent::SyncRequest { request, reply: SyncReply::Subject(reply.to_string()) }
+                    }
+                    _ => TransportEvent::Internal,
+                }
+            }
+            Some(message) = self.answers.next() => {
+                match serde_json::from_slice::<SyncResponse>(&message.payload) {
+                    Ok(response) => TransportEvent::SyncResponse { from: None, response },
+                    Err(_) => TransportEvent::Internal,
+                }
+            }
+            else => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_rewrites_the_scheme() {
+        let mut c = NatsConfig {
+            url: "nats://broker:4222".into(),
+            tls: true,
+            user: None,
+            pass: None,
+            connect_retries: 0,
+            connect_backoff: Duration::ZERO,
+            name: "t".into(),
+        };
+        assert_eq!(c.effective_url(), "tls://broker:4222");
+        c.url = "ws://broker".into();
+        assert_eq!(c.effective_url(), "wss://broker");
+        c.tls = false;
+        assert_eq!(c.effective_url(), "ws://broker");
+    }
+}

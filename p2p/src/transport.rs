@@ -1,0 +1,200 @@
+//! The buses a node can federate over, behind one type the node actor drives: the libp2p mesh
+//! ([`Net`]) or a NATS broker ([`NatsBus`]). Both carry the same signed envelopes; the membership
+//! core decides what is accepted either way.
+
+use libp2p::{PeerId, gossipsub, request_response::ResponseChannel};
+use serde::{Deserialize, Serialize};
+
+use crate::{membership::Verdict, nats::NatsBus, net::Net, node::NetworkStatus};
+
+/// Anti-entropy request: what the asker already has (`id → advert seq`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Known advert sequence numbers.
+    pub have: std::collections::BTreeMap<String, u64>,
+}
+
+/// Anti-entropy response: signed advert envelopes newer than the request listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// Envelopes exactly as their authors signed them.
+    pub adverts: Vec<String>,
+}
+
+/// How a message arrived, for the validation report.
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    /// Gossip: report the verdict so gossipsub forwards (or not) and scores the forwarder.
+    Gossip {
+        /// Message id.
+        id: gossipsub::MessageId,
+        /// The forwarding peer.
+        source: PeerId,
+    },
+    /// From the broker: nothing to report.
+    Broker,
+}
+
+/// Where a sync answer goes.
+#[derive(Debug)]
+pub enum SyncReply {
+    /// A libp2p request-response channel.
+    Peer(ResponseChannel<SyncResponse>),
+    /// A NATS reply subject.
+    Subject(String),
+}
+
+/// What the node actor needs to know.
+#[derive(Debug)]
+pub enum TransportEvent {
+    /// A message to validate.
+    Message {
+        /// The envelope bytes.
+        bytes: Vec<u8>,
+        /// How it came.
+        via: Inbound,
+    },
+    /// First connection to a peer (libp2p).
+    PeerUp(PeerId),
+    /// Last connection to a peer closed (libp2p).
+    PeerDown(PeerId),
+    /// The broker connection came up (`true`) or went away (NATS).
+    Link(bool),
+    /// Someone asks for adverts.
+    SyncRequest {
+        /// What they have.
+        request: SyncRequest,
+        /// Where the answer goes.
+        reply: SyncReply,
+    },
+    /// Adverts we asked for.
+    SyncResponse {
+        /// The answering peer (libp2p).
+        from: Option<PeerId>,
+        /// The adverts.
+        response: SyncResponse,
+    },
+    /// Listen addresses changed.
+    Listening,
+    /// Handled inside the transport.
+    Internal,
+}
+
+/// The node's bus.
+#[derive(Debug)]
+pub enum Transport {
+    /// Broker-less libp2p mesh.
+    Libp2p(Box<Net>),
+    /// NATS broker.
+    Nats(Box<NatsBus>),
+}
+
+impl Transport {
+    /// The next event.
+    pub async fn next(&mut self) -> TransportEvent {
+        match self {
+            Transport::Libp2p(net) => net.next().await,
+            Transport::Nats(bus) => bus.next().await,
+        }
+    }
+
+    /// Sends a signed envelope to the workspace.
+    pub async fn publish(&mut self, bytes: Vec<u8>) {
+        match self {
+            Transport::Libp2p(net) => {
+                net.publish(bytes);
+            }
+            Transport::Nats(bus) => bus.publish(bytes).await,
+        }
+    }
+
+    /// Reports a message's verdict where the transport cares.
+    pub fn report(&mut self, via: &Inbound, verdict: Verdict) {
+        if let (Transport::Libp2p(net), Inbound::Gossip { id, source }) = (self, via) {
+            net.report(id, source, verdict);
+        }
+    }
+
+    /// Asks for adverts: one peer on libp2p, everyone on NATS.
+    pub async fn request_sync(&mut self, peer: Option<PeerId>, request: SyncRequest) {
+        match self {
+            Transport::Libp2p(net) => {
+                if let Some(peer) = peer {
+                    net.request_sync(&peer, request);
+                }
+            }
+            Transport::Nats(bus) => bus.request_sync(&request).await,
+        }
+    }
+
+    /// Answers a sync request.
+    pub async fn respond(&mut self, reply: SyncReply, response: SyncResponse) {
+        match (self, reply) {
+            (Transport::Libp2p(net), SyncReply::Peer(channel)) => {
+                net.respond_sync(channel, response)
+            }
+            (Transport::Nats(bus), SyncReply::Subject(subject)) => {
+                bus.respond(subject, &response).await
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a sync answer should include every advert this node knows (libp2p: the asker
+    /// talks to one peer) or only its own (NATS: every node answers the broadcast request).
+    pub fn answers_for_everyone(&self) -> bool {
+        matches!(self, Transport::Libp2p(_))
+    }
+
+    /// Periodic upkeep.
+    pub fn maintain(&mut self) {
+        if let Transport::Libp2p(net) = self {
+            net.maintain();
+        }
+    }
+
+    /// Dials a node's advertised addresses (libp2p).
+    pub fn dial_advertised(&mut self, addrs: &[String]) {
+        if let Transport::Libp2p(net) = self {
+            net.dial_advertised(addrs);
+        }
+    }
+
+    /// Addresses other nodes can reach this one at.
+    pub fn addresses(&self) -> Vec<String> {
+        match self {
+            Transport::Libp2p(net) => net.addresses(),
+            Transport::Nats(_) => Vec::new(),
+        }
+    }
+
+    /// The transport's state for `/admin/hierarchy/state`.
+    pub fn status(&self, bus: &str) -> NetworkStatus {
+        match self {
+            Transport::Libp2p(net) => NetworkStatus {
+                state: if net.connected() == 0 { "no_peers" } else { "connected" }.to_owned(),
+                bus: bus.to_owned(),
+                topic: Some(net.topic()),
+                listen: net.addresses(),
+                connected_peers: net.connected(),
+                ..NetworkStatus::default()
+            },
+            Transport::Nats(nats) => NetworkStatus {
+                state: if nats.is_connected() { "connected" } else { "disconnected" }.to_owned(),
+                bus: bus.to_owned(),
+                topic: Some(nats.subject()),
+                listen: Vec::new(),
+                broker: Some(nats.url().to_owned()),
+                ..NetworkStatus::default()
+            },
+        }
+    }
+
+    /// Whether the node can hear the others at all right now (false while the broker is away).
+    pub fn is_linked(&self) -> bool {
+        match self {
+            Transport::Libp2p(_) => true,
+            Transport::Nats(bus) => bus.is_connected(),
+        }
+    }
+}
