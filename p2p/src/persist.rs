@@ -4,7 +4,7 @@
 use std::{
     fs,
     io::{self, Write},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -38,6 +38,14 @@ pub fn save_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
     write_atomic(path, &bytes, 0o600)
+}
+
+/// [`save_json`] on the blocking thread pool, so an fsync never stalls the async worker threads.
+pub async fn save_json_off_thread<T: Serialize + Send + 'static>(
+    path: PathBuf,
+    value: T,
+) -> io::Result<()> {
+    tokio::task::spawn_blocking(move || save_json(&path, &value)).await.map_err(io::Error::other)?
 }
 
 /// Reads JSON from `path`; `Ok(None)` when the file does not exist.

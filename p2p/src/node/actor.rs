@@ -189,7 +189,7 @@ impl Actor {
             while tokio::time::timeout_at(deadline, next_event(&mut self.transport)).await.is_ok() {
             }
         }
-        self.flush_store(true);
+        self.flush_store(true).await;
         tracing::debug!("node actor stopped");
     }
 
@@ -272,7 +272,8 @@ impl Actor {
         if next == *self.hierarchy {
             return Ok(out);
         }
-        persist::save_json(&self.path(HIERARCHY_FILE), &next)
+        persist::save_json_off_thread(self.path(HIERARCHY_FILE), next.clone())
+            .await
             .map_err(|e| NodeError::Persist(e.to_string()))?;
         let epoch_moved = next.epoch != self.hierarchy.epoch;
         self.hierarchy = Arc::new(next);
@@ -289,7 +290,7 @@ impl Actor {
         let seq = now.max(self.self_seq + 1);
         self.self_seq = seq;
         // The sequence number must be on disk before anyone sees it.
-        if let Err(e) = self.write_store() {
+        if let Err(e) = self.write_store().await {
             tracing::warn!(error = %e, "could not persist advert sequence; advert skipped");
             return;
         }
@@ -371,7 +372,7 @@ impl Actor {
         if let Some(transport) = &mut self.transport {
             transport.maintain();
         }
-        self.flush_store(false);
+        self.flush_store(false).await;
         if self.snapshot_dirty {
             self.publish_snapshot();
         }
@@ -620,18 +621,20 @@ impl Actor {
         }));
     }
 
-    fn write_store(&mut self) -> std::io::Result<()> {
+    /// Writes `cluster_nodes.json` (advert seq and registry). The actor waits; the runtime's
+    /// worker threads do not.
+    async fn write_store(&mut self) -> std::io::Result<()> {
         let store = ClusterStore { self_seq: self.self_seq, nodes: self.membership.stored() };
-        persist::save_json(&self.path(CLUSTER_FILE), &store)?;
+        persist::save_json_off_thread(self.path(CLUSTER_FILE), store).await?;
         self.store_dirty = false;
         self.last_flush = StdInstant::now();
         Ok(())
     }
 
-    fn flush_store(&mut self, force: bool) {
+    async fn flush_store(&mut self, force: bool) {
         if self.store_dirty
             && (force || self.last_flush.elapsed() >= FLUSH_EVERY)
-            && let Err(e) = self.write_store()
+            && let Err(e) = self.write_store().await
         {
             tracing::warn!(error = %e, "could not persist the node registry");
         }
