@@ -382,3 +382,20 @@ async fn connector_and_server_queue_complete_tasks_with_their_node_ids() {
     let _ = connector.wait();
     drop(broker);
 }
+
+#[test]
+fn a_node_on_another_queue_setting_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let a = node("m1", &dir.path().join("m1"), &broker, "");
+    let b = node("m2", &dir.path().join("m2"), &broker, "queue = \"nats\"\n");
+    wait_until(Duration::from_secs(20), "the mismatch reported on m1", || {
+        let network = a.get("/admin/hierarchy/state").1["network"].clone();
+        network["mismatched"] == json!([{"id": "m2", "bus": "nats", "queue": "nats"}])
+    });
+    let events = journal(&a, "cluster.bus.mismatch");
+    let own: Vec<&Value> = events.iter().filter(|e| e["origin"] == "m1").collect();
+    assert_eq!(own.len(), 1, "reported once: {events:?}");
+    assert_eq!(own[0]["payload"]["local_queue"], "local");
+    drop(b);
+}
