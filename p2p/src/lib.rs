@@ -11,6 +11,7 @@ pub mod net;
 pub mod node;
 pub mod node_id;
 pub mod persist;
+pub mod protocol;
 pub mod role;
 pub mod time;
 pub mod transport;

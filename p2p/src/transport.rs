@@ -2,24 +2,9 @@
 //! ([`Net`]) or a NATS broker ([`NatsBus`]). Both carry the same signed envelopes; the membership
 //! core decides what is accepted either way.
 
-use libp2p::{PeerId, gossipsub, request_response::ResponseChannel};
-use serde::{Deserialize, Serialize};
-
+pub use crate::protocol::{SyncRequest, SyncResponse};
 use crate::{membership::Verdict, nats::NatsBus, net::Net, node::NetworkStatus};
-
-/// Anti-entropy request: what the asker already has (`id → advert seq`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncRequest {
-    /// Known advert sequence numbers.
-    pub have: std::collections::BTreeMap<String, u64>,
-}
-
-/// Anti-entropy response: signed advert envelopes newer than the request listed.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncResponse {
-    /// Envelopes exactly as their authors signed them.
-    pub adverts: Vec<String>,
-}
+use libp2p::{PeerId, gossipsub, request_response::ResponseChannel};
 
 /// How a message arrived, for the validation report.
 #[derive(Debug, Clone)]

@@ -23,14 +23,15 @@ use crate::{
     cluster::{Advert, Health, NodeRecord},
     events::EventTx,
     hierarchy::{CoreHello, HelloOutcome, Hierarchy, HierarchyError, RoleChange},
-    membership::{Change, Membership, MembershipConfig, Receipt, StoredMember},
+    membership::{Change, MembershipConfig, Receipt, StoredMember},
     nats::{self, NatsBus},
     net::{self, Net},
     node_id::{self, IdSource, NodeId},
     persist,
+    protocol::{Protocol, SyncRequest},
     time::{now_ms, rfc3339_ms},
-    transport::{Inbound, SyncReply, SyncRequest, SyncResponse, Transport, TransportEvent},
-    wire::{self, Beat, Message, Reason},
+    transport::{Inbound, SyncReply, Transport, TransportEvent},
+    wire::{self, Reason},
 };
 
 const HIERARCHY_FILE: &str = "hierarchy.json";
@@ -65,10 +66,8 @@ pub(super) struct Actor {
     id_source: IdSource,
     hierarchy: Arc<Hierarchy>,
     local: Option<NodeRecord>,
-    self_seq: u64,
-    beat: u64,
-    own_advert: Option<Vec<u8>>,
-    membership: Membership,
+    /// Adverts, heartbeats, sync and the membership core.
+    protocol: Protocol,
     transport: Option<Transport>,
     /// Remote nodes whose advertised bus or queue differs from ours, as last reported.
     mismatched: BTreeMap<NodeId, (String, String)>,
@@ -107,9 +106,9 @@ impl Actor {
             .federation
             .as_ref()
             .map_or_else(|| MembershipConfig::new(&config.workspace), |f| f.membership.clone());
-        let mut membership =
-            Membership::new(membership_config, id.clone(), config.key.verifying_key().to_bytes());
-        membership.restore(store.nodes);
+        let mut protocol =
+            Protocol::new(config.key.clone(), id.clone(), membership_config, store.self_seq);
+        protocol.membership_mut().restore(store.nodes);
 
         let transport = match &config.federation {
             Some(federation) => Some(start_transport(&config, federation).await?),
@@ -134,10 +133,7 @@ impl Actor {
             id_source,
             hierarchy: Arc::new(hierarchy),
             local: None,
-            self_seq: store.self_seq,
-            beat: 0,
-            own_advert: None,
-            membership,
+            protocol,
             transport,
             mismatched: BTreeMap::new(),
             snapshot,
@@ -245,7 +241,7 @@ impl Actor {
             self.local = None;
             self.id = new_id.clone();
             self.id_source = IdSource::Hello;
-            self.membership.set_self_id(new_id.clone());
+            self.protocol.set_id(new_id.clone());
         }
         self.emit("hierarchy.hello", json_of(&hello)).await;
         if outcome.role.changed() {
@@ -287,14 +283,22 @@ impl Actor {
     /// Signs the next advert, records it locally and sends it.
     async fn advertise(&mut self, reason: &str) {
         let now = now_ms();
-        let seq = now.max(self.self_seq + 1);
-        self.self_seq = seq;
+        let advert = self.local_advert(self.protocol.next_seq(now), now);
         // The sequence number must be on disk before anyone sees it.
-        if let Err(e) = self.write_store().await {
+        if let Err(e) = self.write_store(advert.seq).await {
             tracing::warn!(error = %e, "could not persist advert sequence; advert skipped");
             return;
         }
-        let advert = self.local_advert(seq, now);
+        let sealed = self.protocol.seal_advert(&advert);
+        if sealed.len() > wire::MAX_ENVELOPE {
+            tracing::warn!(
+                bytes = sealed.len(),
+                "advert exceeds the envelope limit; peers will refuse it"
+            );
+        }
+        if let Some(transport) = &mut self.transport {
+            transport.publish(sealed).await;
+        }
         let record = NodeRecord {
             advert: advert.clone(),
             last_seen_ms: now,
@@ -303,21 +307,8 @@ impl Actor {
         };
         let changed = self.local.as_ref().is_none_or(|old| old.differs_from(&record));
         self.local = Some(record.clone());
-        self.beat = 0;
-        let sealed =
-            wire::seal(&self.config.key, &self.config.workspace, &Message::Advert(advert.clone()));
-        if sealed.len() > wire::MAX_ENVELOPE {
-            tracing::warn!(
-                bytes = sealed.len(),
-                "advert exceeds the envelope limit; peers will refuse it"
-            );
-        }
-        if let Some(transport) = &mut self.transport {
-            transport.publish(sealed.clone()).await;
-        }
-        self.own_advert = Some(sealed);
         self.publish_snapshot();
-        tracing::debug!(reason, seq, "advertised");
+        tracing::debug!(reason, seq = advert.seq, "advertised");
         self.emit("cluster.node.advertise", advert_payload(&advert)).await;
         if changed {
             let view = record.view(now, duration_ms(self.config.ttl));
@@ -350,23 +341,16 @@ impl Actor {
     /// A heartbeat, or with `leave` a graceful departure, for the current id.
     async fn send_beat(&mut self, leave: bool) {
         let Some(transport) = &mut self.transport else { return };
-        self.beat += 1;
-        let beat = Beat {
-            id: self.id.clone(),
-            workspace: self.config.workspace.clone(),
-            seq: self.self_seq,
-            beat: self.beat,
-            sent_ms: now_ms(),
-        };
-        let message = if leave { Message::Leave(beat) } else { Message::Heartbeat(beat) };
-        transport.publish(wire::seal(&self.config.key, &self.config.workspace, &message)).await;
+        let now = now_ms();
+        let message = if leave { self.protocol.leave(now) } else { self.protocol.heartbeat(now) };
+        transport.publish(message).await;
     }
 
     async fn on_tick(&mut self) {
         // While the broker is unreachable this node cannot hear anyone: the silence is ours, not
         // theirs, so nobody is judged until the link is back.
         if self.transport.as_ref().is_none_or(Transport::is_linked) {
-            let changes = self.membership.tick(now_ms());
+            let changes = self.protocol.tick(now_ms());
             self.apply_changes(changes).await;
         }
         if let Some(transport) = &mut self.transport {
@@ -381,7 +365,7 @@ impl Actor {
     async fn on_transport(&mut self, event: TransportEvent) {
         match event {
             TransportEvent::Message { bytes, via } => {
-                let receipt = self.membership.receive(&bytes, now_ms());
+                let receipt = self.protocol.receive(&bytes, now_ms());
                 if let Some(transport) = &mut self.transport {
                     transport.report(&via, receipt.verdict);
                 }
@@ -392,12 +376,12 @@ impl Actor {
                 self.on_receipt(receipt, source).await;
             }
             TransportEvent::PeerUp(peer) => {
-                self.membership.transport(&peer, true);
+                self.protocol.membership_mut().transport(&peer, true);
                 self.ask_sync(Some(peer), true).await;
                 self.snapshot_dirty = true;
             }
             TransportEvent::PeerDown(peer) => {
-                self.membership.transport(&peer, false);
+                self.protocol.membership_mut().transport(&peer, false);
                 self.snapshot_dirty = true;
             }
             TransportEvent::Link(up) => self.on_link(up).await,
@@ -406,7 +390,7 @@ impl Actor {
             }
             TransportEvent::SyncResponse { from, response } => {
                 for advert in response.adverts {
-                    let receipt = self.membership.receive(advert.as_bytes(), now_ms());
+                    let receipt = self.protocol.receive(advert.as_bytes(), now_ms());
                     self.on_receipt(receipt, from).await;
                 }
             }
@@ -430,12 +414,12 @@ impl Actor {
             return;
         }
         tracing::info!(?broker, "bus connected");
-        self.membership.resume(now_ms());
+        self.protocol.membership_mut().resume(now_ms());
         self.emit("cluster.bus.connected", json!({ "broker": broker })).await;
         // Whatever was missed while away: the others' adverts, and ours to them.
         self.ask_sync(None, true).await;
-        if let (Some(transport), Some(own)) = (&mut self.transport, &self.own_advert) {
-            transport.publish(own.clone()).await;
+        if let (Some(transport), Some(own)) = (&mut self.transport, self.protocol.own_advert()) {
+            transport.publish(own.to_vec()).await;
         }
     }
 
@@ -443,20 +427,9 @@ impl Actor {
     /// only this node's own over NATS (every node answers).
     async fn answer_sync(&mut self, request: &SyncRequest, reply: SyncReply) {
         let Some(transport) = &mut self.transport else { return };
-        let everyone = transport.answers_for_everyone();
-        let mut adverts =
-            if everyone { self.membership.newer_than(&request.have) } else { Vec::new() };
-        if let Some(own) = &self.own_advert
-            && request.have.get(self.id.as_str()).is_none_or(|seq| *seq < self.self_seq)
-        {
-            adverts.push(own.clone());
+        if let Some(answer) = self.protocol.sync_answer(request, transport.answers_for_everyone()) {
+            transport.respond(reply, answer).await;
         }
-        if adverts.is_empty() && !everyone {
-            return;
-        }
-        let adverts =
-            adverts.into_iter().map(|a| String::from_utf8_lossy(&a).into_owned()).collect();
-        transport.respond(reply, SyncResponse { adverts }).await;
     }
 
     /// Asks for the adverts this node lacks: from `peer` (libp2p), or from everyone (NATS).
@@ -467,10 +440,9 @@ impl Actor {
             return;
         }
         self.sync_asked.insert(peer, now);
-        let mut have = self.membership.digest();
-        have.insert(self.id.to_string(), self.self_seq);
+        let request = self.protocol.sync_request();
         if let Some(transport) = &mut self.transport {
-            transport.request_sync(peer, SyncRequest { have }).await;
+            transport.request_sync(peer, request).await;
         }
     }
 
@@ -541,7 +513,7 @@ impl Actor {
             match change {
                 Change::Advert { id, changed, .. } => {
                     self.store_dirty = true;
-                    let Some(member) = self.membership.members().get(&id) else {
+                    let Some(member) = self.protocol.membership().members().get(&id) else {
                         continue;
                     };
                     let record = member.record.clone();
@@ -556,7 +528,7 @@ impl Actor {
                 }
                 Change::Health { id, from, to } => {
                     tracing::info!(node = %id, from = from.as_str(), to = to.as_str(), "node health changed");
-                    let Some(member) = self.membership.members().get(&id) else {
+                    let Some(member) = self.protocol.membership().members().get(&id) else {
                         continue;
                     };
                     let mut view = json_of(&member.record.view(now, ttl));
@@ -582,7 +554,8 @@ impl Actor {
     fn publish_snapshot(&mut self) {
         self.snapshot_dirty = false;
         let mut nodes: BTreeMap<NodeId, NodeRecord> = self
-            .membership
+            .protocol
+            .membership()
             .members()
             .iter()
             .map(|(id, m)| (id.clone(), m.record.clone()))
@@ -623,8 +596,9 @@ impl Actor {
 
     /// Writes `cluster_nodes.json` (advert seq and registry). The actor waits; the runtime's
     /// worker threads do not.
-    async fn write_store(&mut self) -> std::io::Result<()> {
-        let store = ClusterStore { self_seq: self.self_seq, nodes: self.membership.stored() };
+    async fn write_store(&mut self, self_seq: u64) -> std::io::Result<()> {
+        let nodes = self.protocol.membership().stored();
+        let store = ClusterStore { self_seq, nodes };
         persist::save_json_off_thread(self.path(CLUSTER_FILE), store).await?;
         self.store_dirty = false;
         self.last_flush = StdInstant::now();
@@ -634,7 +608,7 @@ impl Actor {
     async fn flush_store(&mut self, force: bool) {
         if self.store_dirty
             && (force || self.last_flush.elapsed() >= FLUSH_EVERY)
-            && let Err(e) = self.write_store().await
+            && let Err(e) = self.write_store(self.protocol.seq()).await
         {
             tracing::warn!(error = %e, "could not persist the node registry");
         }

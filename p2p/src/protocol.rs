@@ -1,0 +1,212 @@
+//! One node's side of the federation protocol, with no IO and no clock: what it says (signed
+//! adverts, heartbeats, leaves, sync requests and answers) and how it treats what it hears (the
+//! [`Membership`] core). The node actor drives it over a real bus; `arw-simnet` drives the very
+//! same code over a simulated network in virtual time.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    cluster::Advert,
+    identity::NodeKey,
+    membership::{Change, Membership, MembershipConfig, Receipt},
+    node_id::NodeId,
+    wire::{self, Beat, Message},
+};
+
+/// Anti-entropy request: what the asker already has (`id → advert seq`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    /// Known advert sequence numbers.
+    pub have: BTreeMap<String, u64>,
+}
+
+/// Anti-entropy response: signed advert envelopes newer than the request listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncResponse {
+    /// Envelopes exactly as their authors signed them.
+    pub adverts: Vec<String>,
+}
+
+/// A node's protocol state.
+#[derive(Debug, Clone)]
+pub struct Protocol {
+    key: NodeKey,
+    workspace: String,
+    id: NodeId,
+    membership: Membership,
+    /// `seq` of the latest advert this node signed.
+    seq: u64,
+    /// Heartbeats (and leaves) since that advert.
+    beat: u64,
+    /// The latest advert as sent, for sync answers and re-sends.
+    own_advert: Option<Vec<u8>>,
+}
+
+impl Protocol {
+    /// A node `id` holding `key`, in the workspace named by `config`; `last_seq` is the highest
+    /// advert seq it signed before (persisted).
+    pub fn new(key: NodeKey, id: NodeId, config: MembershipConfig, last_seq: u64) -> Self {
+        let workspace = config.workspace.clone();
+        let membership = Membership::new(config, id.clone(), key.verifying_key().to_bytes());
+        Self { key, workspace, id, membership, seq: last_seq, beat: 0, own_advert: None }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    /// A hello gave this node a new id.
+    pub fn set_id(&mut self, id: NodeId) {
+        self.membership.set_self_id(id.clone());
+        self.id = id;
+    }
+
+    /// The registry of other nodes.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// Mutable access, for restoring and transport signals.
+    pub fn membership_mut(&mut self) -> &mut Membership {
+        &mut self.membership
+    }
+
+    /// The highest advert seq signed so far.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The seq the next advert must carry at `now_ms`: wall-clock derived, never below the last.
+    pub fn next_seq(&self, now_ms: u64) -> u64 {
+        now_ms.max(self.seq + 1)
+    }
+
+    /// The latest advert envelope, as sent.
+    pub fn own_advert(&self) -> Option<&[u8]> {
+        self.own_advert.as_deref()
+    }
+
+    /// Signs `advert` (whose `seq` came from [`Protocol::next_seq`] and is already persisted).
+    pub fn seal_advert(&mut self, advert: &Advert) -> Vec<u8> {
+        self.seq = self.seq.max(advert.seq);
+        self.beat = 0;
+        let sealed = wire::seal(&self.key, &self.workspace, &Message::Advert(advert.clone()));
+        self.own_advert = Some(sealed.clone());
+        sealed
+    }
+
+    /// The next heartbeat.
+    pub fn heartbeat(&mut self, now_ms: u64) -> Vec<u8> {
+        let beat = self.next_beat(now_ms);
+        wire::seal(&self.key, &self.workspace, &Message::Heartbeat(beat))
+    }
+
+    /// A graceful goodbye for the current id.
+    pub fn leave(&mut self, now_ms: u64) -> Vec<u8> {
+        let beat = self.next_beat(now_ms);
+        wire::seal(&self.key, &self.workspace, &Message::Leave(beat))
+    }
+
+    fn next_beat(&mut self, now_ms: u64) -> Beat {
+        self.beat += 1;
+        Beat {
+            id: self.id.clone(),
+            workspace: self.workspace.clone(),
+            seq: self.seq,
+            beat: self.beat,
+            sent_ms: now_ms,
+        }
+    }
+
+    /// Verifies and applies a received envelope.
+    pub fn receive(&mut self, bytes: &[u8], now_ms: u64) -> Receipt {
+        self.membership.receive(bytes, now_ms)
+    }
+
+    /// Health transitions due at `now_ms`.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Change> {
+        self.membership.tick(now_ms)
+    }
+
+    /// What to ask a peer for.
+    pub fn sync_request(&self) -> SyncRequest {
+        let mut have = self.membership.digest();
+        have.insert(self.id.to_string(), self.seq);
+        SyncRequest { have }
+    }
+
+    /// The adverts `request` lacks: every one this node knows when `everything` (the asker
+    /// talks to this node alone), else only this node's own (every node answers). `None` when
+    /// there is nothing to say and silence is as good as an answer.
+    pub fn sync_answer(&self, request: &SyncRequest, everything: bool) -> Option<SyncResponse> {
+        let mut adverts =
+            if everything { self.membership.newer_than(&request.have) } else { Vec::new() };
+        if let Some(own) = &self.own_advert
+            && request.have.get(self.id.as_str()).is_none_or(|seq| *seq < self.seq)
+        {
+            adverts.push(own.clone());
+        }
+        if adverts.is_empty() && !everything {
+            return None;
+        }
+        let adverts =
+            adverts.into_iter().map(|a| String::from_utf8_lossy(&a).into_owned()).collect();
+        Some(SyncResponse { adverts })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cluster::Health, membership::Verdict, role::Role};
+
+    fn advert(id: &str, seq: u64, now: u64) -> Advert {
+        Advert {
+            id: NodeId::parse(id).expect("id"),
+            role: Role::Edge,
+            workspace: "lab".into(),
+            epoch: 0,
+            seq,
+            advertised_ms: now,
+            ttl_ms: 360_000,
+            capabilities: serde_json::Map::new(),
+            tags: vec![],
+            models: None,
+            health: Health::Ok,
+            addrs: vec![],
+            bus: "local".into(),
+            queue: "local".into(),
+        }
+    }
+
+    fn protocol(id: &str, seed: u8) -> Protocol {
+        Protocol::new(
+            NodeKey::from_secret([seed; 32]),
+            NodeId::parse(id).expect("id"),
+            MembershipConfig::new("lab"),
+            0,
+        )
+    }
+
+    #[test]
+    fn two_nodes_learn_each_other_by_sync_and_heartbeats() {
+        let now = 1_800_000_000_000;
+        let (mut a, mut b) = (protocol("a", 1), protocol("b", 2));
+        let seq = a.next_seq(now);
+        a.seal_advert(&advert("a", seq, now));
+        let seq = b.next_seq(now);
+        b.seal_advert(&advert("b", seq, now));
+        let answer = a.sync_answer(&b.sync_request(), true).expect("a has news for b");
+        for envelope in answer.adverts {
+            assert_eq!(b.receive(envelope.as_bytes(), now).verdict, Verdict::Accept);
+        }
+        assert!(b.membership().members().contains_key("a"));
+        assert!(a.sync_answer(&b.sync_request(), false).is_none(), "nothing new: silence");
+        let beat = a.heartbeat(now + 1000);
+        assert_eq!(b.receive(&beat, now + 1000).verdict, Verdict::Accept);
+        assert_eq!(a.next_seq(now), seq.max(now) + 1, "seq never goes back");
+    }
+}
