@@ -258,7 +258,19 @@ impl Membership {
 
     /// Verifies and applies one envelope received at `now_ms`.
     pub fn receive(&mut self, bytes: &[u8], now_ms: u64) -> Receipt {
-        let opened = match wire::open(bytes, &self.config.workspace) {
+        let opened = wire::open(bytes, &self.config.workspace);
+        self.receive_opened(opened, bytes, now_ms)
+    }
+
+    /// [`Membership::receive`] for an envelope already passed through [`wire::open`] (a pure
+    /// function of the bytes and the workspace, so a simulator may compute it once per message).
+    pub fn receive_opened(
+        &mut self,
+        opened: Result<wire::Opened, Reason>,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Receipt {
+        let opened = match opened {
             Ok(opened) => opened,
             Err(reason) => {
                 return refuse(reason, "unknown", wire::claimed_id(bytes), Vec::new());

@@ -10,7 +10,8 @@ use std::{
 };
 
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, gossipsub, identify, kad, mdns,
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify,
+    kad, mdns,
     multiaddr::Protocol,
     noise, ping,
     request_response::{self, ProtocolSupport},
@@ -41,6 +42,7 @@ pub struct NetConfig {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    limits: connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::json::Behaviour<SyncRequest, SyncResponse>,
     kad: kad::Behaviour<kad::store::MemoryStore>,
@@ -58,6 +60,9 @@ pub struct Net {
     connected: BTreeSet<PeerId>,
     last_bootstrap_dial: Option<Instant>,
     last_kad_bootstrap: Option<Instant>,
+    last_trim: Option<Instant>,
+    /// Peers this node disconnected on purpose: their closing says nothing about their health.
+    trimmed: BTreeSet<PeerId>,
 }
 
 impl std::fmt::Debug for Net {
@@ -70,10 +75,18 @@ impl std::fmt::Debug for Net {
     }
 }
 
+/// Discovery dials stop once this many peers are connected (inbound connections are still
+/// accepted); about twice gossipsub's mesh degree of 6.
+pub const TARGET_PEERS: usize = 12;
+/// Hard cap on established connections (inbound and outbound, including Kademlia's), so a
+/// bootstrap node that everyone dials first stays bounded too.
+pub const MAX_CONNECTIONS: u32 = 128;
 /// Retry bootstrap dials at most this often while no peer is connected.
 const REDIAL_EVERY: Duration = Duration::from_secs(2);
 /// Re-run a Kademlia bootstrap at most this often (on new peers).
 const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(5);
+/// Trim surplus connections at most this often.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 /// And at least this often while connected.
 const KAD_REFRESH: Duration = Duration::from_secs(60);
 
@@ -123,7 +136,11 @@ impl Net {
                 } else {
                     None
                 };
+                let limits = connection_limits::ConnectionLimits::default()
+                    .with_max_established(Some(MAX_CONNECTIONS))
+                    .with_max_established_per_peer(Some(2));
                 Ok(Behaviour {
+                    limits: connection_limits::Behaviour::new(limits),
                     gossipsub,
                     sync,
                     kad,
@@ -147,6 +164,8 @@ impl Net {
             connected: BTreeSet::new(),
             last_bootstrap_dial: None,
             last_kad_bootstrap: None,
+            last_trim: None,
+            trimmed: BTreeSet::new(),
         };
         net.dial_bootstrap();
         Ok(net)
@@ -230,6 +249,41 @@ impl Net {
         {
             self.kad_bootstrap();
         }
+        self.trim();
+    }
+
+    /// Closes connections beyond twice [`TARGET_PEERS`] to peers outside the gossip mesh, at
+    /// most every few seconds. Inbound dials and Kademlia queries would otherwise add up to a
+    /// full mesh, whose buffers grow with the square of the cluster.
+    fn trim(&mut self) {
+        if self.connected.len() <= 2 * TARGET_PEERS
+            || self.last_trim.is_some_and(|t| t.elapsed() < TRIM_EVERY)
+        {
+            return;
+        }
+        self.last_trim = Some(Instant::now());
+        let keep: BTreeSet<PeerId> =
+            self.swarm.behaviour().gossipsub.all_mesh_peers().copied().collect();
+        let bootstrap: BTreeSet<PeerId> = self
+            .bootstrap
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(peer)) => Some(peer),
+                _ => None,
+            })
+            .collect();
+        let excess = self.connected.len() - TARGET_PEERS;
+        let victims: Vec<PeerId> = self
+            .connected
+            .iter()
+            .filter(|p| !keep.contains(p) && !bootstrap.contains(p))
+            .take(excess)
+            .copied()
+            .collect();
+        for peer in victims {
+            self.trimmed.insert(peer);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
     }
 
     fn dial_bootstrap(&mut self) {
@@ -248,7 +302,9 @@ impl Net {
     }
 
     fn kad_bootstrap(&mut self) {
-        if self.last_kad_bootstrap.is_some_and(|t| t.elapsed() < KAD_BOOTSTRAP_EVERY) {
+        if self.last_kad_bootstrap.is_some_and(|t| t.elapsed() < KAD_BOOTSTRAP_EVERY)
+            || self.connected.len() >= TARGET_PEERS
+        {
             return;
         }
         self.last_kad_bootstrap = Some(Instant::now());
@@ -269,8 +325,14 @@ impl Net {
         }
     }
 
+    /// Dials a discovered peer while this node has fewer than [`TARGET_PEERS`] connections.
+    /// Gossip needs a connected mesh, not a full one: every connection costs buffers on both
+    /// sides, and a full mesh of a hundred nodes would be ~5,000 of them.
     fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if peer == *self.swarm.local_peer_id() || self.connected.contains(&peer) {
+        if peer == *self.swarm.local_peer_id()
+            || self.connected.contains(&peer)
+            || self.connected.len() >= TARGET_PEERS
+        {
             return;
         }
         let opts = DialOpts::peer_id(peer).addresses(addrs).build();
@@ -307,7 +369,11 @@ impl Net {
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.connected.remove(&peer_id);
-                TransportEvent::PeerDown(peer_id)
+                if self.trimmed.remove(&peer_id) {
+                    TransportEvent::Internal
+                } else {
+                    TransportEvent::PeerDown(peer_id)
+                }
             }
             SwarmEvent::Behaviour(event) => self.behaviour(event),
             _ => TransportEvent::Internal,

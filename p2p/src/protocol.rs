@@ -126,6 +126,16 @@ impl Protocol {
         self.membership.receive(bytes, now_ms)
     }
 
+    /// [`Protocol::receive`] for an envelope already opened (see [`Membership::receive_opened`]).
+    pub fn receive_opened(
+        &mut self,
+        opened: Result<wire::Opened, wire::Reason>,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Receipt {
+        self.membership.receive_opened(opened, bytes, now_ms)
+    }
+
     /// Health transitions due at `now_ms`.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Change> {
         self.membership.tick(now_ms)

@@ -1,0 +1,181 @@
+//! What a run measured: the JSON written by `--json` and the table printed after a run.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// Percentiles of a sample, in milliseconds; `null` when nothing was measured.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Median.
+    pub p50: Option<f64>,
+    /// 99th percentile.
+    pub p99: Option<f64>,
+    /// Largest.
+    pub max: Option<f64>,
+    /// Sample size.
+    pub count: usize,
+}
+
+impl Stats {
+    /// Percentiles of `values` (nearest rank), rounded to 0.1 ms.
+    pub fn of(values: &[f64]) -> Self {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| -> Option<f64> {
+            let last = v.len().checked_sub(1)?;
+            let i = ((last as f64) * p).round() as usize;
+            v.get(i).map(|x| (x * 10.0).round() / 10.0)
+        };
+        Self { p50: at(0.5), p99: at(0.99), max: at(1.0), count: v.len() }
+    }
+
+    fn cell(&self) -> String {
+        match (self.p50, self.p99, self.max) {
+            (Some(a), Some(b), Some(c)) => format!("{a:.1} / {b:.1} / {c:.1}"),
+            _ => "—".to_owned(),
+        }
+    }
+}
+
+/// The result of one scenario run (all trials).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// Scenario name.
+    pub scenario: String,
+    /// `virtual`, `stack` or `lan`.
+    pub tier: String,
+    /// Node count.
+    pub nodes: usize,
+    /// Trials run.
+    pub trials: usize,
+    /// Base seed.
+    pub seed: u64,
+    /// The faults, described.
+    pub faults: Vec<String>,
+    /// The network model, described.
+    pub link: String,
+    /// Source revision (`git describe`), or `unknown`.
+    pub commit: String,
+    /// Advert → every live node, ms (per receiving node).
+    pub convergence_ms: Stats,
+    /// Receivers that never got a measured advert within the trial.
+    pub missed: usize,
+    /// Crash or isolation → each observer marks the node not `ok`, ms.
+    pub detection_ms: Stats,
+    /// Crash or isolation → each observer marks the node `down`, ms.
+    pub down_ms: Stats,
+    /// Heal → each observer sees every live node `ok` again, ms.
+    pub heal_ms: Stats,
+    /// Live, reachable nodes marked `down`.
+    pub false_positives: usize,
+    /// Live, reachable nodes marked `suspect` (transient; not counted as false positives).
+    pub false_suspects: usize,
+    /// Messages received per node per second (duplicates included).
+    pub msgs_per_node_per_s: Option<f64>,
+    /// Envelope bytes received per node per second (transport framing excluded).
+    pub bytes_per_node_per_s: Option<f64>,
+    /// Resident memory per node (stack and lan tiers).
+    pub rss_bytes_per_node: Option<u64>,
+    /// Every convergence sample, for the CDF.
+    #[serde(skip)]
+    pub convergence_samples: Vec<f64>,
+}
+
+impl Report {
+    /// The table printed after a run.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{} ({} tier, {} nodes, {} trials, seed {})",
+            self.scenario, self.tier, self.nodes, self.trials, self.seed
+        );
+        let _ = writeln!(out, "  link    : {}", self.link);
+        let _ = writeln!(
+            out,
+            "  faults  : {}",
+            if self.faults.is_empty() { "none".to_owned() } else { self.faults.join(", ") }
+        );
+        let _ = writeln!(out, "  {:<26} {:>28}", "measure", "p50 / p99 / max (ms)");
+        for (name, stats) in [
+            ("convergence", &self.convergence_ms),
+            ("detection (not ok)", &self.detection_ms),
+            ("detection (down)", &self.down_ms),
+            ("heal", &self.heal_ms),
+        ] {
+            if stats.count > 0 {
+                let _ = writeln!(out, "  {:<26} {:>28}  (n={})", name, stats.cell(), stats.count);
+            }
+        }
+        let _ = writeln!(out, "  missed                     {:>28}", self.missed);
+        let _ = writeln!(out, "  false positives (down)     {:>28}", self.false_positives);
+        let _ = writeln!(out, "  false suspects             {:>28}", self.false_suspects);
+        if let (Some(m), Some(b)) = (self.msgs_per_node_per_s, self.bytes_per_node_per_s) {
+            let _ = writeln!(out, "  per node                   {:>20.1} msg/s {:>9.0} B/s", m, b);
+        }
+        if let Some(rss) = self.rss_bytes_per_node {
+            let _ = writeln!(
+                out,
+                "  RSS per node               {:>24.2} MiB",
+                rss as f64 / 1_048_576.0
+            );
+        }
+        out
+    }
+
+    /// An SVG of the convergence CDF, when there are samples.
+    pub fn convergence_svg(&self) -> Option<String> {
+        let mut v = self.convergence_samples.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let max = v.last().copied().unwrap_or(1.0).max(1e-9);
+        let (w, h, pad) = (640.0, 360.0, 40.0);
+        let mut points = String::new();
+        for (i, x) in v.iter().enumerate() {
+            let px = pad + (x / max) * (w - 2.0 * pad);
+            let py = h - pad - ((i + 1) as f64 / v.len() as f64) * (h - 2.0 * pad);
+            let _ = write!(points, "{px:.1},{py:.1} ");
+        }
+        Some(format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\
+<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
+<text x=\"{pad}\" y=\"20\">{} — convergence CDF ({} samples)</text>\
+<line x1=\"{pad}\" y1=\"{y0}\" x2=\"{x1}\" y2=\"{y0}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{y0}\" stroke=\"black\"/>\
+<text x=\"{x1}\" y=\"{ylab}\" text-anchor=\"end\">{max:.1} ms</text><text x=\"{pad}\" y=\"{ylab}\">0</text>\
+<text x=\"4\" y=\"{pad}\">100%</text>\
+<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{points}\"/></svg>\n",
+            self.scenario,
+            v.len(),
+            y0 = h - pad,
+            x1 = w - pad,
+            ylab = h - pad + 16.0,
+        ))
+    }
+}
+
+/// The source revision, for reports.
+pub fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s = Stats::of(&(1..=100).map(f64::from).collect::<Vec<_>>());
+        assert_eq!((s.p50, s.p99, s.max, s.count), (Some(51.0), Some(99.0), Some(100.0), 100));
+        assert_eq!(Stats::of(&[]), Stats::default());
+    }
+}

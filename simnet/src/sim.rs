@@ -1,0 +1,720 @@
+//! The virtual tier: the real protocol core ([`Protocol`], hence the same [`Membership`] and
+//! message handling as the daemon) on a simulated network, single-threaded, in virtual time,
+//! driven by a seeded RNG. Same scenario and seed → the same report.
+//!
+//! Network model:
+//! - Gossip: each node has a random overlay of about `link.degree` neighbours (plus a ring, so
+//!   the graph is connected). A node forwards a message to its neighbours only when its core
+//!   accepted it, and drops copies it has seen before without looking at them, as gossipsub's
+//!   duplicate cache does. Envelopes are opened once per unique message (opening is a pure
+//!   function of the bytes); every node still applies every message to its own membership.
+//! - Links: one-way latency fixed or uniform; messages ride TCP, so a lost transmission attempt
+//!   (probability `link.loss`) costs a retransmission timeout (200 ms, doubling up to 3.2 s)
+//!   instead of the message.
+//! - Faults: a crash resets its connections (neighbours get the transport signal after one
+//!   latency); isolation and partitions drop traffic silently; a heal, a restart and every
+//!   connection at start run the same anti-entropy sync as the daemon does on a new connection.
+//! - Each node ticks every 250 ms and sends heartbeats at `protocol.heartbeat_interval_ms`, with
+//!   random phases, like the node actor.
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque},
+    rc::Rc,
+};
+
+use arw_p2p::{
+    cluster::{Advert, Health},
+    identity::NodeKey,
+    membership::{Change, MembershipConfig, Verdict},
+    node_id::NodeId,
+    protocol::{Protocol, SyncRequest},
+    role::Role,
+    wire::{self, Opened, Reason},
+};
+use libp2p::PeerId;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    report::{Report, Stats},
+    scenario::{Fault, FaultKind, Latency, Scenario},
+};
+
+/// Virtual wall clock at time zero (ms since the epoch), so expiry checks see realistic dates.
+const EPOCH_MS: u64 = 1_800_000_000_000;
+const TICK_US: u64 = 250_000;
+const SYNC_RETRY_US: u64 = 5_000_000;
+const SEEN_FOR_US: u64 = 120_000_000;
+const WORKSPACE: &str = "sim";
+
+type MsgId = [u8; 32];
+
+#[derive(Debug)]
+enum Event {
+    Deliver { to: usize, from: usize, id: MsgId, bytes: Rc<[u8]> },
+    SyncRequest { to: usize, from: usize, request: Rc<SyncRequest> },
+    SyncAnswer { to: usize, adverts: Rc<Vec<String>> },
+    Transport { to: usize, about: usize, up: bool },
+    Beat { node: usize, life: u32 },
+    Tick { node: usize, life: u32 },
+    Fault(usize),
+}
+
+#[derive(Debug)]
+struct Queued {
+    at: u64,
+    order: u64,
+    event: Event,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.order) == (other.at, other.order)
+    }
+}
+impl Eq for Queued {}
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.order).cmp(&(other.at, other.order))
+    }
+}
+
+struct Node {
+    proto: Protocol,
+    key: NodeKey,
+    id: NodeId,
+    peer: PeerId,
+    alive: bool,
+    /// Bumped on crash and restart, so timers of a past life are ignored.
+    life: u32,
+    neighbours: Vec<usize>,
+    seen: HashSet<MsgId>,
+    seen_order: VecDeque<(u64, MsgId)>,
+    sync_asked: BTreeMap<usize, u64>,
+}
+
+/// What one trial measured.
+#[derive(Debug, Default)]
+struct Measures {
+    convergence: Vec<f64>,
+    missed: usize,
+    detection: Vec<f64>,
+    down: Vec<f64>,
+    heal: Vec<f64>,
+    false_positives: usize,
+    false_suspects: usize,
+    msgs: u64,
+    bytes: u64,
+}
+
+/// An advert being watched: who signed it, from which seq, since when, who has it.
+struct Watch {
+    origin: usize,
+    seq: u64,
+    since: u64,
+    have: Vec<bool>,
+}
+
+struct Trial<'a> {
+    s: &'a Scenario,
+    rng: ChaCha8Rng,
+    now: u64,
+    order: u64,
+    queue: BinaryHeap<Reverse<Queued>>,
+    nodes: Vec<Node>,
+    side: Option<Vec<bool>>,
+    isolated: Vec<bool>,
+    opened: HashMap<MsgId, Result<Opened, Reason>>,
+    faults: Vec<Fault>,
+    watches: Vec<Watch>,
+    /// (observer, target) → since when the target is gone (crash or isolation).
+    gone: BTreeMap<usize, u64>,
+    detected: HashSet<(usize, usize)>,
+    downed: HashSet<(usize, usize)>,
+    heal_since: Option<u64>,
+    healed: Vec<bool>,
+    m: Measures,
+}
+
+/// Runs every trial of a virtual-tier scenario with base seed `seed`; `progress` is told each
+/// finished trial.
+pub fn run(s: &Scenario, seed: u64, progress: &mut dyn FnMut(usize)) -> Report {
+    let mut all = Measures::default();
+    for trial in 0..s.trials {
+        let m = Trial::new(s, seed.wrapping_add(trial as u64)).run();
+        all.convergence.extend(m.convergence);
+        all.missed += m.missed;
+        all.detection.extend(m.detection);
+        all.down.extend(m.down);
+        all.heal.extend(m.heal);
+        all.false_positives += m.false_positives;
+        all.false_suspects += m.false_suspects;
+        all.msgs += m.msgs;
+        all.bytes += m.bytes;
+        progress(trial + 1);
+    }
+    let per = (s.nodes as f64) * s.duration_secs * (s.trials as f64);
+    Report {
+        scenario: s.name.clone(),
+        tier: "virtual".into(),
+        nodes: s.nodes,
+        trials: s.trials,
+        seed,
+        faults: s.schedule().iter().map(Fault::describe).collect(),
+        link: describe_link(s),
+        commit: crate::report::commit(),
+        convergence_ms: Stats::of(&all.convergence),
+        missed: all.missed,
+        detection_ms: Stats::of(&all.detection),
+        down_ms: Stats::of(&all.down),
+        heal_ms: Stats::of(&all.heal),
+        false_positives: all.false_positives,
+        false_suspects: all.false_suspects,
+        msgs_per_node_per_s: Some(round1(all.msgs as f64 / per)),
+        bytes_per_node_per_s: Some(round1(all.bytes as f64 / per)),
+        rss_bytes_per_node: None,
+        convergence_samples: all.convergence,
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// The link model in words, for reports.
+pub fn describe_link(s: &Scenario) -> String {
+    let latency = match s.link.latency_ms {
+        Latency::Fixed(ms) => format!("{ms} ms"),
+        Latency::Range([a, b]) => format!("{a}–{b} ms"),
+    };
+    let p = &s.protocol;
+    format!(
+        "latency {latency}, loss {:.0} %, degree {}, heartbeat {} ms, suspect {} ms, down {} ms",
+        s.link.loss * 100.0,
+        s.link.degree,
+        p.heartbeat_interval_ms,
+        p.suspect_after_ms,
+        p.down_after_ms
+    )
+}
+
+fn advert_for(id: &NodeId, seq: u64, now_ms: u64, tag: &str) -> Advert {
+    Advert {
+        id: id.clone(),
+        role: Role::Edge,
+        workspace: WORKSPACE.into(),
+        epoch: 0,
+        seq,
+        advertised_ms: now_ms,
+        ttl_ms: 360_000,
+        capabilities: serde_json::Map::new(),
+        tags: vec![tag.to_owned()],
+        models: None,
+        health: Health::Ok,
+        addrs: Vec::new(),
+        bus: "local".into(),
+        queue: "local".into(),
+    }
+}
+
+impl<'a> Trial<'a> {
+    fn new(s: &'a Scenario, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n = s.nodes;
+        let config = {
+            let mut c = MembershipConfig::new(WORKSPACE);
+            c.heartbeat_interval_ms = s.protocol.heartbeat_interval_ms;
+            c.suspect_after_ms = s.protocol.suspect_after_ms;
+            c.down_after_ms = s.protocol.down_after_ms;
+            c.beat_max_age_ms = c.beat_max_age_ms.max(2 * s.protocol.down_after_ms);
+            c
+        };
+        let mut neighbours: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let link = |a: usize, b: usize, nb: &mut Vec<Vec<usize>>| {
+            if a != b && !nb[a].contains(&b) {
+                nb[a].push(b);
+                nb[b].push(a);
+            }
+        };
+        for i in 0..n {
+            link(i, (i + 1) % n, &mut neighbours);
+        }
+        for i in 0..n {
+            let mut tries = 0;
+            while neighbours[i].len() < s.link.degree.min(n - 1) && tries < 100 {
+                let j = rng.random_range(0..n);
+                link(i, j, &mut neighbours);
+                tries += 1;
+            }
+        }
+        let nodes = neighbours
+            .into_iter()
+            .enumerate()
+            .map(|(i, neighbours)| {
+                let secret: [u8; 32] = Sha256::digest(format!("{seed}/{i}").as_bytes()).into();
+                let key = NodeKey::from_secret(secret);
+                let id = NodeId::parse(&format!("n{i}"))
+                    .unwrap_or_else(|_| unreachable!("n<digits> is a valid id"));
+                Node {
+                    proto: Protocol::new(key.clone(), id.clone(), config.clone(), 0),
+                    peer: key.peer_id(),
+                    key,
+                    id,
+                    alive: true,
+                    life: 0,
+                    neighbours,
+                    seen: HashSet::new(),
+                    seen_order: VecDeque::new(),
+                    sync_asked: BTreeMap::new(),
+                }
+            })
+            .collect();
+        let mut trial = Self {
+            s,
+            rng,
+            now: 0,
+            order: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            side: None,
+            isolated: vec![false; n],
+            opened: HashMap::new(),
+            faults: s.schedule(),
+            watches: Vec::new(),
+            gone: BTreeMap::new(),
+            detected: HashSet::new(),
+            downed: HashSet::new(),
+            heal_since: None,
+            healed: vec![false; n],
+            m: Measures::default(),
+        };
+        for i in 0..trial.faults.len() {
+            let at = (trial.faults[i].at_secs * 1e6) as u64;
+            trial.schedule(at, Event::Fault(i));
+        }
+        for i in 0..n {
+            let start = trial.rng.random_range(0..100_000);
+            trial.boot(i, start);
+        }
+        trial
+    }
+
+    fn schedule(&mut self, at: u64, event: Event) {
+        self.order += 1;
+        self.queue.push(Reverse(Queued { at, order: self.order, event }));
+    }
+
+    fn now_ms(&self) -> u64 {
+        EPOCH_MS + self.now / 1000
+    }
+
+    fn cut(&self, a: usize, b: usize) -> bool {
+        self.isolated[a]
+            || self.isolated[b]
+            || self.side.as_ref().is_some_and(|side| side[a] != side[b])
+    }
+
+    fn reachable(&self, a: usize, b: usize) -> bool {
+        self.nodes[b].alive && !self.cut(a, b)
+    }
+
+    /// One-way delay for a transmission: latency plus TCP retransmissions.
+    fn delay(&mut self) -> u64 {
+        let latency_ms = match self.s.link.latency_ms {
+            Latency::Fixed(ms) => ms,
+            Latency::Range([lo, hi]) if hi > lo => self.rng.random_range(lo..hi),
+            Latency::Range([lo, _]) => lo,
+        };
+        let mut delay = (latency_ms * 1000.0) as u64;
+        let mut rto = 200_000;
+        while self.s.link.loss > 0.0 && self.rng.random_bool(self.s.link.loss) {
+            delay += rto;
+            rto = (rto * 2).min(3_200_000);
+        }
+        delay
+    }
+
+    fn send(&mut self, from: usize, to: usize, event: Event) {
+        if self.cut(from, to) {
+            return;
+        }
+        let at = self.now + self.delay();
+        self.schedule(at, event);
+    }
+
+    fn broadcast(&mut self, from: usize, bytes: Vec<u8>, except: Option<usize>) {
+        let id: MsgId = Sha256::digest(&bytes).into();
+        self.remember(from, id);
+        let bytes: Rc<[u8]> = bytes.into();
+        for to in self.nodes[from].neighbours.clone() {
+            if Some(to) != except {
+                self.send(from, to, Event::Deliver { to, from, id, bytes: bytes.clone() });
+            }
+        }
+    }
+
+    fn remember(&mut self, node: usize, id: MsgId) -> bool {
+        let now = self.now;
+        let n = &mut self.nodes[node];
+        while n.seen_order.front().is_some_and(|(t, _)| now.saturating_sub(*t) > SEEN_FOR_US) {
+            if let Some((_, old)) = n.seen_order.pop_front() {
+                n.seen.remove(&old);
+            }
+        }
+        if n.seen.insert(id) {
+            n.seen_order.push_back((now, id));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Starts (or restarts) node `i` at `at`: boot advert, connections, timers.
+    fn boot(&mut self, i: usize, at: u64) {
+        let saved = self.now;
+        self.now = self.now.max(at);
+        self.advertise(i, "boot");
+        let life = self.nodes[i].life;
+        let beat = self.rng.random_range(0..self.s.protocol.heartbeat_interval_ms * 1000);
+        let tick = self.rng.random_range(0..TICK_US);
+        self.schedule(self.now + beat, Event::Beat { node: i, life });
+        self.schedule(self.now + tick, Event::Tick { node: i, life });
+        for j in self.nodes[i].neighbours.clone() {
+            if self.nodes[j].alive {
+                self.connect(i, j);
+            }
+        }
+        self.now = saved;
+    }
+
+    /// A (re)established connection: both ends learn it and ask each other for adverts.
+    fn connect(&mut self, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            self.send(x, y, Event::Transport { to: y, about: x, up: true });
+            let request = Rc::new(self.nodes[x].proto.sync_request());
+            self.nodes[x].sync_asked.insert(y, self.now);
+            self.send(x, y, Event::SyncRequest { to: y, from: x, request });
+        }
+    }
+
+    fn advertise(&mut self, i: usize, tag: &str) -> u64 {
+        let now_ms = self.now_ms();
+        let seq = self.nodes[i].proto.next_seq(now_ms);
+        let advert = advert_for(&self.nodes[i].id, seq, now_ms, tag);
+        let bytes = self.nodes[i].proto.seal_advert(&advert);
+        self.broadcast(i, bytes, None);
+        seq
+    }
+
+    fn run(mut self) -> Measures {
+        let end = (self.s.duration_secs * 1e6) as u64;
+        while let Some(Reverse(q)) = self.queue.pop() {
+            if q.at > end {
+                break;
+            }
+            self.now = q.at;
+            self.handle(q.event);
+        }
+        for w in &self.watches {
+            self.m.missed += (0..self.nodes.len())
+                .filter(|&j| j != w.origin && self.nodes[j].alive && !w.have[j])
+                .count();
+        }
+        self.m
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Deliver { to, from, id, bytes } => {
+                if !self.nodes[to].alive {
+                    return;
+                }
+                self.m.msgs += 1;
+                self.m.bytes += bytes.len() as u64;
+                if !self.remember(to, id) {
+                    return;
+                }
+                let opened =
+                    self.opened.entry(id).or_insert_with(|| wire::open(&bytes, WORKSPACE)).clone();
+                let now_ms = self.now_ms();
+                let receipt = self.nodes[to].proto.receive_opened(opened, &bytes, now_ms);
+                if receipt.verdict == Verdict::Accept {
+                    self.broadcast(to, bytes.to_vec(), Some(from));
+                }
+                if receipt.refusal.as_ref().is_some_and(|r| r.reason == Reason::UnknownNode) {
+                    self.ask_sync(to, from);
+                }
+                self.observe(to, receipt.changes);
+            }
+            Event::SyncRequest { to, from, request } => {
+                if !self.nodes[to].alive {
+                    return;
+                }
+                self.count(&request);
+                if let Some(answer) = self.nodes[to].proto.sync_answer(&request, true) {
+                    self.send(
+                        to,
+                        from,
+                        Event::SyncAnswer { to: from, adverts: Rc::new(answer.adverts) },
+                    );
+                }
+            }
+            Event::SyncAnswer { to, adverts, .. } => {
+                if !self.nodes[to].alive {
+                    return;
+                }
+                self.m.msgs += 1;
+                self.m.bytes += adverts.iter().map(|a| a.len() as u64).sum::<u64>();
+                for advert in adverts.iter() {
+                    let bytes = advert.as_bytes();
+                    let id: MsgId = Sha256::digest(bytes).into();
+                    let opened = self
+                        .opened
+                        .entry(id)
+                        .or_insert_with(|| wire::open(bytes, WORKSPACE))
+                        .clone();
+                    let now_ms = self.now_ms();
+                    let receipt = self.nodes[to].proto.receive_opened(opened, bytes, now_ms);
+                    self.observe(to, receipt.changes);
+                }
+            }
+            Event::Transport { to, about, up } => {
+                if self.nodes[to].alive {
+                    let peer = self.nodes[about].peer;
+                    self.nodes[to].proto.membership_mut().transport(&peer, up);
+                }
+            }
+            Event::Beat { node, life } => {
+                if self.nodes[node].life != life || !self.nodes[node].alive {
+                    return;
+                }
+                let now_ms = self.now_ms();
+                let beat = self.nodes[node].proto.heartbeat(now_ms);
+                self.broadcast(node, beat, None);
+                let next = self.now + self.s.protocol.heartbeat_interval_ms * 1000;
+                self.schedule(next, Event::Beat { node, life });
+            }
+            Event::Tick { node, life } => {
+                if self.nodes[node].life != life || !self.nodes[node].alive {
+                    return;
+                }
+                let now_ms = self.now_ms();
+                let changes = self.nodes[node].proto.tick(now_ms);
+                self.observe(node, changes);
+                self.schedule(self.now + TICK_US, Event::Tick { node, life });
+            }
+            Event::Fault(i) => self.fault(i),
+        }
+    }
+
+    fn count(&mut self, request: &SyncRequest) {
+        self.m.msgs += 1;
+        self.m.bytes += request.have.keys().map(|k| k.len() as u64 + 8).sum::<u64>();
+    }
+
+    fn ask_sync(&mut self, from: usize, to: usize) {
+        if self.nodes[from]
+            .sync_asked
+            .get(&to)
+            .is_some_and(|t| self.now.saturating_sub(*t) < SYNC_RETRY_US)
+        {
+            return;
+        }
+        self.nodes[from].sync_asked.insert(to, self.now);
+        let request = Rc::new(self.nodes[from].proto.sync_request());
+        self.send(from, to, Event::SyncRequest { to, from, request });
+    }
+
+    fn fault(&mut self, i: usize) {
+        let fault = self.faults[i].clone();
+        let node = fault.node.unwrap_or(0);
+        match fault.kind {
+            FaultKind::Advert => {
+                if self.nodes[node].alive {
+                    let seq = self.advertise(node, "changed");
+                    self.watch(node, seq);
+                }
+            }
+            FaultKind::Crash => {
+                self.nodes[node].alive = false;
+                self.nodes[node].life += 1;
+                self.gone.insert(node, self.now);
+                for j in self.nodes[node].neighbours.clone() {
+                    // The dead process's kernel resets its connections.
+                    self.send(node, j, Event::Transport { to: j, about: node, up: false });
+                }
+            }
+            FaultKind::Restart => {
+                if self.nodes[node].alive {
+                    return;
+                }
+                let n = &mut self.nodes[node];
+                let stored = n.proto.membership().stored();
+                let config = n.proto.membership().config().clone();
+                let mut proto = Protocol::new(n.key.clone(), n.id.clone(), config, n.proto.seq());
+                proto.membership_mut().restore(stored);
+                n.proto = proto;
+                n.alive = true;
+                n.life += 1;
+                n.seen.clear();
+                n.seen_order.clear();
+                n.sync_asked.clear();
+                self.gone.remove(&node);
+                let seq = self.nodes[node].proto.next_seq(self.now_ms());
+                self.boot(node, self.now);
+                self.watch(node, seq);
+            }
+            FaultKind::Isolate => {
+                self.isolated[node] = true;
+                self.gone.insert(node, self.now);
+            }
+            FaultKind::Partition => {
+                let cut =
+                    ((self.nodes.len() as f64) * fault.fraction.unwrap_or(0.5)).ceil() as usize;
+                self.side = Some((0..self.nodes.len()).map(|j| j < cut).collect());
+            }
+            FaultKind::Heal => {
+                let was_cut: Vec<(usize, usize)> = (0..self.nodes.len())
+                    .flat_map(|a| self.nodes[a].neighbours.iter().map(move |&b| (a, b)))
+                    .filter(|&(a, b)| a < b && self.cut(a, b))
+                    .collect();
+                self.side = None;
+                for (j, isolated) in self.isolated.iter_mut().enumerate() {
+                    if *isolated {
+                        *isolated = false;
+                        self.gone.remove(&j);
+                    }
+                }
+                self.heal_since = Some(self.now);
+                self.healed = vec![false; self.nodes.len()];
+                for (a, b) in was_cut {
+                    if self.nodes[a].alive && self.nodes[b].alive {
+                        self.connect(a, b);
+                    }
+                }
+            }
+        }
+    }
+
+    fn watch(&mut self, origin: usize, seq: u64) {
+        let mut have = vec![false; self.nodes.len()];
+        have[origin] = true;
+        self.watches.push(Watch { origin, seq, since: self.now, have });
+    }
+
+    /// Records what `observer`'s membership changes mean for the measures.
+    fn observe(&mut self, observer: usize, changes: Vec<Change>) {
+        for change in changes {
+            match change {
+                Change::Advert { id, .. } => {
+                    let Some(origin) = self.index_of(&id) else { continue };
+                    let seq = self.nodes[observer]
+                        .proto
+                        .membership()
+                        .members()
+                        .get(&id)
+                        .map_or(0, |m| m.record.advert.seq);
+                    for w in &mut self.watches {
+                        if w.origin == origin && seq >= w.seq && !w.have[observer] {
+                            w.have[observer] = true;
+                            self.m.convergence.push((self.now - w.since) as f64 / 1000.0);
+                        }
+                    }
+                }
+                Change::Health { id, to, .. } => {
+                    let Some(target) = self.index_of(&id) else { continue };
+                    if to == Health::Ok {
+                        self.check_healed(observer);
+                        continue;
+                    }
+                    if let Some(&since) = self.gone.get(&target) {
+                        let ms = (self.now - since) as f64 / 1000.0;
+                        if self.detected.insert((observer, target)) {
+                            self.m.detection.push(ms);
+                        }
+                        if to == Health::Down && self.downed.insert((observer, target)) {
+                            self.m.down.push(ms);
+                        }
+                    } else if self.reachable(observer, target) {
+                        match to {
+                            Health::Down => self.m.false_positives += 1,
+                            Health::Suspect => self.m.false_suspects += 1,
+                            _ => {}
+                        }
+                    }
+                }
+                Change::Evicted { .. } | Change::Conflict { .. } => {}
+            }
+        }
+    }
+
+    fn check_healed(&mut self, observer: usize) {
+        let Some(since) = self.heal_since else { return };
+        if self.healed[observer] || !self.nodes[observer].alive {
+            return;
+        }
+        let members = self.nodes[observer].proto.membership().members();
+        let whole =
+            (0..self.nodes.len()).filter(|&j| j != observer && self.nodes[j].alive).all(|j| {
+                members
+                    .get(self.nodes[j].id.as_str())
+                    .is_some_and(|m| m.record.health == Health::Ok)
+            });
+        if whole {
+            self.healed[observer] = true;
+            self.m.heal.push((self.now - since) as f64 / 1000.0);
+        }
+    }
+
+    fn index_of(&self, id: &NodeId) -> Option<usize> {
+        id.as_str()
+            .strip_prefix('n')
+            .and_then(|n| n.parse().ok())
+            .filter(|&i: &usize| i < self.nodes.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scenario(extra: &str) -> Scenario {
+        Scenario::parse(&format!(
+            "name = \"t\"\ntier = \"virtual\"\nnodes = 12\nduration_secs = 12\ntrials = 2\n[link]\nlatency_ms = [5, 20]\n{extra}"
+        ))
+        .expect("scenario")
+    }
+
+    #[test]
+    fn same_seed_same_report() {
+        let s = scenario(
+            "[[faults]]\nat_secs = 3\nkind = \"advert\"\nnode = 2\n[[faults]]\nat_secs = 5\nkind = \"crash\"\nnode = 4\n",
+        );
+        let a = run(&s, 7, &mut |_| {});
+        let b = run(&s, 7, &mut |_| {});
+        assert_eq!(a, b);
+        let c = run(&s, 8, &mut |_| {});
+        assert_ne!(a.convergence_ms, c.convergence_ms, "another seed, another run");
+        assert_eq!(a.missed, 0);
+        assert_eq!(a.false_positives, 0);
+        assert_eq!(a.convergence_ms.count, 2 * 11);
+        assert_eq!(a.detection_ms.count, 2 * 11, "every survivor notices the crash");
+    }
+
+    #[test]
+    fn a_partition_heals() {
+        let s = scenario(
+            "[[faults]]\nat_secs = 2\nkind = \"partition\"\nfraction = 0.5\n[[faults]]\nat_secs = 8\nkind = \"heal\"\n",
+        );
+        let r = run(&s, 3, &mut |_| {});
+        assert_eq!(r.false_positives, 0, "the other side going down is expected, not false");
+        assert_eq!(r.heal_ms.count, 2 * 12, "every node sees everyone ok again");
+    }
+}
