@@ -45,10 +45,7 @@ pub async fn run(config: ConnectorConfig, cancel: CancellationToken) -> Result<(
             biased;
             () = cancel.cancelled() => break,
             Some(message) = tasks.next() => {
-                let Ok(task) = serde_json::from_slice::<Task>(&message.payload) else {
-                    tracing::warn!("undecodable task on {TASKS} dropped");
-                    continue;
-                };
+                let Some(task) = Task::decode(&message.payload) else { continue };
                 let mut emit = Emit { kind: "task.completed".into(), payload: completion(&task, &me), ack: None, relayed: None };
                 let envelope = crate::journal::stamp(&mut emit, &me, "arw-connector");
                 let body: bytes::Bytes = serde_json::to_vec(&envelope).unwrap_or_default().into();

@@ -33,6 +33,17 @@ pub struct Task {
     pub attempt: u32,
 }
 
+impl Task {
+    /// Decodes a task from `arw.tasks`; an undecodable one is logged and dropped.
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        let task = serde_json::from_slice(payload);
+        if let Err(e) = &task {
+            tracing::warn!(error = %e, "undecodable task on {TASKS} dropped");
+        }
+        task.ok()
+    }
+}
+
 /// Runs a sample tool: `math.add {a, b}` → `{sum}`, `time.now` → `{now_ms}`. Returns `(ok, output)`;
 /// an unknown tool or bad input is `ok: false` with an `error`.
 pub fn run(kind: &str, input: &Value) -> (bool, Value) {
@@ -76,10 +87,7 @@ pub async fn serve(
             biased;
             () = cancel.cancelled() => break,
             Some(message) = tasks.next() => {
-                let Ok(task) = serde_json::from_slice::<Task>(&message.payload) else {
-                    tracing::warn!("undecodable task on {TASKS} dropped");
-                    continue;
-                };
+                let Some(task) = Task::decode(&message.payload) else { continue };
                 let me = node.borrow().id.to_string();
                 events.emit("task.completed", completion(&task, &me)).await;
             }
