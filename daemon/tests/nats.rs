@@ -215,7 +215,10 @@ async fn forged_messages_on_the_subject_are_refused_and_reported() {
         });
         let conflicts = journal(&w1, "cluster.node.conflict");
         assert!(conflicts.iter().any(|e| e["payload"]["id"] == "w2"), "{conflicts:?}");
-        assert_eq!(w1.get("/admin/hierarchy/state").1["peers"]["w2"]["role"], "observer");
+        // w2's real advert (published by w2, so not ordered with the test's forgeries) wins.
+        wait_until(Duration::from_secs(10), "w2's genuine advert on w1", || {
+            w1.get("/admin/hierarchy/state").1["peers"]["w2"]["role"] == "observer"
+        });
         drop(w2);
     })
     .await

@@ -70,6 +70,8 @@ pub struct Member {
     beat_pos: (u64, u64),
     /// What the transport last said about a direct connection.
     link: Link,
+    /// When a reported reset made this node `suspect` (receiver's clock).
+    suspected_ms: Option<u64>,
 }
 
 /// The transport's view of a direct connection to a member.
@@ -205,6 +207,7 @@ impl Membership {
                 envelope: s.envelope.into_bytes(),
                 beat_pos,
                 link: Link::Unknown,
+                suspected_ms: None,
             };
             self.members.insert(id, member);
         }
@@ -295,6 +298,7 @@ impl Membership {
             Message::Advert(advert) => self.advert(advert, key, bytes, now_ms),
             Message::Heartbeat(beat) => self.beat(&beat, now_ms, false),
             Message::Leave(beat) => self.beat(&beat, now_ms, true),
+            Message::Suspect(report) => self.suspicion(&report, now_ms),
         };
         match result {
             Ok(changes) => Receipt { verdict: Verdict::Accept, changes, refusal: None },
@@ -366,6 +370,7 @@ impl Membership {
                         envelope: bytes.to_vec(),
                         beat_pos,
                         link: Link::Unknown,
+                        suspected_ms: None,
                     },
                 );
                 changes.push(Change::Advert { id, first: true, changed: true });
@@ -389,6 +394,14 @@ impl Membership {
         member.beat_pos = pos;
         member.record.last_seen_ms = now;
         let from = member.record.health;
+        // Heartbeats still in flight when a reset was reported do not clear the suspicion; only
+        // one that arrives half an interval later does.
+        let window = self.config.heartbeat_interval_ms / 2;
+        let held = member.suspected_ms.is_some_and(|t| now.saturating_sub(t) < window);
+        if from == Health::Suspect && held && !leave {
+            return Ok(Vec::new());
+        }
+        member.suspected_ms = None;
         let to = if leave { Health::Left } else { Health::Ok };
         member.record.health = to;
         Ok(if from == to {
@@ -396,6 +409,36 @@ impl Membership {
         } else {
             vec![Change::Health { id: beat.id.clone(), from, to }]
         })
+    }
+
+    /// A reporter says its connection to `target` was reset. The report is a sign of life of
+    /// the reporter (ordered with its heartbeats); the target becomes `suspect` at once and from
+    /// then on is judged by the short thresholds of a dropped connection. A live target clears
+    /// itself with a heartbeat arriving more than half an interval after the report.
+    fn suspicion(&mut self, report: &wire::Suspicion, now: u64) -> Result<Vec<Change>, Reason> {
+        let beat = wire::Beat {
+            id: report.id.clone(),
+            workspace: report.workspace.clone(),
+            seq: report.seq,
+            beat: report.beat,
+            sent_ms: report.sent_ms,
+        };
+        let mut changes = self.beat(&beat, now, false)?;
+        changes.extend(self.suspect(&report.target, now));
+        Ok(changes)
+    }
+
+    /// Marks `target` `suspect` after a reset of its connection (reported by another node, or
+    /// seen here), and judges it from now on by the short thresholds of a dropped connection.
+    pub fn suspect(&mut self, target: &NodeId, now: u64) -> Option<Change> {
+        let member = self.members.get_mut(target)?;
+        member.link = Link::Dropped;
+        if member.record.health != Health::Ok {
+            return None;
+        }
+        member.suspected_ms = Some(now);
+        member.record.health = Health::Suspect;
+        Some(Change::Health { id: target.clone(), from: Health::Ok, to: Health::Suspect })
     }
 
     /// This node could not hear anyone until `now_ms` (its own link to the bus was down): silence
@@ -573,6 +616,46 @@ mod tests {
         m.transport(&k.peer_id(), true);
         m.transport(&k.peer_id(), false);
         assert!(matches!(m.tick(NOW + 2_500)[..], [Change::Health { to: Health::Down, .. }]));
+    }
+
+    #[test]
+    fn a_reported_reset_makes_a_silent_node_suspect_until_it_speaks() {
+        let mut m = membership();
+        let (target, reporter) = (NodeKey::from_secret([1; 32]), NodeKey::from_secret([2; 32]));
+        m.receive(&seal(&target, "lab", &advert("n1", 10, NOW)), NOW);
+        m.receive(&seal(&reporter, "lab", &advert("n2", 10, NOW)), NOW);
+        let report = |beat: u64, at: u64| {
+            Message::Suspect(wire::Suspicion {
+                id: NodeId::parse("n2").expect("id"),
+                workspace: "lab".into(),
+                seq: 10,
+                beat,
+                sent_ms: at,
+                target: NodeId::parse("n1").expect("id"),
+            })
+        };
+        let r = m.receive(&seal(&reporter, "lab", &report(1, NOW + 100)), NOW + 100);
+        assert!(matches!(r.changes[..], [Change::Health { to: Health::Suspect, .. }]));
+        // A heartbeat that was already on its way does not clear it...
+        let r = m.receive(&seal(&target, "lab", &beat("n1", 10, 1, NOW + 50)), NOW + 200);
+        assert!(r.changes.is_empty(), "{:?}", r.changes);
+        let r = m.receive(&seal(&reporter, "lab", &report(2, NOW + 600)), NOW + 600);
+        assert!(r.changes.is_empty(), "already suspect");
+        // The short thresholds of a dropped connection now apply.
+        assert!(matches!(m.tick(NOW + 2_700)[..], [Change::Health { to: Health::Down, .. }]));
+        // A forged report from an unknown node, or a replayed one, does nothing.
+        let stranger = NodeKey::from_secret([3; 32]);
+        assert_eq!(
+            m.receive(&seal(&stranger, "lab", &report(3, NOW)), NOW).verdict,
+            Verdict::Ignore
+        );
+        assert_eq!(
+            m.receive(&seal(&reporter, "lab", &report(2, NOW + 600)), NOW + 700).verdict,
+            Verdict::Ignore
+        );
+        // ...one sent later does.
+        let r = m.receive(&seal(&target, "lab", &beat("n1", 10, 2, NOW + 2_800)), NOW + 2_800);
+        assert!(matches!(r.changes[..], [Change::Health { to: Health::Ok, .. }]));
     }
 
     #[test]

@@ -110,6 +110,22 @@ impl Protocol {
         wire::seal(&self.key, &self.workspace, &Message::Leave(beat))
     }
 
+    /// This node's direct connection to `target` was reset: suspects it here and returns the
+    /// report for everyone else, with what changed here.
+    pub fn suspect(&mut self, target: &NodeId, now_ms: u64) -> (Vec<u8>, Option<Change>) {
+        let change = self.membership.suspect(target, now_ms);
+        let beat = self.next_beat(now_ms);
+        let report = wire::Suspicion {
+            id: beat.id,
+            workspace: beat.workspace,
+            seq: beat.seq,
+            beat: beat.beat,
+            sent_ms: now_ms,
+            target: target.clone(),
+        };
+        (wire::seal(&self.key, &self.workspace, &Message::Suspect(report)), change)
+    }
+
     fn next_beat(&mut self, now_ms: u64) -> Beat {
         self.beat += 1;
         Beat {

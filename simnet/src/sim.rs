@@ -489,6 +489,14 @@ impl<'a> Trial<'a> {
                 if self.nodes[to].alive {
                     let peer = self.nodes[about].peer;
                     self.nodes[to].proto.membership_mut().transport(&peer, up);
+                    if !up {
+                        // As the node actor does: report the reset so every node suspects now.
+                        let now_ms = self.now_ms();
+                        let target = self.nodes[about].id.clone();
+                        let (report, change) = self.nodes[to].proto.suspect(&target, now_ms);
+                        self.broadcast(to, report, None);
+                        self.observe(to, change.into_iter().collect());
+                    }
                 }
             }
             Event::Beat { node, life } => {

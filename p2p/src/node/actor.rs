@@ -76,6 +76,8 @@ pub(super) struct Actor {
     store_dirty: bool,
     last_flush: StdInstant,
     rejections: RejectionLimit,
+    /// When this node last reported a reset connection to each node.
+    reported: BTreeMap<NodeId, StdInstant>,
     /// When a sync was last asked of each peer (`None`: of everyone, on NATS).
     sync_asked: BTreeMap<Option<libp2p::PeerId>, StdInstant>,
 }
@@ -142,6 +144,7 @@ impl Actor {
             last_flush: StdInstant::now(),
             rejections: RejectionLimit::default(),
             sync_asked: BTreeMap::new(),
+            reported: BTreeMap::new(),
         };
         actor.advertise("boot").await;
         Ok((actor, rx))
@@ -383,6 +386,7 @@ impl Actor {
             TransportEvent::PeerDown(peer) => {
                 self.protocol.membership_mut().transport(&peer, false);
                 self.snapshot_dirty = true;
+                self.report_reset(peer).await;
             }
             TransportEvent::Link(up) => self.on_link(up).await,
             TransportEvent::SyncRequest { request, reply } => {
@@ -402,6 +406,22 @@ impl Actor {
             }
             TransportEvent::Internal => {}
         }
+    }
+
+    /// A direct connection was reset (not closed by us): tell everyone, so they suspect the node
+    /// now rather than after seconds of silence. At most once per node per [`SYNC_RETRY`].
+    async fn report_reset(&mut self, peer: libp2p::PeerId) {
+        let Some(target) = self.protocol.membership().id_of_peer(&peer).cloned() else { return };
+        let now = StdInstant::now();
+        if self.reported.get(&target).is_some_and(|t| now.duration_since(*t) < SYNC_RETRY) {
+            return;
+        }
+        self.reported.insert(target.clone(), now);
+        let (report, change) = self.protocol.suspect(&target, now_ms());
+        if let Some(transport) = &mut self.transport {
+            transport.publish(report).await;
+        }
+        self.apply_changes(change.into_iter().collect()).await;
     }
 
     /// The broker link came up or went away.
@@ -502,11 +522,13 @@ impl Actor {
         self.emit("cluster.bus.mismatch", payload).await;
     }
 
+    /// Turns membership changes into events, and publishes the snapshot at once: readers see a
+    /// change in health or content as soon as the events do (plain heartbeats wait for the tick).
     async fn apply_changes(&mut self, changes: Vec<Change>) {
         if changes.is_empty() {
             return;
         }
-        self.snapshot_dirty = true;
+        self.publish_snapshot();
         let now = now_ms();
         let ttl = duration_ms(self.config.ttl);
         for change in changes {
