@@ -20,14 +20,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use arw_p2p::{
-    cluster::{Advert, Health},
+    cluster::Advert,
     events::EventTx,
     identity::NodeKey,
     membership::MembershipConfig,
     nats::NatsConfig,
     node::{self, BusConfig, FederationConfig, NodeConfig},
     node_id::{IdSource, NodeId},
-    role::Role,
     wire::{Message, seal},
 };
 
@@ -46,22 +45,15 @@ fn summary(mut v: Vec<f64>) -> (f64, f64, f64, usize) {
 }
 
 fn advert(seq: u64) -> Message {
-    Message::Advert(Advert {
-        id: NodeId::parse("bench-src").expect("id"),
-        role: Role::Edge,
-        workspace: "default".into(),
-        epoch: 0,
+    let mut advert = Advert::basic(
+        NodeId::parse("bench-src").expect("id"),
+        "default",
         seq,
-        advertised_ms: arw_p2p::time::now_ms(),
-        ttl_ms: 360_000,
-        capabilities: serde_json::Map::new(),
-        tags: vec!["bench".into()],
-        models: None,
-        health: Health::Ok,
-        addrs: vec![],
-        bus: "nats".into(),
-        queue: "local".into(),
-    })
+        arw_p2p::time::now_ms(),
+    );
+    advert.tags = vec!["bench".into()];
+    advert.bus = "nats".into();
+    Message::Advert(advert)
 }
 
 async fn raw(url: &str, n: usize, bytes: &[u8]) -> Vec<f64> {

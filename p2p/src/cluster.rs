@@ -71,6 +71,29 @@ pub struct Advert {
     pub queue: String,
 }
 
+impl Advert {
+    /// An advert with only the required facts: role `edge`, a 360 s validity, no capabilities,
+    /// tags or addresses, `local` bus and queue. Callers fill in the rest.
+    pub fn basic(id: NodeId, workspace: &str, seq: u64, advertised_ms: u64) -> Self {
+        Self {
+            id,
+            role: Role::Edge,
+            workspace: workspace.to_owned(),
+            epoch: 0,
+            seq,
+            advertised_ms,
+            ttl_ms: 360_000,
+            capabilities: Map::new(),
+            tags: Vec::new(),
+            models: None,
+            health: Health::Ok,
+            addrs: Vec::new(),
+            bus: "local".into(),
+            queue: "local".into(),
+        }
+    }
+}
+
 /// The registry's record of one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {

@@ -516,29 +516,13 @@ mod tests {
     use crate::{
         cluster::Advert,
         identity::NodeKey,
-        role::Role,
         wire::{Beat, seal},
     };
 
     const NOW: u64 = 1_800_000_000_000;
 
     fn advert(id: &str, seq: u64, at: u64) -> Message {
-        Message::Advert(Advert {
-            id: NodeId::parse(id).expect("id"),
-            role: Role::Edge,
-            workspace: "lab".into(),
-            epoch: 0,
-            seq,
-            advertised_ms: at,
-            ttl_ms: 360_000,
-            capabilities: serde_json::Map::new(),
-            tags: vec![],
-            models: None,
-            health: Health::Ok,
-            addrs: vec![],
-            bus: "local".into(),
-            queue: "local".into(),
-        })
+        Message::Advert(Advert::basic(NodeId::parse(id).expect("id"), "lab", seq, at))
     }
 
     fn beat(id: &str, seq: u64, n: u64, at: u64) -> Message {

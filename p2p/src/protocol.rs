@@ -187,25 +187,10 @@ impl Protocol {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cluster::Health, membership::Verdict, role::Role};
+    use crate::membership::Verdict;
 
     fn advert(id: &str, seq: u64, now: u64) -> Advert {
-        Advert {
-            id: NodeId::parse(id).expect("id"),
-            role: Role::Edge,
-            workspace: "lab".into(),
-            epoch: 0,
-            seq,
-            advertised_ms: now,
-            ttl_ms: 360_000,
-            capabilities: serde_json::Map::new(),
-            tags: vec![],
-            models: None,
-            health: Health::Ok,
-            addrs: vec![],
-            bus: "local".into(),
-            queue: "local".into(),
-        }
+        Advert::basic(NodeId::parse(id).expect("id"), "lab", seq, now)
     }
 
     fn protocol(id: &str, seed: u8) -> Protocol {

@@ -4,11 +4,10 @@
 use proptest::prelude::*;
 
 use arw_p2p::{
-    cluster::{Advert, Health},
+    cluster::Advert,
     identity::NodeKey,
     membership::{Membership, MembershipConfig, Verdict},
     node_id::NodeId,
-    role::Role,
     wire::{Message, seal},
 };
 
@@ -16,22 +15,10 @@ const NOW: u64 = 1_800_000_000_000;
 const TTL: u64 = 360_000;
 
 fn advert(id: &str, seq: u64, at: u64, tag: &str) -> Message {
-    Message::Advert(Advert {
-        id: NodeId::parse(id).expect("id"),
-        role: Role::Edge,
-        workspace: "lab".into(),
-        epoch: 0,
-        seq,
-        advertised_ms: at,
-        ttl_ms: TTL,
-        capabilities: serde_json::Map::new(),
-        tags: vec![tag.to_owned()],
-        models: None,
-        health: Health::Ok,
-        addrs: vec![],
-        bus: "local".into(),
-        queue: "local".into(),
-    })
+    let mut advert = Advert::basic(NodeId::parse(id).expect("id"), "lab", seq, at);
+    advert.ttl_ms = TTL;
+    advert.tags = vec![tag.to_owned()];
+    Message::Advert(advert)
 }
 
 fn fresh() -> Membership {

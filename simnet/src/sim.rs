@@ -29,7 +29,6 @@ use arw_p2p::{
     membership::{Change, MembershipConfig, Verdict},
     node_id::NodeId,
     protocol::{Protocol, SyncRequest},
-    role::Role,
     wire::{self, Opened, Reason},
 };
 use libp2p::PeerId;
@@ -206,22 +205,9 @@ pub fn describe_link(s: &Scenario) -> String {
 }
 
 fn advert_for(id: &NodeId, seq: u64, now_ms: u64, tag: &str) -> Advert {
-    Advert {
-        id: id.clone(),
-        role: Role::Edge,
-        workspace: WORKSPACE.into(),
-        epoch: 0,
-        seq,
-        advertised_ms: now_ms,
-        ttl_ms: 360_000,
-        capabilities: serde_json::Map::new(),
-        tags: vec![tag.to_owned()],
-        models: None,
-        health: Health::Ok,
-        addrs: Vec::new(),
-        bus: "local".into(),
-        queue: "local".into(),
-    }
+    let mut advert = Advert::basic(id.clone(), WORKSPACE, seq, now_ms);
+    advert.tags = vec![tag.to_owned()];
+    advert
 }
 
 impl<'a> Trial<'a> {
