@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 pub use arw_p2p::{
     cluster::{ClusterNode, ClusterView},
     hierarchy::{CoreAccept, CoreHello, CoreOffer},
-    node::NetworkStatus,
+    node::{AdmissionChange, HomeClaim, NetworkStatus},
 };
 
 /// `{"ok":true}`.
@@ -27,6 +27,16 @@ impl Ok {
 pub struct RoleRequest {
     /// Role name or alias, case-insensitive.
     pub role: String,
+}
+
+/// `POST /admin/cluster/admit` and `/admin/cluster/revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionRequest {
+    /// Node id.
+    pub id: String,
+    /// Admit: pin this base64 key instead of the one the node advertises.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A node in the hierarchy view (`self_node` and each of `peers`).
@@ -68,6 +78,9 @@ pub struct HierarchyState {
     /// The transport: `disabled`, `no_peers` (listening, nobody yet) or `connected`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkStatus>,
+    /// Every node advertising role `root`, when more than one does: a conflict to resolve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub home_conflict: Vec<HomeClaim>,
 }
 
 /// CloudEvents attributes of a live event.

@@ -59,6 +59,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/hierarchy/hello", post(routes::hierarchy_hello))
         .route("/admin/hierarchy/offer", post(routes::hierarchy_offer))
         .route("/admin/hierarchy/accept", post(routes::hierarchy_accept))
+        .route("/admin/cluster/admit", post(routes::cluster_admit))
+        .route("/admin/cluster/revoke", post(routes::cluster_revoke))
         .route("/events", get(events::stream))
         .route("/admin/events/journal", get(events::journal))
         .route("/admin/events/test", post(events::test_event))

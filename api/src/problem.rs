@@ -167,6 +167,13 @@ impl From<NodeError> for Problem {
                 "shutting_down",
                 "the node is shutting down",
             ),
+            NodeError::NotHome => Problem::new(StatusCode::CONFLICT, "not_home", e.to_string()),
+            NodeError::UnknownNode(detail) => {
+                Problem::new(StatusCode::NOT_FOUND, "unknown_node", detail)
+            }
+            NodeError::InvalidKey => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", e.to_string())
+            }
         }
     }
 }

@@ -71,6 +71,22 @@ pub async fn hierarchy_accept(
     Ok(Json(dto::Ok::YES))
 }
 
+/// `POST /admin/cluster/admit` (at the Home).
+pub async fn cluster_admit(
+    State(state): State<AppState>,
+    Json(body): Json<dto::AdmissionRequest>,
+) -> Result<Json<dto::AdmissionChange>, Problem> {
+    Ok(Json(state.node.admit(&body.id, body.key).await?))
+}
+
+/// `POST /admin/cluster/revoke` (at the Home).
+pub async fn cluster_revoke(
+    State(state): State<AppState>,
+    Json(body): Json<dto::AdmissionRequest>,
+) -> Result<Json<dto::AdmissionChange>, Problem> {
+    Ok(Json(state.node.revoke(&body.id).await?))
+}
+
 /// Any path that does not exist.
 pub async fn not_found(uri: Uri) -> Problem {
     Problem::not_found().with("path", json!(uri.path()))
@@ -138,5 +154,11 @@ fn hierarchy_view(snap: &Snapshot) -> HierarchyState {
         entry.tags = a.tags.clone();
         entry.health = Some(record.health_at(now, snap.ttl_ms).as_str().to_owned());
     }
-    HierarchyState { epoch: h.epoch, self_node, peers, network: Some(snap.network.clone()) }
+    HierarchyState {
+        epoch: h.epoch,
+        self_node,
+        peers,
+        network: Some(snap.network.clone()),
+        home_conflict: snap.home_claims.clone(),
+    }
 }

@@ -495,3 +495,35 @@ async fn offer_and_accept_fill_children_and_peers() {
         "unknown_role",
     );
 }
+
+#[tokio::test]
+async fn admission_is_decided_at_the_home_only_and_checks_its_input() {
+    let h = harness_with(Some("home-1"), 0).await;
+    let not_home = send(&h.app, post("/admin/cluster/admit", json!({"id": "w1"}))).await;
+    assert_problem(&not_home, StatusCode::CONFLICT, "not_home");
+    send(&h.app, post("/admin/hierarchy/role", json!({"role": "home"}))).await;
+
+    let unknown = send(&h.app, post("/admin/cluster/admit", json!({"id": "w1"}))).await;
+    assert_problem(&unknown, StatusCode::NOT_FOUND, "unknown_node");
+    let bad_key =
+        send(&h.app, post("/admin/cluster/admit", json!({"id": "w1", "key": "c2hvcnQ="}))).await;
+    assert_problem(&bad_key, StatusCode::UNPROCESSABLE_ENTITY, "invalid_key");
+    let bad_id = send(&h.app, post("/admin/cluster/admit", json!({"id": "w.1"}))).await;
+    assert_problem(&bad_id, StatusCode::UNPROCESSABLE_ENTITY, "invalid_node_id");
+
+    let key = NodeKey::from_secret([5; 32]).public_b64();
+    let admitted =
+        send(&h.app, post("/admin/cluster/admit", json!({"id": "w1", "key": key}))).await;
+    assert_eq!(admitted.status, StatusCode::OK, "{}", admitted.text);
+    assert_eq!(admitted.body, json!({"id": "w1", "key": key, "admission": "admitted"}));
+    let revoked = send(&h.app, post("/admin/cluster/revoke", json!({"id": "w1"}))).await;
+    assert_eq!(revoked.body["admission"], "revoked");
+    let again = send(&h.app, post("/admin/cluster/revoke", json!({"id": "w1"}))).await;
+    assert_problem(&again, StatusCode::NOT_FOUND, "unknown_node");
+    let kinds = h.log.kinds();
+    assert!(
+        kinds.contains(&"cluster.node.admitted".to_owned())
+            && kinds.contains(&"cluster.node.revoked".to_owned()),
+        "{kinds:?}"
+    );
+}

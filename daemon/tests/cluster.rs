@@ -148,3 +148,73 @@ fn the_local_cluster_script_starts_three_nodes_that_see_each_other() {
         }
     }
 }
+
+fn admission_of(server: &common::Server, id: &str) -> Option<String> {
+    let (_, view) = server.get("/state/cluster");
+    view["nodes"].as_array()?.iter().find(|n| n["id"] == id)?["admission"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn the_home_admits_and_revokes_and_a_second_home_is_reported() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home_state = dir.path().join("home");
+    let home = start("home-1", &home_state, None);
+    let boot = home.endpoints["p2p"][0].as_str().expect("p2p address").to_owned();
+    let w1 = start("w1", &dir.path().join("w1"), Some(&boot));
+    let w2 = start("w2", &dir.path().join("w2"), Some(&boot));
+    assert_eq!(home.post("/admin/hierarchy/role", &serde_json::json!({"role": "home"})).0, 200);
+    wait_for(&home, Duration::from_secs(20), "both workers", |nodes| nodes.len() == 3);
+    assert_eq!(admission_of(&home, "w1").as_deref(), Some("pending"));
+    assert_eq!(admission_of(&home, "home-1"), None, "the Home itself needs no admission");
+    assert_eq!(admission_of(&w1, "w2"), None, "only the Home reports admission");
+
+    let env = [("ARW_ADMIN_TOKEN", home.token.as_str())];
+    let pending = common::cli(&["cluster", "pending", "--base", &home.base()], &env);
+    let text = String::from_utf8_lossy(&pending.stdout);
+    assert!(text.contains("w1") && text.contains("w2") && text.contains("pending"), "{text}");
+    let admit = common::cli(&["cluster", "admit", "w1", "--base", &home.base()], &env);
+    assert!(
+        String::from_utf8_lossy(&admit.stdout).starts_with("w1 admitted"),
+        "{}",
+        String::from_utf8_lossy(&admit.stderr)
+    );
+    assert_eq!(admission_of(&home, "w1").as_deref(), Some("admitted"));
+    assert_eq!(admission_of(&home, "w2").as_deref(), Some("pending"));
+    let pending = common::cli(&["cluster", "pending", "--base", &home.base()], &env);
+    let text = String::from_utf8_lossy(&pending.stdout);
+    assert!(!text.contains("w1") && text.contains("w2"), "{text}");
+
+    // The roster survives a restart of the Home.
+    assert!(home.stop().success());
+    let home = start("home-1", &home_state, None);
+    wait_for(&home, Duration::from_secs(20), "workers back", |nodes| {
+        nodes.iter().filter(|(_, h, _)| h == "ok").count() == 3
+    });
+    assert_eq!(admission_of(&home, "w1").as_deref(), Some("admitted"));
+    let revoke = common::cli(
+        &["cluster", "revoke", "w1", "--base", &home.base(), "--admin-token", &home.token],
+        &[],
+    );
+    assert!(revoke.status.success());
+    assert_eq!(admission_of(&home, "w1").as_deref(), Some("revoked"));
+
+    // A second node claiming Home is reported on every node.
+    assert_eq!(w2.post("/admin/hierarchy/role", &serde_json::json!({"role": "home"})).0, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, state) = w1.get("/admin/hierarchy/state");
+        let claims: Vec<&str> = state["home_conflict"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|x| x["id"].as_str()).collect())
+            .unwrap_or_default();
+        if claims == ["home-1", "w2"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no Home conflict reported: {state}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let events: Value = home.get("/admin/events/journal?prefix=cluster.home.conflict").1;
+    assert!(events["total_matched"].as_u64().unwrap_or(0) >= 1, "{events}");
+}

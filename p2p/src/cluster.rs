@@ -158,6 +158,9 @@ pub struct ClusterNode {
     /// See `bus`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
+    /// At the Home: `admitted`, `pending`, `revoked` or `key_mismatch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<String>,
 }
 
 /// `/state/cluster`.
@@ -203,6 +206,7 @@ impl NodeRecord {
             addrs: Some(a.addrs.clone()),
             bus: Some(a.bus.clone()),
             queue: Some(a.queue.clone()),
+            admission: None,
         }
     }
 

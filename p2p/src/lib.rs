@@ -1,6 +1,7 @@
 //! arw-p2p: the federation core. Node identity, the hierarchy state machine, adverts and the
 //! registry, and the node actor that owns them. No HTTP, no CLI parsing, no process environment.
 
+pub mod admission;
 pub mod cluster;
 pub mod events;
 pub mod hierarchy;

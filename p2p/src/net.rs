@@ -241,7 +241,11 @@ impl Net {
 
     /// Periodic upkeep: re-dial the bootstrap peers while alone; refresh Kademlia now and then.
     pub fn maintain(&mut self) {
-        if self.connected.is_empty() && !self.bootstrap.is_empty() {
+        let missing_bootstrap = self.bootstrap.iter().any(|a| match a.iter().last() {
+            Some(Protocol::P2p(peer)) => !self.connected.contains(&peer),
+            _ => false,
+        });
+        if (self.connected.is_empty() && !self.bootstrap.is_empty()) || missing_bootstrap {
             self.dial_bootstrap();
         }
         if !self.connected.is_empty()
@@ -293,6 +297,9 @@ impl Net {
         self.last_bootstrap_dial = Some(Instant::now());
         for addr in self.bootstrap.clone() {
             if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                if self.connected.contains(&peer) {
+                    continue;
+                }
                 self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
             }
             if let Err(e) = self.swarm.dial(addr.clone()) {

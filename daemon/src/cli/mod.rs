@@ -49,6 +49,38 @@ enum Command {
     /// The event stream.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Admission at the Home: which nodes may work in the workspace.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Admit a node with the key it advertises (or the one given). Run against the Home.
+    ///
+    /// Example: arw-cli cluster admit worker-gpu-01
+    Admit {
+        /// Node id.
+        id: String,
+        /// Pin this base64 ed25519 key instead of the advertised one.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// Revoke a node's admission. Run against the Home.
+    ///
+    /// Example: arw-cli cluster revoke worker-gpu-01
+    Revoke {
+        /// Node id.
+        id: String,
+    },
+    /// Nodes that advertise but are not admitted (and revoked or key-mismatched ones).
+    ///
+    /// Example: arw-cli cluster pending --base http://home:8091
+    Pending {
+        /// Print the matching /state/cluster nodes as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -149,12 +181,70 @@ impl Cli {
             Command::Hierarchy(command) => {
                 hierarchy(&Client::new(base, token, timeout)?, command).await
             }
+            Command::Cluster(command) => {
+                cluster_admission(&Client::new(base, token, timeout)?, command).await
+            }
             Command::Events(EventsCommand::Tail { prefix, after, json }) => {
                 // A stream has no overall deadline: the timeout bounds connecting, and a read
                 // timeout well above the keep-alive interval detects a dead connection.
                 let client = Client::streaming(base, token, timeout)?;
                 events::tail(&client, events::Tail { prefix, after, json }).await
             }
+        }
+    }
+}
+
+async fn cluster_admission(client: &Client, command: ClusterCommand) -> Result<String, CliError> {
+    let line = |v: &Value| {
+        format!(
+            "{} {} (key {})\n",
+            v["id"].as_str().unwrap_or("?"),
+            v["admission"].as_str().unwrap_or("?"),
+            v["key"].as_str().unwrap_or("?")
+        )
+    };
+    match command {
+        ClusterCommand::Admit { id, key } => {
+            Ok(line(&client.post("/admin/cluster/admit", &json!({ "id": id, "key": key })).await?))
+        }
+        ClusterCommand::Revoke { id } => {
+            Ok(line(&client.post("/admin/cluster/revoke", &json!({ "id": id })).await?))
+        }
+        ClusterCommand::Pending { json } => {
+            let view = client.get("/state/cluster").await?;
+            let nodes: Vec<&Value> = view["nodes"]
+                .as_array()
+                .map(|n| {
+                    n.iter()
+                        .filter(|n| n["admission"].as_str().is_some_and(|a| a != "admitted"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if json {
+                return Ok(json_text(&json!(nodes), false));
+            }
+            if view["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().all(|n| n.get("admission").is_none()) && n.len() > 1)
+            {
+                return Err(CliError(
+                    "this node reports no admission: is it the Home (role root)?".into(),
+                ));
+            }
+            if nodes.is_empty() {
+                return Ok("no pending nodes\n".into());
+            }
+            Ok(nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{:<20} {:<12} {}\n",
+                        n["id"].as_str().unwrap_or("?"),
+                        n["admission"].as_str().unwrap_or("?"),
+                        n["role"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect())
         }
     }
 }

@@ -16,10 +16,14 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+
 use super::{
-    BusConfig, Command, FederationConfig, Mismatch, NetworkStatus, NodeConfig, NodeError, Snapshot,
+    AdmissionChange, BusConfig, Command, FederationConfig, HomeClaim, Mismatch, NetworkStatus,
+    NodeConfig, NodeError, Snapshot,
 };
 use crate::{
+    admission::{Admission, Roster},
     cluster::{Advert, Health, NodeRecord},
     events::EventTx,
     hierarchy::{CoreHello, HelloOutcome, Hierarchy, HierarchyError, RoleChange},
@@ -29,6 +33,7 @@ use crate::{
     node_id::{self, IdSource, NodeId},
     persist,
     protocol::{Protocol, SyncRequest},
+    role::Role,
     time::{now_ms, rfc3339_ms},
     transport::{Inbound, SyncReply, Transport, TransportEvent},
     wire::{self, Reason},
@@ -36,6 +41,7 @@ use crate::{
 
 const HIERARCHY_FILE: &str = "hierarchy.json";
 const CLUSTER_FILE: &str = "cluster_nodes.json";
+const ROSTER_FILE: &str = "roster.json";
 pub(super) const COMMAND_QUEUE: usize = 64;
 /// Membership timers, snapshot refresh and registry flushes run this often.
 const TICK: Duration = Duration::from_millis(250);
@@ -76,6 +82,10 @@ pub(super) struct Actor {
     store_dirty: bool,
     last_flush: StdInstant,
     rejections: RejectionLimit,
+    /// At the Home: who is admitted.
+    roster: Arc<Roster>,
+    /// The Home claims last reported (ids), so a conflict is reported once.
+    reported_homes: Vec<String>,
     /// When this node last reported a reset connection to each node.
     reported: BTreeMap<NodeId, StdInstant>,
     /// When a sync was last asked of each peer (`None`: of everyone, on NATS).
@@ -92,6 +102,8 @@ impl Actor {
             persist::load_json(&config.state_dir.join(HIERARCHY_FILE))?.unwrap_or_default();
         let store: ClusterStore =
             persist::load_json(&config.state_dir.join(CLUSTER_FILE))?.unwrap_or_default();
+        let roster: Roster =
+            persist::load_json(&config.state_dir.join(ROSTER_FILE))?.unwrap_or_default();
         let (env_id, config_id) = match &config.explicit_id {
             Some((id, IdSource::Env)) => (Some(id.clone()), None),
             Some((id, _)) => (None, Some(id.clone())),
@@ -127,6 +139,8 @@ impl Actor {
             nodes: BTreeMap::new(),
             ttl_ms: duration_ms(config.ttl),
             network: NetworkStatus::default(),
+            admission: BTreeMap::new(),
+            home_claims: Vec::new(),
         }));
         let mut actor = Self {
             config,
@@ -145,8 +159,17 @@ impl Actor {
             rejections: RejectionLimit::default(),
             sync_asked: BTreeMap::new(),
             reported: BTreeMap::new(),
+            roster: Arc::new(roster),
+            reported_homes: Vec::new(),
         };
         actor.advertise("boot").await;
+        // Nodes remembered from before a restart are stale until they speak again: dial them so
+        // they can, even when nobody lists this node as a bootstrap peer.
+        if let Some(transport) = &mut actor.transport {
+            for member in actor.protocol.membership().members().values() {
+                transport.dial_advertised(&member.record.advert.addrs);
+            }
+        }
         Ok((actor, rx))
     }
 
@@ -216,8 +239,100 @@ impl Actor {
                 }
                 let _ = reply.send(result);
             }
+            Command::Admit(id, key, reply) => {
+                let result = self.admit(&id, key).await;
+                let _ = reply.send(result);
+            }
+            Command::Revoke(id, reply) => {
+                let result = self.revoke(&id).await;
+                let _ = reply.send(result);
+            }
         }
         self.publish_snapshot();
+    }
+
+    /// At the Home: admits `id` with `key`, or the key it advertises now.
+    async fn admit(&mut self, id: &str, key: Option<String>) -> Result<AdmissionChange, NodeError> {
+        if self.hierarchy.role != Role::Root {
+            return Err(NodeError::NotHome);
+        }
+        let id = NodeId::parse(id).map_err(HierarchyError::from)?;
+        let key = match key {
+            Some(key) => {
+                let bytes = B64.decode(key.trim()).map_err(|_| NodeError::InvalidKey)?;
+                <[u8; 32]>::try_from(bytes).map_err(|_| NodeError::InvalidKey)?;
+                key.trim().to_owned()
+            }
+            None => match self.protocol.membership().members().get(&id) {
+                Some(member) => B64.encode(member.key),
+                None => {
+                    return Err(NodeError::UnknownNode(format!(
+                        "no node {id} has advertised; pass its key"
+                    )));
+                }
+            },
+        };
+        let mut next = (*self.roster).clone();
+        if next.admit(&id, &key) {
+            self.commit_roster(next).await?;
+            self.emit("cluster.node.admitted", json!({ "id": id, "key": key })).await;
+        }
+        Ok(AdmissionChange { id: id.to_string(), admission: self.roster.status(&id, &key), key })
+    }
+
+    /// At the Home: revokes `id`.
+    async fn revoke(&mut self, id: &str) -> Result<AdmissionChange, NodeError> {
+        if self.hierarchy.role != Role::Root {
+            return Err(NodeError::NotHome);
+        }
+        let id = NodeId::parse(id).map_err(HierarchyError::from)?;
+        let mut next = (*self.roster).clone();
+        let Some(key) = next.revoke(&id) else {
+            return Err(NodeError::UnknownNode(format!("{id} is not admitted")));
+        };
+        self.commit_roster(next).await?;
+        self.emit("cluster.node.revoked", json!({ "id": id, "key": key })).await;
+        Ok(AdmissionChange { id: id.to_string(), key, admission: Admission::Revoked })
+    }
+
+    /// Persists a new roster, then makes it current.
+    async fn commit_roster(&mut self, next: Roster) -> Result<(), NodeError> {
+        persist::save_json_off_thread(self.path(ROSTER_FILE), next.clone())
+            .await
+            .map_err(|e| NodeError::Persist(e.to_string()))?;
+        self.roster = Arc::new(next);
+        Ok(())
+    }
+
+    /// Reports (once per change) when more than one node advertises role `root`.
+    async fn check_home_claims(&mut self) {
+        let claims = self.home_claims();
+        let ids: Vec<String> = claims.iter().map(|c| c.id.clone()).collect();
+        if ids == self.reported_homes {
+            return;
+        }
+        self.reported_homes = ids;
+        if claims.len() > 1 {
+            tracing::warn!(homes = ?self.reported_homes, "more than one node claims to be the Home");
+            self.emit("cluster.home.conflict", json!({ "homes": claims })).await;
+        }
+    }
+
+    /// Every node advertising role `root`, this one included.
+    fn home_claims(&self) -> Vec<HomeClaim> {
+        let mut claims: Vec<HomeClaim> = self
+            .protocol
+            .membership()
+            .members()
+            .iter()
+            .filter(|(_, m)| m.record.advert.role == Role::Root && m.record.health != Health::Left)
+            .map(|(id, m)| HomeClaim { id: id.to_string(), key: B64.encode(m.key) })
+            .collect();
+        if self.hierarchy.role == Role::Root {
+            claims.push(HomeClaim { id: self.id.to_string(), key: self.config.key.public_b64() });
+        }
+        claims.sort_by(|a, b| a.id.cmp(&b.id));
+        claims
     }
 
     async fn set_role(&mut self, requested: &str) -> Result<RoleChange, NodeError> {
@@ -230,6 +345,7 @@ impl Actor {
             });
             self.emit("hierarchy.role.changed", payload).await;
             self.advertise("role").await;
+            self.check_home_claims().await;
         }
         Ok(change)
     }
@@ -543,6 +659,7 @@ impl Actor {
                         transport.dial_advertised(&record.advert.addrs);
                     }
                     self.check_transport_match(&record.advert).await;
+                    self.check_home_claims().await;
                     self.emit("cluster.node.advertise", advert_payload(&record.advert)).await;
                     if changed {
                         self.emit("cluster.node.changed", json_of(&record.view(now, ttl))).await;
@@ -603,6 +720,16 @@ impl Actor {
                 queue: queue.clone(),
             })
             .collect();
+        let admission = if self.hierarchy.role == Role::Root {
+            let members = self.protocol.membership().members();
+            members
+                .iter()
+                .map(|(id, m)| (id.clone(), self.roster.status(id, &B64.encode(m.key))))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let home_claims = Some(self.home_claims()).filter(|c| c.len() > 1).unwrap_or_default();
         self.snapshot.send_replace(Arc::new(Snapshot {
             id: self.id.clone(),
             id_source: self.id_source,
@@ -613,6 +740,8 @@ impl Actor {
             nodes,
             ttl_ms: duration_ms(self.config.ttl),
             network,
+            admission,
+            home_claims,
         }));
     }
 

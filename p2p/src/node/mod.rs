@@ -15,6 +15,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admission::Admission,
     cluster::{ClusterView, NodeRecord},
     events::EventTx,
     hierarchy::{
@@ -98,6 +99,35 @@ pub enum NodeError {
     /// The actor has stopped (shutdown in progress).
     #[error("node is shutting down")]
     Stopped,
+    /// Only the Home (role `root`) admits and revokes.
+    #[error("this node is not the Home (role root); admission is decided there")]
+    NotHome,
+    /// No such node is known (or, for a revoke, admitted).
+    #[error("{0}")]
+    UnknownNode(String),
+    /// A key that is not 32 bytes of base64.
+    #[error("key must be a base64 ed25519 public key (32 bytes)")]
+    InvalidKey,
+}
+
+/// What an admission did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmissionChange {
+    /// The node.
+    pub id: String,
+    /// The key now admitted (or revoked).
+    pub key: String,
+    /// Its standing now.
+    pub admission: Admission,
+}
+
+/// Another node claiming to be the Home.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeClaim {
+    /// Node id.
+    pub id: String,
+    /// Its key.
+    pub key: String,
 }
 
 /// The transport as readers see it.
@@ -146,13 +176,26 @@ pub struct Snapshot {
     pub ttl_ms: u64,
     /// Transport state.
     pub network: NetworkStatus,
+    /// At the Home: every remote node's standing.
+    pub admission: BTreeMap<NodeId, Admission>,
+    /// Nodes advertising role `root`, when more than one does (this one included).
+    pub home_claims: Vec<HomeClaim>,
 }
 
 impl Snapshot {
     /// The `/state/cluster` view at `now_ms`.
     pub fn cluster_view(&self, now_ms: u64) -> ClusterView {
         ClusterView {
-            nodes: self.nodes.values().map(|r| r.view(now_ms, self.ttl_ms)).collect(),
+            nodes: self
+                .nodes
+                .values()
+                .map(|r| {
+                    let mut node = r.view(now_ms, self.ttl_ms);
+                    node.admission =
+                        self.admission.get(&r.advert.id).map(|a| a.as_str().to_owned());
+                    node
+                })
+                .collect(),
             generated: Some(rfc3339_ms(now_ms)),
             generated_ms: Some(now_ms),
             ttl_seconds: Some(self.ttl_ms / 1000),
@@ -165,6 +208,8 @@ enum Command {
     Hello(CoreHello, oneshot::Sender<Result<HelloOutcome, NodeError>>),
     Offer(CoreOffer, oneshot::Sender<Result<bool, NodeError>>),
     Accept(CoreAccept, oneshot::Sender<Result<bool, NodeError>>),
+    Admit(String, Option<String>, oneshot::Sender<Result<AdmissionChange, NodeError>>),
+    Revoke(String, oneshot::Sender<Result<AdmissionChange, NodeError>>),
 }
 
 impl std::fmt::Debug for Command {
@@ -174,6 +219,8 @@ impl std::fmt::Debug for Command {
             Command::Hello(..) => "Hello",
             Command::Offer(..) => "Offer",
             Command::Accept(..) => "Accept",
+            Command::Admit(..) => "Admit",
+            Command::Revoke(..) => "Revoke",
         })
     }
 }
@@ -214,6 +261,16 @@ impl NodeHandle {
     /// Records an accept; returns whether the epoch changed.
     pub async fn accept(&self, accept: CoreAccept) -> Result<bool, NodeError> {
         self.call(|tx| Command::Accept(accept, tx)).await
+    }
+
+    /// At the Home: admits `id` with `key`, or with the key it advertises now.
+    pub async fn admit(&self, id: &str, key: Option<String>) -> Result<AdmissionChange, NodeError> {
+        self.call(|tx| Command::Admit(id.to_owned(), key, tx)).await
+    }
+
+    /// At the Home: revokes `id`.
+    pub async fn revoke(&self, id: &str) -> Result<AdmissionChange, NodeError> {
+        self.call(|tx| Command::Revoke(id.to_owned(), tx)).await
     }
 
     async fn call<T>(
