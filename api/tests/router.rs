@@ -114,19 +114,10 @@ async fn harness_with(explicit_id: Option<&str>, rate_limit: u32) -> Harness {
             }
         }
     });
-    let config = NodeConfig {
-        key: NodeKey::generate().expect("key"),
-        explicit_id: explicit_id.map(|id| (NodeId::parse(id).expect("id"), IdSource::Env)),
-        hostname: Some("test-host".into()),
-        workspace: "default".into(),
-        state_dir: dir.path().to_path_buf(),
-        advertise_interval: Duration::from_secs(300),
-        ttl: Duration::from_secs(360),
-        capabilities: serde_json::Map::new(),
-        bus: "local".into(),
-        queue: "local".into(),
-        federation: None,
-    };
+    let mut config =
+        NodeConfig::new(NodeKey::generate().expect("key"), "default", dir.path().to_path_buf());
+    config.explicit_id = explicit_id.map(|id| (NodeId::parse(id).expect("id"), IdSource::Env));
+    config.hostname = Some("test-host".into());
     let (node, _task) = node::spawn(config, events.clone(), cancel.clone()).await.expect("node");
     let auth = AdminAuth::new(&AuthConfig {
         token: Some(TOKEN.into()),

@@ -99,31 +99,23 @@ async fn nodes(url: &str, n: usize) -> Vec<f64> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(u64, Instant)>();
     for (i, dir) in dirs.iter().enumerate() {
         let (events, mut events_rx) = EventTx::channel(4096);
-        let config = NodeConfig {
-            key: NodeKey::generate().expect("key"),
-            explicit_id: Some((NodeId::parse(&format!("n{i}")).expect("id"), IdSource::Config)),
-            hostname: None,
-            workspace: "default".into(),
-            state_dir: dir.path().to_path_buf(),
-            advertise_interval: Duration::from_secs(300),
-            ttl: Duration::from_secs(360),
-            capabilities: serde_json::Map::new(),
-            bus: "nats".into(),
-            queue: "local".into(),
-            federation: Some(FederationConfig {
-                bus: BusConfig::Nats(NatsConfig {
-                    url: url.to_owned(),
-                    tls: false,
-                    user: None,
-                    pass: None,
-                    connect_retries: 3,
-                    connect_backoff: Duration::from_millis(200),
-                    name: format!("bench-{i}"),
-                }),
-                heartbeat_interval: Duration::from_secs(60),
-                membership: MembershipConfig::new("default"),
+        let mut config =
+            NodeConfig::new(NodeKey::generate().expect("key"), "default", dir.path().to_path_buf());
+        config.explicit_id = Some((NodeId::parse(&format!("n{i}")).expect("id"), IdSource::Config));
+        config.bus = "nats".into();
+        config.federation = Some(FederationConfig {
+            bus: BusConfig::Nats(NatsConfig {
+                url: url.to_owned(),
+                tls: false,
+                user: None,
+                pass: None,
+                connect_retries: 3,
+                connect_backoff: Duration::from_millis(200),
+                name: format!("bench-{i}"),
             }),
-        };
+            heartbeat_interval: Duration::from_secs(60),
+            membership: MembershipConfig::new("default"),
+        });
         node::spawn(config, events, cancel.child_token()).await.expect("node");
         let tx = tx.clone();
         tokio::spawn(async move {

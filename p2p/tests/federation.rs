@@ -10,9 +10,7 @@ use arw_p2p::{
     cluster::Health,
     events::{Emit, EventTx},
     identity::NodeKey,
-    membership::MembershipConfig,
-    net::NetConfig,
-    node::{self, BusConfig, FederationConfig, NodeConfig, NodeHandle, Snapshot},
+    node::{self, FederationConfig, NodeConfig, NodeHandle, Snapshot},
     node_id::{IdSource, NodeId},
 };
 
@@ -27,28 +25,12 @@ struct TestNode {
 async fn start(id: &str, seed: u8, bootstrap: Vec<String>, cancel: &CancellationToken) -> TestNode {
     let dir = tempfile::tempdir().expect("tempdir");
     let (events, rx) = EventTx::channel(4096);
-    let config = NodeConfig {
-        key: NodeKey::from_secret([seed; 32]),
-        explicit_id: Some((NodeId::parse(id).expect("id"), IdSource::Config)),
-        hostname: None,
-        workspace: "lab".into(),
-        state_dir: dir.path().to_path_buf(),
-        advertise_interval: Duration::from_secs(300),
-        ttl: Duration::from_secs(360),
-        capabilities: serde_json::Map::new(),
-        bus: "local".into(),
-        queue: "local".into(),
-        federation: Some(FederationConfig {
-            bus: BusConfig::Libp2p(NetConfig {
-                workspace: "lab".into(),
-                listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")],
-                bootstrap: bootstrap.iter().map(|a| a.parse().expect("addr")).collect(),
-                mdns: false,
-            }),
-            heartbeat_interval: Duration::from_millis(500),
-            membership: MembershipConfig::new("lab"),
-        }),
-    };
+    let mut config =
+        NodeConfig::new(NodeKey::from_secret([seed; 32]), "lab", dir.path().to_path_buf());
+    config.explicit_id = Some((NodeId::parse(id).expect("id"), IdSource::Config));
+    let bootstrap = bootstrap.iter().map(|a| a.parse().expect("addr")).collect();
+    config.federation =
+        Some(FederationConfig::loopback("lab", bootstrap, Duration::from_millis(500)));
     let (handle, _task) = node::spawn(config, events, cancel.child_token()).await.expect("node");
     TestNode { handle, events: rx, _dir: dir }
 }

@@ -16,8 +16,8 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    report::{Report, Stats},
-    scenario::{FaultKind, Scenario},
+    report::{Measures, Report, rss_bytes},
+    scenario::{FaultKind, Scenario, Tier},
 };
 
 const TOKEN: &str = "lan-tier-token";
@@ -290,11 +290,7 @@ impl Server {
     }
 
     fn rss(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(str::to_owned)))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        rss_bytes(Some(self.child.id()))
     }
 }
 
@@ -306,46 +302,15 @@ pub fn run(s: &Scenario, seed: u64, progress: &mut dyn FnMut(usize)) -> Result<R
         run_trial(s, &binary, &mut m)?;
         progress(trial + 1);
     }
-    Ok(Report {
-        scenario: s.name.clone(),
-        tier: "lan".into(),
-        nodes: s.nodes,
-        trials: s.trials,
-        seed,
-        faults: s.schedule().iter().map(crate::scenario::Fault::describe).collect(),
-        link: format!(
-            "veth + bridge in network namespaces, mDNS, loss {:.0} % (nftables), heartbeat {} ms, suspect {} ms, down {} ms; times polled every {} ms",
-            s.link.loss * 100.0,
-            s.protocol.heartbeat_interval_ms,
-            s.protocol.suspect_after_ms,
-            s.protocol.down_after_ms,
-            POLL.as_millis()
-        ),
-        commit: crate::report::commit(),
-        convergence_ms: Stats::of(&m.convergence),
-        missed: m.missed,
-        detection_ms: Stats::of(&m.detection),
-        down_ms: Stats::of(&m.down),
-        heal_ms: Stats::of(&m.heal),
-        false_positives: m.false_positives,
-        false_suspects: m.false_suspects,
-        msgs_per_node_per_s: None,
-        bytes_per_node_per_s: None,
-        rss_bytes_per_node: Some(m.rss.iter().sum::<u64>() / m.rss.len().max(1) as u64),
-        convergence_samples: m.convergence,
-    })
-}
-
-#[derive(Debug, Default)]
-struct Measures {
-    convergence: Vec<f64>,
-    detection: Vec<f64>,
-    down: Vec<f64>,
-    heal: Vec<f64>,
-    missed: usize,
-    false_positives: usize,
-    false_suspects: usize,
-    rss: Vec<u64>,
+    let link = format!(
+        "veth + bridge in network namespaces, mDNS, loss {:.0} % (nftables), heartbeat {} ms, suspect {} ms, down {} ms; times polled every {} ms",
+        s.link.loss * 100.0,
+        s.protocol.heartbeat_interval_ms,
+        s.protocol.suspect_after_ms,
+        s.protocol.down_after_ms,
+        POLL.as_millis()
+    );
+    Ok(Report::build(s, seed, Tier::Lan, link, m))
 }
 
 fn run_trial(s: &Scenario, binary: &Path, m: &mut Measures) -> Result<(), String> {

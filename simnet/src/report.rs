@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::scenario::{Fault, Scenario, Tier};
+
 /// Percentiles of a sample, in milliseconds; `null` when nothing was measured.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -154,6 +156,96 @@ impl Report {
             ylab = h - pad + 16.0,
         ))
     }
+}
+
+/// What the trials of one run measured, before it becomes a [`Report`]. Every tier fills the
+/// parts it can measure.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measures {
+    /// Advert → receiver, ms.
+    pub convergence: Vec<f64>,
+    /// Receivers that never got a watched advert.
+    pub missed: usize,
+    /// Fault → observer sees not `ok`, ms.
+    pub detection: Vec<f64>,
+    /// Fault → observer sees `down`, ms.
+    pub down: Vec<f64>,
+    /// Heal → observer's view whole again, ms.
+    pub heal: Vec<f64>,
+    /// Live, reachable nodes marked `down`.
+    pub false_positives: usize,
+    /// Live, reachable nodes marked `suspect`.
+    pub false_suspects: usize,
+    /// Messages and envelope bytes received, all nodes (virtual tier).
+    pub traffic: Option<(u64, u64)>,
+    /// Resident memory samples, one per node.
+    pub rss: Vec<u64>,
+}
+
+impl Measures {
+    /// Adds another trial's measures.
+    pub fn merge(&mut self, other: Measures) {
+        self.convergence.extend(other.convergence);
+        self.missed += other.missed;
+        self.detection.extend(other.detection);
+        self.down.extend(other.down);
+        self.heal.extend(other.heal);
+        self.false_positives += other.false_positives;
+        self.false_suspects += other.false_suspects;
+        if let Some((msgs, bytes)) = other.traffic {
+            let (m, b) = self.traffic.get_or_insert((0, 0));
+            *m += msgs;
+            *b += bytes;
+        }
+        self.rss.extend(other.rss);
+    }
+
+    /// Counts one received message of `bytes` envelope bytes.
+    pub fn received(&mut self, bytes: u64) {
+        let (m, b) = self.traffic.get_or_insert((0, 0));
+        *m += 1;
+        *b += bytes;
+    }
+}
+
+impl Report {
+    /// The report of scenario `s` run from `seed` on `tier`, over a network described by `link`.
+    pub fn build(s: &Scenario, seed: u64, tier: Tier, link: String, m: Measures) -> Self {
+        let node_seconds = (s.nodes as f64) * s.duration_secs * (s.trials as f64);
+        let per_node_second = |x: u64| ((x as f64 / node_seconds) * 10.0).round() / 10.0;
+        Self {
+            scenario: s.name.clone(),
+            tier: tier.as_str().to_owned(),
+            nodes: s.nodes,
+            trials: s.trials,
+            seed,
+            faults: s.schedule().iter().map(Fault::describe).collect(),
+            link,
+            commit: commit(),
+            convergence_ms: Stats::of(&m.convergence),
+            missed: m.missed,
+            detection_ms: Stats::of(&m.detection),
+            down_ms: Stats::of(&m.down),
+            heal_ms: Stats::of(&m.heal),
+            false_positives: m.false_positives,
+            false_suspects: m.false_suspects,
+            msgs_per_node_per_s: m.traffic.map(|(msgs, _)| per_node_second(msgs)),
+            bytes_per_node_per_s: m.traffic.map(|(_, bytes)| per_node_second(bytes)),
+            rss_bytes_per_node: (!m.rss.is_empty())
+                .then(|| m.rss.iter().sum::<u64>() / m.rss.len() as u64),
+            convergence_samples: m.convergence,
+        }
+    }
+}
+
+/// `VmRSS` of a process (`/proc/<pid>/status`, or `/proc/self/status` for `None`), in bytes.
+pub fn rss_bytes(pid: Option<u32>) -> u64 {
+    let path = pid.map_or_else(|| "/proc/self/status".to_owned(), |p| format!("/proc/{p}/status"));
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(str::to_owned)))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// The source revision, for reports.

@@ -37,8 +37,8 @@ use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    report::{Report, Stats},
-    scenario::{Fault, FaultKind, Latency, Scenario},
+    report::{Measures, Report},
+    scenario::{Fault, FaultKind, Latency, Scenario, Tier},
 };
 
 /// Virtual wall clock at time zero (ms since the epoch), so expiry checks see realistic dates.
@@ -99,20 +99,6 @@ struct Node {
     sync_asked: BTreeMap<usize, u64>,
 }
 
-/// What one trial measured.
-#[derive(Debug, Default)]
-struct Measures {
-    convergence: Vec<f64>,
-    missed: usize,
-    detection: Vec<f64>,
-    down: Vec<f64>,
-    heal: Vec<f64>,
-    false_positives: usize,
-    false_suspects: usize,
-    msgs: u64,
-    bytes: u64,
-}
-
 /// An advert being watched: who signed it, from which seq, since when, who has it.
 struct Watch {
     origin: usize,
@@ -145,46 +131,12 @@ struct Trial<'a> {
 /// Runs every trial of a virtual-tier scenario with base seed `seed`; `progress` is told each
 /// finished trial.
 pub fn run(s: &Scenario, seed: u64, progress: &mut dyn FnMut(usize)) -> Report {
-    let mut all = Measures::default();
+    let mut all = Measures { traffic: Some((0, 0)), ..Measures::default() };
     for trial in 0..s.trials {
-        let m = Trial::new(s, seed.wrapping_add(trial as u64)).run();
-        all.convergence.extend(m.convergence);
-        all.missed += m.missed;
-        all.detection.extend(m.detection);
-        all.down.extend(m.down);
-        all.heal.extend(m.heal);
-        all.false_positives += m.false_positives;
-        all.false_suspects += m.false_suspects;
-        all.msgs += m.msgs;
-        all.bytes += m.bytes;
+        all.merge(Trial::new(s, seed.wrapping_add(trial as u64)).run());
         progress(trial + 1);
     }
-    let per = (s.nodes as f64) * s.duration_secs * (s.trials as f64);
-    Report {
-        scenario: s.name.clone(),
-        tier: "virtual".into(),
-        nodes: s.nodes,
-        trials: s.trials,
-        seed,
-        faults: s.schedule().iter().map(Fault::describe).collect(),
-        link: describe_link(s),
-        commit: crate::report::commit(),
-        convergence_ms: Stats::of(&all.convergence),
-        missed: all.missed,
-        detection_ms: Stats::of(&all.detection),
-        down_ms: Stats::of(&all.down),
-        heal_ms: Stats::of(&all.heal),
-        false_positives: all.false_positives,
-        false_suspects: all.false_suspects,
-        msgs_per_node_per_s: Some(round1(all.msgs as f64 / per)),
-        bytes_per_node_per_s: Some(round1(all.bytes as f64 / per)),
-        rss_bytes_per_node: None,
-        convergence_samples: all.convergence,
-    }
-}
-
-fn round1(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
+    Report::build(s, seed, Tier::Virtual, describe_link(s), all)
 }
 
 /// The link model in words, for reports.
@@ -422,8 +374,7 @@ impl<'a> Trial<'a> {
                 if !self.nodes[to].alive {
                     return;
                 }
-                self.m.msgs += 1;
-                self.m.bytes += bytes.len() as u64;
+                self.m.received(bytes.len() as u64);
                 if !self.remember(to, id) {
                     return;
                 }
@@ -456,8 +407,7 @@ impl<'a> Trial<'a> {
                 if !self.nodes[to].alive {
                     return;
                 }
-                self.m.msgs += 1;
-                self.m.bytes += adverts.iter().map(|a| a.len() as u64).sum::<u64>();
+                self.m.received(adverts.iter().map(|a| a.len() as u64).sum());
                 for advert in adverts.iter() {
                     let bytes = advert.as_bytes();
                     let id: MsgId = Sha256::digest(bytes).into();
@@ -509,8 +459,7 @@ impl<'a> Trial<'a> {
     }
 
     fn count(&mut self, request: &SyncRequest) {
-        self.m.msgs += 1;
-        self.m.bytes += request.have.keys().map(|k| k.len() as u64 + 8).sum::<u64>();
+        self.m.received(request.have.keys().map(|k| k.len() as u64 + 8).sum());
     }
 
     fn ask_sync(&mut self, from: usize, to: usize) {

@@ -14,15 +14,13 @@ use tokio_util::sync::CancellationToken;
 use arw_p2p::{
     events::EventTx,
     identity::NodeKey,
-    membership::MembershipConfig,
-    net::NetConfig,
-    node::{self, BusConfig, FederationConfig, NodeConfig, NodeHandle},
+    node::{self, FederationConfig, NodeConfig, NodeHandle},
     node_id::{IdSource, NodeId},
 };
 
 use crate::{
-    report::{Report, Stats},
-    scenario::{FaultKind, Scenario},
+    report::{Measures, Report, rss_bytes},
+    scenario::{FaultKind, Scenario, Tier},
 };
 
 /// How long the nodes may take to find each other before a trial's faults start.
@@ -62,70 +60,20 @@ pub fn run(s: &Scenario, seed: u64, progress: &mut dyn FnMut(usize)) -> Result<R
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let mut convergence = Vec::new();
-    let mut detection = Vec::new();
-    let mut down = Vec::new();
-    let (mut missed, mut false_positives, mut false_suspects) = (0, 0, 0);
-    let mut rss_per_node = Vec::new();
+    let mut all = Measures::default();
     for trial in 0..s.trials {
-        let m = runtime.block_on(run_trial(s, seed.wrapping_add(trial as u64)))?;
-        convergence.extend(m.convergence);
-        detection.extend(m.detection);
-        down.extend(m.down);
-        missed += m.missed;
-        false_positives += m.false_positives;
-        false_suspects += m.false_suspects;
-        rss_per_node.push(m.rss_per_node);
+        all.merge(runtime.block_on(run_trial(s, seed.wrapping_add(trial as u64)))?);
         progress(trial + 1);
     }
-    let rss = rss_per_node.iter().sum::<u64>() / rss_per_node.len().max(1) as u64;
-    Ok(Report {
-        scenario: s.name.clone(),
-        tier: "stack".into(),
-        nodes: s.nodes,
-        trials: s.trials,
-        seed,
-        faults: s.schedule().iter().map(crate::scenario::Fault::describe).collect(),
-        link: format!(
-            "loopback TCP (libp2p), heartbeat {} ms, suspect {} ms, down {} ms",
-            s.protocol.heartbeat_interval_ms, s.protocol.suspect_after_ms, s.protocol.down_after_ms
-        ),
-        commit: crate::report::commit(),
-        convergence_ms: Stats::of(&convergence),
-        missed,
-        detection_ms: Stats::of(&detection),
-        down_ms: Stats::of(&down),
-        heal_ms: Stats::default(),
-        false_positives,
-        false_suspects,
-        msgs_per_node_per_s: None,
-        bytes_per_node_per_s: None,
-        rss_bytes_per_node: Some(rss),
-        convergence_samples: convergence,
-    })
-}
-
-#[derive(Debug, Default)]
-struct Measures {
-    convergence: Vec<f64>,
-    detection: Vec<f64>,
-    down: Vec<f64>,
-    missed: usize,
-    false_positives: usize,
-    false_suspects: usize,
-    rss_per_node: u64,
-}
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:").map(str::to_owned)))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    let link = format!(
+        "loopback TCP (libp2p), heartbeat {} ms, suspect {} ms, down {} ms",
+        s.protocol.heartbeat_interval_ms, s.protocol.suspect_after_ms, s.protocol.down_after_ms
+    );
+    Ok(Report::build(s, seed, Tier::Stack, link, all))
 }
 
 async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
-    let rss_before = rss_bytes();
+    let rss_before = rss_bytes(None);
     let (seen_tx, seen) = mpsc::unbounded_channel();
     let mut cluster = Cluster {
         s,
@@ -151,9 +99,9 @@ async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
         .map(|n| n.handle.snapshot().network.connected_peers)
         .collect();
     tracing::info!(?peers, "formed; connections per node");
-    let rss_after = rss_bytes();
+    let rss_after = rss_bytes(None);
     let mut m = Measures {
-        rss_per_node: rss_after.saturating_sub(rss_before) / s.nodes as u64,
+        rss: vec![rss_after.saturating_sub(rss_before) / s.nodes as u64],
         ..Measures::default()
     };
     while cluster.seen.try_recv().is_ok() {}
@@ -264,36 +212,20 @@ impl Cluster<'_> {
         let key = NodeKey::from_secret(secret);
         tracing::debug!(node = i, peer = %key.peer_id(), "starting");
         let p = &self.s.protocol;
-        let mut membership = MembershipConfig::new("stack");
-        membership.heartbeat_interval_ms = p.heartbeat_interval_ms;
-        membership.suspect_after_ms = p.suspect_after_ms;
-        membership.down_after_ms = p.down_after_ms;
+        let mut config = NodeConfig::new(key.clone(), "stack", dir.path().to_path_buf());
+        let id = NodeId::parse(&format!("n{i}")).map_err(|e| e.to_string())?;
+        config.explicit_id = Some((id, IdSource::Config));
+        let bootstrap = self.bootstrap.iter().filter_map(|a| a.parse().ok()).collect();
+        let mut federation = FederationConfig::loopback(
+            "stack",
+            bootstrap,
+            Duration::from_millis(p.heartbeat_interval_ms),
+        );
+        federation.membership.heartbeat_interval_ms = p.heartbeat_interval_ms;
+        federation.membership.suspect_after_ms = p.suspect_after_ms;
+        federation.membership.down_after_ms = p.down_after_ms;
+        config.federation = Some(federation);
         let (events, mut rx) = EventTx::channel(4096);
-        let config = NodeConfig {
-            key: key.clone(),
-            explicit_id: Some((
-                NodeId::parse(&format!("n{i}")).map_err(|e| e.to_string())?,
-                IdSource::Config,
-            )),
-            hostname: None,
-            workspace: "stack".into(),
-            state_dir: dir.path().to_path_buf(),
-            advertise_interval: Duration::from_secs(300),
-            ttl: Duration::from_secs(360),
-            capabilities: serde_json::Map::new(),
-            bus: "local".into(),
-            queue: "local".into(),
-            federation: Some(FederationConfig {
-                bus: BusConfig::Libp2p(NetConfig {
-                    workspace: "stack".into(),
-                    listen: vec!["/ip4/127.0.0.1/tcp/0".parse().map_err(|e| format!("{e}"))?],
-                    bootstrap: self.bootstrap.iter().filter_map(|a| a.parse().ok()).collect(),
-                    mdns: false,
-                }),
-                heartbeat_interval: Duration::from_millis(p.heartbeat_interval_ms),
-                membership,
-            }),
-        };
         let (handle, task) = node::spawn(config, events, self.cancel.child_token())
             .await
             .map_err(|e| e.to_string())?;

@@ -56,6 +56,51 @@ pub struct NodeConfig {
     pub federation: Option<FederationConfig>,
 }
 
+impl NodeConfig {
+    /// A node of `workspace` keeping its state in `state_dir`, with the daemon's defaults: no
+    /// explicit id or host name, adverts every 300 s, a 360 s TTL, no probed capabilities,
+    /// `local` bus and queue, no federation. Set the fields that differ.
+    pub fn new(key: NodeKey, workspace: &str, state_dir: PathBuf) -> Self {
+        Self {
+            key,
+            explicit_id: None,
+            hostname: None,
+            workspace: workspace.to_owned(),
+            state_dir,
+            advertise_interval: Duration::from_secs(300),
+            ttl: Duration::from_secs(360),
+            capabilities: Map::new(),
+            bus: "local".into(),
+            queue: "local".into(),
+            federation: None,
+        }
+    }
+}
+
+impl FederationConfig {
+    /// The libp2p mesh on a free loopback port, without mDNS, dialling `bootstrap`, with the
+    /// default membership rules for `workspace`.
+    pub fn loopback(
+        workspace: &str,
+        bootstrap: Vec<crate::Multiaddr>,
+        heartbeat_interval: Duration,
+    ) -> Self {
+        let listen = crate::Multiaddr::empty()
+            .with(libp2p::multiaddr::Protocol::Ip4(std::net::Ipv4Addr::LOCALHOST))
+            .with(libp2p::multiaddr::Protocol::Tcp(0));
+        Self {
+            bus: BusConfig::Libp2p(NetConfig {
+                workspace: workspace.to_owned(),
+                listen: vec![listen],
+                bootstrap,
+                mdns: false,
+            }),
+            heartbeat_interval,
+            membership: MembershipConfig::new(workspace),
+        }
+    }
+}
+
 /// Settings for federating with other nodes.
 #[derive(Debug, Clone)]
 pub struct FederationConfig {
