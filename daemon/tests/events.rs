@@ -309,8 +309,10 @@ async fn a_resume_older_than_retention_is_reported_in_the_handshake() {
     let oldest = payload["oldest_id"].as_i64().expect("oldest_id");
     assert_eq!(payload["last_id"], ids[9]);
     assert!(oldest > 2 && oldest > ids[9] - 6, "retention kept too much: {payload}");
-    let first = reader.next_event(STEP).await.expect("replay");
-    assert_eq!(first.id(), Some(oldest), "replay starts at the oldest retained row");
+    // Pruning runs beside the read: the replay may still include a row pruned a moment later,
+    // but it never starts after what the handshake calls the oldest retained row.
+    let first = reader.next_event(STEP).await.and_then(|f| f.id()).expect("replay");
+    assert!(first > 2 && first <= oldest, "replay starts at {first}, oldest retained {oldest}");
 
     let mut current =
         Reader::open(&client, &base, &format!("/events?after={}", ids[8]), &token, None).await;
