@@ -363,7 +363,12 @@ fn run_trial(s: &Scenario, binary: &Path, m: &mut Measures) -> Result<(), String
     let mut faults = s.schedule().into_iter().peekable();
     let mut gone: BTreeMap<usize, Instant> = BTreeMap::new();
     let mut unreachable: BTreeSet<(usize, usize)> = BTreeSet::new();
-    let mut regrace: Option<(Instant, BTreeSet<(usize, usize)>)> = None;
+    // Pairs cut by a partition re-form after the heal: each connection resumes from TCP
+    // retransmission backoff, and on a lossy link it can stall again for seconds. Such a pair is
+    // judged again once the observer has seen the target `ok` for `down_after` without a break;
+    // the value is since when it has been `ok`.
+    let mut reforming: BTreeMap<(usize, usize), Option<Instant>> = BTreeMap::new();
+    let settle = Duration::from_millis(s.protocol.down_after_ms);
     let mut detected = BTreeSet::new();
     let mut downed = BTreeSet::new();
     let mut heal_since: Option<Instant> = None;
@@ -407,12 +412,8 @@ fn run_trial(s: &Scenario, binary: &Path, m: &mut Measures) -> Result<(), String
                     if s.link.loss > 0.0 {
                         lan.loss(s.link.loss * 100.0)?;
                     }
-                    // Connections cut by the partition are re-established over the next seconds;
-                    // until `down_after` has passed, a pair that was cut is not "falsely" down.
-                    regrace = Some((
-                        Instant::now() + Duration::from_millis(s.protocol.down_after_ms),
-                        std::mem::take(&mut unreachable),
-                    ));
+                    reforming
+                        .extend(std::mem::take(&mut unreachable).into_iter().map(|p| (p, None)));
                     gone.retain(|n, _| servers[*n].is_none());
                     heal_since = Some(Instant::now());
                     healed = vec![false; s.nodes];
@@ -443,6 +444,19 @@ fn run_trial(s: &Scenario, binary: &Path, m: &mut Measures) -> Result<(), String
                 let Some(t) = id.strip_prefix('n').and_then(|x| x.parse::<usize>().ok()) else {
                     continue;
                 };
+                let settled = match reforming.get_mut(&(o, t)) {
+                    Some(ok_since) if health == "ok" => {
+                        ok_since.get_or_insert_with(Instant::now).elapsed() >= settle
+                    }
+                    Some(ok_since) => {
+                        *ok_since = None;
+                        false
+                    }
+                    None => false,
+                };
+                if settled {
+                    reforming.remove(&(o, t));
+                }
                 if last[o].get(id) == Some(health) || health == "ok" {
                     continue;
                 }
@@ -454,12 +468,11 @@ fn run_trial(s: &Scenario, binary: &Path, m: &mut Measures) -> Result<(), String
                     if health == "down" && downed.insert((o, t)) {
                         m.down.push(ms);
                     }
-                } else if !unreachable.contains(&(o, t))
-                    && !regrace.as_ref().is_some_and(|(until, pairs)| {
-                        Instant::now() < *until && pairs.contains(&(o, t))
-                    })
-                    && servers[t].is_some()
-                {
+                } else if reforming.contains_key(&(o, t)) {
+                    if health == "down" {
+                        tracing::warn!(observer = o, target = t, at = ?start_at.elapsed(), "down while re-forming after the heal (not counted as a false positive)");
+                    }
+                } else if !unreachable.contains(&(o, t)) && servers[t].is_some() {
                     tracing::warn!(observer = o, target = t, %health, at = ?start_at.elapsed(), "false positive");
                     match health.as_str() {
                         "down" => m.false_positives += 1,
