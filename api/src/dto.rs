@@ -81,6 +81,9 @@ pub struct HierarchyState {
     /// Every node advertising role `root`, when more than one does: a conflict to resolve.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub home_conflict: Vec<HomeClaim>,
+    /// The Home this node obeys: pinned key, how it was pinned, the policy epoch in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<arw_p2p::node::PolicyView>,
 }
 
 /// CloudEvents attributes of a live event.

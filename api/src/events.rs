@@ -380,7 +380,15 @@ pub async fn journal(
     State(state): State<AppState>,
     Query(query): Query<JournalQuery>,
 ) -> Result<Json<Value>, Problem> {
-    let limit = match &query.limit {
+    let limit = parse_limit(query.limit.as_deref(), 200, REPLAY_PAGE)?;
+    let prefixes: Vec<String> =
+        parse_prefixes(query.prefix.as_deref()).into_iter().map(|p| p.to_lowercase()).collect();
+    journal_page(&state, limit, prefixes).await
+}
+
+/// A `limit` query parameter: `default` when absent, clamped to `1..=max`.
+pub fn parse_limit(raw: Option<&str>, default: usize, max: usize) -> Result<usize, Problem> {
+    let limit = match raw {
         Some(l) => l.trim().parse::<usize>().map_err(|_| {
             Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -388,11 +396,17 @@ pub async fn journal(
                 format!("limit must be a count, got {l:?}"),
             )
         })?,
-        None => 200,
-    }
-    .clamp(1, REPLAY_PAGE);
-    let prefixes: Vec<String> =
-        parse_prefixes(query.prefix.as_deref()).into_iter().map(|p| p.to_lowercase()).collect();
+        None => default,
+    };
+    Ok(limit.clamp(1, max))
+}
+
+/// The last `limit` journal rows matching `prefixes`, as a JournalPage.
+pub async fn journal_page(
+    state: &AppState,
+    limit: usize,
+    prefixes: Vec<String>,
+) -> Result<Json<Value>, Problem> {
     let log = state.log.clone();
     let read_prefixes = prefixes.clone();
     let (entries, total) = blocking(move || log.read_last(limit, &read_prefixes)).await?;

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use arw_p2p::{events::EventTx, node::NodeHandle};
 
 pub mod auth;
+pub mod capsules;
 pub mod dto;
 pub mod events;
 pub mod metrics;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub sse: events::SseConfig,
     /// Cancelled when the server shuts down; open streams end.
     pub shutdown: CancellationToken,
+    /// Directory of capsule presets (`*.json`).
+    pub capsule_presets: Option<std::path::PathBuf>,
 }
 
 /// The whole HTTP surface.
@@ -61,12 +64,21 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/hierarchy/accept", post(routes::hierarchy_accept))
         .route("/admin/cluster/admit", post(routes::cluster_admit))
         .route("/admin/cluster/revoke", post(routes::cluster_revoke))
+        .route("/state/policy/capsules", get(capsules::state_capsules))
+        .route("/admin/policy/capsules/presets", get(capsules::presets))
+        .route("/admin/policy/capsules/adopt", post(capsules::adopt))
+        .route("/admin/policy/capsules/teardown", post(capsules::teardown))
+        .route("/admin/policy/capsules/audit", get(capsules::audit))
+        .route("/admin/rpu/trust", get(capsules::trust))
+        .route("/admin/rpu/reload", post(capsules::reload))
         .route("/events", get(events::stream))
         .route("/admin/events/journal", get(events::journal))
         .route("/admin/events/test", post(events::test_event))
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
+        // Outside auth: a capsule is adopted (or refused) before the token is looked at.
+        .layer(middleware::from_fn_with_state(state.clone(), capsules::guard))
         .layer(middleware::from_fn_with_state(state.clone(), metrics::count_requests))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(CatchPanicLayer::custom(routes::panic_response))

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub sse_lagged: Counter,
     /// Events journaled and fanned out.
     pub events_published: Counter,
+    /// Requests refused for the legacy `X-ARW-Gate` header.
+    pub capsule_legacy_headers: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -96,7 +98,14 @@ impl Metrics {
             "Events journaled and fanned out",
             events_published.clone(),
         );
+        let capsule_legacy_headers = Counter::default();
+        registry.register(
+            "capsule_legacy_header",
+            "Requests refused with 410 for the legacy X-ARW-Gate header",
+            capsule_legacy_headers.clone(),
+        );
         Self {
+            capsule_legacy_headers,
             registry,
             requests,
             sse_connections,

@@ -174,6 +174,15 @@ impl From<NodeError> for Problem {
             NodeError::InvalidKey => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", e.to_string())
             }
+            NodeError::Capsule(arw_p2p::capsule::CapsuleError::Invalid(detail)) => {
+                Problem::new(StatusCode::BAD_REQUEST, "invalid_capsule", detail)
+            }
+            NodeError::Capsule(arw_p2p::capsule::CapsuleError::Verification(detail)) => {
+                Problem::new(StatusCode::FORBIDDEN, "capsule_verification_failed", detail)
+            }
+            NodeError::Trust(detail) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_trust_store", detail)
+            }
         }
     }
 }

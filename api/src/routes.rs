@@ -13,6 +13,7 @@ use arw_p2p::{hierarchy::Hierarchy, node::Snapshot, time::now_ms};
 
 use crate::{
     AppState,
+    capsules::gate,
     dto::{
         self, ClusterView, CoreAccept, CoreHello, CoreOffer, HierarchyNode, HierarchyState,
         RoleRequest,
@@ -31,8 +32,12 @@ pub async fn state_cluster(State(state): State<AppState>) -> Json<ClusterView> {
 }
 
 /// `GET /admin/hierarchy/state`: read-only, emits nothing.
-pub async fn hierarchy_state(State(state): State<AppState>) -> Json<HierarchyState> {
-    Json(hierarchy_view(&state.node.snapshot()))
+pub async fn hierarchy_state(
+    State(state): State<AppState>,
+) -> Result<Json<HierarchyState>, Problem> {
+    let snapshot = state.node.snapshot();
+    gate(&snapshot, "hierarchy:state:get")?;
+    Ok(Json(hierarchy_view(&snapshot)))
 }
 
 /// `POST /admin/hierarchy/role`.
@@ -40,6 +45,7 @@ pub async fn hierarchy_role(
     State(state): State<AppState>,
     Json(body): Json<RoleRequest>,
 ) -> Result<Json<dto::Ok>, Problem> {
+    gate(&state.node.snapshot(), "hierarchy:role:set")?;
     state.node.set_role(&body.role).await?;
     Ok(Json(dto::Ok::YES))
 }
@@ -49,6 +55,7 @@ pub async fn hierarchy_hello(
     State(state): State<AppState>,
     Json(body): Json<CoreHello>,
 ) -> Result<Json<dto::Ok>, Problem> {
+    gate(&state.node.snapshot(), "hierarchy:hello")?;
     state.node.hello(body).await?;
     Ok(Json(dto::Ok::YES))
 }
@@ -58,6 +65,7 @@ pub async fn hierarchy_offer(
     State(state): State<AppState>,
     Json(body): Json<CoreOffer>,
 ) -> Result<Json<dto::Ok>, Problem> {
+    gate(&state.node.snapshot(), "hierarchy:offer")?;
     state.node.offer(body).await?;
     Ok(Json(dto::Ok::YES))
 }
@@ -67,6 +75,7 @@ pub async fn hierarchy_accept(
     State(state): State<AppState>,
     Json(body): Json<CoreAccept>,
 ) -> Result<Json<dto::Ok>, Problem> {
+    gate(&state.node.snapshot(), "hierarchy:accept")?;
     state.node.accept(body).await?;
     Ok(Json(dto::Ok::YES))
 }
@@ -160,5 +169,6 @@ fn hierarchy_view(snap: &Snapshot) -> HierarchyState {
         peers,
         network: Some(snap.network.clone()),
         home_conflict: snap.home_claims.clone(),
+        home: Some(snap.policy.clone()),
     }
 }

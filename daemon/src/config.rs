@@ -186,6 +186,9 @@ pub struct ClusterConfig {
     /// Pinned node keys file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_nodes: Option<PathBuf>,
+    /// The Home's public key (base64 ed25519) to obey; unset: pinned on first admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_key: Option<String>,
     /// Ignored (set through the API); kept so a value can be warned about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
@@ -207,6 +210,17 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `[nats]`.
     pub nats: NatsSection,
+    /// `[policy]`.
+    pub policy: PolicySection,
+}
+
+/// `[policy]`: capsules.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicySection {
+    /// Issuers whose capsules are accepted (resolved against the config directory).
+    pub trust_capsules: PathBuf,
+    /// Directory of capsule presets (resolved against the config directory).
+    pub capsule_presets: PathBuf,
 }
 
 const REDACTED: &str = "<redacted>";
@@ -225,6 +239,8 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("ARW_NODE_ID", "cluster.node_id", Kind::Text),
     ("ARW_NATS_URL", "cluster.nats_url", Kind::Text),
     ("ARW_TRUST_NODES", "cluster.trust_nodes", Kind::Text),
+    ("ARW_HOME_KEY", "cluster.home_key", Kind::Text),
+    ("ARW_TRUST_CAPSULES", "policy.trust_capsules", Kind::Text),
     ("ARW_NATS_TLS", "nats.tls", Kind::Flag),
     ("ARW_NATS_USER", "nats.user", Kind::Text),
     ("ARW_NATS_PASS", "nats.pass", Kind::Text),
@@ -461,6 +477,13 @@ fn validate(
         }
         None => None,
     };
+    if let Some(key) = &c.home_key
+        && arw_p2p::identity::public_key_from_b64(key).is_none()
+    {
+        return Err(ConfigError(
+            "cluster.home_key: must be a base64 ed25519 public key (32 bytes)".into(),
+        ));
+    }
     NodeId::parse(&c.workspace).map_err(|_| {
         ConfigError(format!(
             "cluster.workspace: {:?} must be 1-64 characters from A-Z a-z 0-9 _ -",

@@ -82,6 +82,8 @@ pub async fn run(loaded: Loaded, shutdown: impl Future<Output = ()>) -> Result<(
 pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let federation = federation(&loaded)?;
     let nats_plan = NatsPlan::from(&loaded);
+    let capsule_trust = loaded.resolve(&loaded.config.policy.trust_capsules);
+    let capsule_presets = loaded.resolve(&loaded.config.policy.capsule_presets);
     let Loaded { config, state_dir, bind_ip, explicit_node_id, .. } = loaded;
     state_dir::prepare(&state_dir).map_err(other("cannot prepare the state directory"))?;
 
@@ -112,6 +114,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         bus: cluster.bus.as_str().to_owned(),
         queue: cluster.queue.as_str().to_owned(),
         federation,
+        capsule_trust: Some(capsule_trust),
     };
     let (node, node_task) = node::spawn(node_config, events.clone(), cancel.child_token())
         .await
@@ -146,6 +149,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         metrics,
         log,
         sse: SseConfig { keepalive: Duration::from_secs(ev.sse_keepalive_secs) },
+        capsule_presets: Some(capsule_presets),
         shutdown: cancel.clone(),
     };
     let listener =
@@ -292,6 +296,7 @@ fn federation(loaded: &Loaded) -> Result<Option<FederationConfig>, StartError> {
     membership.suspect_after_ms = c.suspect_after_ms;
     membership.down_after_ms = c.down_after_ms;
     membership.beat_max_age_ms = membership.beat_max_age_ms.max(c.down_after_ms * 2);
+    membership.home_key = c.home_key.as_deref().and_then(arw_p2p::identity::public_key_from_b64);
     if let Some(path) = &c.trust_nodes {
         let path = loaded.resolve(path);
         membership.pinned = crate::trust::node_keys(&path)

@@ -87,6 +87,14 @@ fn invalid(path: &Path, why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", path.display()))
 }
 
+/// A base64 ed25519 public key (32 bytes), as adverts, rosters and `home_key` carry it.
+pub fn public_key_from_b64(text: &str) -> Option<[u8; 32]> {
+    use base64::{Engine, engine::general_purpose::STANDARD as B64};
+    let bytes = B64.decode(text.trim()).ok()?;
+    let key = <[u8; 32]>::try_from(bytes).ok()?;
+    VerifyingKey::from_bytes(&key).ok().map(|_| key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

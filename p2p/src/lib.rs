@@ -2,6 +2,7 @@
 //! registry, and the node actor that owns them. No HTTP, no CLI parsing, no process environment.
 
 pub mod admission;
+pub mod capsule;
 pub mod cluster;
 pub mod events;
 pub mod hierarchy;
@@ -12,6 +13,7 @@ pub mod net;
 pub mod node;
 pub mod node_id;
 pub mod persist;
+pub mod policy;
 pub mod protocol;
 pub mod role;
 pub mod time;

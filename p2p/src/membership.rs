@@ -36,6 +36,8 @@ pub struct MembershipConfig {
     pub down_after_ms: u64,
     /// Ids pinned to keys (`ARW_TRUST_NODES`); others are trusted on first use.
     pub pinned: BTreeMap<NodeId, [u8; 32]>,
+    /// The Home key to obey (`[cluster] home_key`); `None`: pinned on first admission.
+    pub home_key: Option<[u8; 32]>,
 }
 
 impl MembershipConfig {
@@ -51,6 +53,7 @@ impl MembershipConfig {
             suspect_after_ms: 3_000,
             down_after_ms: 5_000,
             pinned: BTreeMap::new(),
+            home_key: None,
         }
     }
 }
@@ -110,6 +113,13 @@ pub enum Change {
     Evicted {
         /// The removed record.
         record: Box<NodeRecord>,
+    },
+    /// A newer policy document from the pinned Home is in force (see `Protocol`).
+    Policy(crate::policy::Applied),
+    /// A peer holds a newer policy document than this node: worth a sync.
+    PolicyBehind {
+        /// The epoch it announced.
+        epoch: u64,
     },
     /// A message claimed an id bound to another key.
     Conflict {
@@ -279,6 +289,10 @@ impl Membership {
                 return refuse(reason, "unknown", wire::claimed_id(bytes), Vec::new());
             }
         };
+        if matches!(opened.message, Message::Policy(_)) {
+            // Judged by the policy core (see `Protocol`), not here.
+            return Receipt { verdict: Verdict::Ignore, changes: Vec::new(), refusal: None };
+        }
         let key = opened.key.to_bytes();
         let kind = opened.message.kind();
         let id = opened.message.id().clone();
@@ -299,6 +313,7 @@ impl Membership {
             Message::Heartbeat(beat) => self.beat(&beat, now_ms, false),
             Message::Leave(beat) => self.beat(&beat, now_ms, true),
             Message::Suspect(report) => self.suspicion(&report, now_ms),
+            Message::Policy(_) => Ok(Vec::new()),
         };
         match result {
             Ok(changes) => Receipt { verdict: Verdict::Accept, changes, refusal: None },
@@ -422,6 +437,7 @@ impl Membership {
             seq: report.seq,
             beat: report.beat,
             sent_ms: report.sent_ms,
+            policy: 0,
         };
         let mut changes = self.beat(&beat, now, false)?;
         changes.extend(self.suspect(&report.target, now));
@@ -532,6 +548,7 @@ mod tests {
             seq,
             beat: n,
             sent_ms: at,
+            policy: 0,
         })
     }
 
@@ -653,6 +670,7 @@ mod tests {
             seq: 10,
             beat: 1,
             sent_ms: NOW,
+            policy: 0,
         });
         let r = m.receive(&seal(&k, "lab", &leave), NOW);
         assert!(matches!(r.changes[..], [Change::Health { to: Health::Left, .. }]));

@@ -1,6 +1,7 @@
 //! One node's side of the federation protocol, with no IO and no clock: what it says (signed
-//! adverts, heartbeats, leaves, sync requests and answers) and how it treats what it hears (the
-//! [`Membership`] core). The node actor drives it over a real bus; `arw-simnet` drives the very
+//! adverts, heartbeats, leaves, policy documents, sync requests and answers) and how it treats
+//! what it hears (the [`Membership`] core for nodes, the [`PolicyState`] core for the Home's
+//! policy). The node actor drives it over a real bus; `arw-simnet` drives the very
 //! same code over a simulated network in virtual time.
 
 use std::collections::BTreeMap;
@@ -10,9 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cluster::Advert,
     identity::NodeKey,
-    membership::{Change, Membership, MembershipConfig, Receipt},
+    membership::{Change, Membership, MembershipConfig, Receipt, Refusal, Verdict},
     node_id::NodeId,
-    wire::{self, Beat, Message},
+    policy::{PolicyDoc, PolicyState},
+    wire::{self, Beat, Message, Reason},
 };
 
 /// Anti-entropy request: what the asker already has (`id → advert seq`).
@@ -20,13 +22,17 @@ use crate::{
 pub struct SyncRequest {
     /// Known advert sequence numbers.
     pub have: BTreeMap<String, u64>,
+    /// The policy epoch the asker holds.
+    #[serde(default)]
+    pub policy_epoch: u64,
 }
 
-/// Anti-entropy response: signed advert envelopes newer than the request listed.
+/// Anti-entropy response: signed envelopes the asker lacks (adverts newer than it listed, and
+/// the policy document when it holds an older one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncResponse {
     /// Envelopes exactly as their authors signed them.
-    pub adverts: Vec<String>,
+    pub envelopes: Vec<String>,
 }
 
 /// A node's protocol state.
@@ -36,6 +42,7 @@ pub struct Protocol {
     workspace: String,
     id: NodeId,
     membership: Membership,
+    policy: PolicyState,
     /// `seq` of the latest advert this node signed.
     seq: u64,
     /// Heartbeats (and leaves) since that advert.
@@ -46,11 +53,14 @@ pub struct Protocol {
 
 impl Protocol {
     /// A node `id` holding `key`, in the workspace named by `config`; `last_seq` is the highest
-    /// advert seq it signed before (persisted).
+    /// advert seq it signed before (persisted). It obeys no Home until one is pinned (see
+    /// [`Protocol::policy_mut`]).
     pub fn new(key: NodeKey, id: NodeId, config: MembershipConfig, last_seq: u64) -> Self {
         let workspace = config.workspace.clone();
-        let membership = Membership::new(config, id.clone(), key.verifying_key().to_bytes());
-        Self { key, workspace, id, membership, seq: last_seq, beat: 0, own_advert: None }
+        let public = key.verifying_key().to_bytes();
+        let policy = PolicyState::new(&workspace, id.clone(), public, config.home_key);
+        let membership = Membership::new(config, id.clone(), public);
+        Self { key, workspace, id, membership, policy, seq: last_seq, beat: 0, own_advert: None }
     }
 
     /// This node's id.
@@ -61,6 +71,7 @@ impl Protocol {
     /// A hello gave this node a new id.
     pub fn set_id(&mut self, id: NodeId) {
         self.membership.set_self_id(id.clone());
+        self.policy.set_self_id(id.clone());
         self.id = id;
     }
 
@@ -72,6 +83,38 @@ impl Protocol {
     /// Mutable access, for restoring and transport signals.
     pub fn membership_mut(&mut self) -> &mut Membership {
         &mut self.membership
+    }
+
+    /// The Home's authority as this node holds it.
+    pub fn policy(&self) -> &PolicyState {
+        &self.policy
+    }
+
+    /// Mutable access, for restoring.
+    pub fn policy_mut(&mut self) -> &mut PolicyState {
+        &mut self.policy
+    }
+
+    /// As the Home: signs the next policy document (epoch one above any this node holds) with
+    /// `roster` and `capsules`, and puts it in force here. The caller persists
+    /// [`PolicyState::stored`] before sending the envelope.
+    pub fn issue_policy(
+        &mut self,
+        roster: BTreeMap<NodeId, String>,
+        capsules: Vec<crate::policy::PolicyCapsule>,
+        now_ms: u64,
+    ) -> Vec<u8> {
+        let doc = PolicyDoc {
+            id: self.id.clone(),
+            workspace: self.workspace.clone(),
+            policy_epoch: self.policy.epoch() + 1,
+            issued_ms: now_ms,
+            roster,
+            capsules,
+        };
+        let envelope = wire::seal(&self.key, &self.workspace, &Message::Policy(doc.clone()));
+        self.policy.issued(self.key.verifying_key().to_bytes(), doc, envelope.clone());
+        envelope
     }
 
     /// The highest advert seq signed so far.
@@ -134,12 +177,14 @@ impl Protocol {
             seq: self.seq,
             beat: self.beat,
             sent_ms: now_ms,
+            policy: self.policy.epoch(),
         }
     }
 
     /// Verifies and applies a received envelope.
     pub fn receive(&mut self, bytes: &[u8], now_ms: u64) -> Receipt {
-        self.membership.receive(bytes, now_ms)
+        let opened = wire::open(bytes, &self.workspace);
+        self.receive_opened(opened, bytes, now_ms)
     }
 
     /// [`Protocol::receive`] for an envelope already opened (see [`Membership::receive_opened`]).
@@ -149,7 +194,38 @@ impl Protocol {
         bytes: &[u8],
         now_ms: u64,
     ) -> Receipt {
-        self.membership.receive_opened(opened, bytes, now_ms)
+        let announced = match &opened {
+            Ok(wire::Opened { key, message: Message::Policy(doc) }) => {
+                return self.receive_policy(key.to_bytes(), doc.clone(), bytes);
+            }
+            Ok(wire::Opened { message: Message::Heartbeat(beat), .. }) => beat.policy,
+            _ => 0,
+        };
+        let mut receipt = self.membership.receive_opened(opened, bytes, now_ms);
+        if receipt.verdict == Verdict::Accept && self.policy.behind(announced) {
+            receipt.changes.push(Change::PolicyBehind { epoch: announced });
+        }
+        receipt
+    }
+
+    fn receive_policy(&mut self, key: [u8; 32], doc: PolicyDoc, bytes: &[u8]) -> Receipt {
+        let claimed_id = Some(doc.id.to_string());
+        match self.policy.receive(key, doc, bytes) {
+            Ok(applied) => Receipt {
+                verdict: Verdict::Accept,
+                changes: vec![Change::Policy(applied)],
+                refusal: None,
+            },
+            Err(reason) => {
+                // Benign refusals are not reported; a Home this node does not obey is.
+                let refusal = matches!(reason, Reason::UntrustedHome).then_some(Refusal {
+                    reason,
+                    kind: "policy",
+                    claimed_id,
+                });
+                Receipt { verdict: Verdict::Ignore, changes: Vec::new(), refusal }
+            }
+        }
     }
 
     /// Health transitions due at `now_ms`.
@@ -161,33 +237,40 @@ impl Protocol {
     pub fn sync_request(&self) -> SyncRequest {
         let mut have = self.membership.digest();
         have.insert(self.id.to_string(), self.seq);
-        SyncRequest { have }
+        SyncRequest { have, policy_epoch: self.policy.epoch() }
     }
 
-    /// The adverts `request` lacks: every one this node knows when `everything` (the asker
-    /// talks to this node alone), else only this node's own (every node answers). `None` when
-    /// there is nothing to say and silence is as good as an answer.
+    /// The envelopes `request` lacks: every advert this node knows and the policy document it
+    /// holds when `everything` (the asker talks to this node alone), else only this node's own
+    /// advert and, from the Home, the policy (every node answers). `None` when there is nothing
+    /// to say and silence is as good as an answer.
     pub fn sync_answer(&self, request: &SyncRequest, everything: bool) -> Option<SyncResponse> {
-        let mut adverts =
+        let mut envelopes =
             if everything { self.membership.newer_than(&request.have) } else { Vec::new() };
         if let Some(own) = &self.own_advert
             && request.have.get(self.id.as_str()).is_none_or(|seq| *seq < self.seq)
         {
-            adverts.push(own.clone());
+            envelopes.push(own.clone());
         }
-        if adverts.is_empty() && !everything {
+        let authored = self.policy.pin().is_some_and(|p| p.source == crate::policy::PinSource::Own);
+        if let Some(current) = self.policy.current()
+            && request.policy_epoch < current.doc.policy_epoch
+            && (everything || authored)
+        {
+            envelopes.push(current.envelope.clone());
+        }
+        if envelopes.is_empty() && !everything {
             return None;
         }
-        let adverts =
-            adverts.into_iter().map(|a| String::from_utf8_lossy(&a).into_owned()).collect();
-        Some(SyncResponse { adverts })
+        let envelopes =
+            envelopes.into_iter().map(|a| String::from_utf8_lossy(&a).into_owned()).collect();
+        Some(SyncResponse { envelopes })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::membership::Verdict;
 
     fn advert(id: &str, seq: u64, now: u64) -> Advert {
         Advert::basic(NodeId::parse(id).expect("id"), "lab", seq, now)
@@ -211,7 +294,7 @@ mod tests {
         let seq = b.next_seq(now);
         b.seal_advert(&advert("b", seq, now));
         let answer = a.sync_answer(&b.sync_request(), true).expect("a has news for b");
-        for envelope in answer.adverts {
+        for envelope in answer.envelopes {
             assert_eq!(b.receive(envelope.as_bytes(), now).verdict, Verdict::Accept);
         }
         assert!(b.membership().members().contains_key("a"));

@@ -15,14 +15,16 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::{cluster::Advert, identity::NodeKey, node_id::NodeId};
+use crate::{cluster::Advert, identity::NodeKey, node_id::NodeId, policy::PolicyDoc};
 
 /// Domain-separation prefix of the signed bytes.
 pub const DOMAIN: &[u8] = b"arw.federation.v1\n";
-/// Largest envelope accepted.
-pub const MAX_ENVELOPE: usize = 8 * 1024;
-/// Largest payload accepted (an advert must stay within it).
+/// Largest envelope accepted (a policy document with its capsules).
+pub const MAX_ENVELOPE: usize = 64 * 1024;
+/// Largest payload accepted for anything but a policy document (an advert must stay within it).
 pub const MAX_PAYLOAD: usize = 4 * 1024;
+/// Largest policy document payload.
+pub const MAX_POLICY_PAYLOAD: usize = MAX_ENVELOPE - 1024;
 
 /// What a node says, inside the envelope.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +39,8 @@ pub enum Message {
     /// "My connection to `target` was reset": a signed report that lets every node suspect a
     /// crashed node within one gossip round instead of after seconds of silence.
     Suspect(Suspicion),
+    /// The Home's signed policy (roster, capsules) with its `policy_epoch`.
+    Policy(PolicyDoc),
 }
 
 /// A suspicion report. The reporter's `(seq, beat)` position is shared with its heartbeats.
@@ -63,6 +67,7 @@ impl Message {
             Message::Advert(a) => &a.id,
             Message::Heartbeat(b) | Message::Leave(b) => &b.id,
             Message::Suspect(s) => &s.id,
+            Message::Policy(p) => &p.id,
         }
     }
 
@@ -72,16 +77,18 @@ impl Message {
             Message::Advert(a) => &a.workspace,
             Message::Heartbeat(b) | Message::Leave(b) => &b.workspace,
             Message::Suspect(s) => &s.workspace,
+            Message::Policy(p) => &p.workspace,
         }
     }
 
-    /// `advert`, `heartbeat` or `leave`.
+    /// `advert`, `heartbeat`, `leave`, `suspect` or `policy`.
     pub fn kind(&self) -> &'static str {
         match self {
             Message::Advert(_) => "advert",
             Message::Heartbeat(_) => "heartbeat",
             Message::Leave(_) => "leave",
             Message::Suspect(_) => "suspect",
+            Message::Policy(_) => "policy",
         }
     }
 }
@@ -100,6 +107,13 @@ pub struct Beat {
     pub beat: u64,
     /// Sender's clock when sent.
     pub sent_ms: u64,
+    /// The policy epoch the sender holds (0: none): a receiver holding less asks for it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub policy: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why a message was refused.
@@ -131,6 +145,11 @@ pub enum Reason {
     UnknownNode,
     /// An exact copy of something already accepted (benign; not reported).
     Duplicate,
+    /// A policy document signed by another key than the pinned Home's.
+    UntrustedHome,
+    /// A policy document that does not admit this (unpinned) node: nothing to pin yet (benign;
+    /// not reported).
+    NotAdmitted,
 }
 
 impl Reason {
@@ -150,6 +169,8 @@ impl Reason {
             Reason::UntrustedKey => "untrusted_key",
             Reason::UnknownNode => "unknown_node",
             Reason::Duplicate => "duplicate",
+            Reason::UntrustedHome => "untrusted_home",
+            Reason::NotAdmitted => "not_admitted",
         }
     }
 
@@ -229,10 +250,13 @@ pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
     let payload = envelope.payload.get().as_bytes();
     key.verify_strict(&signed_bytes(workspace, payload), &Signature::from_bytes(&sig))
         .map_err(|_| Reason::BadSignature)?;
-    if payload.len() > MAX_PAYLOAD {
+    if payload.len() > MAX_POLICY_PAYLOAD {
         return Err(Reason::TooLarge);
     }
     let message: Message = serde_json::from_slice(payload).map_err(|_| Reason::Malformed)?;
+    if payload.len() > MAX_PAYLOAD && !matches!(message, Message::Policy(_)) {
+        return Err(Reason::TooLarge);
+    }
     if message.workspace() != workspace {
         return Err(Reason::WrongWorkspace);
     }
@@ -256,6 +280,7 @@ mod tests {
             seq: 1,
             beat: 1,
             sent_ms: 1,
+            policy: 0,
         })
     }
 

@@ -399,7 +399,7 @@ impl<'a> Trial<'a> {
                     self.send(
                         to,
                         from,
-                        Event::SyncAnswer { to: from, adverts: Rc::new(answer.adverts) },
+                        Event::SyncAnswer { to: from, adverts: Rc::new(answer.envelopes) },
                     );
                 }
             }
@@ -593,7 +593,10 @@ impl<'a> Trial<'a> {
                         }
                     }
                 }
-                Change::Evicted { .. } | Change::Conflict { .. } => {}
+                Change::Evicted { .. }
+                | Change::Conflict { .. }
+                | Change::Policy(_)
+                | Change::PolicyBehind { .. } => {}
             }
         }
     }

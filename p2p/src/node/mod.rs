@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     admission::Admission,
+    capsule::{Adoption, Capsule, CapsuleError, CapsuleSet, IssuerInfo, Teardown, TrustStore},
     cluster::{ClusterView, NodeRecord},
     events::EventTx,
     hierarchy::{
@@ -26,6 +27,7 @@ use crate::{
     nats::NatsConfig,
     net::NetConfig,
     node_id::{IdSource, NodeId},
+    policy::PinSource,
     time::rfc3339_ms,
 };
 
@@ -54,6 +56,8 @@ pub struct NodeConfig {
     pub queue: String,
     /// Federation over libp2p; `None` is the single-node fast path.
     pub federation: Option<FederationConfig>,
+    /// The capsule trust store file (`ARW_TRUST_CAPSULES`); `None`: every capsule is refused.
+    pub capsule_trust: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -73,6 +77,7 @@ impl NodeConfig {
             bus: "local".into(),
             queue: "local".into(),
             federation: None,
+            capsule_trust: None,
         }
     }
 }
@@ -153,6 +158,12 @@ pub enum NodeError {
     /// A key that is not 32 bytes of base64.
     #[error("key must be a base64 ed25519 public key (32 bytes)")]
     InvalidKey,
+    /// A capsule that is not one, or does not verify.
+    #[error(transparent)]
+    Capsule(#[from] CapsuleError),
+    /// The capsule trust store could not be read; the previous one stays in force.
+    #[error("capsule trust store: {0}")]
+    Trust(String),
 }
 
 /// What an admission did.
@@ -225,6 +236,61 @@ pub struct Snapshot {
     pub admission: BTreeMap<NodeId, Admission>,
     /// Nodes advertising role `root`, when more than one does (this one included).
     pub home_claims: Vec<HomeClaim>,
+    /// The Home this node obeys and the policy in force.
+    pub policy: PolicyView,
+    /// Capsules held, with their leases.
+    pub capsules: Arc<CapsuleSet>,
+    /// Issuers whose capsules are accepted.
+    pub trust: Arc<TrustStore>,
+}
+
+/// The Home's authority as this node holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// The pinned Home key (base64).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub home_key: Option<String>,
+    /// How it was pinned: `config`, `first_admission` or `own` (this node is the Home).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinned_by: Option<PinSource>,
+    /// The Home's node id, from the document in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub home_id: Option<String>,
+    /// The epoch in force (0: none).
+    pub policy_epoch: u64,
+    /// When the Home signed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issued_ms: Option<u64>,
+    /// Nodes admitted by it.
+    pub admitted: Vec<String>,
+    /// Capsules it carries.
+    pub capsules: usize,
+}
+
+/// A capsule to adopt, with what the events about it should carry.
+#[derive(Debug, Clone)]
+pub struct CapsuleRequest {
+    /// The capsule, not yet verified.
+    pub capsule: Capsule,
+    /// Merged into the `policy.capsule.*` events (`corr_id`, `request_id`, `reason`, `preset_id`).
+    pub context: Map<String, Value>,
+}
+
+/// Capsules to remove.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TeardownRequest {
+    /// Capsule ids.
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Remove every capsule.
+    #[serde(default)]
+    pub all: bool,
+    /// Why (recorded in the events).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Only say what would be removed.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 impl Snapshot {
@@ -255,6 +321,9 @@ enum Command {
     Accept(CoreAccept, oneshot::Sender<Result<bool, NodeError>>),
     Admit(String, Option<String>, oneshot::Sender<Result<AdmissionChange, NodeError>>),
     Revoke(String, oneshot::Sender<Result<AdmissionChange, NodeError>>),
+    AdoptCapsule(Box<CapsuleRequest>, oneshot::Sender<Result<Adoption, NodeError>>),
+    Teardown(TeardownRequest, oneshot::Sender<Result<Teardown, NodeError>>),
+    ReloadTrust(oneshot::Sender<Result<Vec<IssuerInfo>, NodeError>>),
 }
 
 impl std::fmt::Debug for Command {
@@ -266,6 +335,9 @@ impl std::fmt::Debug for Command {
             Command::Accept(..) => "Accept",
             Command::Admit(..) => "Admit",
             Command::Revoke(..) => "Revoke",
+            Command::AdoptCapsule(..) => "AdoptCapsule",
+            Command::Teardown(..) => "Teardown",
+            Command::ReloadTrust(..) => "ReloadTrust",
         })
     }
 }
@@ -316,6 +388,21 @@ impl NodeHandle {
     /// At the Home: revokes `id`.
     pub async fn revoke(&self, id: &str) -> Result<AdmissionChange, NodeError> {
         self.call(|tx| Command::Revoke(id.to_owned(), tx)).await
+    }
+
+    /// Verifies a capsule against the trust store and adopts it (a renewal when its id is held).
+    pub async fn adopt_capsule(&self, request: CapsuleRequest) -> Result<Adoption, NodeError> {
+        self.call(|tx| Command::AdoptCapsule(Box::new(request), tx)).await
+    }
+
+    /// Removes capsules.
+    pub async fn teardown_capsules(&self, request: TeardownRequest) -> Result<Teardown, NodeError> {
+        self.call(|tx| Command::Teardown(request, tx)).await
+    }
+
+    /// Reads the capsule trust store again.
+    pub async fn reload_trust(&self) -> Result<Vec<IssuerInfo>, NodeError> {
+        self.call(Command::ReloadTrust).await
     }
 
     async fn call<T>(

@@ -1,5 +1,8 @@
 //! The actor behind [`super::NodeHandle`]: hierarchy commands, local adverts and heartbeats,
-//! and the glue between the membership core and the transport.
+//! and the glue between the membership core and the transport. The Home's authority (policy
+//! documents, capsules) is in [`authority`].
+
+mod authority;
 
 use std::{
     collections::BTreeMap,
@@ -24,6 +27,7 @@ use super::{
 };
 use crate::{
     admission::{Admission, Roster},
+    capsule::{CapsuleSet, TrustStore},
     cluster::{Advert, Health, NodeRecord},
     events::EventTx,
     hierarchy::{CoreHello, HelloOutcome, Hierarchy, HierarchyError, RoleChange},
@@ -32,6 +36,7 @@ use crate::{
     net::{self, Net},
     node_id::{self, IdSource, NodeId},
     persist,
+    policy::StoredPolicy,
     protocol::{Protocol, SyncRequest},
     role::Role,
     time::{now_ms, rfc3339_ms},
@@ -90,6 +95,10 @@ pub(super) struct Actor {
     reported: BTreeMap<NodeId, StdInstant>,
     /// When a sync was last asked of each peer (`None`: of everyone, on NATS).
     sync_asked: BTreeMap<Option<libp2p::PeerId>, StdInstant>,
+    /// Capsules held, with their leases.
+    capsules: Arc<CapsuleSet>,
+    /// Issuers whose capsules are accepted.
+    trust: Arc<TrustStore>,
 }
 
 impl Actor {
@@ -104,6 +113,22 @@ impl Actor {
             persist::load_json(&config.state_dir.join(CLUSTER_FILE))?.unwrap_or_default();
         let roster: Roster =
             persist::load_json(&config.state_dir.join(ROSTER_FILE))?.unwrap_or_default();
+        let stored_policy: StoredPolicy =
+            persist::load_json(&config.state_dir.join(authority::POLICY_FILE))?.unwrap_or_default();
+        let stored_capsules: serde_json::Value =
+            persist::load_json(&config.state_dir.join(authority::CAPSULES_FILE))?
+                .unwrap_or_default();
+        let (capsules, dropped) = CapsuleSet::restore(stored_capsules, now_ms());
+        for reason in dropped {
+            tracing::warn!(%reason, "a stored capsule no longer parses; dropped");
+        }
+        let trust = match &config.capsule_trust {
+            Some(path) => TrustStore::load(path).map_err(std::io::Error::other)?,
+            None => TrustStore::default(),
+        };
+        if trust.is_empty() {
+            tracing::warn!(path = ?config.capsule_trust, "the capsule trust store lists no issuer: every capsule will be refused");
+        }
         let (env_id, config_id) = match &config.explicit_id {
             Some((id, IdSource::Env)) => (Some(id.clone()), None),
             Some((id, _)) => (None, Some(id.clone())),
@@ -123,6 +148,9 @@ impl Actor {
         let mut protocol =
             Protocol::new(config.key.clone(), id.clone(), membership_config, store.self_seq);
         protocol.membership_mut().restore(store.nodes);
+        if let Some(warning) = protocol.policy_mut().restore(stored_policy) {
+            tracing::warn!("{warning}");
+        }
 
         let transport = match &config.federation {
             Some(federation) => Some(start_transport(&config, federation).await?),
@@ -141,6 +169,9 @@ impl Actor {
             network: NetworkStatus::default(),
             admission: BTreeMap::new(),
             home_claims: Vec::new(),
+            policy: super::PolicyView::default(),
+            capsules: Arc::new(capsules.clone()),
+            trust: Arc::new(trust.clone()),
         }));
         let mut actor = Self {
             config,
@@ -161,8 +192,11 @@ impl Actor {
             reported: BTreeMap::new(),
             roster: Arc::new(roster),
             reported_homes: Vec::new(),
+            capsules: Arc::new(capsules),
+            trust: Arc::new(trust),
         };
         actor.advertise("boot").await;
+        actor.refresh_policy("boot").await;
         // Nodes remembered from before a restart are stale until they speak again: dial them so
         // they can, even when nobody lists this node as a bootstrap peer.
         if let Some(transport) = &mut actor.transport {
@@ -247,6 +281,18 @@ impl Actor {
                 let result = self.revoke(&id).await;
                 let _ = reply.send(result);
             }
+            Command::AdoptCapsule(request, reply) => {
+                let result = self.adopt_capsule(*request).await;
+                let _ = reply.send(result);
+            }
+            Command::Teardown(request, reply) => {
+                let result = self.teardown_capsules(request).await;
+                let _ = reply.send(result);
+            }
+            Command::ReloadTrust(reply) => {
+                let result = self.reload_trust().await;
+                let _ = reply.send(result);
+            }
         }
         self.publish_snapshot();
     }
@@ -276,6 +322,7 @@ impl Actor {
         if next.admit(&id, &key) {
             self.commit_roster(next).await?;
             self.emit("cluster.node.admitted", json!({ "id": id, "key": key })).await;
+            self.refresh_policy("node admitted").await;
         }
         Ok(AdmissionChange { id: id.to_string(), admission: self.roster.status(&id, &key), key })
     }
@@ -292,6 +339,7 @@ impl Actor {
         };
         self.commit_roster(next).await?;
         self.emit("cluster.node.revoked", json!({ "id": id, "key": key })).await;
+        self.refresh_policy("node revoked").await;
         Ok(AdmissionChange { id: id.to_string(), key, admission: Admission::Revoked })
     }
 
@@ -346,6 +394,7 @@ impl Actor {
             self.emit("hierarchy.role.changed", payload).await;
             self.advertise("role").await;
             self.check_home_claims().await;
+            self.refresh_policy("became the Home").await;
         }
         Ok(change)
     }
@@ -475,6 +524,7 @@ impl Actor {
         if let Some(transport) = &mut self.transport {
             transport.maintain();
         }
+        self.sweep_capsules().await;
         self.flush_store(false).await;
         if self.snapshot_dirty {
             self.publish_snapshot();
@@ -509,7 +559,7 @@ impl Actor {
                 self.answer_sync(&request, reply).await
             }
             TransportEvent::SyncResponse { from, response } => {
-                for advert in response.adverts {
+                for advert in response.envelopes {
                     let receipt = self.protocol.receive(advert.as_bytes(), now_ms());
                     self.on_receipt(receipt, from).await;
                 }
@@ -582,9 +632,15 @@ impl Actor {
         }
     }
 
-    async fn on_receipt(&mut self, receipt: Receipt, source: Option<libp2p::PeerId>) {
+    async fn on_receipt(&mut self, mut receipt: Receipt, source: Option<libp2p::PeerId>) {
         // Even a heartbeat that changes no health moves `last_seen`.
         self.snapshot_dirty |= receipt.verdict == crate::membership::Verdict::Accept;
+        let behind = receipt.changes.iter().any(|c| matches!(c, Change::PolicyBehind { .. }));
+        receipt.changes.retain(|c| !matches!(c, Change::PolicyBehind { .. }));
+        if behind {
+            // A peer holds a newer policy: ask whoever forwarded it (libp2p) or everyone (NATS).
+            self.ask_sync(source, false).await;
+        }
         self.apply_changes(receipt.changes).await;
 
         let Some(refusal) = receipt.refusal else {
@@ -680,6 +736,8 @@ impl Actor {
                     view["evicted"] = json!(true);
                     self.emit("cluster.node.changed", view).await;
                 }
+                Change::Policy(applied) => self.on_policy(applied).await,
+                Change::PolicyBehind { .. } => {}
                 Change::Conflict { id, known_key, claimed_key } => {
                     tracing::warn!(node = %id, "a message claimed this id with another key");
                     let payload =
@@ -742,6 +800,9 @@ impl Actor {
             network,
             admission,
             home_claims,
+            policy: self.policy_view(),
+            capsules: self.capsules.clone(),
+            trust: self.trust.clone(),
         }));
     }
 

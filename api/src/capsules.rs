@@ -1,0 +1,364 @@
+//! Capsules over HTTP: the `X-ARW-Capsule` guard that runs on every route before auth, the
+//! `/state/policy/capsules` view, `/admin/policy/capsules/*`, the `/admin/rpu/*` trust store, and
+//! the gate that lets held capsules deny the hierarchy routes.
+
+use std::path::{Path, PathBuf};
+
+use axum::{
+    extract::{Query, Request, State},
+    http::{HeaderMap, StatusCode},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use arw_p2p::{
+    capsule::{Capsule, CapsuleError, CapsuleItem, pattern_matches},
+    node::{CapsuleRequest, NodeError, Snapshot, TeardownRequest},
+    time::{now_ms, rfc3339_ms},
+};
+
+use crate::{
+    AppState,
+    events::{journal_page, parse_limit, parse_prefixes},
+    problem::{Json, Problem},
+};
+
+const LEGACY_DETAIL: &str =
+    "Legacy X-ARW-Gate header is no longer supported; send X-ARW-Capsule instead";
+const UNDECODABLE_DETAIL: &str = "Capsule header could not be decoded";
+const VERIFICATION_DETAIL: &str = "Capsule verification failed";
+
+/// Runs before auth on every route: adopts a valid `X-ARW-Capsule` (renewing its lease) and lets
+/// the request through; answers 400/403 for a capsule that is not one or does not verify, and
+/// 410 for the legacy `X-ARW-Gate` header. Every refusal emits `policy.capsule.failed` and
+/// `policy.decision`.
+pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let context = correlation(headers);
+    let header = headers
+        .get("x-arw-capsule")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned());
+    match header {
+        Some(text) if !text.is_empty() => {
+            let capsule = match Capsule::from_header(&text) {
+                Ok(capsule) => capsule,
+                Err(e) => {
+                    refused(&state, None, &e.to_string(), &context).await;
+                    return rejection(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_capsule",
+                        UNDECODABLE_DETAIL,
+                    );
+                }
+            };
+            let id = capsule.fields.id.clone();
+            match state
+                .node
+                .adopt_capsule(CapsuleRequest { capsule, context: context.clone() })
+                .await
+            {
+                Ok(_) => {}
+                Err(NodeError::Capsule(e)) => {
+                    refused(&state, Some(&id), &e.to_string(), &context).await;
+                    return match e {
+                        CapsuleError::Invalid(_) => rejection(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_capsule",
+                            UNDECODABLE_DETAIL,
+                        ),
+                        CapsuleError::Verification(_) => rejection(
+                            StatusCode::FORBIDDEN,
+                            "capsule_verification_failed",
+                            VERIFICATION_DETAIL,
+                        ),
+                    };
+                }
+                Err(e) => return Problem::from(e).into_response(),
+            }
+        }
+        Some(_) => {}
+        None if headers.contains_key("x-arw-gate") => {
+            state.metrics.capsule_legacy_headers.inc();
+            refused(&state, None, LEGACY_DETAIL, &context).await;
+            return rejection(StatusCode::GONE, "capsule_header_legacy", LEGACY_DETAIL);
+        }
+        None => {}
+    }
+    next.run(request).await
+}
+
+fn rejection(status: StatusCode, code: &str, detail: &str) -> Response {
+    Problem::new(status, code, detail).with_title("Capsule rejected").into_response()
+}
+
+/// `corr_id` (from `X-ARW-Corr`, else new) and `request_id` (from `X-Request-Id`, else new).
+fn correlation(headers: &HeaderMap) -> Map<String, Value> {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= 128)
+            .map(str::to_owned)
+    };
+    let corr = header("x-arw-corr").unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let request = header("x-request-id").unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    Map::from_iter([("corr_id".to_owned(), json!(corr)), ("request_id".to_owned(), json!(request))])
+}
+
+async fn refused(state: &AppState, id: Option<&str>, detail: &str, context: &Map<String, Value>) {
+    let mut failed = json!({ "id": id, "detail": detail });
+    let mut explain = json!({ "detail": detail });
+    if let Some(id) = id {
+        explain["capsule_id"] = json!(id);
+    }
+    let mut decision = json!({ "action": "policy.capsule", "allow": false, "explain": explain });
+    for payload in [&mut failed, &mut decision] {
+        if let Value::Object(map) = payload {
+            map.extend(context.clone());
+        }
+    }
+    state.events.emit("policy.capsule.failed", failed).await;
+    state.events.emit("policy.decision", decision).await;
+}
+
+/// `GET /state/policy/capsules`: held capsules, newest first.
+pub async fn state_capsules(State(state): State<AppState>) -> Json<Value> {
+    let now = now_ms();
+    let items = state.node.snapshot().capsules.items(now);
+    Json(
+        json!({ "count": items.len(), "items": items, "generated_ms": now, "generated": rfc3339_ms(now) }),
+    )
+}
+
+/// A preset as `/admin/policy/capsules/presets` lists it.
+#[derive(Debug, Clone, Serialize)]
+struct PresetItem {
+    id: String,
+    file_name: String,
+    path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hop_ttl: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lease_duration_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    renew_within_ms: Option<u64>,
+    denies: usize,
+    contracts: usize,
+    signature_present: bool,
+}
+
+/// `GET /admin/policy/capsules/presets`: the `*.json` capsules in the presets directory.
+pub async fn presets(State(state): State<AppState>) -> Result<Json<Value>, Problem> {
+    let dir = state.capsule_presets.clone();
+    let presets =
+        tokio::task::spawn_blocking(move || dir.map(|d| read_presets(&d)).unwrap_or_default())
+            .await
+            .map_err(|_| Problem::internal("could not read the presets"))?;
+    Ok(Json(json!({ "count": presets.len(), "presets": presets })))
+}
+
+fn read_presets(dir: &Path) -> Vec<PresetItem> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut presets: Vec<PresetItem> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|path| {
+            let id = path.file_stem()?.to_str()?.to_owned();
+            let capsule = match load_preset_file(&path) {
+                Ok(capsule) => capsule,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "capsule preset skipped");
+                    return None;
+                }
+            };
+            let c = capsule.fields;
+            Some(PresetItem {
+                id,
+                file_name: path.file_name()?.to_str()?.to_owned(),
+                path: path.display().to_string(),
+                version: Some(c.version),
+                issuer: c.issuer,
+                hop_ttl: c.hop_ttl,
+                lease_duration_ms: c.lease_duration_ms,
+                renew_within_ms: c.renew_within_ms,
+                denies: c.denies.len(),
+                contracts: c.contracts.len(),
+                signature_present: c.signature.is_some(),
+            })
+        })
+        .collect();
+    presets.sort_by(|a, b| a.id.cmp(&b.id));
+    presets
+}
+
+fn load_preset_file(path: &Path) -> Result<Capsule, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Capsule::from_json(json).map_err(|e| e.to_string())
+}
+
+/// `POST /admin/policy/capsules/adopt` body.
+#[derive(Debug, Deserialize)]
+pub struct AdoptRequest {
+    #[serde(default)]
+    preset_id: Option<String>,
+    #[serde(default)]
+    capsule: Option<Value>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /admin/policy/capsules/adopt`: exactly one of `preset_id` and `capsule`.
+pub async fn adopt(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Json(body): Json<AdoptRequest>,
+) -> Result<Json<Value>, Problem> {
+    let bad = |detail: &str| Problem::new(StatusCode::BAD_REQUEST, "invalid_capsule", detail);
+    let capsule = match (&body.preset_id, body.capsule) {
+        (Some(id), None) => {
+            let path = preset_path(state.capsule_presets.as_deref(), id).ok_or_else(|| {
+                Problem::new(StatusCode::NOT_FOUND, "unknown_preset", format!("no preset {id:?}"))
+            })?;
+            let preset = tokio::task::spawn_blocking(move || load_preset_file(&path))
+                .await
+                .map_err(|_| Problem::internal("could not read the preset"))?;
+            preset.map_err(|e| bad(&format!("preset {id:?}: {e}")))?
+        }
+        (None, Some(json)) => Capsule::from_json(json).map_err(|e| bad(&e.to_string()))?,
+        _ => return Err(bad("send exactly one of preset_id and capsule")),
+    };
+    let mut context = correlation(&headers);
+    if let Some(reason) = &body.reason {
+        context.insert("reason".into(), json!(reason));
+    }
+    if let Some(id) = &body.preset_id {
+        context.insert("preset_id".into(), json!(id));
+    }
+    let capsule_id = capsule.fields.id.clone();
+    let adoption = match state
+        .node
+        .adopt_capsule(CapsuleRequest { capsule, context: context.clone() })
+        .await
+    {
+        Ok(adoption) => adoption,
+        Err(NodeError::Capsule(e)) => {
+            refused(&state, Some(&capsule_id), &e.to_string(), &context).await;
+            return Err(match e {
+                CapsuleError::Invalid(detail) => bad(&detail),
+                CapsuleError::Verification(detail) => {
+                    Problem::new(StatusCode::FORBIDDEN, "capsule_verification_failed", detail)
+                }
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = json!({
+        "ok": true, "notify": adoption.notify, "capsule_id": capsule_id, "snapshot": adoption.item,
+    });
+    if let Some(id) = body.preset_id {
+        out["preset_id"] = json!(id);
+    }
+    Ok(Json(out))
+}
+
+/// `<dir>/<id>.json` when `id` is a plain file stem that exists.
+fn preset_path(dir: Option<&Path>, id: &str) -> Option<PathBuf> {
+    let plain = !id.is_empty()
+        && !id.starts_with('.')
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let path = dir?.join(format!("{id}.json"));
+    (plain && path.is_file()).then_some(path)
+}
+
+/// `POST /admin/policy/capsules/teardown`.
+pub async fn teardown(
+    State(state): State<AppState>,
+    Json(mut body): Json<TeardownRequest>,
+) -> Result<Json<Value>, Problem> {
+    body.ids.retain(|id| !id.trim().is_empty());
+    if !body.all && body.ids.is_empty() {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "send all:true or at least one non-blank id",
+        ));
+    }
+    let (dry_run, reason) = (body.dry_run, body.reason.clone());
+    let out = state.node.teardown_capsules(body).await?;
+    let remaining = state.node.snapshot().capsules.len();
+    let removed: Vec<CapsuleItem> = out.removed;
+    let mut answer = json!({
+        "ok": true, "removed": removed, "not_found": out.not_found,
+        "remaining": remaining, "dry_run": dry_run,
+    });
+    if let Some(reason) = reason {
+        answer["reason"] = json!(reason);
+    }
+    Ok(Json(answer))
+}
+
+/// `GET /admin/policy/capsules/audit` query.
+#[derive(Debug, Default, Deserialize)]
+pub struct AuditQuery {
+    limit: Option<String>,
+    prefix: Option<String>,
+}
+
+/// `GET /admin/policy/capsules/audit`: the journal's `policy.capsule.*` events, newest last.
+pub async fn audit(
+    State(state): State<AppState>,
+    Query(query): Query<AuditQuery>,
+) -> Result<Json<Value>, Problem> {
+    let limit = parse_limit(query.limit.as_deref(), 50, 500)?;
+    let mut prefixes: Vec<String> = parse_prefixes(query.prefix.as_deref())
+        .into_iter()
+        .map(|p| p.to_lowercase())
+        .filter(|p| p.starts_with("policy.capsule."))
+        .collect();
+    if prefixes.is_empty() {
+        prefixes.push("policy.capsule.".to_owned());
+    }
+    journal_page(&state, limit, prefixes).await
+}
+
+/// `GET /admin/rpu/trust`: issuer ids and algorithms (never the keys).
+pub async fn trust(State(state): State<AppState>) -> Json<Value> {
+    let issuers = state.node.snapshot().trust.issuers();
+    Json(json!({ "count": issuers.len(), "issuers": issuers }))
+}
+
+/// `POST /admin/rpu/reload`: reads the trust store file again.
+pub async fn reload(State(state): State<AppState>) -> Result<Json<Value>, Problem> {
+    let issuers = state.node.reload_trust().await?;
+    Ok(Json(json!({ "ok": true, "count": issuers.len(), "issuers": issuers })))
+}
+
+/// Refuses `key` (e.g. `hierarchy:role:set`) when the node's role or a held capsule denies it.
+pub fn gate(snapshot: &Snapshot, key: &str) -> Result<(), Problem> {
+    let denied = |detail: String, extra: Value| {
+        Err(Problem::new(StatusCode::FORBIDDEN, "denied", detail).with("explain", extra))
+    };
+    let role = snapshot.hierarchy.role;
+    if let Some(pattern) = role.denies().iter().find(|p| pattern_matches(p, key)) {
+        return denied(
+            format!("Denied: role {} may not {key}", role.as_str()),
+            json!({ "layer": "hierarchy", "pattern": pattern }),
+        );
+    }
+    if let Some((capsule, pattern)) = snapshot.capsules.denying(key) {
+        return denied(
+            format!("Denied by capsule {capsule}: {key}"),
+            json!({ "layer": "capsule", "capsule_id": capsule, "pattern": pattern }),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,431 @@
+//! The capsules a node holds, with their leases. A lease renews only when the capsule is
+//! presented again (or the Home sends it again); at `lease_until_ms` the capsule is removed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::Capsule;
+use crate::time::rfc3339_ms;
+
+/// `applied` events for an unchanged capsule re-presented within this window are skipped.
+const QUIET_RENEWAL_MS: u64 = 2_000;
+/// A lease with this little left is `expiring`.
+const EXPIRING_MS: u64 = 60_000;
+
+/// Where a held capsule came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Source {
+    /// Presented to this node (header or adopt).
+    Local,
+    /// Carried by the Home's policy document of this epoch.
+    Home {
+        /// The policy epoch.
+        epoch: u64,
+    },
+}
+
+/// A held capsule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adopted {
+    /// The capsule.
+    pub capsule: Capsule,
+    /// When it was (last) adopted, on this node's clock.
+    pub applied_ms: u64,
+    /// When the lease ends; `None`: no lease.
+    pub lease_until_ms: Option<u64>,
+    /// Where it came from.
+    pub source: Source,
+    /// Hops it may still travel.
+    pub remaining_hops: Option<u32>,
+    fingerprint: [u8; 32],
+    last_event_ms: u64,
+}
+
+/// Persisted form (`capsules.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    capsule: Value,
+    applied_ms: u64,
+    lease_until_ms: Option<u64>,
+    source: Source,
+    remaining_hops: Option<u32>,
+}
+
+/// What an adoption did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adoption {
+    /// The capsule as held now.
+    pub item: CapsuleItem,
+    /// It replaced a held capsule with the same id.
+    pub renewal: bool,
+    /// Worth a `policy.capsule.applied` event (not an identical re-presentation within 2 s).
+    pub notify: bool,
+}
+
+/// What a teardown removed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Teardown {
+    /// Removed (or, on a dry run, would be).
+    pub removed: Vec<CapsuleItem>,
+    /// Requested ids not held.
+    pub not_found: Vec<String>,
+}
+
+/// A held capsule as `/state/policy/capsules` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapsuleItem {
+    pub id: String,
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    pub applied_ms: u64,
+    pub applied: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hop_ttl: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remaining_hops: Option<u32>,
+    pub denies: usize,
+    pub contracts: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_until_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_until: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_within_ms: Option<u64>,
+    pub status: String,
+    pub status_label: String,
+    pub aria_hint: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expired_since_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_in_ms: Option<u64>,
+    pub renew_window_started: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_window_start_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub renew_window_start: Option<String>,
+    /// `local` or `home`.
+    pub source: String,
+    /// For `home`: the policy epoch that carried it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_epoch: Option<u64>,
+}
+
+impl Adopted {
+    fn new(capsule: Capsule, now: u64, lease_until_ms: Option<u64>, source: Source) -> Self {
+        let remaining_hops = match source {
+            Source::Local => capsule.fields.hop_ttl,
+            Source::Home { .. } => capsule.fields.hop_ttl.map(|h| h.saturating_sub(1)),
+        };
+        let fingerprint = capsule.fingerprint();
+        Self {
+            capsule,
+            applied_ms: now,
+            lease_until_ms,
+            source,
+            remaining_hops,
+            fingerprint,
+            last_event_ms: now,
+        }
+    }
+
+    /// How `/state/policy/capsules` shows it at `now`.
+    pub fn item(&self, now: u64) -> CapsuleItem {
+        let c = &self.capsule.fields;
+        let renew_start = self
+            .lease_until_ms
+            .zip(c.renew_within_ms)
+            .map(|(until, within)| until.saturating_sub(within));
+        let (status, label) = match self.lease_until_ms {
+            None => ("unbounded", "No lease"),
+            Some(until) if now >= until => ("expired", "Expired"),
+            Some(until) if until - now <= EXPIRING_MS => ("expiring", "Expiring soon"),
+            Some(_) if renew_start.is_some_and(|s| now >= s) => ("renew_due", "Renewal due"),
+            Some(_) => ("active", "Active"),
+        };
+        let left = self.lease_until_ms.map(|u| u.saturating_sub(now));
+        let aria_hint = match left {
+            None => format!("Capsule {} is held with no lease", c.id),
+            Some(0) => format!("Capsule {} has expired", c.id),
+            Some(ms) => format!(
+                "Capsule {} is {}; its lease ends in {} s",
+                c.id,
+                label.to_lowercase(),
+                ms / 1000
+            ),
+        };
+        CapsuleItem {
+            id: c.id.clone(),
+            version: c.version.clone(),
+            issuer: c.issuer.clone(),
+            applied_ms: self.applied_ms,
+            applied: rfc3339_ms(self.applied_ms),
+            hop_ttl: c.hop_ttl,
+            remaining_hops: self.remaining_hops,
+            denies: c.denies.len(),
+            contracts: c.contracts.len(),
+            lease_until_ms: self.lease_until_ms,
+            lease_until: self.lease_until_ms.map(rfc3339_ms),
+            renew_within_ms: c.renew_within_ms,
+            status: status.to_owned(),
+            status_label: label.to_owned(),
+            aria_hint,
+            expires_in_ms: left.filter(|l| *l > 0),
+            expired_since_ms: self.lease_until_ms.filter(|u| now >= *u).map(|u| now - u),
+            renew_in_ms: renew_start.map(|s| s.saturating_sub(now)).filter(|l| *l > 0),
+            renew_window_started: renew_start.is_some_and(|s| now >= s),
+            renew_window_start_ms: renew_start,
+            renew_window_start: renew_start.map(rfc3339_ms),
+            source: match self.source {
+                Source::Local => "local".to_owned(),
+                Source::Home { .. } => "home".to_owned(),
+            },
+            policy_epoch: match self.source {
+                Source::Home { epoch } => Some(epoch),
+                Source::Local => None,
+            },
+        }
+    }
+}
+
+/// The capsules this node holds, by id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CapsuleSet {
+    held: BTreeMap<String, Adopted>,
+}
+
+impl CapsuleSet {
+    /// Restores `capsules.json`, dropping what expired while the node was down. Entries that no
+    /// longer parse are dropped with their ids returned.
+    pub fn restore(stored: Value, now: u64) -> (Self, Vec<String>) {
+        let stored: Vec<Stored> = serde_json::from_value(stored).unwrap_or_default();
+        let mut set = Self::default();
+        let mut dropped = Vec::new();
+        for s in stored {
+            if s.lease_until_ms.is_some_and(|u| u <= now) {
+                continue;
+            }
+            match Capsule::from_json(s.capsule) {
+                Ok(capsule) => {
+                    let mut adopted =
+                        Adopted::new(capsule, s.applied_ms, s.lease_until_ms, s.source);
+                    adopted.remaining_hops = s.remaining_hops;
+                    set.held.insert(adopted.capsule.fields.id.clone(), adopted);
+                }
+                Err(e) => dropped.push(e.to_string()),
+            }
+        }
+        (set, dropped)
+    }
+
+    /// The persisted form.
+    pub fn stored(&self) -> Value {
+        let stored: Vec<Stored> = self
+            .held
+            .values()
+            .map(|a| Stored {
+                capsule: a.capsule.json.clone(),
+                applied_ms: a.applied_ms,
+                lease_until_ms: a.lease_until_ms,
+                source: a.source,
+                remaining_hops: a.remaining_hops,
+            })
+            .collect();
+        serde_json::to_value(stored).unwrap_or(Value::Null)
+    }
+
+    /// Adopts a (verified) capsule presented to this node at `now`: the lease starts now.
+    pub fn adopt(&mut self, capsule: Capsule, now: u64) -> Adoption {
+        let lease = capsule.fields.lease_duration_ms.map(|d| now.saturating_add(d));
+        self.put(Adopted::new(capsule, now, lease, Source::Local), now)
+    }
+
+    fn put(&mut self, mut adopted: Adopted, now: u64) -> Adoption {
+        let previous = self.held.get(&adopted.capsule.fields.id);
+        let renewal = previous.is_some();
+        let quiet = previous.is_some_and(|p| {
+            p.fingerprint == adopted.fingerprint
+                && p.lease_until_ms.is_some() == adopted.lease_until_ms.is_some()
+                && now.saturating_sub(p.last_event_ms) < QUIET_RENEWAL_MS
+        });
+        if quiet && let Some(p) = previous {
+            adopted.last_event_ms = p.last_event_ms;
+        }
+        let item = adopted.item(now);
+        self.held.insert(adopted.capsule.fields.id.clone(), adopted);
+        Adoption { item, renewal, notify: !quiet }
+    }
+
+    /// Makes the Home's capsules of policy `epoch` the ones held from the Home: each with the
+    /// lease the Home gave it. Returns what was adopted (or changed) and what was dropped.
+    pub fn apply_home(
+        &mut self,
+        capsules: Vec<(Capsule, Option<u64>)>,
+        epoch: u64,
+        now: u64,
+    ) -> (Vec<Adoption>, Vec<CapsuleItem>) {
+        let incoming: BTreeMap<String, (Capsule, Option<u64>)> =
+            capsules.into_iter().map(|(c, lease)| (c.fields.id.clone(), (c, lease))).collect();
+        let gone: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(id, a)| {
+                matches!(a.source, Source::Home { .. }) && !incoming.contains_key(*id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let removed =
+            gone.iter().filter_map(|id| self.held.remove(id)).map(|a| a.item(now)).collect();
+        let mut adopted = Vec::new();
+        for (id, (capsule, lease)) in incoming {
+            let same = self.held.get(&id).is_some_and(|held| {
+                held.fingerprint == capsule.fingerprint() && held.lease_until_ms == lease
+            });
+            if same {
+                if let Some(held) = self.held.get_mut(&id) {
+                    held.source = Source::Home { epoch };
+                }
+                continue;
+            }
+            adopted.push(self.put(Adopted::new(capsule, now, lease, Source::Home { epoch }), now));
+        }
+        (adopted, removed)
+    }
+
+    /// Removes `ids` (or everything with `all`); with `dry_run` only says what would go.
+    pub fn teardown(&mut self, ids: &[String], all: bool, dry_run: bool, now: u64) -> Teardown {
+        let targets: Vec<String> =
+            if all { self.held.keys().cloned().collect() } else { ids.to_vec() };
+        let mut out = Teardown::default();
+        for id in targets {
+            let found = if dry_run { self.held.get(&id).cloned() } else { self.held.remove(&id) };
+            match found {
+                Some(a) => out.removed.push(a.item(now)),
+                None => out.not_found.push(id),
+            }
+        }
+        out
+    }
+
+    /// Removes and returns the capsules whose lease ended by `now`.
+    pub fn sweep(&mut self, now: u64) -> Vec<Adopted> {
+        let expired: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, a)| a.lease_until_ms.is_some_and(|u| u <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        expired.iter().filter_map(|id| self.held.remove(id)).collect()
+    }
+
+    /// Every held capsule, newest `applied_ms` first.
+    pub fn items(&self, now: u64) -> Vec<CapsuleItem> {
+        let mut items: Vec<CapsuleItem> = self.held.values().map(|a| a.item(now)).collect();
+        items.sort_by(|a, b| b.applied_ms.cmp(&a.applied_ms).then_with(|| a.id.cmp(&b.id)));
+        items
+    }
+
+    /// Held capsules.
+    pub fn held(&self) -> impl Iterator<Item = &Adopted> {
+        self.held.values()
+    }
+
+    /// The first held capsule denying `key` (`pattern*` is a prefix match): `(capsule, pattern)`.
+    pub fn denying(&self, key: &str) -> Option<(&str, &str)> {
+        self.held.values().find_map(|a| {
+            let f = &a.capsule.fields;
+            let patterns = f.denies.iter().chain(f.contracts.iter().flat_map(|c| &c.patterns));
+            patterns.filter(|p| pattern_matches(p, key)).map(|p| (f.id.as_str(), p.as_str())).next()
+        })
+    }
+
+    /// Number held.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Nothing held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+/// `net:*` matches every key starting with `net:`; anything else matches itself.
+pub fn pattern_matches(pattern: &str, key: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => key.starts_with(prefix),
+        None => pattern == key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn capsule(id: &str, lease: Option<u64>, renew: Option<u64>) -> Capsule {
+        let mut v = json!({"id":id,"version":"1","issued_at_ms":0,"denies":["net:*"],"hop_ttl":2});
+        if let Some(l) = lease {
+            v["lease_duration_ms"] = json!(l);
+        }
+        if let Some(r) = renew {
+            v["renew_within_ms"] = json!(r);
+        }
+        Capsule::from_json(v).expect("capsule")
+    }
+
+    #[test]
+    fn leases_run_out_unless_presented_again() {
+        let mut set = CapsuleSet::default();
+        let first = set.adopt(capsule("c", Some(600_000), Some(240_000)), 1_000);
+        assert!(first.notify && !first.renewal);
+        assert_eq!(first.item.status, "active");
+        assert_eq!(set.items(400_000)[0].status, "renew_due");
+        assert_eq!(set.items(560_000)[0].status, "expiring");
+        let quiet = set.adopt(capsule("c", Some(600_000), Some(240_000)), 2_000);
+        assert!(quiet.renewal && !quiet.notify, "identical re-presentation within 2 s");
+        let renewed = set.adopt(capsule("c", Some(600_000), Some(240_000)), 500_000);
+        assert!(renewed.notify);
+        assert!(set.sweep(601_000).is_empty(), "the renewal moved the lease");
+        assert_eq!(set.sweep(1_100_000).len(), 1);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn home_capsules_follow_the_latest_policy() {
+        let mut set = CapsuleSet::default();
+        set.adopt(capsule("local", None, None), 0);
+        let (adopted, removed) =
+            set.apply_home(vec![(capsule("h1", None, None), Some(9_000))], 1, 10);
+        assert_eq!((adopted.len(), removed.len()), (1, 0));
+        assert_eq!(adopted[0].item.remaining_hops, Some(1), "one hop spent");
+        let (adopted, removed) =
+            set.apply_home(vec![(capsule("h1", None, None), Some(9_000))], 2, 20);
+        assert!(adopted.is_empty() && removed.is_empty(), "unchanged capsule: nothing to say");
+        let (_, removed) = set.apply_home(Vec::new(), 3, 30);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(set.items(40).iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["local"]);
+        assert_eq!(set.denying("net:http"), Some(("local", "net:*")));
+        assert_eq!(set.denying("tools:x"), None);
+    }
+
+    #[test]
+    fn restore_drops_expired_and_teardown_reports_missing_ids() {
+        let mut set = CapsuleSet::default();
+        set.adopt(capsule("short", Some(10), None), 0);
+        set.adopt(capsule("long", Some(10_000), None), 0);
+        let (mut restored, dropped) = CapsuleSet::restore(set.stored(), 100);
+        assert!(dropped.is_empty());
+        assert_eq!(restored.len(), 1);
+        let dry = restored.teardown(&["long".into(), "nope".into()], false, true, 100);
+        assert_eq!((dry.removed.len(), dry.not_found.clone()), (1, vec!["nope".to_owned()]));
+        assert_eq!(restored.len(), 1, "dry run removes nothing");
+        assert_eq!(restored.teardown(&[], true, false, 100).removed.len(), 1);
+        assert!(restored.is_empty());
+    }
+}
