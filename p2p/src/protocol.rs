@@ -303,4 +303,32 @@ mod tests {
         assert_eq!(b.receive(&beat, now + 1000).verdict, Verdict::Accept);
         assert_eq!(a.next_seq(now), seq.max(now) + 1, "seq never goes back");
     }
+
+    #[test]
+    fn a_heartbeat_announcing_a_newer_policy_leads_to_it() {
+        let now = 1_800_000_000_000;
+        let (mut home, mut worker) = (protocol("home", 1), protocol("w1", 2));
+        let seq = home.next_seq(now);
+        let advert = home.seal_advert(&advert("home", seq, now));
+        assert_eq!(worker.receive(&advert, now).verdict, Verdict::Accept);
+        let roster = BTreeMap::from([(
+            NodeId::parse("w1").expect("id"),
+            NodeKey::from_secret([2; 32]).public_b64(),
+        )]);
+        home.issue_policy(roster, Vec::new(), now);
+        let receipt = worker.receive(&home.heartbeat(now + 1), now + 1);
+        assert_eq!(receipt.changes, vec![Change::PolicyBehind { epoch: 1 }]);
+        let answer = home.sync_answer(&worker.sync_request(), false).expect("the Home answers");
+        let applied: Vec<Change> = answer
+            .envelopes
+            .iter()
+            .flat_map(|e| worker.receive(e.as_bytes(), now + 2).changes)
+            .collect();
+        assert!(
+            matches!(&applied[..], [Change::Policy(a)] if a.epoch == 1 && a.pinned),
+            "{applied:?}"
+        );
+        let receipt = worker.receive(&home.heartbeat(now + 3), now + 3);
+        assert!(receipt.changes.is_empty(), "up to date: nothing to ask");
+    }
 }
