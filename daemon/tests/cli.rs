@@ -182,3 +182,33 @@ fn events_tail_resumes_across_a_server_crash_without_loss_or_repeats() {
     assert_eq!(got, expected, "every event once, in order, across the crash");
     drop(server);
 }
+
+#[test]
+fn capsules_signed_by_the_cli_verify_and_one_flipped_byte_does_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+    let (key, trust, plain, signed) =
+        (path("k"), path("trust.json"), path("c.json"), path("s.json"));
+    let out = common::cli(&["capsule", "keygen", &key], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let entry = text.lines().last().expect("entry");
+    std::fs::write(&trust, format!(r#"{{"issuers":[{entry}]}}"#)).expect("trust");
+    let again = common::cli(&["capsule", "keygen", &key], &[]);
+    assert!(!again.status.success(), "an existing key is never overwritten");
+
+    std::fs::write(&plain, r#"{"id":"c1","version":"1","issued_at_ms":0,"denies":["net:*"]}"#)
+        .expect("capsule");
+    let out = common::cli(&["capsule", "sign-ed25519", &plain, "--key-file", &key], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&signed, &out.stdout).expect("signed");
+    let ok = common::cli(&["capsule", "verify", &signed, "--trust", &trust], &[]);
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "valid: c1 signed by local-admin\n");
+
+    // Flip one byte of the payload the signature covers.
+    let tampered = String::from_utf8_lossy(&out.stdout).replacen("net:*", "net:+", 1);
+    std::fs::write(&signed, tampered).expect("tampered");
+    let bad = common::cli(&["capsule", "verify", &signed, "--trust", &trust], &[]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("signature does not match"), "{bad:?}");
+}

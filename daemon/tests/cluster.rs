@@ -218,3 +218,91 @@ fn the_home_admits_and_revokes_and_a_second_home_is_reported() {
     let events: Value = home.get("/admin/events/journal?prefix=cluster.home.conflict").1;
     assert!(events["total_matched"].as_u64().unwrap_or(0) >= 1, "{events}");
 }
+
+/// Runs `arw-cli` and returns its stdout, failing the test on a non-zero exit.
+fn cli_ok(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = common::cli(args, env);
+    assert!(out.status.success(), "arw-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn admitted_workers_obey_the_home_s_policy_and_refuse_a_rogue_home() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let [key, trust, plain, signed] = ["issuer.key", "trust.json", "capsule.json", "signed.json"]
+        .map(|f| dir.path().join(f).to_string_lossy().into_owned());
+    // The operator's capsule tooling: a key, its trust-store entry, a signed capsule.
+    let keygen = cli_ok(&["capsule", "keygen", &key, "--issuer", "ops"], &[]);
+    let entry = keygen.lines().last().expect("trust entry");
+    std::fs::write(&trust, format!(r#"{{"issuers":[{entry}]}}"#)).expect("trust store");
+    let capsule = serde_json::json!({"id": "lockdown", "version": "1", "issued_at_ms": 0,
+        "propagate": "children", "hop_ttl": 2, "denies": ["net:*"], "lease_duration_ms": 600_000});
+    std::fs::write(&plain, capsule.to_string()).expect("capsule");
+    let signed_text =
+        cli_ok(&["capsule", "sign-ed25519", &plain, "--key-file", &key, "--issuer", "ops"], &[]);
+    std::fs::write(&signed, signed_text).expect("signed capsule");
+
+    let home = common::Launch::new()
+        .state_dir(&dir.path().join("home"))
+        .env("ARW_NODE_ID", "home-1")
+        .env("ARW_TRUST_CAPSULES", &trust)
+        .config(CLUSTER)
+        .start();
+    assert_eq!(home.post("/admin/hierarchy/role", &serde_json::json!({"role": "home"})).0, 200);
+    let boot = home.endpoints["p2p"][0].as_str().expect("p2p address").to_owned();
+    let w1 = start("w1", &dir.path().join("w1"), Some(&boot));
+    let w2 = start("w2", &dir.path().join("w2"), Some(&boot));
+    wait_for(&home, Duration::from_secs(20), "both workers", |nodes| nodes.len() == 3);
+    let home_key = home.get("/admin/hierarchy/state").1["home"]["home_key"].clone();
+    assert!(home_key.is_string(), "the Home pins itself");
+
+    let env = [("ARW_ADMIN_TOKEN", home.token.as_str())];
+    cli_ok(&["cluster", "admit", "w1", "--base", &home.base()], &env);
+    let pinned = common::eventually(Duration::from_secs(20), "w1 pinning the Home", || {
+        let home_view = w1.get("/admin/hierarchy/state").1["home"].clone();
+        (home_view["pinned_by"] == "first_admission")
+            .then_some(home_view.clone())
+            .ok_or(home_view.to_string())
+    });
+    assert_eq!(pinned["home_key"], home_key);
+    assert_eq!(pinned["admitted"], serde_json::json!(["w1"]));
+
+    let adopted = cli_ok(&["capsule", "adopt", &signed, "--base", &home.base()], &env);
+    assert!(adopted.starts_with("lockdown adopted (active"), "{adopted}");
+    let held = common::eventually(Duration::from_secs(20), "the Home's capsule on w1", || {
+        let items = w1.get("/state/policy/capsules").1["items"].clone();
+        let found =
+            items.as_array().and_then(|i| i.iter().find(|c| c["id"] == "lockdown")).cloned();
+        found.ok_or(items.to_string())
+    });
+    assert_eq!((held["source"].as_str(), held["remaining_hops"].as_u64()), (Some("home"), Some(1)));
+    assert_eq!(held["policy_epoch"], w1.get("/admin/hierarchy/state").1["home"]["policy_epoch"]);
+    let status =
+        cli_ok(&["capsule", "status", "--base", &w1.base(), "--admin-token", &w1.token], &[]);
+    assert!(status.contains("lockdown") && status.contains("home"), "{status}");
+    // w2 is pending: it pinned nobody and holds nothing from the Home.
+    let w2_home = w2.get("/admin/hierarchy/state").1["home"].clone();
+    assert_eq!(
+        (w2_home["policy_epoch"].as_u64(), w2_home.get("home_key")),
+        (Some(0), None),
+        "{w2_home}"
+    );
+    assert_eq!(w2.get("/state/policy/capsules").1["count"], 0);
+
+    // w2 claims to be the Home and signs its own policy: w1 refuses it and says so.
+    let epoch = pinned["policy_epoch"].clone();
+    assert_eq!(w2.post("/admin/hierarchy/role", &serde_json::json!({"role": "home"})).0, 200);
+    common::eventually(Duration::from_secs(20), "w1 refusing w2's policy", || {
+        let page = w1.get("/admin/events/journal?prefix=cluster.event.rejected").1;
+        let refused = page["entries"].as_array().is_some_and(|e| {
+            e.iter().any(|e| {
+                e["payload"]["kind"] == "policy" && e["payload"]["reason"] == "untrusted_home"
+            })
+        });
+        refused.then_some(()).ok_or(page.to_string())
+    });
+    let after = w1.get("/admin/hierarchy/state").1["home"].clone();
+    assert_eq!((&after["home_key"], &after["home_id"]), (&home_key, &serde_json::json!("home-1")));
+    assert!(after["policy_epoch"].as_u64() >= epoch.as_u64(), "{after}");
+    assert_eq!(w1.get("/state/policy/capsules").1["count"], 1);
+}

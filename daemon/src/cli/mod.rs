@@ -1,5 +1,6 @@
 //! `arw-cli`: drive a node's admin API from the shell.
 
+mod capsule;
 mod client;
 pub mod cluster;
 mod events;
@@ -52,6 +53,9 @@ enum Command {
     /// Admission at the Home: which nodes may work in the workspace.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Gating capsules: status, adopt, teardown, and offline keygen, signing and verification.
+    #[command(subcommand)]
+    Capsule(capsule::CapsuleCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +187,14 @@ impl Cli {
             }
             Command::Cluster(command) => {
                 cluster_admission(&Client::new(base, token, timeout)?, command).await
+            }
+            Command::Capsule(command) => {
+                let client = if command.needs_server() {
+                    Some(Client::new(base, token, timeout)?)
+                } else {
+                    None
+                };
+                capsule::run(command, client).await
             }
             Command::Events(EventsCommand::Tail { prefix, after, json }) => {
                 // A stream has no overall deadline: the timeout bounds connecting, and a read

@@ -182,6 +182,25 @@ pub fn request(method: &str, url: &str, token: Option<&str>, body: Option<&Value
     (code.trim().parse().expect("status"), serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// Polls `check` every 50 ms until it yields a value, at most `limit`; panics naming `what`
+/// and the last thing `check` saw.
+pub fn eventually<T>(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(seen) if Instant::now() >= deadline => {
+                panic!("{what} not seen within {limit:?}: {seen}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// `(id, health, seq)` of every node in a `/state/cluster` body.
 pub fn node_rows(view: &Value) -> Vec<(String, String, u64)> {
     let rows = view["nodes"].as_array().map(Vec::as_slice).unwrap_or_default();
