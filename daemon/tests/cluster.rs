@@ -305,4 +305,23 @@ fn admitted_workers_obey_the_home_s_policy_and_refuse_a_rogue_home() {
     assert_eq!((&after["home_key"], &after["home_id"]), (&home_key, &serde_json::json!("home-1")));
     assert!(after["policy_epoch"].as_u64() >= epoch.as_u64(), "{after}");
     assert_eq!(w1.get("/state/policy/capsules").1["count"], 1);
+
+    // The Home changes its policy while w1 is down: w1 restarts on what it persisted, then
+    // catches up with the newer epoch from its peers.
+    let w1_state = w1.state_dir.clone();
+    assert!(w1.stop().success());
+    let out = cli_ok(&["capsule", "teardown", "lockdown", "--base", &home.base()], &env);
+    assert!(out.starts_with("removed lockdown"), "{out}");
+    let latest = home.get("/admin/hierarchy/state").1["home"]["policy_epoch"].clone();
+    let w1 = start("w1", &w1_state, Some(&boot));
+    let restored = w1.get("/admin/hierarchy/state").1["home"].clone();
+    assert_eq!(
+        (&restored["home_key"], &restored["pinned_by"]),
+        (&home_key, &serde_json::json!("first_admission"))
+    );
+    common::eventually(Duration::from_secs(20), "w1 catching up", || {
+        let now = w1.get("/admin/hierarchy/state").1["home"]["policy_epoch"].clone();
+        let count = w1.get("/state/policy/capsules").1["count"].clone();
+        (now == latest && count == 0).then_some(()).ok_or(format!("epoch {now}, {count} capsules"))
+    });
 }

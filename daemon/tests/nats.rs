@@ -402,3 +402,75 @@ fn a_node_on_another_queue_setting_is_reported() {
     assert_eq!(own[0]["payload"]["local_queue"], "local");
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pinned_by_home_key_obeys_only_its_home_over_nats() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let home = node("home-1", &dir.path().join("home"), &broker, "");
+    assert_eq!(home.post("/admin/hierarchy/role", &json!({"role": "home"})).0, 200);
+    let home_key = home.get("/admin/hierarchy/state").1["home"]["home_key"].clone();
+    let pin = format!("home_key = {home_key}\n");
+    let worker = node("w1", &dir.path().join("w1"), &broker, &pin);
+    let worker = tokio::task::spawn_blocking(move || {
+        // No admission needed: the configured key is trusted from the start, and the Home's
+        // current policy arrives through the sync a node asks for when it connects.
+        wait_until(Duration::from_secs(20), "the Home's policy on w1", || {
+            let view = worker.get("/admin/hierarchy/state").1["home"].clone();
+            view["pinned_by"] == "config" && view["policy_epoch"].as_u64() >= Some(1)
+        });
+        worker
+    })
+    .await
+    .expect("wait");
+
+    let client = async_nats::connect(broker.url()).await.expect("connect");
+    let subject = "arw.cluster.default.msg";
+    let mut sub = client.subscribe(subject).await.expect("subscribe");
+    let body = json!({"id": "w1"});
+    assert_eq!(home.post("/admin/cluster/admit", &body).0, 200);
+    let genuine = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("policy on the wire")
+            .expect("open");
+        if String::from_utf8_lossy(&m.payload).contains(r#""type":"policy""#) {
+            break m.payload.to_vec();
+        }
+    };
+    let doc: Value = serde_json::from_slice(&genuine).expect("json");
+    let epoch = doc["payload"]["policy_epoch"].as_u64().expect("epoch");
+    // A forged copy (the roster emptied, the signature kept) and a rogue Home's newer policy.
+    let forged = String::from_utf8(genuine.clone()).expect("utf8").replace(r#""w1":"#, r#""w9":"#);
+    client.publish(subject, forged.into_bytes().into()).await.expect("publish");
+    let mut payload = doc["payload"].clone();
+    payload["policy_epoch"] = json!(epoch + 10);
+    let message: arw_p2p::wire::Message = serde_json::from_value(payload).expect("message");
+    let rogue = arw_p2p::identity::NodeKey::from_secret([43; 32]);
+    client
+        .publish(subject, arw_p2p::wire::seal(&rogue, "default", &message).into())
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(20), "both refusals reported on w1", || {
+            let reasons: Vec<String> = journal(&worker, "cluster.event.rejected")
+                .iter()
+                .filter_map(|e| e["payload"]["reason"].as_str().map(str::to_owned))
+                .collect();
+            reasons.contains(&"bad_signature".to_owned())
+                && reasons.contains(&"untrusted_home".to_owned())
+        });
+        let view = worker.get("/admin/hierarchy/state").1["home"].clone();
+        assert_eq!(
+            (view["policy_epoch"].as_u64(), &view["admitted"]),
+            (Some(epoch), &json!(["w1"])),
+            "{view}"
+        );
+        assert_eq!(view["home_key"], home_key);
+        drop(home);
+    })
+    .await
+    .expect("checks");
+}
