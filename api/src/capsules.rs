@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use arw_p2p::{
-    capsule::{Capsule, CapsuleError, CapsuleItem, pattern_matches},
+    capsule::{Capsule, CapsuleError, CapsuleItem, Subject, pattern_matches},
     node::{CapsuleRequest, NodeError, Snapshot, TeardownRequest},
     time::{now_ms, rfc3339_ms},
 };
@@ -354,7 +354,9 @@ pub fn gate(snapshot: &Snapshot, key: &str) -> Result<(), Problem> {
             json!({ "layer": "hierarchy", "pattern": pattern }),
         );
     }
-    if let Some((capsule, pattern)) = snapshot.capsules.denying(key) {
+    let h = &snapshot.hierarchy;
+    let subject = Subject { role, node: snapshot.id.as_str(), tags: &h.tags };
+    if let Some((capsule, pattern)) = snapshot.capsules.denying(key, &subject, now_ms()) {
         return denied(
             format!("Denied by capsule {capsule}: {key}"),
             json!({ "layer": "capsule", "capsule_id": capsule, "pattern": pattern }),

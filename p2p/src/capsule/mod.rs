@@ -54,7 +54,8 @@ pub struct GatingCapsule {
     pub signature: Option<String>,
 }
 
-/// A gating contract inside a capsule.
+/// A gating contract inside a capsule: while active, and for the nodes it names, it denies its
+/// patterns.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Contract {
     /// Contract id.
@@ -62,6 +63,51 @@ pub struct Contract {
     /// Patterns it governs.
     #[serde(default)]
     pub patterns: Vec<String>,
+    /// Only nodes with this role (canonical or alias).
+    #[serde(default)]
+    pub subject_role: Option<String>,
+    /// Only this node id.
+    #[serde(default)]
+    pub subject_node: Option<String>,
+    /// Only nodes carrying one of these tags.
+    #[serde(default)]
+    pub tags_any: Vec<String>,
+    /// Active from (0: always).
+    #[serde(default)]
+    pub valid_from_ms: u64,
+    /// Active until (0: no end).
+    #[serde(default)]
+    pub valid_to_ms: u64,
+    /// A quota turns the deny into a counted allow (not enforced here: such a contract does not deny).
+    #[serde(default)]
+    pub quota_limit: Option<u64>,
+}
+
+/// The node a gating decision is about.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// Its role.
+    pub role: crate::role::Role,
+    /// Its id.
+    pub node: &'a str,
+    /// Its tags.
+    pub tags: &'a [String],
+}
+
+impl Contract {
+    /// Whether it denies for `subject` at `now`.
+    pub fn applies(&self, subject: &Subject<'_>, now: u64) -> bool {
+        let active =
+            self.valid_from_ms <= now && (self.valid_to_ms == 0 || now <= self.valid_to_ms);
+        let role = self
+            .subject_role
+            .as_deref()
+            .is_none_or(|r| r.parse::<crate::role::Role>().is_ok_and(|r| r == subject.role));
+        let node = self.subject_node.as_deref().is_none_or(|n| n == subject.node);
+        let tags =
+            self.tags_any.is_empty() || self.tags_any.iter().any(|t| subject.tags.contains(t));
+        active && role && node && tags && self.quota_limit.is_none()
+    }
 }
 
 impl GatingCapsule {

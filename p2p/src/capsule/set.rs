@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::Capsule;
+use super::{Capsule, Subject};
 use crate::time::rfc3339_ms;
 
 /// `applied` events for an unchanged capsule re-presented within this window are skipped.
@@ -335,11 +335,14 @@ impl CapsuleSet {
         self.held.values()
     }
 
-    /// The first held capsule denying `key` (`pattern*` is a prefix match): `(capsule, pattern)`.
-    pub fn denying(&self, key: &str) -> Option<(&str, &str)> {
+    /// The first held capsule denying `key` to `subject` at `now` (`pattern*` is a prefix
+    /// match): its `denies`, then the patterns of its contracts that apply (see
+    /// [`super::Contract::applies`]). Returns `(capsule id, pattern)`.
+    pub fn denying(&self, key: &str, subject: &Subject<'_>, now: u64) -> Option<(&str, &str)> {
         self.held.values().find_map(|a| {
             let f = &a.capsule.fields;
-            let patterns = f.denies.iter().chain(f.contracts.iter().flat_map(|c| &c.patterns));
+            let contracts = f.contracts.iter().filter(|c| c.applies(subject, now));
+            let patterns = f.denies.iter().chain(contracts.flat_map(|c| &c.patterns));
             patterns.filter(|p| pattern_matches(p, key)).map(|p| (f.id.as_str(), p.as_str())).next()
         })
     }
@@ -410,8 +413,36 @@ mod tests {
         let (_, removed) = set.apply_home(Vec::new(), 3, 30);
         assert_eq!(removed.len(), 1);
         assert_eq!(set.items(40).iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["local"]);
-        assert_eq!(set.denying("net:http"), Some(("local", "net:*")));
-        assert_eq!(set.denying("tools:x"), None);
+        let tags = ["gpu".to_owned()];
+        let me = Subject { role: crate::role::Role::Edge, node: "w1", tags: &tags };
+        assert_eq!(set.denying("net:http", &me, 40), Some(("local", "net:*")));
+        assert_eq!(set.denying("tools:x", &me, 40), None);
+    }
+
+    #[test]
+    fn contracts_deny_only_their_subjects_while_active() {
+        let contract = |extra: serde_json::Value| {
+            let mut c = json!({"id":"c","patterns":["tools:*"]});
+            if let (Some(c), Some(extra)) = (c.as_object_mut(), extra.as_object()) {
+                c.extend(extra.clone());
+            }
+            let v = json!({"id":"k","version":"1","issued_at_ms":0,"contracts":[c]});
+            let mut set = CapsuleSet::default();
+            set.adopt(Capsule::from_json(v).expect("capsule"), 0);
+            set
+        };
+        let tags = ["gpu".to_owned()];
+        let me = Subject { role: crate::role::Role::Edge, node: "w1", tags: &tags };
+        let denies = |set: &CapsuleSet, now| set.denying("tools:run", &me, now).is_some();
+        assert!(denies(&contract(json!({})), 5));
+        let aimed = json!({"subject_role":"worker","subject_node":"w1","tags_any":["gpu"]});
+        assert!(denies(&contract(aimed), 5));
+        assert!(!denies(&contract(json!({"subject_role":"root"})), 5));
+        assert!(!denies(&contract(json!({"subject_node":"w2"})), 5));
+        assert!(!denies(&contract(json!({"tags_any":["cpu"]})), 5));
+        assert!(!denies(&contract(json!({"valid_from_ms":10})), 5));
+        assert!(!denies(&contract(json!({"valid_to_ms":4})), 5));
+        assert!(!denies(&contract(json!({"quota_limit":3})), 5), "a quota is a counted allow");
     }
 
     #[test]

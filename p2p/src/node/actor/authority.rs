@@ -149,6 +149,7 @@ impl Actor {
                 json!(format!("not in the Home's policy epoch {}", applied.epoch));
             self.emit("policy.capsule.teardown", payload).await;
         }
+        self.publish_snapshot();
     }
 
     /// At the Home: signs a new policy document when the roster or the capsules it hands out
@@ -177,6 +178,12 @@ impl Actor {
             return;
         }
         let envelope = self.protocol.issue_policy(roster, capsules, now_ms());
+        if envelope.len() > crate::wire::MAX_ENVELOPE {
+            tracing::error!(
+                bytes = envelope.len(),
+                "the policy document exceeds the envelope limit; nodes will refuse it (hand out fewer capsules)"
+            );
+        }
         // Nobody sees an epoch before it is on disk: a restarted Home never signs one twice.
         let stored = self.protocol.policy().stored();
         if let Err(e) = persist::save_json_off_thread(self.path(POLICY_FILE), stored).await {
