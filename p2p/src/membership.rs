@@ -185,6 +185,8 @@ pub struct Membership {
     self_id: NodeId,
     self_key: [u8; 32],
     members: BTreeMap<NodeId, Member>,
+    /// Keys the pinned Home's roster admits: they win over a binding made on first use.
+    roster: BTreeMap<NodeId, [u8; 32]>,
 }
 
 fn peer_id_of(key: &[u8; 32]) -> Option<PeerId> {
@@ -195,7 +197,14 @@ fn peer_id_of(key: &[u8; 32]) -> Option<PeerId> {
 impl Membership {
     /// An empty registry for the node `self_id` holding `self_key`.
     pub fn new(config: MembershipConfig, self_id: NodeId, self_key: [u8; 32]) -> Self {
-        Self { config, self_id, self_key, resumed_ms: 0, members: BTreeMap::new() }
+        Self {
+            config,
+            self_id,
+            self_key,
+            resumed_ms: 0,
+            members: BTreeMap::new(),
+            roster: BTreeMap::new(),
+        }
     }
 
     /// Restores persisted members. They show as `stale` until heard from again.
@@ -297,7 +306,7 @@ impl Membership {
         let kind = opened.message.kind();
         let id = opened.message.id().clone();
         if let Some(conflict) = self.key_conflict(&id, &key) {
-            let reason = if self.config.pinned.contains_key(&id) {
+            let reason = if self.config.pinned.contains_key(&id) || self.roster.contains_key(&id) {
                 Reason::UntrustedKey
             } else {
                 Reason::KeyConflict
@@ -325,7 +334,11 @@ impl Membership {
         let bound = if *id == self.self_id {
             Some(&self.self_key)
         } else {
-            self.config.pinned.get(id).or_else(|| self.members.get(id).map(|m| &m.key))
+            self.config
+                .pinned
+                .get(id)
+                .or_else(|| self.roster.get(id))
+                .or_else(|| self.members.get(id).map(|m| &m.key))
         };
         let known = bound.filter(|known| *known != key)?;
         Some(Change::Conflict {
@@ -457,6 +470,29 @@ impl Membership {
         Some(Change::Health { id: target.clone(), from: Health::Ok, to: Health::Suspect })
     }
 
+    /// The pinned Home's roster (id → admitted key) is now `roster`. An admitted key wins over a
+    /// binding made on first use (a key pinned by `trust_nodes` still wins over both): a member
+    /// bound to another key is dropped, so the admitted node's next advert or sync brings it
+    /// back under the right key, and the other key is refused from then on.
+    pub fn set_roster(&mut self, roster: BTreeMap<NodeId, [u8; 32]>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for (id, key) in &roster {
+            let unpinned = !self.config.pinned.contains_key(id);
+            if unpinned && self.members.get(id).is_some_and(|m| m.key != *key) {
+                if let Some(member) = self.members.remove(id) {
+                    changes.push(Change::Conflict {
+                        id: id.clone(),
+                        known_key: B64.encode(key),
+                        claimed_key: B64.encode(member.key),
+                    });
+                    changes.push(Change::Evicted { record: Box::new(member.record) });
+                }
+            }
+        }
+        self.roster = roster;
+        changes
+    }
+
     /// This node could not hear anyone until `now_ms` (its own link to the bus was down): silence
     /// before that is not held against the others.
     pub fn resume(&mut self, now_ms: u64) {
@@ -576,6 +612,22 @@ mod tests {
         // Claiming this node's own id is a conflict too.
         let r = m.receive(&seal(&rogue, "lab", &advert("me", 5, NOW)), NOW);
         assert_eq!(r.refusal.map(|x| x.reason), Some(Reason::KeyConflict));
+    }
+
+    #[test]
+    fn the_home_s_roster_wins_over_first_use() {
+        let mut m = membership();
+        let (owner, squatter) = (NodeKey::from_secret([1; 32]), NodeKey::from_secret([2; 32]));
+        m.receive(&seal(&squatter, "lab", &advert("n1", 5, NOW)), NOW);
+        let r = m.receive(&seal(&owner, "lab", &advert("n1", 1, NOW)), NOW);
+        assert_eq!(r.refusal.map(|x| x.reason), Some(Reason::KeyConflict), "first use wins");
+        let id = NodeId::parse("n1").expect("id");
+        let changes = m.set_roster(BTreeMap::from([(id, owner.verifying_key().to_bytes())]));
+        assert!(matches!(&changes[..], [Change::Conflict { .. }, Change::Evicted { .. }]));
+        let r = m.receive(&seal(&owner, "lab", &advert("n1", 1, NOW)), NOW);
+        assert_eq!(r.verdict, Verdict::Accept, "the admitted key takes over, from any seq");
+        let r = m.receive(&seal(&squatter, "lab", &advert("n1", 9, NOW)), NOW);
+        assert_eq!(r.refusal.map(|x| x.reason), Some(Reason::UntrustedKey));
     }
 
     #[test]

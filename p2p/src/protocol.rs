@@ -96,14 +96,15 @@ impl Protocol {
     }
 
     /// As the Home: signs the next policy document (epoch one above any this node holds) with
-    /// `roster` and `capsules`, and puts it in force here. The caller persists
-    /// [`PolicyState::stored`] before sending the envelope.
+    /// `roster` and `capsules`, and puts it in force here. Returns the envelope and what the
+    /// roster changed in the registry. The caller persists [`PolicyState::stored`] before
+    /// sending the envelope.
     pub fn issue_policy(
         &mut self,
         roster: BTreeMap<NodeId, String>,
         capsules: Vec<crate::policy::PolicyCapsule>,
         now_ms: u64,
-    ) -> Vec<u8> {
+    ) -> (Vec<u8>, Vec<Change>) {
         let doc = PolicyDoc {
             id: self.id.clone(),
             workspace: self.workspace.clone(),
@@ -114,7 +115,26 @@ impl Protocol {
         };
         let envelope = wire::seal(&self.key, &self.workspace, &Message::Policy(doc.clone()));
         self.policy.issued(self.key.verifying_key().to_bytes(), doc, envelope.clone());
-        envelope
+        (envelope, self.apply_roster())
+    }
+
+    /// Makes the roster of the policy in force the membership's key authority (see
+    /// [`Membership::set_roster`]); returns what that changed.
+    pub fn apply_roster(&mut self) -> Vec<Change> {
+        let roster = self
+            .policy
+            .current()
+            .map(|c| {
+                c.doc
+                    .roster
+                    .iter()
+                    .filter_map(|(id, key)| {
+                        Some((id.clone(), crate::identity::public_key_from_b64(key)?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.membership.set_roster(roster)
     }
 
     /// The highest advert seq signed so far.
@@ -211,11 +231,11 @@ impl Protocol {
     fn receive_policy(&mut self, key: [u8; 32], doc: PolicyDoc, bytes: &[u8]) -> Receipt {
         let claimed_id = Some(doc.id.to_string());
         match self.policy.receive(key, doc, bytes) {
-            Ok(applied) => Receipt {
-                verdict: Verdict::Accept,
-                changes: vec![Change::Policy(applied)],
-                refusal: None,
-            },
+            Ok(applied) => {
+                let mut changes = vec![Change::Policy(applied)];
+                changes.extend(self.apply_roster());
+                Receipt { verdict: Verdict::Accept, changes, refusal: None }
+            }
             Err(reason) => {
                 // Benign refusals are not reported; a Home this node does not obey is.
                 let refusal = matches!(reason, Reason::UntrustedHome).then_some(Refusal {
@@ -330,5 +350,31 @@ mod tests {
         );
         let receipt = worker.receive(&home.heartbeat(now + 3), now + 3);
         assert!(receipt.changes.is_empty(), "up to date: nothing to ask");
+    }
+
+    #[test]
+    fn the_policy_s_roster_replaces_a_first_use_binding() {
+        let now = 1_800_000_000_000;
+        let (mut home, mut worker) = (protocol("home", 1), protocol("w1", 2));
+        let (owner, squatter) = (NodeKey::from_secret([3; 32]), NodeKey::from_secret([4; 32]));
+        let claim =
+            |key: &NodeKey, seq| wire::seal(key, "lab", &Message::Advert(advert("w2", seq, now)));
+        assert_eq!(worker.receive(&claim(&squatter, 5), now).verdict, Verdict::Accept);
+        let id = |s: &str| NodeId::parse(s).expect("id");
+        let roster = BTreeMap::from([
+            (id("w1"), NodeKey::from_secret([2; 32]).public_b64()),
+            (id("w2"), owner.public_b64()),
+        ]);
+        let (doc, _) = home.issue_policy(roster, Vec::new(), now);
+        let changes = worker.receive(&doc, now).changes;
+        assert!(
+            matches!(
+                &changes[..],
+                [Change::Policy(_), Change::Conflict { .. }, Change::Evicted { .. }]
+            ),
+            "{changes:?}"
+        );
+        assert_eq!(worker.receive(&claim(&owner, 1), now).verdict, Verdict::Accept);
+        assert_eq!(worker.receive(&claim(&squatter, 9), now).verdict, Verdict::Ignore);
     }
 }

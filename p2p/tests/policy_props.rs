@@ -143,7 +143,7 @@ impl World {
             .filter(|(i, _)| mask & (1 << i) != 0)
             .map(|(_, w)| (w.id.clone(), w.key.public_b64()))
             .collect();
-        let envelope = self.home.issue_policy(self.roster.clone(), Vec::new(), NOW);
+        let (envelope, _) = self.home.issue_policy(self.roster.clone(), Vec::new(), NOW);
         self.home_disk = self.home.policy().stored();
         self.broadcast(&envelope);
     }
@@ -158,7 +158,7 @@ impl World {
         for _ in 0..jump % 4 {
             self.rogue.issue_policy(BTreeMap::new(), Vec::new(), NOW);
         }
-        let envelope = self.rogue.issue_policy(BTreeMap::new(), Vec::new(), NOW);
+        let (envelope, _) = self.rogue.issue_policy(BTreeMap::new(), Vec::new(), NOW);
         self.broadcast(&envelope);
     }
 

@@ -177,7 +177,7 @@ impl Actor {
         {
             return;
         }
-        let envelope = self.protocol.issue_policy(roster, capsules, now_ms());
+        let (envelope, changes) = self.protocol.issue_policy(roster, capsules, now_ms());
         if envelope.len() > crate::wire::MAX_ENVELOPE {
             tracing::error!(
                 bytes = envelope.len(),
@@ -203,6 +203,7 @@ impl Actor {
             transport.publish(envelope).await;
         }
         self.snapshot_dirty = true;
+        self.apply_changes(changes).await;
     }
 
     /// Persists a new capsule set, then makes it current.

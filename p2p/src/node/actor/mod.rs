@@ -151,6 +151,8 @@ impl Actor {
         if let Some(warning) = protocol.policy_mut().restore(stored_policy) {
             tracing::warn!("{warning}");
         }
+        // The restored registry already follows the roster it was built under.
+        let _ = protocol.apply_roster();
 
         let transport = match &config.federation {
             Some(federation) => Some(start_transport(&config, federation).await?),
