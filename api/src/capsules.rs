@@ -2,7 +2,10 @@
 //! `/state/policy/capsules` view, `/admin/policy/capsules/*`, the `/admin/rpu/*` trust store, and
 //! the gate that lets held capsules deny the hierarchy routes.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+};
 
 use axum::{
     extract::{Query, Request, State},
@@ -56,7 +59,7 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
             let id = capsule.fields.id.clone();
             match state
                 .node
-                .adopt_capsule(CapsuleRequest { capsule, context: context.clone() })
+                .adopt_capsule(CapsuleRequest { capsule, context: context.clone(), shared: false })
                 .await
             {
                 Ok(_) => {}
@@ -108,8 +111,39 @@ fn correlation(headers: &HeaderMap) -> Map<String, Value> {
     Map::from_iter([("corr_id".to_owned(), json!(corr)), ("request_id".to_owned(), json!(request))])
 }
 
+/// The guard runs before auth, so a flood of bad capsules must not flood the journal: at most
+/// [`FAILURES_PER_WINDOW`] refusals per 10 s are journaled; the next one counts the rest in
+/// `suppressed`.
+#[derive(Debug, Default)]
+pub struct FailureBudget {
+    window: AtomicU64,
+    used: AtomicU32,
+    suppressed: AtomicU64,
+}
+
+const FAILURES_PER_WINDOW: u32 = 20;
+
+impl FailureBudget {
+    /// `Some(suppressed so far)` when a refusal at `now_ms` may be journaled.
+    fn admit(&self, now_ms: u64) -> Option<u64> {
+        let window = now_ms / 10_000;
+        if self.window.swap(window, Ordering::Relaxed) != window {
+            self.used.store(0, Ordering::Relaxed);
+        }
+        if self.used.fetch_add(1, Ordering::Relaxed) >= FAILURES_PER_WINDOW {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
 async fn refused(state: &AppState, id: Option<&str>, detail: &str, context: &Map<String, Value>) {
+    let Some(suppressed) = state.capsule_failures.admit(now_ms()) else { return };
     let mut failed = json!({ "id": id, "detail": detail });
+    if suppressed > 0 {
+        failed["suppressed"] = json!(suppressed);
+    }
     let mut explain = json!({ "detail": detail });
     if let Some(id) = id {
         explain["capsule_id"] = json!(id);
@@ -246,7 +280,7 @@ pub async fn adopt(
     let capsule_id = capsule.fields.id.clone();
     let adoption = match state
         .node
-        .adopt_capsule(CapsuleRequest { capsule, context: context.clone() })
+        .adopt_capsule(CapsuleRequest { capsule, context: context.clone(), shared: true })
         .await
     {
         Ok(adoption) => adoption,

@@ -49,6 +49,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Directory of capsule presets (`*.json`).
     pub capsule_presets: Option<std::path::PathBuf>,
+    /// Caps the events refused capsules write.
+    pub capsule_failures: Arc<capsules::FailureBudget>,
 }
 
 /// The whole HTTP surface.

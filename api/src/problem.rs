@@ -180,6 +180,12 @@ impl From<NodeError> for Problem {
             NodeError::Capsule(arw_p2p::capsule::CapsuleError::Verification(detail)) => {
                 Problem::new(StatusCode::FORBIDDEN, "capsule_verification_failed", detail)
             }
+            NodeError::CapsuleLimit(_) => {
+                Problem::new(StatusCode::CONFLICT, "capsule_limit", e.to_string())
+            }
+            NodeError::PolicyTooLarge => {
+                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "policy_too_large", e.to_string())
+            }
             NodeError::Trust(detail) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_trust_store", detail)
             }

@@ -239,3 +239,99 @@ async fn the_trust_store_lists_issuers_without_keys_and_reloads() {
     .await;
     assert_problem(&reply, StatusCode::FORBIDDEN, "capsule_verification_failed");
 }
+
+async fn home_view(h: &Harness) -> Value {
+    send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await.body["home"].clone()
+}
+
+/// Waits (at most 10 s) until the Home's own document satisfies `check`.
+async fn home_until(h: &Harness, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let view = home_view(h).await;
+        if check(&view) {
+            return view;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_home_hands_out_only_what_an_administrator_adopted_and_steps_down_cleanly() {
+    let h = harness().await;
+    let reply = send(&h.app, post("/admin/hierarchy/role", json!({"role": "home"}))).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let first = home_until(&h, "the Home's first document", |v| v["pinned_by"] == "own").await;
+    let epoch = first["policy_epoch"].as_u64().expect("epoch");
+
+    // Presented in a header (before auth): held here, not handed to the workspace.
+    let mut traveller = capsule("travel");
+    traveller["propagate"] = json!("all");
+    traveller["lease_duration_ms"] = json!(600_000);
+    let traveller = signed(traveller);
+    let reply =
+        send(&h.app, with_capsule("/healthz", "X-ARW-Capsule", &traveller.to_string())).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // Adopted by an administrator: handed out in the next document.
+    let body = json!({"capsule": traveller});
+    assert_eq!(
+        send(&h.app, post("/admin/policy/capsules/adopt", body.clone())).await.status,
+        StatusCode::OK
+    );
+    let view = home_until(&h, "the capsule in the document", |v| v["capsules"] == 1).await;
+    let handed = view["policy_epoch"].as_u64().expect("epoch");
+    assert!(handed > epoch);
+    // Presenting it again and again renews it without a new document each time.
+    for _ in 0..5 {
+        send(&h.app, with_capsule("/healthz", "X-ARW-Capsule", &traveller.to_string())).await;
+        send(&h.app, post("/admin/policy/capsules/adopt", body.clone())).await;
+    }
+    send(&h.app, post("/admin/events/test", json!({}))).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(home_view(&h).await["policy_epoch"].as_u64(), Some(handed), "no new epoch");
+
+    let reply = send(&h.app, post("/admin/hierarchy/role", json!({"role": "edge"}))).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let view = home_until(&h, "stepping down", |v| v.get("pinned_by").is_none()).await;
+    assert_eq!(view["policy_epoch"], 0, "{view}");
+}
+
+#[tokio::test]
+async fn capsules_are_bounded_and_refusals_do_not_flood_the_journal() {
+    let h = harness().await;
+    for i in 0..arw_p2p::capsule::MAX_HELD {
+        let reply = send(
+            &h.app,
+            post(
+                "/admin/policy/capsules/adopt",
+                json!({"capsule": signed(capsule(&format!("c{i}")))}),
+            ),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    }
+    let one_more = json!({"capsule": signed(capsule("straw"))});
+    let reply = send(&h.app, post("/admin/policy/capsules/adopt", one_more)).await;
+    assert_problem(&reply, StatusCode::CONFLICT, "capsule_limit");
+    let again = json!({"capsule": signed(capsule("c0"))});
+    assert_eq!(
+        send(&h.app, post("/admin/policy/capsules/adopt", again)).await.status,
+        StatusCode::OK,
+        "a held id renews"
+    );
+
+    for _ in 0..30 {
+        let reply = send(&h.app, with_capsule("/healthz", "X-ARW-Capsule", "garbage")).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    }
+    send(&h.app, post("/admin/events/test", json!({}))).await;
+    let failed = h.log.rows_of("policy.capsule.failed").len();
+    assert!(failed <= 20, "{failed} refusal events journaled");
+
+    let mut odd = capsule("odd");
+    odd["contracts"] = json!([{"id": "k", "patterns": ["tools:*"], "subject_role": "boss"}]);
+    let reply =
+        send(&h.app, post("/admin/policy/capsules/adopt", json!({"capsule": signed(odd)}))).await;
+    assert_problem(&reply, StatusCode::FORBIDDEN, "capsule_verification_failed");
+}

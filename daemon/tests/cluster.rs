@@ -310,9 +310,14 @@ fn admitted_workers_obey_the_home_s_policy_and_refuse_a_rogue_home() {
     // catches up with the newer epoch from its peers.
     let w1_state = w1.state_dir.clone();
     assert!(w1.stop().success());
+    let before = home.get("/admin/hierarchy/state").1["home"]["policy_epoch"].as_u64();
     let out = cli_ok(&["capsule", "teardown", "lockdown", "--base", &home.base()], &env);
     assert!(out.starts_with("removed lockdown"), "{out}");
-    let latest = home.get("/admin/hierarchy/state").1["home"]["policy_epoch"].clone();
+    // Changes within 2 s of the last document are signed together, a moment later.
+    let latest = common::eventually(Duration::from_secs(10), "the Home's next epoch", || {
+        let epoch = home.get("/admin/hierarchy/state").1["home"]["policy_epoch"].clone();
+        (epoch.as_u64() > before).then_some(epoch.clone()).ok_or(epoch.to_string())
+    });
     let w1 = start("w1", &w1_state, Some(&boot));
     let restored = w1.get("/admin/hierarchy/state").1["home"].clone();
     assert_eq!(

@@ -30,6 +30,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         file.sync_all()?;
     }
     fs::rename(&tmp, path)?;
+    // The rename itself is durable only once the directory is.
+    #[cfg(unix)]
+    fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 

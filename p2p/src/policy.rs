@@ -4,9 +4,10 @@
 //! The Home signs a [`PolicyDoc`] (roster of admitted keys, the capsules it hands out) in the
 //! ordinary envelope. A node applies a document only if it is signed by the key it pinned and
 //! carries a higher epoch than the one it holds. The pin comes from `[cluster] home_key`, or is
-//! taken on first admission: an unpinned node pins the first Home whose document admits this
-//! node's own key. Any node re-serves the latest document it applied, so late joiners and
-//! nodes back from a partition catch up from whoever they reach.
+//! taken on first admission: an unpinned node pins the first node advertising role `root`
+//! under the document's signing key whose document admits this node's own key. Over libp2p any
+//! node re-serves the latest document it applied (over NATS the Home answers), so late joiners
+//! and nodes back from a partition catch up from whoever they reach.
 
 use std::collections::BTreeMap;
 
@@ -109,6 +110,8 @@ pub struct PolicyState {
     workspace: String,
     self_id: NodeId,
     self_key: String,
+    /// `[cluster] home_key`.
+    configured: Option<[u8; 32]>,
     pin: Option<Pin>,
     current: Option<Current>,
     /// Highest epoch seen in a document this node could judge (applied or not): a heartbeat
@@ -129,6 +132,7 @@ impl PolicyState {
             workspace: workspace.to_owned(),
             self_id,
             self_key: B64.encode(self_key),
+            configured,
             pin: configured.map(|key| Pin { key, source: PinSource::Config }),
             current: None,
             heard: 0,
@@ -187,6 +191,41 @@ impl PolicyState {
         }
     }
 
+    /// What [`PolicyState::stored`] will be once this node, the Home with `key`, has issued
+    /// `envelope`: persisted before the document is put in force or sent.
+    pub fn stored_if_issued(key: [u8; 32], envelope: &[u8]) -> StoredPolicy {
+        StoredPolicy {
+            home_key: Some(B64.encode(key)),
+            pinned_by: Some(PinSource::Own),
+            envelope: Some(String::from_utf8_lossy(envelope).into_owned()),
+        }
+    }
+
+    /// The epoch the next document this node signs must carry at `now_ms`: above anything it
+    /// holds or heard of, and never below the wall clock, so a Home that lost its state still
+    /// never signs an epoch twice.
+    pub fn next_epoch(&self, now_ms: u64) -> u64 {
+        self.epoch().max(self.heard).saturating_add(1).max(now_ms)
+    }
+
+    /// Whether this node, holding `key`, may sign policy: not when `[cluster] home_key` names
+    /// another Home.
+    pub fn may_issue(&self, key: [u8; 32]) -> bool {
+        self.configured.is_none_or(|k| k == key)
+    }
+
+    /// This node stopped being the Home: it no longer obeys itself, and holds no policy until
+    /// its configured Home (or, unconfigured, the first Home to admit it) sends one. Returns
+    /// whether anything changed.
+    pub fn step_down(&mut self) -> bool {
+        if self.pin.is_none_or(|p| p.source != PinSource::Own) {
+            return false;
+        }
+        self.pin = self.configured.map(|key| Pin { key, source: PinSource::Config });
+        self.current = None;
+        true
+    }
+
     /// A hello gave this node a new id.
     pub fn set_self_id(&mut self, id: NodeId) {
         self.self_id = id;
@@ -212,23 +251,25 @@ impl PolicyState {
         epoch > self.epoch().max(self.heard)
     }
 
-    /// Judges a document signed by `key` (already verified as its envelope's signer).
+    /// Judges a document signed by `key` (already verified as its envelope's signer). While
+    /// unpinned, the caller passes only documents whose signer advertises role `root` under
+    /// the document's id (see `Protocol`), so a forged epoch from anyone else cannot raise what
+    /// this node believes it has heard of.
     pub fn receive(
         &mut self,
         key: [u8; 32],
         doc: PolicyDoc,
         envelope: &[u8],
     ) -> Result<Applied, Reason> {
-        let pinned = match self.pin {
+        // Whether this document pins its signer (trust on first admission).
+        let first_admission = match self.pin {
             Some(pin) if pin.key != key => return Err(Reason::UntrustedHome),
             Some(_) => false,
-            None => {
+            None if doc.roster.get(&self.self_id) != Some(&self.self_key) => {
                 self.heard = self.heard.max(doc.policy_epoch);
-                if doc.roster.get(&self.self_id) != Some(&self.self_key) {
-                    return Err(Reason::NotAdmitted);
-                }
-                true
+                return Err(Reason::NotAdmitted);
             }
+            None => true,
         };
         self.heard = self.heard.max(doc.policy_epoch);
         if let Some(current) = &self.current
@@ -240,10 +281,11 @@ impl PolicyState {
                 Reason::Replayed
             });
         }
-        if pinned {
+        if first_admission {
             self.pin = Some(Pin { key, source: PinSource::FirstAdmission });
         }
-        let applied = Applied { epoch: doc.policy_epoch, home: doc.id.clone(), pinned };
+        let applied =
+            Applied { epoch: doc.policy_epoch, home: doc.id.clone(), pinned: first_admission };
         self.current = Some(Current { doc, envelope: envelope.to_vec() });
         Ok(applied)
     }
@@ -322,6 +364,36 @@ mod tests {
         assert!(
             offer(&mut restarted, &other, doc(1, &[])).is_ok(),
             "no admission needed when configured"
+        );
+    }
+
+    #[test]
+    fn epochs_never_repeat_and_a_former_home_stops_obeying_itself() {
+        let (home, other) = (NodeKey::from_secret([1; 32]), NodeKey::from_secret([2; 32]));
+        let public = home.verifying_key().to_bytes();
+        let mut state = PolicyState::new("lab", id("home"), public, None);
+        assert!(state.may_issue(public));
+        let first = state.next_epoch(1_000);
+        assert_eq!(first, 1_000, "at least the clock: a Home that lost its state starts above");
+        state.issued(public, doc(first, &[]), b"e1".to_vec());
+        assert_eq!(
+            state.next_epoch(500),
+            first + 1,
+            "above what it holds, even if the clock is behind"
+        );
+        assert!(state.step_down());
+        assert_eq!((state.pin(), state.epoch()), (None, 0));
+        assert!(!state.step_down(), "nothing more to give up");
+
+        let configured = Some(other.verifying_key().to_bytes());
+        let mut pinned = PolicyState::new("lab", id("home"), public, configured);
+        assert!(!pinned.may_issue(public), "home_key names another Home");
+        pinned.issued(public, doc(7, &[]), b"e".to_vec());
+        assert!(pinned.step_down());
+        assert_eq!(
+            pinned.pin().map(|p| p.source),
+            Some(PinSource::Config),
+            "back to the configured Home"
         );
     }
 }

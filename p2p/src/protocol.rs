@@ -31,7 +31,8 @@ pub struct SyncRequest {
 /// the policy document when it holds an older one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncResponse {
-    /// Envelopes exactly as their authors signed them.
+    /// Envelopes exactly as their authors signed them (`adverts` in earlier releases).
+    #[serde(alias = "adverts")]
     pub envelopes: Vec<String>,
 }
 
@@ -95,27 +96,46 @@ impl Protocol {
         &mut self.policy
     }
 
-    /// As the Home: signs the next policy document (epoch one above any this node holds) with
-    /// `roster` and `capsules`, and puts it in force here. Returns the envelope and what the
-    /// roster changed in the registry. The caller persists [`PolicyState::stored`] before
-    /// sending the envelope.
+    /// As the Home: signs the next policy document with `roster` and `capsules` (see
+    /// [`PolicyState::next_epoch`]), changing nothing yet. The caller persists
+    /// [`PolicyState::stored_if_issued`], then puts it in force with [`Protocol::issued`], then
+    /// sends it.
+    pub fn sign_policy(
+        &self,
+        roster: BTreeMap<NodeId, String>,
+        capsules: Vec<crate::policy::PolicyCapsule>,
+        now_ms: u64,
+    ) -> (PolicyDoc, Vec<u8>) {
+        let doc = PolicyDoc {
+            id: self.id.clone(),
+            workspace: self.workspace.clone(),
+            policy_epoch: self.policy.next_epoch(now_ms),
+            issued_ms: now_ms,
+            roster,
+            capsules,
+        };
+        let envelope = wire::seal(&self.key, &self.workspace, &Message::Policy(doc.clone()));
+        (doc, envelope)
+    }
+
+    /// Puts a document this node signed (and persisted) in force; returns what its roster
+    /// changed in the registry.
+    pub fn issued(&mut self, doc: PolicyDoc, envelope: Vec<u8>) -> Vec<Change> {
+        self.policy.issued(self.key.verifying_key().to_bytes(), doc, envelope);
+        self.apply_roster()
+    }
+
+    /// [`Protocol::sign_policy`] and [`Protocol::issued`] at once, for callers with nothing to
+    /// persist in between (tests, simulations).
     pub fn issue_policy(
         &mut self,
         roster: BTreeMap<NodeId, String>,
         capsules: Vec<crate::policy::PolicyCapsule>,
         now_ms: u64,
     ) -> (Vec<u8>, Vec<Change>) {
-        let doc = PolicyDoc {
-            id: self.id.clone(),
-            workspace: self.workspace.clone(),
-            policy_epoch: self.policy.epoch() + 1,
-            issued_ms: now_ms,
-            roster,
-            capsules,
-        };
-        let envelope = wire::seal(&self.key, &self.workspace, &Message::Policy(doc.clone()));
-        self.policy.issued(self.key.verifying_key().to_bytes(), doc, envelope.clone());
-        (envelope, self.apply_roster())
+        let (doc, envelope) = self.sign_policy(roster, capsules, now_ms);
+        let changes = self.issued(doc, envelope.clone());
+        (envelope, changes)
     }
 
     /// Makes the roster of the policy in force the membership's key authority (see
@@ -214,10 +234,11 @@ impl Protocol {
         bytes: &[u8],
         now_ms: u64,
     ) -> Receipt {
+        if let Ok(wire::Opened { key, message: Message::Policy(doc) }) = &opened {
+            return self.receive_policy(key.to_bytes(), doc.clone(), bytes);
+        }
+        // The policy epoch a heartbeat announces: more than this node holds is worth a sync.
         let announced = match &opened {
-            Ok(wire::Opened { key, message: Message::Policy(doc) }) => {
-                return self.receive_policy(key.to_bytes(), doc.clone(), bytes);
-            }
             Ok(wire::Opened { message: Message::Heartbeat(beat), .. }) => beat.policy,
             _ => 0,
         };
@@ -230,7 +251,18 @@ impl Protocol {
 
     fn receive_policy(&mut self, key: [u8; 32], doc: PolicyDoc, bytes: &[u8]) -> Receipt {
         let claimed_id = Some(doc.id.to_string());
-        match self.policy.receive(key, doc, bytes) {
+        // Unpinned, only a node advertising role `root` under this key may be pinned.
+        let advertised_home = self
+            .membership
+            .members()
+            .get(&doc.id)
+            .is_some_and(|m| m.key == key && m.record.advert.role == crate::role::Role::Root);
+        let judged = if self.policy.pin().is_none() && !advertised_home {
+            Err(Reason::UnknownHome)
+        } else {
+            self.policy.receive(key, doc, bytes)
+        };
+        match judged {
             Ok(applied) => {
                 let mut changes = vec![Change::Policy(applied)];
                 changes.extend(self.apply_roster());
@@ -296,6 +328,12 @@ mod tests {
         Advert::basic(NodeId::parse(id).expect("id"), "lab", seq, now)
     }
 
+    fn home_advert(seq: u64, now: u64) -> Advert {
+        let mut advert = advert("home", seq, now);
+        advert.role = crate::role::Role::Root;
+        advert
+    }
+
     fn protocol(id: &str, seed: u8) -> Protocol {
         Protocol::new(
             NodeKey::from_secret([seed; 32]),
@@ -329,7 +367,7 @@ mod tests {
         let now = 1_800_000_000_000;
         let (mut home, mut worker) = (protocol("home", 1), protocol("w1", 2));
         let seq = home.next_seq(now);
-        let advert = home.seal_advert(&advert("home", seq, now));
+        let advert = home.seal_advert(&home_advert(seq, now));
         assert_eq!(worker.receive(&advert, now).verdict, Verdict::Accept);
         let roster = BTreeMap::from([(
             NodeId::parse("w1").expect("id"),
@@ -337,7 +375,7 @@ mod tests {
         )]);
         home.issue_policy(roster, Vec::new(), now);
         let receipt = worker.receive(&home.heartbeat(now + 1), now + 1);
-        assert_eq!(receipt.changes, vec![Change::PolicyBehind { epoch: 1 }]);
+        assert_eq!(receipt.changes, vec![Change::PolicyBehind { epoch: now }]);
         let answer = home.sync_answer(&worker.sync_request(), false).expect("the Home answers");
         let applied: Vec<Change> = answer
             .envelopes
@@ -345,7 +383,7 @@ mod tests {
             .flat_map(|e| worker.receive(e.as_bytes(), now + 2).changes)
             .collect();
         assert!(
-            matches!(&applied[..], [Change::Policy(a)] if a.epoch == 1 && a.pinned),
+            matches!(&applied[..], [Change::Policy(a)] if a.epoch == now && a.pinned),
             "{applied:?}"
         );
         let receipt = worker.receive(&home.heartbeat(now + 3), now + 3);
@@ -356,6 +394,8 @@ mod tests {
     fn the_policy_s_roster_replaces_a_first_use_binding() {
         let now = 1_800_000_000_000;
         let (mut home, mut worker) = (protocol("home", 1), protocol("w1", 2));
+        let home_advert = home.seal_advert(&home_advert(home.next_seq(now), now));
+        assert_eq!(worker.receive(&home_advert, now).verdict, Verdict::Accept);
         let (owner, squatter) = (NodeKey::from_secret([3; 32]), NodeKey::from_secret([4; 32]));
         let claim =
             |key: &NodeKey, seq| wire::seal(key, "lab", &Message::Advert(advert("w2", seq, now)));
@@ -376,5 +416,26 @@ mod tests {
         );
         assert_eq!(worker.receive(&claim(&owner, 1), now).verdict, Verdict::Accept);
         assert_eq!(worker.receive(&claim(&squatter, 9), now).verdict, Verdict::Ignore);
+    }
+
+    #[test]
+    fn an_unpinned_node_pins_only_a_node_advertising_as_home() {
+        let now = 1_800_000_000_000;
+        let (mut pretender, mut worker) = (protocol("home", 1), protocol("w1", 2));
+        let roster = BTreeMap::from([(
+            NodeId::parse("w1").expect("id"),
+            NodeKey::from_secret([2; 32]).public_b64(),
+        )]);
+        // Signed and admitting w1, but nobody advertised role root under this key.
+        let (doc, _) = pretender.issue_policy(roster.clone(), Vec::new(), now);
+        let receipt = worker.receive(&doc, now);
+        assert!(receipt.changes.is_empty() && receipt.refusal.is_none(), "{receipt:?}");
+        assert!(worker.policy().pin().is_none());
+        assert!(worker.policy().behind(now), "a refused document raises nothing");
+        // Once its advert says root, the same key's next document pins it.
+        let advert = pretender.seal_advert(&home_advert(pretender.next_seq(now), now));
+        worker.receive(&advert, now);
+        let (doc, _) = pretender.issue_policy(roster, Vec::new(), now);
+        assert!(matches!(&worker.receive(&doc, now).changes[..], [Change::Policy(a)] if a.pinned));
     }
 }

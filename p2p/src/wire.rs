@@ -150,6 +150,10 @@ pub enum Reason {
     /// A policy document that does not admit this (unpinned) node: nothing to pin yet (benign;
     /// not reported).
     NotAdmitted,
+    /// A policy document, reaching an unpinned node, whose signer does not advertise role
+    /// `root` under the document's id here (yet): not a Home this node could pin (benign; not
+    /// reported).
+    UnknownHome,
 }
 
 impl Reason {
@@ -171,6 +175,7 @@ impl Reason {
             Reason::Duplicate => "duplicate",
             Reason::UntrustedHome => "untrusted_home",
             Reason::NotAdmitted => "not_admitted",
+            Reason::UnknownHome => "unknown_home",
         }
     }
 

@@ -12,11 +12,13 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use arw_p2p::{
+    cluster::Advert,
     identity::NodeKey,
     membership::{Change, MembershipConfig},
     node_id::NodeId,
     policy::StoredPolicy,
     protocol::Protocol,
+    role::Role,
     wire::{self, Message},
 };
 
@@ -78,6 +80,8 @@ struct Worker {
 struct World {
     home_key: NodeKey,
     home: Protocol,
+    /// The Home's advert (role root): what an unpinned worker needs to know before it pins.
+    home_advert: Vec<u8>,
     home_disk: StoredPolicy,
     rogue: Protocol,
     workers: Vec<Worker>,
@@ -97,6 +101,10 @@ impl World {
         let home_key = NodeKey::from_secret([200; 32]);
         let home_id = NodeId::parse("home").expect("id");
         let rogue_key = NodeKey::from_secret([201; 32]);
+        let mut home = protocol(&home_key, &home_id, None);
+        let mut advert = Advert::basic(home_id.clone(), "lab", home.next_seq(NOW), NOW);
+        advert.role = Role::Root;
+        let home_advert = home.seal_advert(&advert);
         let workers = (0..WORKERS)
             .map(|i| {
                 let key = NodeKey::from_secret([i as u8 + 1; 32]);
@@ -104,7 +112,9 @@ impl World {
                 // Half pin the Home by configuration, half on first admission.
                 let configured = i % 2 == 0;
                 let pin = configured.then(|| home_key.verifying_key().to_bytes());
-                let live = Some(protocol(&key, &id, pin));
+                let mut live = protocol(&key, &id, pin);
+                live.receive(&home_advert, NOW);
+                let live = Some(live);
                 Worker {
                     key,
                     id,
@@ -117,7 +127,8 @@ impl World {
             })
             .collect();
         Self {
-            home: protocol(&home_key, &home_id, None),
+            home,
+            home_advert,
             home_key,
             home_disk: StoredPolicy::default(),
             rogue: protocol(&rogue_key, &NodeId::parse("home").expect("id"), None),
@@ -230,6 +241,8 @@ impl World {
         }
         let pin = worker.configured.then_some(home_public);
         let mut live = protocol(&worker.key, &worker.id, pin);
+        // The registry survives restarts (cluster_nodes.json): the Home's advert is known.
+        live.receive(&self.home_advert, NOW);
         prop_assert_eq!(live.policy_mut().restore(worker.disk.clone()), None);
         prop_assert_eq!(live.policy().epoch(), worker.applied, "restart lost or invented an epoch");
         worker.live = Some(live);

@@ -217,14 +217,25 @@ fn read_key(file: &Path) -> Result<ed25519_dalek::SigningKey, CliError> {
 }
 
 fn keygen(file: &Path, issuer: &str) -> Result<String, CliError> {
-    if file.exists() {
-        return Err(CliError(format!("{} exists; not overwritten", file.display())));
-    }
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| CliError(format!("no randomness: {e}")))?;
     let key = ed25519_dalek::SigningKey::from_bytes(&secret);
-    arw_p2p::persist::write_atomic(file, format!("{}\n", B64.encode(secret)).as_bytes(), 0o600)
-        .map_err(|e| CliError(format!("{}: {e}", file.display())))?;
+    let mut options = std::fs::OpenOptions::new();
+    // Never overwrite: an existing key may be the one every trust store lists.
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options.open(file).and_then(|mut f| {
+        use std::io::Write;
+        writeln!(f, "{}", B64.encode(secret))?;
+        f.sync_all()
+    });
+    written.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            CliError(format!("{} exists; not overwritten", file.display()))
+        }
+        _ => CliError(format!("{}: {e}", file.display())),
+    })?;
     let entry = json!({ "id": issuer, "alg": "ed25519", "key_b64": B64.encode(key.verifying_key().to_bytes()) });
     Ok(format!(
         "secret key written to {}\ntrust-store entry (add it under \"issuers\"):\n{}",

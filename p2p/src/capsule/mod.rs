@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-pub use set::{Adopted, Adoption, CapsuleItem, CapsuleSet, Source, Teardown, pattern_matches};
+pub use set::{
+    Adopted, Adoption, CapsuleItem, CapsuleSet, MAX_HELD, Source, Teardown, pattern_matches,
+};
 
 /// A capsule may be dated at most this far ahead of the verifier's clock.
 pub const MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
@@ -370,6 +372,16 @@ impl TrustStore {
             && !matches!(p, "none" | "children" | "peers" | "all")
         {
             return fail(&format!("propagate {p:?} is not none, children, peers or all"));
+        }
+        for contract in &c.contracts {
+            if let Some(role) = contract.subject_role.as_deref()
+                && role.parse::<crate::role::Role>().is_err()
+            {
+                return fail(&format!(
+                    "contract {:?}: subject_role {role:?} is not a role",
+                    contract.id
+                ));
+            }
         }
         Ok(())
     }

@@ -13,6 +13,8 @@ use crate::time::rfc3339_ms;
 const QUIET_RENEWAL_MS: u64 = 2_000;
 /// A lease with this little left is `expiring`.
 const EXPIRING_MS: u64 = 60_000;
+/// At most this many capsules are held; adopting another id beyond it is refused.
+pub const MAX_HELD: usize = 256;
 
 /// Where a held capsule came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +42,9 @@ pub struct Adopted {
     pub source: Source,
     /// Hops it may still travel.
     pub remaining_hops: Option<u32>,
+    /// Adopted by an administrator (not only presented in a header): the Home hands such
+    /// capsules to every node when they propagate.
+    pub shared: bool,
     fingerprint: [u8; 32],
     last_event_ms: u64,
 }
@@ -52,6 +57,8 @@ struct Stored {
     lease_until_ms: Option<u64>,
     source: Source,
     remaining_hops: Option<u32>,
+    #[serde(default)]
+    shared: bool,
 }
 
 /// What an adoption did.
@@ -129,6 +136,7 @@ impl Adopted {
             lease_until_ms,
             source,
             remaining_hops,
+            shared: false,
             fingerprint,
             last_event_ms: now,
         }
@@ -200,10 +208,15 @@ pub struct CapsuleSet {
 }
 
 impl CapsuleSet {
-    /// Restores `capsules.json`, dropping what expired while the node was down. Entries that no
-    /// longer parse are dropped with their ids returned.
-    pub fn restore(stored: Value, now: u64) -> (Self, Vec<String>) {
-        let stored: Vec<Stored> = serde_json::from_value(stored).unwrap_or_default();
+    /// Restores `capsules.json` (`null`: none), dropping what expired while the node was down.
+    /// Entries that no longer parse as capsules are dropped and described; a file of another
+    /// shape is an error (held denies are never silently lost).
+    pub fn restore(stored: Value, now: u64) -> Result<(Self, Vec<String>), String> {
+        let stored: Vec<Stored> = if stored.is_null() {
+            Vec::new()
+        } else {
+            serde_json::from_value(stored).map_err(|e| format!("capsules.json: {e}"))?
+        };
         let mut set = Self::default();
         let mut dropped = Vec::new();
         for s in stored {
@@ -215,12 +228,13 @@ impl CapsuleSet {
                     let mut adopted =
                         Adopted::new(capsule, s.applied_ms, s.lease_until_ms, s.source);
                     adopted.remaining_hops = s.remaining_hops;
+                    adopted.shared = s.shared;
                     set.held.insert(adopted.capsule.fields.id.clone(), adopted);
                 }
                 Err(e) => dropped.push(e.to_string()),
             }
         }
-        (set, dropped)
+        Ok((set, dropped))
     }
 
     /// The persisted form.
@@ -234,15 +248,26 @@ impl CapsuleSet {
                 lease_until_ms: a.lease_until_ms,
                 source: a.source,
                 remaining_hops: a.remaining_hops,
+                shared: a.shared,
             })
             .collect();
         serde_json::to_value(stored).unwrap_or(Value::Null)
     }
 
     /// Adopts a (verified) capsule presented to this node at `now`: the lease starts now.
-    pub fn adopt(&mut self, capsule: Capsule, now: u64) -> Adoption {
+    /// `shared`: an administrator adopted it (a header presentation keeps what an earlier
+    /// adoption said).
+    pub fn adopt(&mut self, capsule: Capsule, now: u64, shared: bool) -> Adoption {
         let lease = capsule.fields.lease_duration_ms.map(|d| now.saturating_add(d));
-        self.put(Adopted::new(capsule, now, lease, Source::Local), now)
+        let mut adopted = Adopted::new(capsule, now, lease, Source::Local);
+        let held = self.held.get(&adopted.capsule.fields.id);
+        adopted.shared = shared || held.is_some_and(|h| h.source == Source::Local && h.shared);
+        self.put(adopted, now)
+    }
+
+    /// Whether another capsule with this id may be held (at most [`MAX_HELD`]).
+    pub fn has_room_for(&self, id: &str) -> bool {
+        self.held.contains_key(id) || self.held.len() < MAX_HELD
     }
 
     fn put(&mut self, mut adopted: Adopted, now: u64) -> Adoption {
@@ -385,14 +410,14 @@ mod tests {
     #[test]
     fn leases_run_out_unless_presented_again() {
         let mut set = CapsuleSet::default();
-        let first = set.adopt(capsule("c", Some(600_000), Some(240_000)), 1_000);
+        let first = set.adopt(capsule("c", Some(600_000), Some(240_000)), 1_000, false);
         assert!(first.notify && !first.renewal);
         assert_eq!(first.item.status, "active");
         assert_eq!(set.items(400_000)[0].status, "renew_due");
         assert_eq!(set.items(560_000)[0].status, "expiring");
-        let quiet = set.adopt(capsule("c", Some(600_000), Some(240_000)), 2_000);
+        let quiet = set.adopt(capsule("c", Some(600_000), Some(240_000)), 2_000, false);
         assert!(quiet.renewal && !quiet.notify, "identical re-presentation within 2 s");
-        let renewed = set.adopt(capsule("c", Some(600_000), Some(240_000)), 500_000);
+        let renewed = set.adopt(capsule("c", Some(600_000), Some(240_000)), 500_000, false);
         assert!(renewed.notify);
         assert!(set.sweep(601_000).is_empty(), "the renewal moved the lease");
         assert_eq!(set.sweep(1_100_000).len(), 1);
@@ -402,7 +427,7 @@ mod tests {
     #[test]
     fn home_capsules_follow_the_latest_policy() {
         let mut set = CapsuleSet::default();
-        set.adopt(capsule("local", None, None), 0);
+        set.adopt(capsule("local", None, None), 0, false);
         let (adopted, removed) =
             set.apply_home(vec![(capsule("h1", None, None), Some(9_000))], 1, 10);
         assert_eq!((adopted.len(), removed.len()), (1, 0));
@@ -428,7 +453,7 @@ mod tests {
             }
             let v = json!({"id":"k","version":"1","issued_at_ms":0,"contracts":[c]});
             let mut set = CapsuleSet::default();
-            set.adopt(Capsule::from_json(v).expect("capsule"), 0);
+            set.adopt(Capsule::from_json(v).expect("capsule"), 0, false);
             set
         };
         let tags = ["gpu".to_owned()];
@@ -446,11 +471,25 @@ mod tests {
     }
 
     #[test]
+    fn an_administrator_s_adoption_stays_shared_when_presented_again() {
+        let mut set = CapsuleSet::default();
+        set.adopt(capsule("c", None, None), 0, false);
+        assert!(!set.held().any(|a| a.shared), "a header presentation alone is not shared");
+        set.adopt(capsule("c", None, None), 10, true);
+        set.adopt(capsule("c", None, None), 20, false);
+        assert!(set.held().all(|a| a.shared));
+        let (restored, _) = CapsuleSet::restore(set.stored(), 30).expect("restore");
+        assert!(restored.held().all(|a| a.shared), "kept across restarts");
+        assert!(CapsuleSet::restore(serde_json::json!({"not": "a list"}), 0).is_err());
+        assert!(set.has_room_for("c") && set.has_room_for("d"));
+    }
+
+    #[test]
     fn restore_drops_expired_and_teardown_reports_missing_ids() {
         let mut set = CapsuleSet::default();
-        set.adopt(capsule("short", Some(10), None), 0);
-        set.adopt(capsule("long", Some(10_000), None), 0);
-        let (mut restored, dropped) = CapsuleSet::restore(set.stored(), 100);
+        set.adopt(capsule("short", Some(10), None), 0, false);
+        set.adopt(capsule("long", Some(10_000), None), 0, false);
+        let (mut restored, dropped) = CapsuleSet::restore(set.stored(), 100).expect("restore");
         assert!(dropped.is_empty());
         assert_eq!(restored.len(), 1);
         let dry = restored.teardown(&["long".into(), "nope".into()], false, true, 100);

@@ -164,6 +164,15 @@ pub enum NodeError {
     /// The capsule trust store could not be read; the previous one stays in force.
     #[error("capsule trust store: {0}")]
     Trust(String),
+    /// The node holds as many capsules as it may.
+    #[error("this node already holds {0} capsules; tear some down first")]
+    CapsuleLimit(usize),
+    /// Handing this capsule out would make the Home's policy document too large for nodes to
+    /// accept.
+    #[error(
+        "the Home's policy document would exceed the size nodes accept; hand out fewer or smaller capsules"
+    )]
+    PolicyTooLarge,
 }
 
 /// What an admission did.
@@ -274,6 +283,9 @@ pub struct CapsuleRequest {
     pub capsule: Capsule,
     /// Merged into the `policy.capsule.*` events (`corr_id`, `request_id`, `reason`, `preset_id`).
     pub context: Map<String, Value>,
+    /// Adopted by an administrator (the adopt route), not only presented in a header: at the
+    /// Home, only such capsules go out to the other nodes.
+    pub shared: bool,
 }
 
 /// Capsules to remove.

@@ -1,25 +1,32 @@
-//! The Home's authority inside the actor: capsules adopted here (with their leases), the trust
+//! The Home's authority inside the actor: capsules held here (with their leases), the trust
 //! store they are checked against, the policy documents the Home signs and the ones a worker
-//! applies. State changes are persisted before they take effect or are announced.
+//! applies. A document is on disk before it is in force or sent.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use serde_json::{Map, Value, json};
 
 use super::{Actor, json_of};
 use crate::{
     capsule::{
-        Adopted, Adoption, Capsule, CapsuleItem, CapsuleSet, IssuerInfo, Teardown, TrustStore,
+        Adopted, Adoption, Capsule, CapsuleItem, CapsuleSet, IssuerInfo, Source, Teardown,
+        TrustStore,
     },
     node::{CapsuleRequest, NodeError, PolicyView, TeardownRequest},
     persist,
-    policy::{Applied, PinSource, PolicyCapsule},
+    policy::{Applied, PinSource, PolicyCapsule, PolicyDoc, PolicyState},
     role::Role,
     time::now_ms,
+    wire,
 };
 
 pub(super) const CAPSULES_FILE: &str = "capsules.json";
 pub(super) const POLICY_FILE: &str = "policy.json";
+/// The Home signs at most one document this often; changes in between are issued together.
+const POLICY_EVERY: Duration = Duration::from_secs(2);
 
 impl Actor {
     /// Verifies `request.capsule` against the trust store and adopts it; the lease starts now.
@@ -29,15 +36,27 @@ impl Actor {
     ) -> Result<Adoption, NodeError> {
         let now = now_ms();
         self.trust.verify(&request.capsule, now)?;
-        let propagates = request.capsule.fields.propagates();
-        let mut next = (*self.capsules).clone();
-        let adoption = next.adopt(request.capsule, now);
-        self.commit_capsules(next).await?;
-        if adoption.notify {
-            self.emit("policy.capsule.applied", applied_payload(&adoption, &request.context)).await;
+        let id = request.capsule.fields.id.clone();
+        if !self.capsules.has_room_for(&id) {
+            return Err(NodeError::CapsuleLimit(crate::capsule::MAX_HELD));
         }
-        if propagates {
-            self.refresh_policy("capsule adopted").await;
+        let mut next = (*self.capsules).clone();
+        let adoption = next.adopt(request.capsule, now, request.shared);
+        let handed_out = self.is_home() && self.hands_out(&next, &id);
+        if handed_out && !self.policy_fits(&next) {
+            return Err(NodeError::PolicyTooLarge);
+        }
+        if adoption.notify {
+            self.commit_capsules(next).await?;
+            self.emit("policy.capsule.applied", applied_payload(&adoption, &request.context)).await;
+        } else {
+            // The same capsule again within seconds: a renewal worth keeping, not an fsync.
+            self.capsules = Arc::new(next);
+            self.capsules_dirty = true;
+            self.snapshot_dirty = true;
+        }
+        if handed_out {
+            self.want_policy("capsule adopted").await;
         }
         Ok(adoption)
     }
@@ -62,7 +81,7 @@ impl Actor {
             }
             self.emit("policy.capsule.teardown", payload).await;
         }
-        self.refresh_policy("capsule removed").await;
+        self.want_policy("capsule removed").await;
         Ok(out)
     }
 
@@ -85,53 +104,63 @@ impl Actor {
         Ok(self.trust.issuers())
     }
 
-    /// Drops capsules whose lease ended, and says so.
-    pub(super) async fn sweep_capsules(&mut self) {
+    /// Every tick: drops capsules whose lease ended (and says so), writes renewals kept in
+    /// memory, and signs the policy document a change asked for once [`POLICY_EVERY`] allows.
+    pub(super) async fn authority_tick(&mut self) {
         let now = now_ms();
-        if !self.capsules.held().any(|a| a.lease_until_ms.is_some_and(|u| u <= now)) {
-            return;
+        if self.capsules.held().any(|a| a.lease_until_ms.is_some_and(|u| u <= now)) {
+            let mut next = (*self.capsules).clone();
+            let expired = next.sweep(now);
+            // Gone from memory whatever the disk says, so each expiry is announced once.
+            self.capsules = Arc::new(next);
+            self.capsules_dirty = true;
+            // Readers see the capsule gone as soon as the events say so.
+            self.publish_snapshot();
+            for adopted in &expired {
+                self.emit("policy.capsule.expired", expired_payload(adopted, now)).await;
+            }
+            if expired.iter().any(|a| a.shared && a.capsule.fields.propagates()) {
+                self.want_policy("capsule expired").await;
+            }
         }
-        let mut next = (*self.capsules).clone();
-        let expired = next.sweep(now);
-        if let Err(e) = self.commit_capsules(next).await {
-            tracing::warn!(error = %e, "could not persist capsules after lease expiry");
+        if self.capsules_dirty {
+            let stored = self.capsules.stored();
+            match persist::save_json_off_thread(self.path(CAPSULES_FILE), stored).await {
+                Ok(()) => self.capsules_dirty = false,
+                Err(e) => tracing::warn!(error = %e, "could not persist capsules; retrying"),
+            }
         }
-        for adopted in &expired {
-            self.emit("policy.capsule.expired", expired_payload(adopted, now)).await;
-        }
-        if expired.iter().any(|a| a.capsule.fields.propagates()) {
-            self.refresh_policy("capsule expired").await;
+        if self.policy_pending.is_some()
+            && self.last_policy.is_none_or(|t| t.elapsed() >= POLICY_EVERY)
+        {
+            let reason = self.policy_pending.take().unwrap_or_default();
+            self.issue_policy(&reason).await;
         }
     }
 
-    /// A newer policy document from the pinned Home is in force: persist it, then hold the
-    /// capsules it carries.
+    /// A newer policy document from the pinned Home is in force: hold the capsules it carries,
+    /// persist both (capsules first: a crash in between leaves the older document, which the
+    /// next sync replaces), then say what changed.
     pub(super) async fn on_policy(&mut self, applied: Applied) {
-        self.snapshot_dirty = true;
-        let stored = self.protocol.policy().stored();
-        if let Err(e) = persist::save_json_off_thread(self.path(POLICY_FILE), stored).await {
-            tracing::warn!(error = %e, "could not persist the policy document");
-        }
-        let Some(current) = self.protocol.policy().current() else { return };
-        let doc = current.doc.clone();
+        let Some(doc) = self.protocol.policy().current().map(|c| c.doc.clone()) else { return };
         if applied.pinned {
             tracing::info!(home = %applied.home, "admitted: pinned the Home's key on first admission");
         }
-        let mut capsules = Vec::new();
-        for entry in &doc.capsules {
-            match Capsule::from_json(entry.capsule.clone()) {
-                Ok(capsule) => capsules.push((capsule, entry.lease_until_ms)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the Home's policy carries a capsule that does not parse; skipped")
-                }
-            }
-        }
         let now = now_ms();
         let mut next = (*self.capsules).clone();
-        let (adopted, removed) = next.apply_home(capsules, doc.policy_epoch, now);
-        if let Err(e) = self.commit_capsules(next).await {
-            tracing::warn!(error = %e, "could not persist the Home's capsules");
+        let (adopted, removed) = next.apply_home(home_capsules(&doc), doc.policy_epoch, now);
+        self.capsules = Arc::new(next);
+        self.snapshot_dirty = true;
+        let stored = self.capsules.stored();
+        if let Err(e) = persist::save_json_off_thread(self.path(CAPSULES_FILE), stored).await {
+            self.capsules_dirty = true;
+            tracing::warn!(error = %e, "could not persist the Home's capsules; retrying");
         }
+        let stored = self.protocol.policy().stored();
+        if let Err(e) = persist::save_json_off_thread(self.path(POLICY_FILE), stored).await {
+            tracing::error!(error = %e, "could not persist the policy document; a restart will sync it again");
+        }
+        self.publish_snapshot();
         let admitted = doc.roster.get(&self.id).is_some_and(|k| *k == self.config.key.public_b64());
         let payload = json!({
             "policy_epoch": applied.epoch, "home": applied.home, "pinned": applied.pinned,
@@ -149,61 +178,144 @@ impl Actor {
                 json!(format!("not in the Home's policy epoch {}", applied.epoch));
             self.emit("policy.capsule.teardown", payload).await;
         }
-        self.publish_snapshot();
     }
 
-    /// At the Home: signs a new policy document when the roster or the capsules it hands out
-    /// changed (or none was signed yet), persists it, puts it in force and sends it.
-    pub(super) async fn refresh_policy(&mut self, reason: &str) {
-        if self.hierarchy.role != Role::Root {
+    /// At start: the capsules of the document in force, as that document says (repairs a crash
+    /// between writing the capsules and the document).
+    pub(super) fn reapply_home_capsules(&mut self) {
+        let policy = self.protocol.policy();
+        if policy.pin().is_none_or(|p| p.source == PinSource::Own) {
             return;
         }
-        let roster = self.roster.admitted.clone();
-        let capsules: Vec<PolicyCapsule> = self
-            .capsules
-            .held()
-            .filter(|a| a.capsule.fields.propagates() && a.source == crate::capsule::Source::Local)
-            .map(|a| PolicyCapsule {
-                capsule: a.capsule.json.clone(),
-                lease_until_ms: a.lease_until_ms,
-            })
-            .collect();
+        let Some(doc) = policy.current().map(|c| c.doc.clone()) else { return };
+        let mut next = (*self.capsules).clone();
+        next.apply_home(home_capsules(&doc), doc.policy_epoch, now_ms());
+        if next != *self.capsules {
+            self.capsules = Arc::new(next);
+            self.capsules_dirty = true;
+        }
+    }
+
+    /// The role changed: a new Home signs its first document; a former Home stops obeying
+    /// itself.
+    pub(super) async fn on_role_change(&mut self) {
+        if self.is_home() {
+            self.want_policy("became the Home").await;
+            return;
+        }
+        if self.protocol.policy_mut().step_down() {
+            let _ = self.protocol.apply_roster();
+            let stored = self.protocol.policy().stored();
+            if let Err(e) = persist::save_json_off_thread(self.path(POLICY_FILE), stored).await {
+                tracing::warn!(error = %e, "could not persist stepping down as the Home");
+            }
+            self.snapshot_dirty = true;
+        }
+    }
+
+    /// Asks for a new document (at the Home): signed now, or by the tick once
+    /// [`POLICY_EVERY`] has passed since the last one, so bursts of changes share one epoch.
+    pub(super) async fn want_policy(&mut self, reason: &str) {
+        if !self.is_home() {
+            return;
+        }
+        if self.last_policy.is_none_or(|t| t.elapsed() >= POLICY_EVERY) {
+            self.issue_policy(reason).await;
+        } else if self.policy_pending.is_none() {
+            self.policy_pending = Some(reason.to_owned());
+        }
+    }
+
+    /// Signs, persists, puts in force and sends the document the Home's state calls for, unless
+    /// the one in force already says it.
+    async fn issue_policy(&mut self, reason: &str) {
+        let own = self.config.key.verifying_key().to_bytes();
+        if !self.is_home() {
+            return;
+        }
+        if !self.protocol.policy().may_issue(own) {
+            tracing::warn!(
+                "this node is root, but [cluster] home_key names another Home: it signs no policy"
+            );
+            return;
+        }
+        let (roster, capsules) = self.wanted_policy(&self.capsules);
         let policy = self.protocol.policy();
-        let own = policy.pin().is_some_and(|p| p.source == PinSource::Own);
-        if own
+        if policy.pin().is_some_and(|p| p.source == PinSource::Own)
             && let Some(current) = policy.current()
             && current.doc.roster == roster
             && current.doc.capsules == capsules
         {
             return;
         }
-        let (envelope, changes) = self.protocol.issue_policy(roster, capsules, now_ms());
-        if envelope.len() > crate::wire::MAX_ENVELOPE {
+        let (doc, envelope) = self.protocol.sign_policy(roster, capsules, now_ms());
+        if !fits(&envelope) {
             tracing::error!(
                 bytes = envelope.len(),
-                "the policy document exceeds the envelope limit; nodes will refuse it (hand out fewer capsules)"
+                "the policy document exceeds the envelope limit; not issued"
             );
-        }
-        // Nobody sees an epoch before it is on disk: a restarted Home never signs one twice.
-        let stored = self.protocol.policy().stored();
-        if let Err(e) = persist::save_json_off_thread(self.path(POLICY_FILE), stored).await {
-            tracing::error!(error = %e, "could not persist the policy document; not sent");
             return;
         }
-        let doc = &self.protocol.policy().current().map(|c| c.doc.clone());
-        if let Some(doc) = doc {
-            tracing::info!(epoch = doc.policy_epoch, reason, "policy document issued");
-            let payload = json!({
-                "policy_epoch": doc.policy_epoch, "reason": reason,
-                "admitted": doc.roster.keys().collect::<Vec<_>>(), "capsules": doc.capsules.len(),
-            });
-            self.emit("cluster.policy.issued", payload).await;
+        // Nobody sees an epoch before it is on disk: a restarted Home never signs one twice.
+        let stored = PolicyState::stored_if_issued(own, &envelope);
+        if let Err(e) = persist::save_json_off_thread(self.path(POLICY_FILE), stored).await {
+            tracing::error!(error = %e, "could not persist the policy document; not issued");
+            self.policy_pending = Some(reason.to_owned());
+            return;
         }
+        self.last_policy = Some(Instant::now());
+        let payload = json!({
+            "policy_epoch": doc.policy_epoch, "reason": reason,
+            "admitted": doc.roster.keys().collect::<Vec<_>>(), "capsules": doc.capsules.len(),
+        });
+        tracing::info!(epoch = doc.policy_epoch, reason, "policy document issued");
+        let changes = self.protocol.issued(doc, envelope.clone());
         if let Some(transport) = &mut self.transport {
             transport.publish(envelope).await;
         }
+        self.emit("cluster.policy.issued", payload).await;
         self.snapshot_dirty = true;
         self.apply_changes(changes).await;
+    }
+
+    /// The roster and capsules a document should carry with `capsules` held. A capsule's
+    /// lease is re-sent only once the one in force has run half its course, so presenting a
+    /// capsule again and again does not make the Home sign a document each time.
+    fn wanted_policy(
+        &self,
+        capsules: &CapsuleSet,
+    ) -> (std::collections::BTreeMap<crate::node_id::NodeId, String>, Vec<PolicyCapsule>) {
+        let current = self.protocol.policy().current().map(|c| &c.doc);
+        let handed: Vec<PolicyCapsule> = capsules
+            .held()
+            .filter(|a| shared_out(a))
+            .map(|a| {
+                let sent =
+                    current.and_then(|d| d.capsules.iter().find(|c| c.capsule == a.capsule.json));
+                let half = a.capsule.fields.lease_duration_ms.unwrap_or(0) / 2;
+                let lease_until_ms = match (sent.and_then(|c| c.lease_until_ms), a.lease_until_ms) {
+                    (Some(sent), Some(now)) if sent.saturating_add(half) >= now => Some(sent),
+                    (_, lease) => lease,
+                };
+                PolicyCapsule { capsule: a.capsule.json.clone(), lease_until_ms }
+            })
+            .collect();
+        (self.roster.admitted.clone(), handed)
+    }
+
+    /// Whether a document carrying `capsules` stays within what nodes accept.
+    fn policy_fits(&self, capsules: &CapsuleSet) -> bool {
+        let (roster, handed) = self.wanted_policy(capsules);
+        fits(&self.protocol.sign_policy(roster, handed, now_ms()).1)
+    }
+
+    /// Whether capsule `id` in `capsules` goes out in the Home's documents.
+    fn hands_out(&self, capsules: &CapsuleSet, id: &str) -> bool {
+        capsules.held().any(|a| a.capsule.fields.id == id && shared_out(a))
+    }
+
+    fn is_home(&self) -> bool {
+        self.hierarchy.role == Role::Root
     }
 
     /// Persists a new capsule set, then makes it current.
@@ -212,18 +324,18 @@ impl Actor {
             .await
             .map_err(|e| NodeError::Persist(e.to_string()))?;
         self.capsules = Arc::new(next);
+        self.capsules_dirty = false;
         self.snapshot_dirty = true;
         Ok(())
     }
 
     /// The policy as readers see it.
     pub(super) fn policy_view(&self) -> PolicyView {
+        use base64::{Engine, engine::general_purpose::STANDARD as B64};
         let policy = self.protocol.policy();
         let doc = policy.current().map(|c| &c.doc);
         PolicyView {
-            home_key: policy
-                .pin()
-                .map(|p| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, p.key)),
+            home_key: policy.pin().map(|p| B64.encode(p.key)),
             pinned_by: policy.pin().map(|p| p.source),
             home_id: doc.map(|d| d.id.to_string()),
             policy_epoch: policy.epoch(),
@@ -234,6 +346,31 @@ impl Actor {
             capsules: doc.map_or(0, |d| d.capsules.len()),
         }
     }
+}
+
+/// Held here, adopted by an administrator, and meant to travel.
+fn shared_out(a: &Adopted) -> bool {
+    a.source == Source::Local && a.shared && a.capsule.fields.propagates()
+}
+
+/// Whether a signed document stays within the limits receivers apply (its payload, shorter
+/// than the envelope, within the policy payload limit).
+fn fits(envelope: &[u8]) -> bool {
+    envelope.len() <= wire::MAX_POLICY_PAYLOAD
+}
+
+/// The capsules a document carries, with their leases (any that do not parse are skipped).
+fn home_capsules(doc: &PolicyDoc) -> Vec<(Capsule, Option<u64>)> {
+    doc.capsules
+        .iter()
+        .filter_map(|entry| match Capsule::from_json(entry.capsule.clone()) {
+            Ok(capsule) => Some((capsule, entry.lease_until_ms)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the Home's policy carries a capsule that does not parse; skipped");
+                None
+            }
+        })
+        .collect()
 }
 
 fn applied_payload(adoption: &Adoption, context: &Map<String, Value>) -> Value {

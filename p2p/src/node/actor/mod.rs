@@ -99,6 +99,12 @@ pub(super) struct Actor {
     capsules: Arc<CapsuleSet>,
     /// Issuers whose capsules are accepted.
     trust: Arc<TrustStore>,
+    /// Capsule changes kept in memory, not yet written (quiet renewals, a failed write).
+    capsules_dirty: bool,
+    /// At the Home: why a new policy document is wanted (signed by the next tick it may).
+    policy_pending: Option<String>,
+    /// When the Home last signed one.
+    last_policy: Option<StdInstant>,
 }
 
 impl Actor {
@@ -118,7 +124,8 @@ impl Actor {
         let stored_capsules: serde_json::Value =
             persist::load_json(&config.state_dir.join(authority::CAPSULES_FILE))?
                 .unwrap_or_default();
-        let (capsules, dropped) = CapsuleSet::restore(stored_capsules, now_ms());
+        let (capsules, dropped) =
+            CapsuleSet::restore(stored_capsules, now_ms()).map_err(std::io::Error::other)?;
         for reason in dropped {
             tracing::warn!(%reason, "a stored capsule no longer parses; dropped");
         }
@@ -196,9 +203,13 @@ impl Actor {
             reported_homes: Vec::new(),
             capsules: Arc::new(capsules),
             trust: Arc::new(trust),
+            capsules_dirty: false,
+            policy_pending: None,
+            last_policy: None,
         };
+        actor.reapply_home_capsules();
         actor.advertise("boot").await;
-        actor.refresh_policy("boot").await;
+        actor.want_policy("boot").await;
         // Nodes remembered from before a restart are stale until they speak again: dial them so
         // they can, even when nobody lists this node as a bootstrap peer.
         if let Some(transport) = &mut actor.transport {
@@ -248,6 +259,15 @@ impl Actor {
             }
         }
         self.flush_store(true).await;
+        if self.capsules_dirty
+            && let Err(e) = persist::save_json_off_thread(
+                self.path(authority::CAPSULES_FILE),
+                self.capsules.stored(),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not persist capsules at shutdown");
+        }
         tracing::debug!("node actor stopped");
     }
 
@@ -255,48 +275,53 @@ impl Actor {
         match cmd {
             Command::SetRole(role, reply) => {
                 let result = self.set_role(&role).await;
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
             Command::Hello(hello, reply) => {
                 let result = self.hello(hello).await;
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
             Command::Offer(offer, reply) => {
                 let result = self.change_hierarchy(|h, me| h.offer(&offer, me)).await;
                 if result.is_ok() {
                     self.emit("hierarchy.offer", json_of(&offer)).await;
                 }
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
             Command::Accept(accept, reply) => {
                 let result = self.change_hierarchy(|h, me| h.accept(&accept, me)).await;
                 if result.is_ok() {
                     self.emit("hierarchy.accepted", json_of(&accept)).await;
                 }
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
             Command::Admit(id, key, reply) => {
                 let result = self.admit(&id, key).await;
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
             Command::Revoke(id, reply) => {
                 let result = self.revoke(&id).await;
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
             Command::AdoptCapsule(request, reply) => {
                 let result = self.adopt_capsule(*request).await;
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
             Command::Teardown(request, reply) => {
                 let result = self.teardown_capsules(request).await;
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
             Command::ReloadTrust(reply) => {
                 let result = self.reload_trust().await;
-                let _ = reply.send(result);
+                self.reply(reply, result);
             }
         }
+    }
+
+    /// Answers a command once readers can see what it did.
+    fn reply<T>(&mut self, reply: tokio::sync::oneshot::Sender<T>, result: T) {
         self.publish_snapshot();
+        let _ = reply.send(result);
     }
 
     /// At the Home: admits `id` with `key`, or the key it advertises now.
@@ -324,7 +349,7 @@ impl Actor {
         if next.admit(&id, &key) {
             self.commit_roster(next).await?;
             self.emit("cluster.node.admitted", json!({ "id": id, "key": key })).await;
-            self.refresh_policy("node admitted").await;
+            self.want_policy("node admitted").await;
         }
         Ok(AdmissionChange { id: id.to_string(), admission: self.roster.status(&id, &key), key })
     }
@@ -341,7 +366,7 @@ impl Actor {
         };
         self.commit_roster(next).await?;
         self.emit("cluster.node.revoked", json!({ "id": id, "key": key })).await;
-        self.refresh_policy("node revoked").await;
+        self.want_policy("node revoked").await;
         Ok(AdmissionChange { id: id.to_string(), key, admission: Admission::Revoked })
     }
 
@@ -396,7 +421,7 @@ impl Actor {
             self.emit("hierarchy.role.changed", payload).await;
             self.advertise("role").await;
             self.check_home_claims().await;
-            self.refresh_policy("became the Home").await;
+            self.on_role_change().await;
         }
         Ok(change)
     }
@@ -526,7 +551,7 @@ impl Actor {
         if let Some(transport) = &mut self.transport {
             transport.maintain();
         }
-        self.sweep_capsules().await;
+        self.authority_tick().await;
         self.flush_store(false).await;
         if self.snapshot_dirty {
             self.publish_snapshot();
