@@ -63,6 +63,25 @@ pub struct Net {
     last_trim: Option<Instant>,
     /// Peers this node disconnected on purpose: their closing says nothing about their health.
     trimmed: BTreeSet<PeerId>,
+    /// Peers whose last connection failed (reset, or closed here because the membership judged
+    /// the peer `down` over a silent connection), being redialled.
+    lost: BTreeMap<PeerId, Lost>,
+}
+
+/// A peer being redialled.
+#[derive(Debug, Clone, Copy)]
+struct Lost {
+    since: Instant,
+    tried: Option<Instant>,
+    /// Dials still in flight. A connect to an unreachable host retries its SYN with backoff
+    /// (1 s, 2 s, 4 s...); a few staggered dials keep a fresh SYN going out about every second.
+    pending: u8,
+}
+
+impl Lost {
+    fn new() -> Self {
+        Self { since: Instant::now(), tried: None, pending: 0 }
+    }
 }
 
 impl std::fmt::Debug for Net {
@@ -89,6 +108,12 @@ const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(5);
 const TRIM_EVERY: Duration = Duration::from_secs(5);
 /// And at least this often while connected.
 const KAD_REFRESH: Duration = Duration::from_secs(60);
+/// Redial a lost peer this often...
+const LOST_REDIAL_EVERY: Duration = Duration::from_secs(1);
+/// ...for this long after it was lost (it is back by then, or gone)...
+const LOST_REDIAL_FOR: Duration = Duration::from_secs(120);
+/// ...with at most this many dials to it in flight.
+const LOST_PENDING_DIALS: u8 = 3;
 
 /// The gossip topic of a workspace.
 pub fn topic_name(workspace: &str) -> String {
@@ -166,6 +191,7 @@ impl Net {
             last_kad_bootstrap: None,
             last_trim: None,
             trimmed: BTreeSet::new(),
+            lost: BTreeMap::new(),
         };
         net.dial_bootstrap();
         Ok(net)
@@ -254,6 +280,52 @@ impl Net {
             self.kad_bootstrap();
         }
         self.trim();
+        self.redial_lost();
+    }
+
+    /// Dials peers whose connection failed, every [`LOST_REDIAL_EVERY`] for
+    /// [`LOST_REDIAL_FOR`], at the addresses Kademlia, mDNS and identify gave for them; a dial
+    /// still pending is not repeated.
+    fn redial_lost(&mut self) {
+        let now = Instant::now();
+        self.lost.retain(|_, lost| now.duration_since(lost.since) < LOST_REDIAL_FOR);
+        let due: Vec<PeerId> = self
+            .lost
+            .iter()
+            .filter(|(peer, lost)| {
+                !self.connected.contains(*peer)
+                    && lost.pending < LOST_PENDING_DIALS
+                    && lost.tried.is_none_or(|t| now.duration_since(t) >= LOST_REDIAL_EVERY)
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in due {
+            let opts = DialOpts::peer_id(peer)
+                .condition(libp2p::swarm::dial_opts::PeerCondition::Disconnected)
+                .build();
+            let dialled = self.swarm.dial(opts);
+            if let Some(lost) = self.lost.get_mut(&peer) {
+                lost.tried = Some(now);
+                lost.pending += u8::from(dialled.is_ok());
+            }
+            if let Err(e) = dialled {
+                tracing::trace!(%peer, error = %e, "redial skipped");
+            }
+        }
+    }
+
+    /// The membership judged `peer` down although a connection to it is open: that connection
+    /// is stalled (after a partition, TCP retransmits with backoff and would resume seconds
+    /// after the network is back). Closes it quietly (the node is already judged) and dials
+    /// afresh until it answers, so a heal is seen as soon as a new connection gets through.
+    pub fn reset(&mut self, peer: PeerId) {
+        if !self.connected.contains(&peer) {
+            return;
+        }
+        tracing::debug!(%peer, "closing the connection to a node judged down; redialling");
+        self.trimmed.insert(peer);
+        self.lost.insert(peer, Lost::new());
+        let _ = self.swarm.disconnect_peer_id(peer);
     }
 
     /// Closes connections beyond twice [`TARGET_PEERS`] to peers outside the gossip mesh, at
@@ -372,15 +444,24 @@ impl Net {
                 if num_established.get() == 1 =>
             {
                 self.connected.insert(peer_id);
+                self.lost.remove(&peer_id);
                 TransportEvent::PeerUp(peer_id)
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
                 self.connected.remove(&peer_id);
                 if self.trimmed.remove(&peer_id) {
-                    TransportEvent::Internal
-                } else {
-                    TransportEvent::PeerDown(peer_id)
+                    return TransportEvent::Internal;
                 }
+                if cause.is_some() || self.lost.contains_key(&peer_id) {
+                    self.lost.entry(peer_id).or_insert_with(Lost::new);
+                }
+                TransportEvent::PeerDown(peer_id)
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), .. } => {
+                if let Some(lost) = self.lost.get_mut(&peer) {
+                    lost.pending = lost.pending.saturating_sub(1);
+                }
+                TransportEvent::Internal
             }
             SwarmEvent::Behaviour(event) => self.behaviour(event),
             _ => TransportEvent::Internal,

@@ -138,6 +138,14 @@ impl Transport {
         }
     }
 
+    /// The node behind `peer` was judged down: drop a stalled connection to it and redial
+    /// (libp2p; over NATS there is no per-node connection).
+    pub fn reset(&mut self, peer: PeerId) {
+        if let Transport::Libp2p(net) = self {
+            net.reset(peer);
+        }
+    }
+
     /// Dials a node's advertised addresses (libp2p).
     pub fn dial_advertised(&mut self, addrs: &[String]) {
         if let Transport::Libp2p(net) = self {

@@ -214,7 +214,8 @@ pub fn start(
         .env("ARW_CONFIG_DIR", state.join("none"))
         .env("ARW_NODE_ID", id)
         .env("ARW_ADMIN_TOKEN", TOKEN)
-        .env("ARW_LOG", "warn")
+        // The servers' own log (stderr): warnings, or what ARW_SIMNET_SERVER_LOG asks for.
+        .env("ARW_LOG", std::env::var("ARW_SIMNET_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("ip netns exec {ns} arw-server: {e}"))?;

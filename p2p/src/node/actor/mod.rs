@@ -753,6 +753,11 @@ impl Actor {
                     let Some(member) = self.protocol.membership().members().get(&id) else {
                         continue;
                     };
+                    if to == Health::Down
+                        && let (Some(peer), Some(transport)) = (member.peer_id, &mut self.transport)
+                    {
+                        transport.reset(peer);
+                    }
                     let mut view = json_of(&member.record.view(now, ttl));
                     view["previous_health"] = json!(from.as_str());
                     self.emit("cluster.node.changed", view).await;
