@@ -133,8 +133,8 @@ impl Actor {
             Some(path) => TrustStore::load(path).map_err(std::io::Error::other)?,
             None => TrustStore::default(),
         };
-        if trust.is_empty() {
-            tracing::warn!(path = ?config.capsule_trust, "the capsule trust store lists no issuer: every capsule will be refused");
+        if let Some(path) = config.capsule_trust.as_ref().filter(|_| trust.is_empty()) {
+            tracing::warn!(path = %path.display(), "the capsule trust store is missing or lists no issuer: every capsule will be refused");
         }
         let (env_id, config_id) = match &config.explicit_id {
             Some((id, IdSource::Env)) => (Some(id.clone()), None),
