@@ -67,7 +67,7 @@ pub struct HierarchyNode {
 }
 
 /// `GET /admin/hierarchy/state`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HierarchyState {
     /// Local change counter.
     pub epoch: u64,

@@ -66,6 +66,14 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/hierarchy/accept", post(routes::hierarchy_accept))
         .route("/admin/cluster/admit", post(routes::cluster_admit))
         .route("/admin/cluster/revoke", post(routes::cluster_revoke))
+        .route(
+            "/admin/governor/profile",
+            get(routes::governor_profile).post(routes::set_governor_profile),
+        )
+        .route(
+            "/admin/governor/hints",
+            get(routes::governor_hints).post(routes::set_governor_hints),
+        )
         .route("/state/policy/capsules", get(capsules::state_capsules))
         .route("/admin/policy/capsules/presets", get(capsules::presets))
         .route("/admin/policy/capsules/adopt", post(capsules::adopt))

@@ -9,7 +9,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use arw_p2p::{hierarchy::Hierarchy, node::Snapshot, time::now_ms};
+use arw_p2p::{governor::Hints, hierarchy::Hierarchy, node::Snapshot, time::now_ms};
 
 use crate::{
     AppState,
@@ -94,6 +94,48 @@ pub async fn cluster_revoke(
     Json(body): Json<dto::AdmissionRequest>,
 ) -> Result<Json<dto::AdmissionChange>, Problem> {
     Ok(Json(state.node.revoke(&body.id).await?))
+}
+
+/// `POST /admin/governor/profile` body.
+#[derive(Debug, serde::Deserialize)]
+pub struct ProfileRequest {
+    name: String,
+}
+
+/// `GET /admin/governor/profile`: the profile in effect (this node's, else the Home's).
+pub async fn governor_profile(State(state): State<AppState>) -> Json<Value> {
+    Json(json!({ "profile": state.node.snapshot().effective_governor().profile }))
+}
+
+/// `POST /admin/governor/profile`.
+pub async fn set_governor_profile(
+    State(state): State<AppState>,
+    Json(body): Json<ProfileRequest>,
+) -> Result<Json<dto::Ok>, Problem> {
+    let name = body.name.trim();
+    if name.is_empty() {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            "name is blank",
+        ));
+    }
+    state.node.set_profile(name).await?;
+    Ok(Json(dto::Ok::YES))
+}
+
+/// `GET /admin/governor/hints`: the hints in effect (the Home's, with this node's on top).
+pub async fn governor_hints(State(state): State<AppState>) -> Json<Hints> {
+    Json(state.node.snapshot().effective_governor().hints)
+}
+
+/// `POST /admin/governor/hints`: any subset of the hint fields, merged into this node's.
+pub async fn set_governor_hints(
+    State(state): State<AppState>,
+    Json(body): Json<Hints>,
+) -> Result<Json<dto::Ok>, Problem> {
+    state.node.set_hints(body).await?;
+    Ok(Json(dto::Ok::YES))
 }
 
 /// Any path that does not exist.

@@ -334,3 +334,57 @@ async fn admission_is_decided_at_the_home_only_and_checks_its_input() {
         "{kinds:?}"
     );
 }
+
+#[tokio::test]
+async fn governor_hints_merge_and_at_the_home_become_routing_hints() {
+    let h = harness().await;
+    let set = |body: Value| post("/admin/governor/hints", body);
+    assert_eq!(
+        send(&h.app, set(json!({"slo_ms": 200, "mode": "fast"}))).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(send(&h.app, set(json!({"slo_ms": 50}))).await.status, StatusCode::OK);
+    let hints = send(&h.app, get("/admin/governor/hints", Some(TOKEN))).await.body;
+    assert_eq!(hints, json!({"slo_ms": 50, "mode": "fast"}));
+    assert_problem(
+        &send(&h.app, set(json!({"slo": 1}))).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+    );
+    assert_problem(
+        &send(&h.app, set(json!({"slo_ms": "soon"}))).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+    );
+    let profile = |body: Value| post("/admin/governor/profile", body);
+    assert_problem(
+        &send(&h.app, profile(json!({"name": " "}))).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+    );
+    assert_eq!(send(&h.app, profile(json!({"name": "balanced"}))).await.status, StatusCode::OK);
+    let reply = send(&h.app, get("/admin/governor/profile", Some(TOKEN))).await;
+    assert_eq!(reply.body, json!({"profile": "balanced"}));
+
+    // At the Home the same settings go out as the workspace's routing hints.
+    assert_eq!(
+        send(&h.app, post("/admin/hierarchy/role", json!({"role": "home"}))).await.status,
+        StatusCode::OK
+    );
+    let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await.body;
+    assert_eq!(
+        state["home"]["routing"],
+        json!({"profile": "balanced", "hints": {"slo_ms": 50, "mode": "fast"}})
+    );
+    send(&h.app, post("/admin/events/test", json!({}))).await;
+    let changed: Vec<Value> = h
+        .log
+        .take()
+        .into_iter()
+        .filter(|e| e.envelope.kind == "governor.changed")
+        .map(|e| e.envelope.payload)
+        .collect();
+    assert_eq!(changed.len(), 3, "{changed:?}");
+    assert_eq!(changed[2]["profile"], "balanced");
+    assert_eq!(changed[0]["params"], json!({"slo_ms": 200, "mode": "fast"}));
+}

@@ -267,6 +267,17 @@ fn admitted_workers_obey_the_home_s_policy_and_refuse_a_rogue_home() {
     assert_eq!(pinned["home_key"], home_key);
     assert_eq!(pinned["admitted"], serde_json::json!(["w1"]));
 
+    // The Home's governor hints are the workspace's routing hints; a worker's own win.
+    let hints = serde_json::json!({"slo_ms": 120, "mode": "batch"});
+    assert_eq!(home.post("/admin/governor/hints", &hints).0, 200);
+    common::eventually(Duration::from_secs(20), "the Home's routing hints on w1", || {
+        let effective = w1.get("/admin/governor/hints").1;
+        (effective == hints).then_some(()).ok_or(effective.to_string())
+    });
+    assert_eq!(w1.post("/admin/governor/hints", &serde_json::json!({"slo_ms": 30})).0, 200);
+    let effective = w1.get("/admin/governor/hints").1;
+    assert_eq!(effective, serde_json::json!({"slo_ms": 30, "mode": "batch"}));
+
     let adopted = cli_ok(&["capsule", "adopt", &signed, "--base", &home.base()], &env);
     assert!(adopted.starts_with("lockdown adopted (active"), "{adopted}");
     let held = common::eventually(Duration::from_secs(20), "the Home's capsule on w1", || {

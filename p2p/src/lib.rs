@@ -5,6 +5,7 @@ pub mod admission;
 pub mod capsule;
 pub mod cluster;
 pub mod events;
+pub mod governor;
 pub mod hierarchy;
 pub mod identity;
 pub mod membership;

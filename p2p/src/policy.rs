@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{
+    governor::Governor,
     node_id::NodeId,
     wire::{self, Message, Reason},
 };
@@ -37,6 +38,27 @@ pub struct PolicyDoc {
     /// Capsules the Home hands to every node.
     #[serde(default)]
     pub capsules: Vec<PolicyCapsule>,
+    /// Routing hints: the Home's governor profile and hints, under each node's own.
+    #[serde(default, skip_serializing_if = "Governor::is_empty")]
+    pub routing: Governor,
+}
+
+/// What the Home decides, as a document carries it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicyContent {
+    /// Admitted node id → base64 key.
+    pub roster: BTreeMap<NodeId, String>,
+    /// Capsules handed out.
+    pub capsules: Vec<PolicyCapsule>,
+    /// Routing hints.
+    pub routing: Governor,
+}
+
+impl PolicyContent {
+    /// Whether `doc` already says exactly this.
+    pub fn matches(&self, doc: &PolicyDoc) -> bool {
+        doc.roster == self.roster && doc.capsules == self.capsules && doc.routing == self.routing
+    }
 }
 
 /// A capsule inside a policy document, with the lease the Home gave it.
@@ -315,6 +337,7 @@ mod tests {
             issued_ms: 0,
             roster: roster.iter().map(|(i, k)| (id(i), k.public_b64())).collect(),
             capsules: Vec::new(),
+            routing: Governor::default(),
         }
     }
 

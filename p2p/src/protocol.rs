@@ -13,7 +13,7 @@ use crate::{
     identity::NodeKey,
     membership::{Change, Membership, MembershipConfig, Receipt, Refusal, Verdict},
     node_id::NodeId,
-    policy::{PolicyDoc, PolicyState},
+    policy::{PolicyContent, PolicyDoc, PolicyState},
     wire::{self, Beat, Message, Reason},
 };
 
@@ -100,12 +100,8 @@ impl Protocol {
     /// [`PolicyState::next_epoch`]), changing nothing yet. The caller persists
     /// [`PolicyState::stored_if_issued`], then puts it in force with [`Protocol::issued`], then
     /// sends it.
-    pub fn sign_policy(
-        &self,
-        roster: BTreeMap<NodeId, String>,
-        capsules: Vec<crate::policy::PolicyCapsule>,
-        now_ms: u64,
-    ) -> (PolicyDoc, Vec<u8>) {
+    pub fn sign_policy(&self, content: PolicyContent, now_ms: u64) -> (PolicyDoc, Vec<u8>) {
+        let PolicyContent { roster, capsules, routing } = content;
         let doc = PolicyDoc {
             id: self.id.clone(),
             workspace: self.workspace.clone(),
@@ -113,6 +109,7 @@ impl Protocol {
             issued_ms: now_ms,
             roster,
             capsules,
+            routing,
         };
         let envelope = wire::seal(&self.key, &self.workspace, &Message::Policy(doc.clone()));
         (doc, envelope)
@@ -127,13 +124,8 @@ impl Protocol {
 
     /// [`Protocol::sign_policy`] and [`Protocol::issued`] at once, for callers with nothing to
     /// persist in between (tests, simulations).
-    pub fn issue_policy(
-        &mut self,
-        roster: BTreeMap<NodeId, String>,
-        capsules: Vec<crate::policy::PolicyCapsule>,
-        now_ms: u64,
-    ) -> (Vec<u8>, Vec<Change>) {
-        let (doc, envelope) = self.sign_policy(roster, capsules, now_ms);
+    pub fn issue_policy(&mut self, content: PolicyContent, now_ms: u64) -> (Vec<u8>, Vec<Change>) {
+        let (doc, envelope) = self.sign_policy(content, now_ms);
         let changes = self.issued(doc, envelope.clone());
         (envelope, changes)
     }
@@ -328,6 +320,10 @@ mod tests {
         Advert::basic(NodeId::parse(id).expect("id"), "lab", seq, now)
     }
 
+    fn roster_only(roster: BTreeMap<NodeId, String>) -> PolicyContent {
+        PolicyContent { roster, ..PolicyContent::default() }
+    }
+
     fn home_advert(seq: u64, now: u64) -> Advert {
         let mut advert = advert("home", seq, now);
         advert.role = crate::role::Role::Root;
@@ -373,7 +369,7 @@ mod tests {
             NodeId::parse("w1").expect("id"),
             NodeKey::from_secret([2; 32]).public_b64(),
         )]);
-        home.issue_policy(roster, Vec::new(), now);
+        home.issue_policy(roster_only(roster), now);
         let receipt = worker.receive(&home.heartbeat(now + 1), now + 1);
         assert_eq!(receipt.changes, vec![Change::PolicyBehind { epoch: now }]);
         let answer = home.sync_answer(&worker.sync_request(), false).expect("the Home answers");
@@ -405,7 +401,7 @@ mod tests {
             (id("w1"), NodeKey::from_secret([2; 32]).public_b64()),
             (id("w2"), owner.public_b64()),
         ]);
-        let (doc, _) = home.issue_policy(roster, Vec::new(), now);
+        let (doc, _) = home.issue_policy(roster_only(roster), now);
         let changes = worker.receive(&doc, now).changes;
         assert!(
             matches!(
@@ -427,7 +423,7 @@ mod tests {
             NodeKey::from_secret([2; 32]).public_b64(),
         )]);
         // Signed and admitting w1, but nobody advertised role root under this key.
-        let (doc, _) = pretender.issue_policy(roster.clone(), Vec::new(), now);
+        let (doc, _) = pretender.issue_policy(roster_only(roster.clone()), now);
         let receipt = worker.receive(&doc, now);
         assert!(receipt.changes.is_empty() && receipt.refusal.is_none(), "{receipt:?}");
         assert!(worker.policy().pin().is_none());
@@ -435,7 +431,7 @@ mod tests {
         // Once its advert says root, the same key's next document pins it.
         let advert = pretender.seal_advert(&home_advert(pretender.next_seq(now), now));
         worker.receive(&advert, now);
-        let (doc, _) = pretender.issue_policy(roster, Vec::new(), now);
+        let (doc, _) = pretender.issue_policy(roster_only(roster), now);
         assert!(matches!(&worker.receive(&doc, now).changes[..], [Change::Policy(a)] if a.pinned));
     }
 }

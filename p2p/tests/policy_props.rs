@@ -16,7 +16,7 @@ use arw_p2p::{
     identity::NodeKey,
     membership::{Change, MembershipConfig},
     node_id::NodeId,
-    policy::StoredPolicy,
+    policy::{PolicyContent, StoredPolicy},
     protocol::Protocol,
     role::Role,
     wire::{self, Message},
@@ -90,6 +90,10 @@ struct World {
     roster: BTreeMap<NodeId, String>,
 }
 
+fn roster_only(roster: BTreeMap<NodeId, String>) -> PolicyContent {
+    PolicyContent { roster, ..PolicyContent::default() }
+}
+
 fn protocol(key: &NodeKey, id: &NodeId, home_key: Option<[u8; 32]>) -> Protocol {
     let mut config = MembershipConfig::new("lab");
     config.home_key = home_key;
@@ -154,7 +158,7 @@ impl World {
             .filter(|(i, _)| mask & (1 << i) != 0)
             .map(|(_, w)| (w.id.clone(), w.key.public_b64()))
             .collect();
-        let (envelope, _) = self.home.issue_policy(self.roster.clone(), Vec::new(), NOW);
+        let (envelope, _) = self.home.issue_policy(roster_only(self.roster.clone()), NOW);
         self.home_disk = self.home.policy().stored();
         self.broadcast(&envelope);
     }
@@ -167,9 +171,9 @@ impl World {
 
     fn rogue(&mut self, jump: u8) {
         for _ in 0..jump % 4 {
-            self.rogue.issue_policy(BTreeMap::new(), Vec::new(), NOW);
+            self.rogue.issue_policy(roster_only(BTreeMap::new()), NOW);
         }
-        let (envelope, _) = self.rogue.issue_policy(BTreeMap::new(), Vec::new(), NOW);
+        let (envelope, _) = self.rogue.issue_policy(roster_only(BTreeMap::new()), NOW);
         self.broadcast(&envelope);
     }
 

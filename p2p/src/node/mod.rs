@@ -19,6 +19,7 @@ use crate::{
     capsule::{Adoption, Capsule, CapsuleError, CapsuleSet, IssuerInfo, Teardown, TrustStore},
     cluster::{ClusterView, NodeRecord},
     events::EventTx,
+    governor::{Governor, Hints},
     hierarchy::{
         CoreAccept, CoreHello, CoreOffer, HelloOutcome, Hierarchy, HierarchyError, RoleChange,
     },
@@ -251,10 +252,19 @@ pub struct Snapshot {
     pub capsules: Arc<CapsuleSet>,
     /// Issuers whose capsules are accepted.
     pub trust: Arc<TrustStore>,
+    /// This node's own governor settings.
+    pub governor: Arc<Governor>,
+}
+
+impl Snapshot {
+    /// The governor settings in effect: the Home's routing hints with this node's own on top.
+    pub fn effective_governor(&self) -> Governor {
+        self.governor.effective(self.policy.routing.as_ref())
+    }
 }
 
 /// The Home's authority as this node holds it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PolicyView {
     /// The pinned Home key (base64).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -274,6 +284,9 @@ pub struct PolicyView {
     pub admitted: Vec<String>,
     /// Capsules it carries.
     pub capsules: usize,
+    /// The Home's routing hints (its governor profile and hints), when it sets any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<Governor>,
 }
 
 /// A capsule to adopt, with what the events about it should carry.
@@ -336,6 +349,8 @@ enum Command {
     AdoptCapsule(Box<CapsuleRequest>, oneshot::Sender<Result<Adoption, NodeError>>),
     Teardown(TeardownRequest, oneshot::Sender<Result<Teardown, NodeError>>),
     ReloadTrust(oneshot::Sender<Result<Vec<IssuerInfo>, NodeError>>),
+    SetProfile(String, oneshot::Sender<Result<(), NodeError>>),
+    SetHints(Box<Hints>, oneshot::Sender<Result<(), NodeError>>),
 }
 
 impl std::fmt::Debug for Command {
@@ -350,6 +365,8 @@ impl std::fmt::Debug for Command {
             Command::AdoptCapsule(..) => "AdoptCapsule",
             Command::Teardown(..) => "Teardown",
             Command::ReloadTrust(..) => "ReloadTrust",
+            Command::SetProfile(..) => "SetProfile",
+            Command::SetHints(..) => "SetHints",
         })
     }
 }
@@ -415,6 +432,16 @@ impl NodeHandle {
     /// Reads the capsule trust store again.
     pub async fn reload_trust(&self) -> Result<Vec<IssuerInfo>, NodeError> {
         self.call(Command::ReloadTrust).await
+    }
+
+    /// Sets the governor profile; re-advertises (and at the Home, sends it as a routing hint).
+    pub async fn set_profile(&self, name: &str) -> Result<(), NodeError> {
+        self.call(|tx| Command::SetProfile(name.to_owned(), tx)).await
+    }
+
+    /// Merges governor hints; re-advertises (and at the Home, sends them as routing hints).
+    pub async fn set_hints(&self, hints: Hints) -> Result<(), NodeError> {
+        self.call(|tx| Command::SetHints(Box::new(hints), tx)).await
     }
 
     async fn call<T>(

@@ -15,9 +15,10 @@ use crate::{
         Adopted, Adoption, Capsule, CapsuleItem, CapsuleSet, IssuerInfo, Source, Teardown,
         TrustStore,
     },
+    governor::{Governor, Hints},
     node::{CapsuleRequest, NodeError, PolicyView, TeardownRequest},
     persist,
-    policy::{Applied, PinSource, PolicyCapsule, PolicyDoc, PolicyState},
+    policy::{Applied, PinSource, PolicyCapsule, PolicyContent, PolicyDoc, PolicyState},
     role::Role,
     time::now_ms,
     wire,
@@ -25,6 +26,7 @@ use crate::{
 
 pub(super) const CAPSULES_FILE: &str = "capsules.json";
 pub(super) const POLICY_FILE: &str = "policy.json";
+pub(super) const GOVERNOR_FILE: &str = "governor.json";
 /// The Home signs at most one document this often; changes in between are issued together.
 const POLICY_EVERY: Duration = Duration::from_secs(2);
 
@@ -83,6 +85,42 @@ impl Actor {
         }
         self.want_policy("capsule removed").await;
         Ok(out)
+    }
+
+    /// Sets the governor profile (`POST /admin/governor/profile`).
+    pub(super) async fn set_profile(&mut self, name: String) -> Result<(), NodeError> {
+        let mut next = (*self.governor).clone();
+        next.profile = Some(name.clone());
+        self.commit_governor(next).await?;
+        self.emit("governor.changed", json!({ "profile": name })).await;
+        self.governor_changed("governor profile").await;
+        Ok(())
+    }
+
+    /// Merges hints (`POST /admin/governor/hints`).
+    pub(super) async fn set_hints(&mut self, hints: Hints) -> Result<(), NodeError> {
+        let mut next = (*self.governor).clone();
+        next.hints = next.hints.overlaid(&hints);
+        self.commit_governor(next).await?;
+        let payload = json!({ "action": "governor.hints", "params": hints, "ok": true });
+        self.emit("governor.changed", payload).await;
+        self.governor_changed("governor hints").await;
+        Ok(())
+    }
+
+    /// A governor change re-advertises, and at the Home becomes the workspace's routing hints.
+    async fn governor_changed(&mut self, reason: &str) {
+        self.advertise("governor").await;
+        self.want_policy(reason).await;
+    }
+
+    async fn commit_governor(&mut self, next: Governor) -> Result<(), NodeError> {
+        persist::save_json_off_thread(self.path(GOVERNOR_FILE), next.clone())
+            .await
+            .map_err(|e| NodeError::Persist(e.to_string()))?;
+        self.governor = Arc::new(next);
+        self.snapshot_dirty = true;
+        Ok(())
     }
 
     /// Reads the trust store file again; on error the previous store stays in force.
@@ -239,16 +277,14 @@ impl Actor {
             );
             return;
         }
-        let (roster, capsules) = self.wanted_policy(&self.capsules);
+        let content = self.wanted_policy(&self.capsules);
         let policy = self.protocol.policy();
         if policy.pin().is_some_and(|p| p.source == PinSource::Own)
-            && let Some(current) = policy.current()
-            && current.doc.roster == roster
-            && current.doc.capsules == capsules
+            && policy.current().is_some_and(|c| content.matches(&c.doc))
         {
             return;
         }
-        let (doc, envelope) = self.protocol.sign_policy(roster, capsules, now_ms());
+        let (doc, envelope) = self.protocol.sign_policy(content, now_ms());
         if !fits(&envelope) {
             tracing::error!(
                 bytes = envelope.len(),
@@ -278,13 +314,11 @@ impl Actor {
         self.apply_changes(changes).await;
     }
 
-    /// The roster and capsules a document should carry with `capsules` held. A capsule's
-    /// lease is re-sent only once the one in force has run half its course, so presenting a
-    /// capsule again and again does not make the Home sign a document each time.
-    fn wanted_policy(
-        &self,
-        capsules: &CapsuleSet,
-    ) -> (std::collections::BTreeMap<crate::node_id::NodeId, String>, Vec<PolicyCapsule>) {
+    /// What a document should carry with `capsules` held: the roster, the capsules handed out,
+    /// and this node's governor settings as the routing hints. A capsule's lease is re-sent
+    /// only once the one in force has run half its course, so presenting a capsule again and
+    /// again does not make the Home sign a document each time.
+    fn wanted_policy(&self, capsules: &CapsuleSet) -> PolicyContent {
         let current = self.protocol.policy().current().map(|c| &c.doc);
         let handed: Vec<PolicyCapsule> = capsules
             .held()
@@ -300,13 +334,16 @@ impl Actor {
                 PolicyCapsule { capsule: a.capsule.json.clone(), lease_until_ms }
             })
             .collect();
-        (self.roster.admitted.clone(), handed)
+        PolicyContent {
+            roster: self.roster.admitted.clone(),
+            capsules: handed,
+            routing: (*self.governor).clone(),
+        }
     }
 
     /// Whether a document carrying `capsules` stays within what nodes accept.
     fn policy_fits(&self, capsules: &CapsuleSet) -> bool {
-        let (roster, handed) = self.wanted_policy(capsules);
-        fits(&self.protocol.sign_policy(roster, handed, now_ms()).1)
+        fits(&self.protocol.sign_policy(self.wanted_policy(capsules), now_ms()).1)
     }
 
     /// Whether capsule `id` in `capsules` goes out in the Home's documents.
@@ -344,6 +381,7 @@ impl Actor {
                 .map(|d| d.roster.keys().map(|k| k.to_string()).collect())
                 .unwrap_or_default(),
             capsules: doc.map_or(0, |d| d.capsules.len()),
+            routing: doc.map(|d| d.routing.clone()).filter(|r| !r.is_empty()),
         }
     }
 }

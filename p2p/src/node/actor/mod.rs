@@ -105,6 +105,8 @@ pub(super) struct Actor {
     policy_pending: Option<String>,
     /// When the Home last signed one.
     last_policy: Option<StdInstant>,
+    /// This node's governor profile and hints.
+    governor: Arc<crate::governor::Governor>,
 }
 
 impl Actor {
@@ -121,6 +123,9 @@ impl Actor {
             persist::load_json(&config.state_dir.join(ROSTER_FILE))?.unwrap_or_default();
         let stored_policy: StoredPolicy =
             persist::load_json(&config.state_dir.join(authority::POLICY_FILE))?.unwrap_or_default();
+        let governor: crate::governor::Governor =
+            persist::load_json(&config.state_dir.join(authority::GOVERNOR_FILE))?
+                .unwrap_or_default();
         let stored_capsules: serde_json::Value =
             persist::load_json(&config.state_dir.join(authority::CAPSULES_FILE))?
                 .unwrap_or_default();
@@ -181,6 +186,7 @@ impl Actor {
             policy: super::PolicyView::default(),
             capsules: Arc::new(capsules.clone()),
             trust: Arc::new(trust.clone()),
+            governor: Arc::new(governor.clone()),
         }));
         let mut actor = Self {
             config,
@@ -206,6 +212,7 @@ impl Actor {
             capsules_dirty: false,
             policy_pending: None,
             last_policy: None,
+            governor: Arc::new(governor),
         };
         actor.reapply_home_capsules();
         actor.advertise("boot").await;
@@ -313,6 +320,14 @@ impl Actor {
             }
             Command::ReloadTrust(reply) => {
                 let result = self.reload_trust().await;
+                self.reply(reply, result);
+            }
+            Command::SetProfile(name, reply) => {
+                let result = self.set_profile(name).await;
+                self.reply(reply, result);
+            }
+            Command::SetHints(hints, reply) => {
+                let result = self.set_hints(*hints).await;
                 self.reply(reply, result);
             }
         }
@@ -835,6 +850,7 @@ impl Actor {
             policy: self.policy_view(),
             capsules: self.capsules.clone(),
             trust: self.trust.clone(),
+            governor: self.governor.clone(),
         }));
     }
 
