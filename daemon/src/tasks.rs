@@ -65,33 +65,57 @@ pub fn completion(task: &Task, node_id: &str) -> Value {
 
 /// A server's queue worker (`queue = "nats"`): takes tasks from `arw.tasks` in `group`, runs them
 /// and journals `task.completed` with this node's id (the relay then publishes it on
-/// `arw.events.node.<node_id>.task.completed`). Runs until `cancel`.
+/// `arw.events.node.<node_id>.task.completed`). It takes tasks only while the node's snapshot
+/// says it takes work (a node the Home has not admitted is pending): otherwise it leaves the
+/// queue group, so the tasks go to the other workers. Runs until `cancel`.
 pub async fn serve(
     client: async_nats::Client,
     group: String,
-    node: tokio::sync::watch::Receiver<std::sync::Arc<arw_p2p::node::Snapshot>>,
+    mut node: tokio::sync::watch::Receiver<std::sync::Arc<arw_p2p::node::Snapshot>>,
     events: arw_p2p::events::EventTx,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     use futures::StreamExt;
-    let mut tasks = match client.queue_subscribe(TASKS, group.clone()).await {
-        Ok(sub) => sub,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot subscribe to {TASKS}; this node takes no tasks");
-            return;
-        }
-    };
-    tracing::info!(%group, "taking tasks from {TASKS}");
+    let takes_work = |node: &tokio::sync::watch::Receiver<
+        std::sync::Arc<arw_p2p::node::Snapshot>,
+    >| { node.borrow().policy.takes_work };
     loop {
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            Some(message) = tasks.next() => {
-                let Some(task) = Task::decode(&message.payload) else { continue };
-                let me = node.borrow().id.to_string();
-                events.emit("task.completed", completion(&task, &me)).await;
+        while !takes_work(&node) {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = node.changed() => if changed.is_err() { return },
             }
         }
+        let mut tasks = match client.queue_subscribe(TASKS, group.clone()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot subscribe to {TASKS}; this node takes no tasks");
+                return;
+            }
+        };
+        tracing::info!(%group, "taking tasks from {TASKS}");
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                changed = node.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if !takes_work(&node) {
+                        tracing::info!("not admitted by the Home: no longer taking tasks");
+                        break;
+                    }
+                }
+                Some(message) = tasks.next() => {
+                    let Some(task) = Task::decode(&message.payload) else { continue };
+                    let me = node.borrow().id.to_string();
+                    events.emit("task.completed", completion(&task, &me)).await;
+                }
+            }
+        }
+        // Dropping the subscription leaves the queue group.
+        drop(tasks);
     }
 }
 

@@ -474,3 +474,47 @@ async fn a_worker_pinned_by_home_key_obeys_only_its_home_over_nats() {
     .await
     .expect("checks");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_worker_takes_no_tasks_until_the_home_admits_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let home = node("home-1", &dir.path().join("home"), &broker, "");
+    assert_eq!(home.post("/admin/hierarchy/role", &json!({"role": "home"})).0, 200);
+    let home_key = home.get("/admin/hierarchy/state").1["home"]["home_key"].clone();
+    let extra = format!("queue = \"nats\"\nhome_key = {home_key}\n");
+    let worker = node("w1", &dir.path().join("w1"), &broker, &extra);
+    let view = worker.get("/admin/hierarchy/state").1["home"].clone();
+    assert_eq!(view["takes_work"], false, "pinned to a Home that has not admitted it: {view}");
+
+    let client = async_nats::connect(broker.url()).await.expect("connect");
+    let mut done = client.subscribe("arw.events.node.w1.task.completed").await.expect("sub");
+    let task = |id: &str| -> bytes::Bytes {
+        serde_json::to_vec(&json!({"id": id, "kind": "time.now", "payload": {}}))
+            .expect("json")
+            .into()
+    };
+    // Nobody in the group takes it (core NATS drops it): w1 is not listening.
+    client.publish("arw.tasks", task("while-pending")).await.expect("publish");
+    client.flush().await.expect("flush");
+
+    let (home, worker) = tokio::task::spawn_blocking(move || {
+        assert_eq!(home.post("/admin/cluster/admit", &json!({"id": "w1"})).0, 200);
+        wait_until(Duration::from_secs(20), "w1 admitted", || {
+            worker.get("/admin/hierarchy/state").1["home"]["takes_work"] == true
+        });
+        (home, worker)
+    })
+    .await
+    .expect("admission");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        client.publish("arw.tasks", task("admitted")).await.expect("publish");
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), done.next()).await {
+            break serde_json::from_slice::<Value>(&m.payload).expect("json");
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the admitted worker took no task");
+    };
+    assert_eq!(first["payload"]["id"], "admitted", "the task sent while pending was never taken");
+    drop((home, worker));
+}

@@ -287,6 +287,10 @@ pub struct PolicyView {
     /// The Home's routing hints (its governor profile and hints), when it sets any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routing: Option<Governor>,
+    /// Whether this node takes work (tasks from the queue): it is the Home, the policy in force
+    /// admits its key, or no Home is known at all. A node the Home has not admitted is
+    /// `pending` and takes none.
+    pub takes_work: bool,
 }
 
 /// A capsule to adopt, with what the events about it should carry.

@@ -382,7 +382,21 @@ impl Actor {
                 .unwrap_or_default(),
             capsules: doc.map_or(0, |d| d.capsules.len()),
             routing: doc.map(|d| d.routing.clone()).filter(|r| !r.is_empty()),
+            takes_work: self.takes_work(),
         }
+    }
+
+    /// See [`PolicyView::takes_work`].
+    fn takes_work(&self) -> bool {
+        let policy = self.protocol.policy();
+        let own = self.config.key.public_b64();
+        let admitted = policy.current().is_some_and(|c| c.doc.roster.get(&self.id) == Some(&own));
+        let home_known = policy.pin().is_some()
+            || self.protocol.membership().members().values().any(|m| {
+                m.record.advert.role == Role::Root
+                    && m.record.health != crate::cluster::Health::Left
+            });
+        self.is_home() || admitted || !home_known
     }
 }
 
