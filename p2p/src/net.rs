@@ -63,8 +63,9 @@ pub struct Net {
     last_trim: Option<Instant>,
     /// Peers this node disconnected on purpose: their closing says nothing about their health.
     trimmed: BTreeSet<PeerId>,
-    /// Peers whose last connection failed (reset, or closed here because the membership judged
-    /// the peer `down` over a silent connection), being redialled.
+    /// Peers whose connection this node closed because the membership judged them `down` over
+    /// a silent connection, being redialled. (Not peers that closed on us: with trimming on both
+    /// sides that would be a redial war.)
     lost: BTreeMap<PeerId, Lost>,
 }
 
@@ -447,13 +448,10 @@ impl Net {
                 self.lost.remove(&peer_id);
                 TransportEvent::PeerUp(peer_id)
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
                 self.connected.remove(&peer_id);
                 if self.trimmed.remove(&peer_id) {
                     return TransportEvent::Internal;
-                }
-                if cause.is_some() || self.lost.contains_key(&peer_id) {
-                    self.lost.entry(peer_id).or_insert_with(Lost::new);
                 }
                 TransportEvent::PeerDown(peer_id)
             }
