@@ -24,7 +24,7 @@ use arw_p2p::{
 
 use crate::{
     AppState,
-    events::{journal_page, parse_limit, parse_prefixes},
+    events::{JournalQuery, journal_page, parse_limit, parse_prefixes},
     problem::{Json, Problem},
 };
 
@@ -340,17 +340,10 @@ pub async fn teardown(
     Ok(Json(answer))
 }
 
-/// `GET /admin/policy/capsules/audit` query.
-#[derive(Debug, Default, Deserialize)]
-pub struct AuditQuery {
-    limit: Option<String>,
-    prefix: Option<String>,
-}
-
 /// `GET /admin/policy/capsules/audit`: the journal's `policy.capsule.*` events, newest last.
 pub async fn audit(
     State(state): State<AppState>,
-    Query(query): Query<AuditQuery>,
+    Query(query): Query<JournalQuery>,
 ) -> Result<Json<Value>, Problem> {
     let limit = parse_limit(query.limit.as_deref(), 50, 500)?;
     let mut prefixes: Vec<String> = parse_prefixes(query.prefix.as_deref())

@@ -368,11 +368,13 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// `GET /admin/events/journal` query.
+/// `GET /admin/events/journal` (and `/admin/policy/capsules/audit`) query.
 #[derive(Debug, Default, Deserialize)]
 pub struct JournalQuery {
-    limit: Option<String>,
-    prefix: Option<String>,
+    /// Rows wanted.
+    pub limit: Option<String>,
+    /// Kind prefixes, comma-separated.
+    pub prefix: Option<String>,
 }
 
 /// `GET /admin/events/journal`: the most recent rows, oldest first.

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::transport::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent};
+use crate::transport::types::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent};
 
 /// How to reach the broker.
 #[derive(Debug, Clone)]

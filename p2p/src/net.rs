@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     identity::NodeKey,
     membership::Verdict,
-    transport::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent},
+    transport::types::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent},
     wire,
 };
 

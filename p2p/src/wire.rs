@@ -15,7 +15,7 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::{cluster::Advert, identity::NodeKey, node_id::NodeId, policy::PolicyDoc};
+use crate::{cluster::Advert, identity::NodeKey, node_id::NodeId, policy::doc::PolicyDoc};
 
 /// Domain-separation prefix of the signed bytes.
 pub const DOMAIN: &[u8] = b"arw.federation.v1\n";

@@ -4,6 +4,8 @@
 
 mod actor;
 
+pub use crate::transport::{Mismatch, NetworkStatus};
+
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
@@ -127,17 +129,6 @@ pub enum BusConfig {
     Nats(NatsConfig),
 }
 
-/// A node whose advertised bus or queue differs from this node's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mismatch {
-    /// The node.
-    pub id: String,
-    /// Its bus.
-    pub bus: String,
-    /// Its queue.
-    pub queue: String,
-}
-
 /// A refused or failed node command.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -194,31 +185,6 @@ pub struct HomeClaim {
     pub id: String,
     /// Its key.
     pub key: String,
-}
-
-/// The transport as readers see it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkStatus {
-    /// `disabled` (single node), `no_peers` (listening, nobody connected yet) or `connected`.
-    pub state: String,
-    /// `local` (libp2p) or `nats`.
-    pub bus: String,
-    /// The gossip topic.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic: Option<String>,
-    /// Listen addresses with `/p2p/<peer id>`.
-    pub listen: Vec<String>,
-    /// Directly connected peers (libp2p).
-    pub connected_peers: usize,
-    /// The broker URL (NATS).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub broker: Option<String>,
-    /// This node's queue setting.
-    #[serde(default)]
-    pub queue: String,
-    /// Nodes advertising another bus or queue (they miss each other's broadcasts).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub mismatched: Vec<Mismatch>,
 }
 
 /// The node as readers see it.

@@ -2,68 +2,13 @@
 //! ([`Net`]) or a NATS broker ([`NatsBus`]). Both carry the same signed envelopes; the membership
 //! core decides what is accepted either way.
 
-pub use crate::protocol::{SyncRequest, SyncResponse};
-use crate::{membership::Verdict, nats::NatsBus, net::Net, node::NetworkStatus};
-use libp2p::{PeerId, gossipsub, request_response::ResponseChannel};
+pub mod types;
 
-/// How a message arrived, for the validation report.
-#[derive(Debug, Clone)]
-pub enum Inbound {
-    /// Gossip: report the verdict so gossipsub forwards (or not) and scores the forwarder.
-    Gossip {
-        /// Message id.
-        id: gossipsub::MessageId,
-        /// The forwarding peer.
-        source: PeerId,
-    },
-    /// From the broker: nothing to report.
-    Broker,
-}
-
-/// Where a sync answer goes.
-#[derive(Debug)]
-pub enum SyncReply {
-    /// A libp2p request-response channel.
-    Peer(ResponseChannel<SyncResponse>),
-    /// A NATS reply subject.
-    Subject(String),
-}
-
-/// What the node actor needs to know.
-#[derive(Debug)]
-pub enum TransportEvent {
-    /// A message to validate.
-    Message {
-        /// The envelope bytes.
-        bytes: Vec<u8>,
-        /// How it came.
-        via: Inbound,
-    },
-    /// First connection to a peer (libp2p).
-    PeerUp(PeerId),
-    /// Last connection to a peer closed (libp2p).
-    PeerDown(PeerId),
-    /// The broker connection came up (`true`) or went away (NATS).
-    Link(bool),
-    /// Someone asks for adverts.
-    SyncRequest {
-        /// What they have.
-        request: SyncRequest,
-        /// Where the answer goes.
-        reply: SyncReply,
-    },
-    /// Adverts we asked for.
-    SyncResponse {
-        /// The answering peer (libp2p).
-        from: Option<PeerId>,
-        /// The adverts.
-        response: SyncResponse,
-    },
-    /// Listen addresses changed.
-    Listening,
-    /// Handled inside the transport.
-    Internal,
-}
+use crate::{membership::Verdict, nats::NatsBus, net::Net};
+use libp2p::PeerId;
+pub use types::{
+    Inbound, Mismatch, NetworkStatus, SyncReply, SyncRequest, SyncResponse, TransportEvent,
+};
 
 /// The node's bus.
 #[derive(Debug)]
