@@ -113,12 +113,9 @@ pub async fn set_governor_profile(
     Json(body): Json<ProfileRequest>,
 ) -> Result<Json<dto::Ok>, Problem> {
     let name = body.name.trim();
-    if name.is_empty() {
-        return Err(Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            "name is blank",
-        ));
+    if name.is_empty() || name.len() > arw_p2p::governor::MAX_TEXT {
+        let detail = format!("name must be 1 to {} bytes", arw_p2p::governor::MAX_TEXT);
+        return Err(Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", detail));
     }
     state.node.set_profile(name).await?;
     Ok(Json(dto::Ok::YES))
@@ -132,9 +129,11 @@ pub async fn governor_hints(State(state): State<AppState>) -> Json<Hints> {
 /// `POST /admin/governor/hints`: any subset of the hint fields, merged into this node's.
 pub async fn set_governor_hints(
     State(state): State<AppState>,
-    Json(body): Json<Hints>,
+    Json(body): Json<Value>,
 ) -> Result<Json<dto::Ok>, Problem> {
-    state.node.set_hints(body).await?;
+    let hints = Hints::from_request(body)
+        .map_err(|e| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e))?;
+    state.node.set_hints(hints).await?;
     Ok(Json(dto::Ok::YES))
 }
 

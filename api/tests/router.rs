@@ -356,6 +356,12 @@ async fn governor_hints_merge_and_at_the_home_become_routing_hints() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_body",
     );
+    let long = "x".repeat(2_000);
+    assert_problem(
+        &send(&h.app, set(json!({"joiner": long}))).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+    );
     let profile = |body: Value| post("/admin/governor/profile", body);
     assert_problem(
         &send(&h.app, profile(json!({"name": " "}))).await,

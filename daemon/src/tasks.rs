@@ -107,14 +107,20 @@ pub async fn serve(
                         break;
                     }
                 }
-                Some(message) = tasks.next() => {
+                message = tasks.next() => {
+                    let Some(message) = message else {
+                        tracing::warn!("the {TASKS} subscription ended; subscribing again");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        break;
+                    };
                     let Some(task) = Task::decode(&message.payload) else { continue };
                     let me = node.borrow().id.to_string();
                     events.emit("task.completed", completion(&task, &me)).await;
                 }
             }
         }
-        // Dropping the subscription leaves the queue group.
+        // Dropping the subscription leaves the queue group. Tasks the broker had already handed
+        // to it are lost with it (core NATS delivers at most once), as with any worker leaving.
         drop(tasks);
     }
 }

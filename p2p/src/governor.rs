@@ -4,9 +4,35 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Tuning hints. Every field is optional; setting hints merges the fields given.
+/// The hint names (what `/admin/governor/hints` accepts).
+pub const HINT_FIELDS: [&str; 18] = [
+    "max_concurrency",
+    "event_buffer",
+    "http_timeout_secs",
+    "mode",
+    "slo_ms",
+    "retrieval_k",
+    "retrieval_div",
+    "mmr_lambda",
+    "compression_aggr",
+    "vote_k",
+    "context_budget_tokens",
+    "context_item_budget_tokens",
+    "context_format",
+    "include_provenance",
+    "context_item_template",
+    "context_header",
+    "context_footer",
+    "joiner",
+];
+
+/// Longest text a hint or profile name may hold.
+pub const MAX_TEXT: usize = 1024;
+
+/// Tuning hints. Every field is optional; setting hints merges the fields given. Unknown fields
+/// are ignored when read (a newer Home may send hints this node does not know); the API refuses
+/// them (see [`Hints::from_request`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Hints {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
@@ -85,6 +111,23 @@ impl Hints {
     pub fn is_empty(&self) -> bool {
         *self == Hints::default()
     }
+
+    /// Reads hints an operator sent: an object of known names with values of the right type,
+    /// texts at most [`MAX_TEXT`] long. `Err` says what is wrong.
+    pub fn from_request(body: serde_json::Value) -> Result<Hints, String> {
+        let serde_json::Value::Object(map) = &body else {
+            return Err("hints must be a JSON object".into());
+        };
+        if let Some(unknown) = map.keys().find(|k| !HINT_FIELDS.contains(&k.as_str())) {
+            return Err(format!("unknown hint {unknown:?}; known: {}", HINT_FIELDS.join(", ")));
+        }
+        if let Some((name, _)) =
+            map.iter().find(|(_, v)| v.as_str().is_some_and(|t| t.len() > MAX_TEXT))
+        {
+            return Err(format!("hint {name:?} is longer than {MAX_TEXT} bytes"));
+        }
+        serde_json::from_value(body).map_err(|e| e.to_string())
+    }
 }
 
 /// A node's governor settings (`governor.json`), and the Home's routing hints in its policy.
@@ -133,7 +176,11 @@ mod tests {
             (Some(50), Some("fast"))
         );
         assert_eq!(own.effective(None), own);
-        let unknown: Result<Hints, _> = serde_json::from_str(r#"{"slo":1}"#);
-        assert!(unknown.is_err(), "unknown hint names are refused");
+        assert!(Hints::from_request(serde_json::json!({"slo": 1})).is_err(), "unknown names");
+        assert!(Hints::from_request(serde_json::json!({"slo_ms": "x"})).is_err(), "wrong type");
+        let long = "x".repeat(MAX_TEXT + 1);
+        assert!(Hints::from_request(serde_json::json!({"joiner": long})).is_err(), "too long");
+        let lenient: Hints = serde_json::from_str(r#"{"slo_ms":1,"future_hint":2}"#).expect("wire");
+        assert_eq!(lenient.slo_ms, Some(1), "a newer Home's unknown hints are ignored on the wire");
     }
 }

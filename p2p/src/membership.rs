@@ -429,7 +429,15 @@ impl Membership {
         if from == Health::Suspect && held && !leave {
             return Ok(Vec::new());
         }
-        member.suspected_ms = None;
+        // Heard again after a suspicion: a reported (or seen) reset is over, so the short
+        // thresholds of a dropped connection no longer apply (a direct connection coming back
+        // says `Up` on its own). A false report thus costs one suspicion, not a lasting penalty.
+        if member.suspected_ms.take().is_some() || from != Health::Ok {
+            member.link = match member.link {
+                Link::Dropped => Link::Unknown,
+                other => other,
+            };
+        }
         let to = if leave { Health::Left } else { Health::Ok };
         member.record.health = to;
         Ok(if from == to {
@@ -709,6 +717,14 @@ mod tests {
         // ...one sent later does.
         let r = m.receive(&seal(&target, "lab", &beat("n1", 10, 2, NOW + 2_800)), NOW + 2_800);
         assert!(matches!(r.changes[..], [Change::Health { to: Health::Ok, .. }]));
+        // And the node is judged by the ordinary thresholds again: 2.5 s of silence is not down.
+        let n1_down = |changes: &[Change]| {
+            changes.iter().any(
+                |c| matches!(c, Change::Health { id, to: Health::Down, .. } if id.as_str() == "n1"),
+            )
+        };
+        assert!(!n1_down(&m.tick(NOW + 2_800 + 2_600)));
+        assert!(n1_down(&m.tick(NOW + 2_800 + 5_000)));
     }
 
     #[test]

@@ -446,6 +446,8 @@ impl Net {
             {
                 self.connected.insert(peer_id);
                 self.lost.remove(&peer_id);
+                // A connection closed on purpose is behind us once a new one is up.
+                self.trimmed.remove(&peer_id);
                 TransportEvent::PeerUp(peer_id)
             }
             SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {

@@ -256,6 +256,7 @@ pub struct PolicyView {
     /// Whether this node takes work (tasks from the queue): it is the Home, the policy in force
     /// admits its key, or no Home is known at all. A node the Home has not admitted is
     /// `pending` and takes none.
+    #[serde(default)]
     pub takes_work: bool,
 }
 

@@ -45,7 +45,7 @@ impl Actor {
         let mut next = (*self.capsules).clone();
         let adoption = next.adopt(request.capsule, now, request.shared);
         let handed_out = self.is_home() && self.hands_out(&next, &id);
-        if handed_out && !self.policy_fits(&next) {
+        if handed_out && !self.policy_fits(&next, &self.governor) {
             return Err(NodeError::PolicyTooLarge);
         }
         if adoption.notify {
@@ -115,6 +115,10 @@ impl Actor {
     }
 
     async fn commit_governor(&mut self, next: Governor) -> Result<(), NodeError> {
+        // At the Home these settings travel in every policy document: they must still fit.
+        if self.is_home() && !self.policy_fits(&self.capsules, &next) {
+            return Err(NodeError::PolicyTooLarge);
+        }
         persist::save_json_off_thread(self.path(GOVERNOR_FILE), next.clone())
             .await
             .map_err(|e| NodeError::Persist(e.to_string()))?;
@@ -277,7 +281,7 @@ impl Actor {
             );
             return;
         }
-        let content = self.wanted_policy(&self.capsules);
+        let content = self.wanted_policy(&self.capsules, &self.governor);
         let policy = self.protocol.policy();
         if policy.pin().is_some_and(|p| p.source == PinSource::Own)
             && policy.current().is_some_and(|c| content.matches(&c.doc))
@@ -318,7 +322,7 @@ impl Actor {
     /// and this node's governor settings as the routing hints. A capsule's lease is re-sent
     /// only once the one in force has run half its course, so presenting a capsule again and
     /// again does not make the Home sign a document each time.
-    fn wanted_policy(&self, capsules: &CapsuleSet) -> PolicyContent {
+    fn wanted_policy(&self, capsules: &CapsuleSet, governor: &Governor) -> PolicyContent {
         let current = self.protocol.policy().current().map(|c| &c.doc);
         let handed: Vec<PolicyCapsule> = capsules
             .held()
@@ -337,13 +341,13 @@ impl Actor {
         PolicyContent {
             roster: self.roster.admitted.clone(),
             capsules: handed,
-            routing: (*self.governor).clone(),
+            routing: governor.clone(),
         }
     }
 
     /// Whether a document carrying `capsules` stays within what nodes accept.
-    fn policy_fits(&self, capsules: &CapsuleSet) -> bool {
-        fits(&self.protocol.sign_policy(self.wanted_policy(capsules), now_ms()).1)
+    fn policy_fits(&self, capsules: &CapsuleSet, governor: &Governor) -> bool {
+        fits(&self.protocol.sign_policy(self.wanted_policy(capsules, governor), now_ms()).1)
     }
 
     /// Whether capsule `id` in `capsules` goes out in the Home's documents.
@@ -396,7 +400,9 @@ impl Actor {
                 m.record.advert.role == Role::Root
                     && m.record.health != crate::cluster::Health::Left
             });
-        self.is_home() || admitted || !home_known
+        let signs = self.is_home()
+            && self.protocol.policy().may_issue(self.config.key.verifying_key().to_bytes());
+        signs || admitted || !home_known
     }
 }
 
