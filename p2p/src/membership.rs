@@ -515,6 +515,24 @@ impl Membership {
         }
     }
 
+    /// The earliest moment a health transition can fall due (a silence reaching its threshold),
+    /// for a caller that judges then rather than at its next periodic tick. Messages only move
+    /// deadlines later, so checking this after each [`Membership::tick`] is enough.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.members
+            .values()
+            .filter_map(|m| {
+                let (suspect_after, down_after) = thresholds(&self.config, m.link);
+                let heard = m.record.last_seen_ms.max(self.resumed_ms);
+                match m.record.health {
+                    Health::Ok => Some(heard.saturating_add(suspect_after)),
+                    Health::Suspect => Some(heard.saturating_add(down_after)),
+                    _ => None,
+                }
+            })
+            .min()
+    }
+
     /// Health transitions due at `now_ms`: silence beyond `suspect_after_ms` → `suspect`, beyond
     /// `down_after_ms` → `down`; for a node whose direct connection dropped, 1.5 and 2.5
     /// heartbeat intervals. Silence beyond `evict_after_ms` removes the node. Only messages move
@@ -534,10 +552,7 @@ impl Membership {
                 continue;
             }
             let silence = now_ms.saturating_sub(heard.max(self.resumed_ms));
-            let (suspect_after, down_after) = match member.link {
-                Link::Dropped => (c.heartbeat_interval_ms * 3 / 2, c.heartbeat_interval_ms * 5 / 2),
-                Link::Up | Link::Unknown => (c.suspect_after_ms, c.down_after_ms),
-            };
+            let (suspect_after, down_after) = thresholds(c, member.link);
             let to = if silence >= down_after {
                 Health::Down
             } else if silence >= suspect_after {
@@ -556,6 +571,14 @@ impl Membership {
             }
         }
         changes
+    }
+}
+
+/// Silence before `suspect` and before `down` for a member whose direct connection is `link`.
+fn thresholds(c: &MembershipConfig, link: Link) -> (u64, u64) {
+    match link {
+        Link::Dropped => (c.heartbeat_interval_ms * 3 / 2, c.heartbeat_interval_ms * 5 / 2),
+        Link::Up | Link::Unknown => (c.suspect_after_ms, c.down_after_ms),
     }
 }
 

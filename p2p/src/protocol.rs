@@ -277,6 +277,11 @@ impl Protocol {
         self.membership.tick(now_ms)
     }
 
+    /// When the next health transition can fall due (see [`Membership::next_deadline`]).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.membership.next_deadline()
+    }
+
     /// What to ask a peer for.
     pub fn sync_request(&self) -> SyncRequest {
         let mut have = self.membership.digest();

@@ -452,7 +452,14 @@ impl<'a> Trial<'a> {
                 let now_ms = self.now_ms();
                 let changes = self.nodes[node].proto.tick(now_ms);
                 self.observe(node, changes);
-                self.schedule(self.now + TICK_US, Event::Tick { node, life });
+                // As the node actor does: the next tick, or sooner when a silence reaches its
+                // threshold before then.
+                let mut next = self.now + TICK_US;
+                if let Some(due_ms) = self.nodes[node].proto.next_deadline() {
+                    let due = due_ms.saturating_sub(EPOCH_MS).saturating_mul(1000);
+                    next = next.min(due.max(self.now + 1));
+                }
+                self.schedule(next, Event::Tick { node, life });
             }
             Event::Fault(i) => self.fault(i),
         }

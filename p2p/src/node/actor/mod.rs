@@ -244,13 +244,22 @@ impl Actor {
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // A silence reaching its threshold between two ticks is judged at that moment.
+        let mut judge_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
                 Some(cmd) = commands.recv() => self.handle(cmd).await,
                 event = next_event(&mut self.transport) => self.on_transport(event).await,
-                _ = tick.tick() => self.on_tick().await,
+                () = sleep_until_some(judge_at) => {
+                    judge_at = None;
+                    self.judge().await;
+                }
+                _ = tick.tick() => {
+                    self.on_tick().await;
+                    judge_at = self.next_judgment();
+                }
                 _ = heartbeat.tick(), if self.transport.is_some() => self.send_beat(false).await,
                 _ = readvertise.tick() => self.advertise("interval").await,
             }
@@ -557,12 +566,7 @@ impl Actor {
     }
 
     async fn on_tick(&mut self) {
-        // While the broker is unreachable this node cannot hear anyone: the silence is ours, not
-        // theirs, so nobody is judged until the link is back.
-        if self.transport.as_ref().is_none_or(Transport::is_linked) {
-            let changes = self.protocol.tick(now_ms());
-            self.apply_changes(changes).await;
-        }
+        self.judge().await;
         if let Some(transport) = &mut self.transport {
             transport.maintain();
         }
@@ -614,6 +618,24 @@ impl Actor {
             }
             TransportEvent::Internal => {}
         }
+    }
+
+    /// Moves silent nodes along `ok → suspect → down`. While the broker is unreachable this
+    /// node cannot hear anyone: the silence is ours, not theirs, so nobody is judged until the
+    /// link is back.
+    async fn judge(&mut self) {
+        if self.transport.as_ref().is_none_or(Transport::is_linked) {
+            let changes = self.protocol.tick(now_ms());
+            self.apply_changes(changes).await;
+        }
+    }
+
+    /// When to judge before the next tick, if a silence reaches its threshold before then
+    /// (messages only push deadlines later, so this is computed after each tick).
+    fn next_judgment(&self) -> Option<Instant> {
+        let due = self.protocol.next_deadline()?;
+        let wait = Duration::from_millis(due.saturating_sub(now_ms()));
+        (wait < TICK).then(|| Instant::now() + wait)
     }
 
     /// A direct connection was reset (not closed by us): tell everyone, so they suspect the node
@@ -883,6 +905,14 @@ impl Actor {
 
     fn path(&self, file: &str) -> PathBuf {
         self.config.state_dir.join(file)
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
