@@ -32,14 +32,11 @@ fn wait_for(
     check: impl Fn(&[(String, String, u64)]) -> bool,
 ) -> Duration {
     let started = Instant::now();
-    loop {
+    common::eventually(limit, what, || {
         let nodes = health(server);
-        if check(&nodes) {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < limit, "{what} not seen within {limit:?}: {nodes:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        check(&nodes).then_some(()).ok_or_else(|| format!("{nodes:?}"))
+    });
+    started.elapsed()
 }
 
 fn state_of(nodes: &[(String, String, u64)], id: &str) -> Option<(String, u64)> {

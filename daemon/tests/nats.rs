@@ -89,11 +89,7 @@ fn node(id: &str, state: &Path, broker: &Broker, extra: &str) -> common::Server 
 }
 
 fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::eventually(limit, what, || check().then_some(()).ok_or_else(String::new));
 }
 
 fn all_ok(server: &common::Server, n: usize) -> bool {

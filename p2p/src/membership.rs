@@ -322,6 +322,7 @@ impl Membership {
             Message::Heartbeat(beat) => self.beat(&beat, now_ms, false),
             Message::Leave(beat) => self.beat(&beat, now_ms, true),
             Message::Suspect(report) => self.suspicion(&report, now_ms),
+            // Returned above: the policy core judges these.
             Message::Policy(_) => Ok(Vec::new()),
         };
         match result {

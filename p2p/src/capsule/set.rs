@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Capsule, Subject};
+use crate::policy::doc::PolicyCapsule;
 use crate::time::rfc3339_ms;
 
 /// `applied` events for an unchanged capsule re-presented within this window are skipped.
@@ -142,6 +143,12 @@ impl Adopted {
         }
     }
 
+    /// Whether the Home hands it to every node: held here (not from a Home), adopted by an
+    /// administrator, and meant to travel.
+    pub fn handed_out(&self) -> bool {
+        self.source == Source::Local && self.shared && self.capsule.fields.propagates()
+    }
+
     /// How `/state/policy/capsules` shows it at `now`.
     pub fn item(&self, now: u64) -> CapsuleItem {
         let c = &self.capsule.fields;
@@ -263,6 +270,27 @@ impl CapsuleSet {
         let held = self.held.get(&adopted.capsule.fields.id);
         adopted.shared = shared || held.is_some_and(|h| h.source == Source::Local && h.shared);
         self.put(adopted, now)
+    }
+
+    /// The capsules a Home document carries (see [`Adopted::handed_out`]), each with its lease.
+    /// A lease already `sent` in the document in force is kept until it has run half its
+    /// course, so presenting a capsule again and again does not make the Home sign a document
+    /// each time.
+    pub fn handed_out(&self, sent: &[PolicyCapsule]) -> Vec<PolicyCapsule> {
+        self.held
+            .values()
+            .filter(|a| a.handed_out())
+            .map(|a| {
+                let before = sent.iter().find(|c| c.capsule == a.capsule.json);
+                let half = a.capsule.fields.lease_duration_ms.unwrap_or(0) / 2;
+                let lease_until_ms = match (before.and_then(|c| c.lease_until_ms), a.lease_until_ms)
+                {
+                    (Some(sent), Some(now)) if sent.saturating_add(half) >= now => Some(sent),
+                    (_, lease) => lease,
+                };
+                PolicyCapsule { capsule: a.capsule.json.clone(), lease_until_ms }
+            })
+            .collect()
     }
 
     /// Whether another capsule with this id may be held (at most [`MAX_HELD`]).
@@ -482,6 +510,23 @@ mod tests {
         assert!(restored.held().all(|a| a.shared), "kept across restarts");
         assert!(CapsuleSet::restore(serde_json::json!({"not": "a list"}), 0).is_err());
         assert!(set.has_room_for("c") && set.has_room_for("d"));
+    }
+
+    #[test]
+    fn the_home_re_sends_a_renewed_lease_only_at_half_life() {
+        let mut json = capsule("t", Some(600_000), None).json;
+        json["propagate"] = json!("all");
+        let travel = Capsule::from_json(json).expect("capsule");
+        let mut set = CapsuleSet::default();
+        set.adopt(travel.clone(), 0, false);
+        assert!(set.handed_out(&[]).is_empty(), "presented in a header only: stays here");
+        set.adopt(travel.clone(), 0, true);
+        let first = set.handed_out(&[]);
+        assert_eq!(first[0].lease_until_ms, Some(600_000));
+        set.adopt(travel.clone(), 1_000, false);
+        assert_eq!(set.handed_out(&first), first, "renewed early: the document stays the same");
+        set.adopt(travel, 300_001, false);
+        assert_eq!(set.handed_out(&first)[0].lease_until_ms, Some(900_001), "past half-life");
     }
 
     #[test]

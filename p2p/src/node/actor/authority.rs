@@ -12,13 +12,12 @@ use serde_json::{Map, Value, json};
 use super::{Actor, json_of};
 use crate::{
     capsule::{
-        Adopted, Adoption, Capsule, CapsuleItem, CapsuleSet, IssuerInfo, Source, Teardown,
-        TrustStore,
+        Adopted, Adoption, Capsule, CapsuleItem, CapsuleSet, IssuerInfo, Teardown, TrustStore,
     },
     governor::{Governor, Hints},
     node::{CapsuleRequest, NodeError, PolicyView, TeardownRequest},
     persist,
-    policy::{Applied, PinSource, PolicyCapsule, PolicyContent, PolicyDoc, PolicyState},
+    policy::{Applied, PinSource, PolicyContent, PolicyDoc, PolicyState},
     role::Role,
     time::now_ms,
     wire,
@@ -161,7 +160,7 @@ impl Actor {
             for adopted in &expired {
                 self.emit("policy.capsule.expired", expired_payload(adopted, now)).await;
             }
-            if expired.iter().any(|a| a.shared && a.capsule.fields.propagates()) {
+            if expired.iter().any(Adopted::handed_out) {
                 self.want_policy("capsule expired").await;
             }
         }
@@ -191,12 +190,14 @@ impl Actor {
         let now = now_ms();
         let mut next = (*self.capsules).clone();
         let (adopted, removed) = next.apply_home(home_capsules(&doc), doc.policy_epoch, now);
-        self.capsules = Arc::new(next);
-        self.snapshot_dirty = true;
-        let stored = self.capsules.stored();
-        if let Err(e) = persist::save_json_off_thread(self.path(CAPSULES_FILE), stored).await {
-            self.capsules_dirty = true;
-            tracing::warn!(error = %e, "could not persist the Home's capsules; retrying");
+        if next != *self.capsules {
+            self.capsules = Arc::new(next);
+            self.snapshot_dirty = true;
+            let stored = self.capsules.stored();
+            if let Err(e) = persist::save_json_off_thread(self.path(CAPSULES_FILE), stored).await {
+                self.capsules_dirty = true;
+                tracing::warn!(error = %e, "could not persist the Home's capsules; retrying");
+            }
         }
         let stored = self.protocol.policy().stored();
         if let Err(e) = persist::save_json_off_thread(self.path(POLICY_FILE), stored).await {
@@ -318,29 +319,13 @@ impl Actor {
         self.apply_changes(changes).await;
     }
 
-    /// What a document should carry with `capsules` held: the roster, the capsules handed out,
-    /// and this node's governor settings as the routing hints. A capsule's lease is re-sent
-    /// only once the one in force has run half its course, so presenting a capsule again and
-    /// again does not make the Home sign a document each time.
+    /// What a document should carry with `capsules` held: the roster, the capsules handed out
+    /// (see [`CapsuleSet::handed_out`]), and this node's governor settings as the routing hints.
     fn wanted_policy(&self, capsules: &CapsuleSet, governor: &Governor) -> PolicyContent {
-        let current = self.protocol.policy().current().map(|c| &c.doc);
-        let handed: Vec<PolicyCapsule> = capsules
-            .held()
-            .filter(|a| shared_out(a))
-            .map(|a| {
-                let sent =
-                    current.and_then(|d| d.capsules.iter().find(|c| c.capsule == a.capsule.json));
-                let half = a.capsule.fields.lease_duration_ms.unwrap_or(0) / 2;
-                let lease_until_ms = match (sent.and_then(|c| c.lease_until_ms), a.lease_until_ms) {
-                    (Some(sent), Some(now)) if sent.saturating_add(half) >= now => Some(sent),
-                    (_, lease) => lease,
-                };
-                PolicyCapsule { capsule: a.capsule.json.clone(), lease_until_ms }
-            })
-            .collect();
+        let sent = self.protocol.policy().current().map_or(&[][..], |c| &c.doc.capsules[..]);
         PolicyContent {
             roster: self.roster.admitted.clone(),
-            capsules: handed,
+            capsules: capsules.handed_out(sent),
             routing: governor.clone(),
         }
     }
@@ -352,7 +337,7 @@ impl Actor {
 
     /// Whether capsule `id` in `capsules` goes out in the Home's documents.
     fn hands_out(&self, capsules: &CapsuleSet, id: &str) -> bool {
-        capsules.held().any(|a| a.capsule.fields.id == id && shared_out(a))
+        capsules.held().any(|a| a.capsule.fields.id == id && a.handed_out())
     }
 
     fn is_home(&self) -> bool {
@@ -404,11 +389,6 @@ impl Actor {
             && self.protocol.policy().may_issue(self.config.key.verifying_key().to_bytes());
         signs || admitted || !home_known
     }
-}
-
-/// Held here, adopted by an administrator, and meant to travel.
-fn shared_out(a: &Adopted) -> bool {
-    a.source == Source::Local && a.shared && a.capsule.fields.propagates()
 }
 
 /// Whether a signed document stays within the limits receivers apply (its payload, shorter
