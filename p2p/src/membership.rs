@@ -1,11 +1,21 @@
 //! Who else is in the workspace, as this node has verified it: the IO-less core of federation.
 //!
 //! [`Membership::receive`] takes an envelope's bytes exactly as they arrived (from gossip or a
-//! sync response) and either accepts it or says why not; [`Membership::tick`] moves silent nodes
-//! `ok → suspect → down` and evicts long-silent ones; [`Membership::transport`] takes the
-//! transport's word that a direct connection came up or went away. Time is always passed in.
+//! sync response) and either accepts it or says why not; [`Membership::tick`] moves nodes
+//! `ok → suspect → down` and evicts long-silent ones. Time is always passed in.
+//!
+//! Liveness comes in two modes (see docs/protocol.md, "Liveness"):
+//! - **broadcast** (`observers = None`, the NATS bus): every node hears every heartbeat and
+//!   judges every silence itself;
+//! - **probe** (`observers = Some(k)`, the libp2p mesh): each node watches only the `k` nodes
+//!   before it on a ring ordered by a hash of their ids ([`Membership::probes`]), and turns a
+//!   silence into a signed suspicion report for everyone. Anyone else learns of a failure from
+//!   such reports, and a suspected node that is alive refutes them with a newer heartbeat.
+//!
+//! Either way a suspicion becomes `down` once it has stood for `down_after − suspect_after`
+//! without a heartbeat newer than the one the suspicion was based on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use libp2p::PeerId;
@@ -16,6 +26,9 @@ use crate::{
     node_id::NodeId,
     wire::{self, Message, Reason},
 };
+
+/// Probe mode: how many nodes each node watches, unless configured otherwise.
+pub const DEFAULT_OBSERVERS: usize = 3;
 
 /// Timing and trust settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +51,9 @@ pub struct MembershipConfig {
     pub pinned: BTreeMap<NodeId, [u8; 32]>,
     /// The Home key to obey (`[cluster] home_key`); `None`: pinned on first admission.
     pub home_key: Option<[u8; 32]>,
+    /// Probe mode: how many nodes each node watches (and so how many watch each node);
+    /// `None`: broadcast mode, every heartbeat reaches every node.
+    pub observers: Option<usize>,
 }
 
 impl MembershipConfig {
@@ -54,7 +70,13 @@ impl MembershipConfig {
             down_after_ms: 5_000,
             pinned: BTreeMap::new(),
             home_key: None,
+            observers: None,
         }
+    }
+
+    /// How long a suspicion stands before the node is `down`.
+    pub fn confirm_ms(&self) -> u64 {
+        self.down_after_ms.saturating_sub(self.suspect_after_ms)
     }
 }
 
@@ -71,21 +93,32 @@ pub struct Member {
     pub envelope: Vec<u8>,
     /// Highest `(advert seq, beat)` accepted.
     beat_pos: (u64, u64),
-    /// What the transport last said about a direct connection.
-    link: Link,
-    /// When a reported reset made this node `suspect` (receiver's clock).
-    suspected_ms: Option<u64>,
+    /// Why and since when this node is `suspect`.
+    suspected: Option<Suspected>,
+    /// Probe mode: since when this node watches the member (its silence counts from then).
+    watched_since: Option<u64>,
 }
 
-/// The transport's view of a direct connection to a member.
+/// A standing suspicion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Link {
-    /// Never connected directly (messages may still arrive through other nodes).
-    Unknown,
-    /// Connected.
-    Up,
-    /// Was connected; the connection is gone.
-    Dropped,
+struct Suspected {
+    /// When this node began to suspect (its own clock).
+    at_ms: u64,
+    /// The newest `(seq, beat)` of the suspect the suspicion is based on: only a heartbeat
+    /// newer than this clears it.
+    pos: (u64, u64),
+}
+
+/// A node to probe this period (see [`Membership::probes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The node.
+    pub id: NodeId,
+    /// Its libp2p identity.
+    pub peer: Option<PeerId>,
+    /// This node does not hold it `ok`: the answer must carry a signed heartbeat, which the
+    /// prober passes on to everyone.
+    pub proof: bool,
 }
 
 /// Something that changed in the membership.
@@ -108,6 +141,11 @@ pub enum Change {
         from: Health,
         /// After.
         to: Health,
+    },
+    /// A suspicion report names this node: it should refute it with a fresh heartbeat.
+    SelfSuspected {
+        /// The position the report was based on.
+        pos: (u64, u64),
     },
     /// Removed after `evict_after_ms` of silence.
     Evicted {
@@ -187,6 +225,18 @@ pub struct Membership {
     members: BTreeMap<NodeId, Member>,
     /// Keys the pinned Home's roster admits: they win over a binding made on first use.
     roster: BTreeMap<NodeId, [u8; 32]>,
+    /// Every member and this node, by ring position (probe mode).
+    ring: BTreeSet<(u64, NodeId)>,
+}
+
+/// A node's place on the probe ring: the first 8 bytes of SHA-256 of its id, so neighbours on
+/// the ring are unrelated in naming, address or start order.
+fn place(id: &NodeId) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(id.as_str().as_bytes());
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 fn peer_id_of(key: &[u8; 32]) -> Option<PeerId> {
@@ -204,7 +254,18 @@ impl Membership {
             resumed_ms: 0,
             members: BTreeMap::new(),
             roster: BTreeMap::new(),
+            ring: BTreeSet::new(),
         }
+    }
+
+    fn insert(&mut self, id: NodeId, member: Member) {
+        self.ring.insert((place(&id), id.clone()));
+        self.members.insert(id, member);
+    }
+
+    fn remove(&mut self, id: &NodeId) -> Option<Member> {
+        self.ring.remove(&(place(id), id.clone()));
+        self.members.remove(id)
     }
 
     /// Restores persisted members. They show as `stale` until heard from again.
@@ -225,10 +286,10 @@ impl Membership {
                 key,
                 envelope: s.envelope.into_bytes(),
                 beat_pos,
-                link: Link::Unknown,
-                suspected_ms: None,
+                suspected: None,
+                watched_since: None,
             };
-            self.members.insert(id, member);
+            self.insert(id, member);
         }
     }
 
@@ -380,6 +441,7 @@ impl Membership {
                 }
                 let changed = member.record.differs_from(&record);
                 let from = member.record.health;
+                member.suspected = None;
                 member.beat_pos = member.beat_pos.max((record.advert.seq, 0));
                 member.record = record;
                 member.envelope = bytes.to_vec();
@@ -390,7 +452,7 @@ impl Membership {
             }
             None => {
                 let beat_pos = (record.advert.seq, 0);
-                self.members.insert(
+                self.insert(
                     id.clone(),
                     Member {
                         record,
@@ -398,8 +460,8 @@ impl Membership {
                         peer_id: peer_id_of(&key),
                         envelope: bytes.to_vec(),
                         beat_pos,
-                        link: Link::Unknown,
-                        suspected_ms: None,
+                        suspected: None,
+                        watched_since: None,
                     },
                 );
                 changes.push(Change::Advert { id, first: true, changed: true });
@@ -423,22 +485,12 @@ impl Membership {
         member.beat_pos = pos;
         member.record.last_seen_ms = now;
         let from = member.record.health;
-        // Heartbeats still in flight when a reset was reported do not clear the suspicion; only
-        // one that arrives half an interval later does.
-        let window = self.config.heartbeat_interval_ms / 2;
-        let held = member.suspected_ms.is_some_and(|t| now.saturating_sub(t) < window);
-        if from == Health::Suspect && held && !leave {
+        // Only a heartbeat newer than what a suspicion was based on clears it: one already on
+        // its way when the reporter lost the node proves nothing.
+        if member.suspected.is_some_and(|s| pos <= s.pos) && !leave {
             return Ok(Vec::new());
         }
-        // Heard again after a suspicion: a reported (or seen) reset is over, so the short
-        // thresholds of a dropped connection no longer apply (a direct connection coming back
-        // says `Up` on its own). A false report thus costs one suspicion, not a lasting penalty.
-        if member.suspected_ms.take().is_some() || from != Health::Ok {
-            member.link = match member.link {
-                Link::Dropped => Link::Unknown,
-                other => other,
-            };
-        }
+        member.suspected = None;
         let to = if leave { Health::Left } else { Health::Ok };
         member.record.health = to;
         Ok(if from == to {
@@ -448,10 +500,9 @@ impl Membership {
         })
     }
 
-    /// A reporter says its connection to `target` was reset. The report is a sign of life of
-    /// the reporter (ordered with its heartbeats); the target becomes `suspect` at once and from
-    /// then on is judged by the short thresholds of a dropped connection. A live target clears
-    /// itself with a heartbeat arriving more than half an interval after the report.
+    /// A reporter lost `target` (a reset connection, or a silence it watched). The report is a
+    /// sign of life of the reporter (ordered with its heartbeats); the target becomes `suspect`
+    /// until a heartbeat newer than the report's position of it arrives.
     fn suspicion(&mut self, report: &wire::Suspicion, now: u64) -> Result<Vec<Change>, Reason> {
         let beat = wire::Beat {
             id: report.id.clone(),
@@ -462,21 +513,93 @@ impl Membership {
             policy: 0,
         };
         let mut changes = self.beat(&beat, now, false)?;
-        changes.extend(self.suspect(&report.target, now));
+        let pos = (report.target_seq, report.target_beat);
+        if report.target == self.self_id {
+            changes.push(Change::SelfSuspected { pos });
+        } else {
+            changes.extend(self.suspect(&report.target, now, pos));
+        }
         Ok(changes)
     }
 
-    /// Marks `target` `suspect` after a reset of its connection (reported by another node, or
-    /// seen here), and judges it from now on by the short thresholds of a dropped connection.
-    pub fn suspect(&mut self, target: &NodeId, now: u64) -> Option<Change> {
+    /// Marks `target` `suspect` (a reset of its connection seen here, or a report), based on
+    /// what was heard of it up to `pos`; returns the change, if any.
+    pub fn suspect(&mut self, target: &NodeId, now: u64, pos: (u64, u64)) -> Option<Change> {
         let member = self.members.get_mut(target)?;
-        member.link = Link::Dropped;
-        if member.record.health != Health::Ok {
+        if member.beat_pos > pos && member.record.health == Health::Ok {
+            // Heard from it since the reporter last did: the report is older than our news.
             return None;
         }
-        member.suspected_ms = Some(now);
-        member.record.health = Health::Suspect;
-        Some(Change::Health { id: target.clone(), from: Health::Ok, to: Health::Suspect })
+        match (member.record.health, &mut member.suspected) {
+            (Health::Suspect, Some(s)) => {
+                s.pos = s.pos.max(pos);
+                None
+            }
+            (Health::Ok, _) => {
+                member.suspected = Some(Suspected { at_ms: now, pos: member.beat_pos.max(pos) });
+                member.record.health = Health::Suspect;
+                Some(Change::Health { id: target.clone(), from: Health::Ok, to: Health::Suspect })
+            }
+            _ => None,
+        }
+    }
+
+    /// Members this node holds `suspect`, `down` or `stale`: a peer that holds one of them `ok`
+    /// asks it for proof of life (see `Protocol::vouch`).
+    pub fn lost(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|(_, m)| {
+                matches!(m.record.health, Health::Suspect | Health::Down | Health::Stale)
+            })
+            .map(|(id, _)| id.to_string())
+            .collect()
+    }
+
+    /// Whether this node holds `id` `ok`.
+    pub fn is_ok(&self, id: &str) -> bool {
+        self.members.get(id).is_some_and(|m| m.record.health == Health::Ok)
+    }
+
+    /// The newest `(seq, beat)` accepted from `id`, for a suspicion report about it.
+    pub fn position(&self, id: &NodeId) -> (u64, u64) {
+        self.members.get(id).map_or((0, 0), |m| m.beat_pos)
+    }
+
+    /// The transport vouches (an authenticated connection) that `id` answered a probe at
+    /// `now_ms`: its silence ends, though only a signed heartbeat can clear a suspicion.
+    pub fn answered(&mut self, id: &NodeId, now_ms: u64) {
+        if let Some(member) = self.members.get_mut(id) {
+            member.record.last_seen_ms = member.record.last_seen_ms.max(now_ms);
+        }
+    }
+
+    /// Probe mode: the nodes to probe this period. Walking the ring backwards from this node:
+    /// the first `observers` nodes believed alive (watched: their silence is judged here), and
+    /// the `down` or `stale` ones passed on the way (probed so that a recovery is seen).
+    /// Broadcast mode: none.
+    pub fn probes(&self) -> Vec<Probe> {
+        let Some(k) = self.config.observers else { return Vec::new() };
+        let me = (place(&self.self_id), self.self_id.clone());
+        let before = self.ring.range(..&me).rev();
+        let wrapped = self.ring.range(&me..).rev();
+        let mut probes = Vec::new();
+        let mut alive = 0;
+        for (_, id) in before.chain(wrapped) {
+            if alive == k {
+                break;
+            }
+            let Some(member) = self.members.get(id) else { continue };
+            let health = member.record.health;
+            match health {
+                Health::Left => continue,
+                Health::Ok | Health::Suspect => alive += 1,
+                Health::Down | Health::Stale => {}
+            }
+            let proof = health != Health::Ok;
+            probes.push(Probe { id: id.clone(), peer: member.peer_id, proof });
+        }
+        probes
     }
 
     /// The pinned Home's roster (id → admitted key) is now `roster`. An admitted key wins over a
@@ -488,7 +611,7 @@ impl Membership {
         for (id, key) in &roster {
             let unpinned = !self.config.pinned.contains_key(id);
             if unpinned && self.members.get(id).is_some_and(|m| m.key != *key) {
-                if let Some(member) = self.members.remove(id) {
+                if let Some(member) = self.remove(id) {
                     changes.push(Change::Conflict {
                         id: id.clone(),
                         known_key: B64.encode(key),
@@ -508,78 +631,101 @@ impl Membership {
         self.resumed_ms = now_ms;
     }
 
-    /// The transport says a direct connection to `peer` came up or went away. A node whose
-    /// connection is gone is judged on a shorter silence (see [`Membership::tick`]).
-    pub fn transport(&mut self, peer: &PeerId, connected: bool) {
-        if let Some(member) = self.members.values_mut().find(|m| m.peer_id.as_ref() == Some(peer)) {
-            member.link = if connected { Link::Up } else { Link::Dropped };
-        }
+    fn watched(&self, member: &Member) -> bool {
+        self.config.observers.is_none() || member.watched_since.is_some()
     }
 
-    /// The earliest moment a health transition can fall due (a silence reaching its threshold),
-    /// for a caller that judges then rather than at its next periodic tick. Messages only move
-    /// deadlines later, so checking this after each [`Membership::tick`] is enough.
+    /// The earliest moment a health transition can fall due (a silence reaching its threshold,
+    /// a suspicion standing long enough), for a caller that judges then rather than at its next
+    /// periodic tick. Messages only move deadlines later, so checking this after each
+    /// [`Membership::tick`] is enough.
     pub fn next_deadline(&self) -> Option<u64> {
+        let c = &self.config;
         self.members
             .values()
             .filter_map(|m| {
-                let (suspect_after, down_after) = thresholds(&self.config, m.link);
-                let heard = m.record.last_seen_ms.max(self.resumed_ms);
+                let confirmed = m.suspected.map(|s| s.at_ms.saturating_add(c.confirm_ms()));
+                let heard = self.heard(m);
+                let silent = match m.record.health {
+                    Health::Ok => Some(heard.saturating_add(c.suspect_after_ms)),
+                    Health::Suspect => Some(heard.saturating_add(c.down_after_ms)),
+                    _ => None,
+                };
+                let silent = silent.filter(|_| self.watched(m));
                 match m.record.health {
-                    Health::Ok => Some(heard.saturating_add(suspect_after)),
-                    Health::Suspect => Some(heard.saturating_add(down_after)),
+                    Health::Ok | Health::Suspect => confirmed.into_iter().chain(silent).min(),
                     _ => None,
                 }
             })
             .min()
     }
 
-    /// Health transitions due at `now_ms`: silence beyond `suspect_after_ms` → `suspect`, beyond
-    /// `down_after_ms` → `down`; for a node whose direct connection dropped, 1.5 and 2.5
-    /// heartbeat intervals. Silence beyond `evict_after_ms` removes the node. Only messages move
-    /// a node back up.
+    /// When the silence of `member` began, as far as this node can judge it.
+    fn heard(&self, member: &Member) -> u64 {
+        let heard = member.record.last_seen_ms.max(self.resumed_ms);
+        heard.max(member.watched_since.unwrap_or(0))
+    }
+
+    /// Health transitions due at `now_ms`: a watched node silent beyond `suspect_after_ms` →
+    /// `suspect`, beyond `down_after_ms` → `down`; any suspicion standing for
+    /// [`MembershipConfig::confirm_ms`] → `down`. Silence beyond `evict_after_ms` removes the
+    /// node. Only messages move a node back up. In probe mode the watched set is refreshed
+    /// first (a node newly watched is given a full silence from now).
     pub fn tick(&mut self, now_ms: u64) -> Vec<Change> {
-        let c = &self.config;
+        if self.config.observers.is_some() {
+            let watch: BTreeSet<NodeId> = self.probes().into_iter().map(|p| p.id).collect();
+            for (id, member) in &mut self.members {
+                let alive = matches!(member.record.health, Health::Ok | Health::Suspect);
+                if watch.contains(id) && alive {
+                    member.watched_since.get_or_insert(now_ms);
+                } else {
+                    member.watched_since = None;
+                }
+            }
+        }
+        let c = self.config.clone();
         let mut changes = Vec::new();
         let mut evict = Vec::new();
-        for (id, member) in &mut self.members {
-            let heard = member.record.last_seen_ms;
-            if now_ms.saturating_sub(heard) >= c.evict_after_ms {
-                evict.push(id.clone());
+        let ids: Vec<NodeId> = self.members.keys().cloned().collect();
+        for id in ids {
+            let Some(member) = self.members.get(&id) else { continue };
+            if now_ms.saturating_sub(member.record.last_seen_ms) >= c.evict_after_ms {
+                evict.push(id);
                 continue;
             }
             let health = member.record.health;
             if matches!(health, Health::Left | Health::Stale | Health::Down) {
                 continue;
             }
-            let silence = now_ms.saturating_sub(heard.max(self.resumed_ms));
-            let (suspect_after, down_after) = thresholds(c, member.link);
-            let to = if silence >= down_after {
+            let silence = now_ms.saturating_sub(self.heard(member));
+            let watched = self.watched(member);
+            let confirmed =
+                member.suspected.is_some_and(|s| now_ms.saturating_sub(s.at_ms) >= c.confirm_ms());
+            let to = if confirmed || (watched && silence >= c.down_after_ms) {
                 Health::Down
-            } else if silence >= suspect_after {
+            } else if watched && silence >= c.suspect_after_ms {
                 Health::Suspect
             } else {
                 continue;
             };
-            if to != health {
-                member.record.health = to;
-                changes.push(Change::Health { id: id.clone(), from: health, to });
+            if to == health {
+                continue;
             }
+            let Some(member) = self.members.get_mut(&id) else { continue };
+            member.record.health = to;
+            if to == Health::Suspect {
+                member.suspected = Some(Suspected { at_ms: now_ms, pos: member.beat_pos });
+            } else {
+                member.suspected = None;
+            }
+            changes.push(Change::Health { id, from: health, to });
         }
         for id in evict {
-            if let Some(member) = self.members.remove(&id) {
+            if let Some(member) = self.remove(&id) {
                 changes.push(Change::Evicted { record: Box::new(member.record) });
             }
         }
         changes
-    }
-}
-
-/// Silence before `suspect` and before `down` for a member whose direct connection is `link`.
-fn thresholds(c: &MembershipConfig, link: Link) -> (u64, u64) {
-    match link {
-        Link::Dropped => (c.heartbeat_interval_ms * 3 / 2, c.heartbeat_interval_ms * 5 / 2),
-        Link::Up | Link::Unknown => (c.suspect_after_ms, c.down_after_ms),
     }
 }
 
@@ -589,7 +735,13 @@ fn refuse(
     claimed_id: Option<String>,
     changes: Vec<Change>,
 ) -> Receipt {
-    let verdict = if reason.is_invalid() { Verdict::Reject } else { Verdict::Ignore };
+    // A duplicate first heard by gossip after a sync brought it is still passed on once (the
+    // gossip layer's own cache stops repeats): a flood must not stop at every node that synced.
+    let verdict = match reason {
+        Reason::Duplicate => Verdict::Accept,
+        r if r.is_invalid() => Verdict::Reject,
+        _ => Verdict::Ignore,
+    };
     let refusal = (reason != Reason::Duplicate).then_some(Refusal { reason, kind, claimed_id });
     Receipt { verdict, changes, refusal }
 }
@@ -694,61 +846,133 @@ mod tests {
     }
 
     #[test]
-    fn a_dropped_connection_shortens_the_wait() {
+    fn a_suspicion_stands_for_the_confirm_window_then_the_node_is_down() {
         let mut m = membership();
         let k = NodeKey::from_secret([1; 32]);
         m.receive(&seal(&k, "lab", &advert("n1", 10, NOW)), NOW);
-        m.transport(&k.peer_id(), true);
-        m.transport(&k.peer_id(), false);
-        assert!(matches!(m.tick(NOW + 2_500)[..], [Change::Health { to: Health::Down, .. }]));
+        let n1 = NodeId::parse("n1").expect("id");
+        let pos = m.position(&n1);
+        assert!(m.suspect(&n1, NOW + 100, pos).is_some());
+        assert!(m.tick(NOW + 2_099).is_empty(), "confirm window: down_after − suspect_after");
+        assert!(matches!(m.tick(NOW + 2_100)[..], [Change::Health { to: Health::Down, .. }]));
+    }
+
+    fn report(target_beat: u64, beat: u64, at: u64) -> Message {
+        Message::Suspect(wire::Suspicion {
+            id: NodeId::parse("n2").expect("id"),
+            workspace: "lab".into(),
+            seq: 10,
+            beat,
+            sent_ms: at,
+            target: NodeId::parse("n1").expect("id"),
+            target_seq: 10,
+            target_beat,
+        })
     }
 
     #[test]
-    fn a_reported_reset_makes_a_silent_node_suspect_until_it_speaks() {
+    fn a_report_holds_until_a_newer_heartbeat_than_it_was_based_on() {
         let mut m = membership();
         let (target, reporter) = (NodeKey::from_secret([1; 32]), NodeKey::from_secret([2; 32]));
         m.receive(&seal(&target, "lab", &advert("n1", 10, NOW)), NOW);
         m.receive(&seal(&reporter, "lab", &advert("n2", 10, NOW)), NOW);
-        let report = |beat: u64, at: u64| {
-            Message::Suspect(wire::Suspicion {
-                id: NodeId::parse("n2").expect("id"),
-                workspace: "lab".into(),
-                seq: 10,
-                beat,
-                sent_ms: at,
-                target: NodeId::parse("n1").expect("id"),
-            })
-        };
-        let r = m.receive(&seal(&reporter, "lab", &report(1, NOW + 100)), NOW + 100);
+        // The reporter last heard n1's beat 2.
+        let r = m.receive(&seal(&reporter, "lab", &report(2, 1, NOW + 100)), NOW + 100);
         assert!(matches!(r.changes[..], [Change::Health { to: Health::Suspect, .. }]));
-        // A heartbeat that was already on its way does not clear it...
-        let r = m.receive(&seal(&target, "lab", &beat("n1", 10, 1, NOW + 50)), NOW + 200);
+        // Beat 2, still on its way, does not clear it...
+        let r = m.receive(&seal(&target, "lab", &beat("n1", 10, 2, NOW + 50)), NOW + 200);
         assert!(r.changes.is_empty(), "{:?}", r.changes);
-        let r = m.receive(&seal(&reporter, "lab", &report(2, NOW + 600)), NOW + 600);
+        let r = m.receive(&seal(&reporter, "lab", &report(2, 2, NOW + 600)), NOW + 600);
         assert!(r.changes.is_empty(), "already suspect");
-        // The short thresholds of a dropped connection now apply.
-        assert!(matches!(m.tick(NOW + 2_700)[..], [Change::Health { to: Health::Down, .. }]));
         // A forged report from an unknown node, or a replayed one, does nothing.
         let stranger = NodeKey::from_secret([3; 32]);
         assert_eq!(
-            m.receive(&seal(&stranger, "lab", &report(3, NOW)), NOW).verdict,
+            m.receive(&seal(&stranger, "lab", &report(2, 3, NOW)), NOW).verdict,
             Verdict::Ignore
         );
         assert_eq!(
-            m.receive(&seal(&reporter, "lab", &report(2, NOW + 600)), NOW + 700).verdict,
+            m.receive(&seal(&reporter, "lab", &report(2, 1, NOW + 100)), NOW + 700).verdict,
             Verdict::Ignore
         );
-        // ...one sent later does.
-        let r = m.receive(&seal(&target, "lab", &beat("n1", 10, 2, NOW + 2_800)), NOW + 2_800);
+        // ...beat 3 does.
+        let r = m.receive(&seal(&target, "lab", &beat("n1", 10, 3, NOW + 800)), NOW + 800);
         assert!(matches!(r.changes[..], [Change::Health { to: Health::Ok, .. }]));
-        // And the node is judged by the ordinary thresholds again: 2.5 s of silence is not down.
+        assert!(m.tick(NOW + 2_500).is_empty(), "the suspicion is gone with its window");
+        // Unrefuted, it becomes `down` once the confirm window has passed.
+        m.receive(&seal(&reporter, "lab", &report(3, 3, NOW + 3_000)), NOW + 3_000);
         let n1_down = |changes: &[Change]| {
             changes.iter().any(
                 |c| matches!(c, Change::Health { id, to: Health::Down, .. } if id.as_str() == "n1"),
             )
         };
-        assert!(!n1_down(&m.tick(NOW + 2_800 + 2_600)));
-        assert!(n1_down(&m.tick(NOW + 2_800 + 5_000)));
+        assert!(!n1_down(&m.tick(NOW + 4_999)));
+        assert!(n1_down(&m.tick(NOW + 5_000)));
+    }
+
+    #[test]
+    fn a_report_naming_this_node_asks_it_to_refute() {
+        let mut m = membership();
+        let reporter = NodeKey::from_secret([2; 32]);
+        m.receive(&seal(&reporter, "lab", &advert("n2", 10, NOW)), NOW);
+        let mut about_me = report(4, 1, NOW);
+        if let Message::Suspect(s) = &mut about_me {
+            s.target = NodeId::parse("me").expect("id");
+        }
+        let r = m.receive(&seal(&reporter, "lab", &about_me), NOW);
+        assert_eq!(r.changes, vec![Change::SelfSuspected { pos: (10, 4) }]);
+    }
+
+    fn probe_mode(nodes: usize) -> (Membership, Vec<NodeKey>) {
+        let mut config = MembershipConfig::new("lab");
+        config.observers = Some(2);
+        let mut m = Membership::new(config, NodeId::parse("me").expect("id"), [9; 32]);
+        let keys: Vec<NodeKey> =
+            (0..nodes).map(|i| NodeKey::from_secret([i as u8 + 1; 32])).collect();
+        for (i, k) in keys.iter().enumerate() {
+            m.receive(&seal(k, "lab", &advert(&format!("n{i}"), 10, NOW)), NOW);
+        }
+        (m, keys)
+    }
+
+    #[test]
+    fn probe_mode_watches_the_ring_predecessors_and_probes_the_down_ones_between() {
+        let (mut m, _) = probe_mode(8);
+        let probes = m.probes();
+        assert_eq!(probes.len(), 2, "{probes:?}");
+        assert!(probes.iter().all(|p| !p.proof && p.peer.is_some()));
+        // Only watched nodes are judged on silence; the others wait for reports.
+        m.tick(NOW);
+        let changes = m.tick(NOW + 3_000);
+        let suspected: BTreeSet<&NodeId> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Health { id, to: Health::Suspect, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        let watched: BTreeSet<&NodeId> = probes.iter().map(|p| &p.id).collect();
+        assert_eq!(suspected, watched);
+        // Once down, they are still probed (for proof of life), and the next ones are watched.
+        m.tick(NOW + 5_000);
+        let probes = m.probes();
+        assert_eq!(probes.len(), 4, "{probes:?}");
+        assert_eq!(probes.iter().filter(|p| p.proof).count(), 2);
+        assert!(probes.iter().filter(|p| p.proof).all(|p| watched.contains(&p.id)));
+        // A newly watched node's silence counts from when it was first watched.
+        assert!(m.tick(NOW + 5_001).is_empty());
+        assert_eq!(m.tick(NOW + 8_001).len(), 2);
+    }
+
+    #[test]
+    fn an_answered_probe_ends_a_silence_but_not_a_suspicion() {
+        let (mut m, _) = probe_mode(3);
+        m.tick(NOW);
+        let watched: Vec<NodeId> = m.probes().into_iter().map(|p| p.id).collect();
+        m.answered(&watched[0], NOW + 2_500);
+        let changes = m.tick(NOW + 3_000);
+        assert_eq!(changes.len(), 1, "only the silent one: {changes:?}");
+        m.answered(&watched[1], NOW + 3_100);
+        assert!(m.probes().iter().any(|p| p.id == watched[1] && p.proof), "still asks for proof");
     }
 
     #[test]
@@ -810,12 +1034,12 @@ mod tests {
         let mut restored = membership();
         restored.restore(m.stored());
         assert!(restored.members().values().all(|x| x.record.health == Health::Stale));
-        // Replays of what was already accepted stay refused after a restart.
+        // Replays of what was already accepted change nothing after a restart (a byte-identical
+        // copy is passed on once by gossip, as any duplicate first heard that way).
         let k = NodeKey::from_secret([1; 32]);
-        assert_eq!(
-            restored.receive(&seal(&k, "lab", &advert("a", 5, NOW)), NOW).verdict,
-            Verdict::Ignore
-        );
+        let r = restored.receive(&seal(&k, "lab", &advert("a", 5, NOW)), NOW);
+        assert!(r.changes.is_empty() && r.refusal.is_none(), "{r:?}");
+        assert_eq!(restored.members()["a"].record.health, Health::Stale);
         assert_eq!(
             restored.receive(&seal(&k, "lab", &beat("a", 4, 9, NOW)), NOW).verdict,
             Verdict::Ignore

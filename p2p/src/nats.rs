@@ -227,7 +227,7 @@ impl NatsBus {
             Some(message) = self.requests.next() => {
                 match (serde_json::from_slice::<SyncRequest>(&message.payload), message.reply) {
                     (Ok(request), Some(reply)) => {
-                        TransportEvent::SyncRequest { request, reply: SyncReply::Subject(reply.to_string()) }
+                        TransportEvent::SyncRequest { from: None, request, reply: SyncReply::Subject(reply.to_string()) }
                     }
                     _ => TransportEvent::Internal,
                 }

@@ -507,7 +507,11 @@ impl Net {
             BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. }) => {
                 match message {
                     request_response::Message::Request { request, channel, .. } => {
-                        TransportEvent::SyncRequest { request, reply: SyncReply::Peer(channel) }
+                        TransportEvent::SyncRequest {
+                            from: Some(peer),
+                            request,
+                            reply: SyncReply::Peer(channel),
+                        }
                     }
                     request_response::Message::Response { response, .. } => {
                         TransportEvent::SyncResponse { from: Some(peer), response }

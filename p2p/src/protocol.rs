@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cluster::Advert,
     identity::NodeKey,
-    membership::{Change, Membership, MembershipConfig, Receipt, Refusal, Verdict},
+    membership::{Change, Membership, MembershipConfig, Probe, Receipt, Refusal, Verdict},
     node_id::NodeId,
     policy::{PolicyContent, PolicyDoc, PolicyState},
     wire::{self, Beat, Message, Reason},
@@ -25,6 +25,25 @@ pub struct SyncRequest {
     /// The policy epoch the asker holds.
     #[serde(default)]
     pub policy_epoch: u64,
+    /// A liveness probe, not a sync: answer with [`Protocol::answer_probe`].
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub probe: bool,
+    /// The prober does not hold this node `ok`: the answer must carry a signed heartbeat, which
+    /// the node also sends to everyone.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub proof: bool,
+    /// Nodes the asker holds `suspect`, `down` or `stale`: those the answerer holds `ok` are
+    /// asked for proof of life (see [`Protocol::vouch`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Anti-entropy response: signed envelopes the asker lacks (adverts newer than it listed, and
@@ -34,6 +53,10 @@ pub struct SyncResponse {
     /// Envelopes exactly as their authors signed them (`adverts` in earlier releases).
     #[serde(alias = "adverts")]
     pub envelopes: Vec<String>,
+    /// The policy epoch the answering node holds (probe answers): more than the asker holds
+    /// is worth a sync.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub policy_epoch: u64,
 }
 
 /// A node's protocol state.
@@ -50,6 +73,18 @@ pub struct Protocol {
     beat: u64,
     /// The latest advert as sent, for sync answers and re-sends.
     own_advert: Option<Vec<u8>>,
+    /// Envelopes this node must send to everyone (suspicion reports, refutations), in order.
+    outbox: Vec<Vec<u8>>,
+    /// The last refutation sent: its position (reports based on older news need no other),
+    /// when, and the envelope (a proof asked for soon after is answered with the same one).
+    refuted: Option<Refutation>,
+}
+
+#[derive(Debug, Clone)]
+struct Refutation {
+    pos: (u64, u64),
+    at_ms: u64,
+    envelope: Vec<u8>,
 }
 
 impl Protocol {
@@ -61,7 +96,18 @@ impl Protocol {
         let public = key.verifying_key().to_bytes();
         let policy = PolicyState::new(&workspace, id.clone(), public, config.home_key);
         let membership = Membership::new(config, id.clone(), public);
-        Self { key, workspace, id, membership, policy, seq: last_seq, beat: 0, own_advert: None }
+        Self {
+            key,
+            workspace,
+            id,
+            membership,
+            policy,
+            seq: last_seq,
+            beat: 0,
+            own_advert: None,
+            outbox: Vec::new(),
+            refuted: None,
+        }
     }
 
     /// This node's id.
@@ -185,10 +231,16 @@ impl Protocol {
         wire::seal(&self.key, &self.workspace, &Message::Leave(beat))
     }
 
-    /// This node's direct connection to `target` was reset: suspects it here and returns the
-    /// report for everyone else, with what changed here.
-    pub fn suspect(&mut self, target: &NodeId, now_ms: u64) -> (Vec<u8>, Option<Change>) {
-        let change = self.membership.suspect(target, now_ms);
+    /// This node lost `target` (its direct connection was reset): suspects it here and puts a
+    /// report for everyone in the outbox; returns what changed here.
+    pub fn suspect(&mut self, target: &NodeId, now_ms: u64) -> Option<Change> {
+        let pos = self.membership.position(target);
+        let change = self.membership.suspect(target, now_ms, pos);
+        self.report(target, pos, now_ms);
+        change
+    }
+
+    fn report(&mut self, target: &NodeId, (target_seq, target_beat): (u64, u64), now_ms: u64) {
         let beat = self.next_beat(now_ms);
         let report = wire::Suspicion {
             id: beat.id,
@@ -197,8 +249,69 @@ impl Protocol {
             beat: beat.beat,
             sent_ms: now_ms,
             target: target.clone(),
+            target_seq,
+            target_beat,
         };
-        (wire::seal(&self.key, &self.workspace, &Message::Suspect(report)), change)
+        self.outbox.push(wire::seal(&self.key, &self.workspace, &Message::Suspect(report)));
+    }
+
+    /// Envelopes to send to everyone, oldest first (suspicion reports after a silence or a reset,
+    /// refutations of reports about this node). A driver takes them after every call that
+    /// can produce one: [`Protocol::receive`], [`Protocol::tick`], [`Protocol::suspect`].
+    pub fn take_outbox(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Probe mode: whom to probe this period (see [`Membership::probes`]).
+    pub fn probes(&self) -> Vec<Probe> {
+        self.membership.probes()
+    }
+
+    /// The answer to a probe: a bare acknowledgement (the transport authenticates who
+    /// answered), or when the prober asked for `proof` a signed heartbeat that also goes to
+    /// everyone (the prober is not alone in doubting this node); with the policy epoch held.
+    pub fn answer_probe(&mut self, proof: bool, now_ms: u64) -> SyncResponse {
+        let envelopes = if proof {
+            let beat = self.refute((0, 0), now_ms);
+            vec![String::from_utf8_lossy(&beat).into_owned()]
+        } else {
+            Vec::new()
+        };
+        SyncResponse { envelopes, policy_epoch: self.policy.epoch() }
+    }
+
+    /// Nodes the asker of `request` has lost that this node holds `ok`: the driver asks each
+    /// for proof of life (a probe with `proof`), which it then sends to everyone. When the
+    /// asker has lost this node, it refutes that at once. After a partition heals, this is how
+    /// each side learns the other is back.
+    pub fn vouch(&mut self, request: &SyncRequest, now_ms: u64) -> Vec<Probe> {
+        let mut probes = Vec::new();
+        for id in &request.lost {
+            if id == self.id.as_str() {
+                self.refute((0, 0), now_ms);
+            } else if self.membership.is_ok(id)
+                && let Some(member) = self.membership.members().get(id.as_str())
+            {
+                probes.push(Probe {
+                    id: member.record.advert.id.clone(),
+                    peer: member.peer_id,
+                    proof: true,
+                });
+            }
+        }
+        probes
+    }
+
+    /// `id` answered this node's probe at `now_ms` (the transport vouches for who answered);
+    /// the heartbeat it carried, if any, goes through [`Protocol::receive`] as usual, and the
+    /// driver passes it on to everyone when it brought the node back to `ok`.
+    pub fn probe_answered(&mut self, id: &NodeId, policy_epoch: u64, now_ms: u64) -> Vec<Change> {
+        self.membership.answered(id, now_ms);
+        if self.policy.behind(policy_epoch) {
+            vec![Change::PolicyBehind { epoch: policy_epoch }]
+        } else {
+            Vec::new()
+        }
     }
 
     fn next_beat(&mut self, now_ms: u64) -> Beat {
@@ -238,7 +351,32 @@ impl Protocol {
         if receipt.verdict == Verdict::Accept && self.policy.behind(announced) {
             receipt.changes.push(Change::PolicyBehind { epoch: announced });
         }
+        if let Some(pos) = receipt.changes.iter().find_map(|c| match c {
+            Change::SelfSuspected { pos } => Some(*pos),
+            _ => None,
+        }) {
+            self.refute(pos, now_ms);
+        }
         receipt
+    }
+
+    /// A report says this node was lost, based on what its reporter heard up to `pos`: a fresh
+    /// heartbeat (newer than anything sent) tells everyone otherwise, and is returned. One
+    /// refutation per heartbeat interval answers every report based on older news.
+    fn refute(&mut self, pos: (u64, u64), now_ms: u64) -> Vec<u8> {
+        let interval = self.membership.config().heartbeat_interval_ms;
+        if let Some(last) = &self.refuted
+            && pos < last.pos
+            && now_ms.saturating_sub(last.at_ms) < interval
+        {
+            return last.envelope.clone();
+        }
+        let beat = self.next_beat(now_ms);
+        let pos = (beat.seq, beat.beat);
+        let envelope = wire::seal(&self.key, &self.workspace, &Message::Heartbeat(beat));
+        self.outbox.push(envelope.clone());
+        self.refuted = Some(Refutation { pos, at_ms: now_ms, envelope: envelope.clone() });
+        envelope
     }
 
     fn receive_policy(&mut self, key: [u8; 32], doc: PolicyDoc, bytes: &[u8]) -> Receipt {
@@ -272,9 +410,19 @@ impl Protocol {
         }
     }
 
-    /// Health transitions due at `now_ms`.
+    /// Health transitions due at `now_ms`. In probe mode a watched node falling silent is
+    /// reported to everyone (see [`Protocol::take_outbox`]).
     pub fn tick(&mut self, now_ms: u64) -> Vec<Change> {
-        self.membership.tick(now_ms)
+        let changes = self.membership.tick(now_ms);
+        if self.membership.config().observers.is_some() {
+            for change in &changes {
+                if let Change::Health { id, to: crate::cluster::Health::Suspect, .. } = change {
+                    let pos = self.membership.position(id);
+                    self.report(id, pos, now_ms);
+                }
+            }
+        }
+        changes
     }
 
     /// When the next health transition can fall due (see [`Membership::next_deadline`]).
@@ -286,7 +434,8 @@ impl Protocol {
     pub fn sync_request(&self) -> SyncRequest {
         let mut have = self.membership.digest();
         have.insert(self.id.to_string(), self.seq);
-        SyncRequest { have, policy_epoch: self.policy.epoch() }
+        let lost = self.membership.lost();
+        SyncRequest { have, policy_epoch: self.policy.epoch(), lost, ..SyncRequest::default() }
     }
 
     /// The envelopes `request` lacks: every advert this node knows and the policy document it
@@ -313,7 +462,7 @@ impl Protocol {
         }
         let envelopes =
             envelopes.into_iter().map(|a| String::from_utf8_lossy(&a).into_owned()).collect();
-        Some(SyncResponse { envelopes })
+        Some(SyncResponse { envelopes, policy_epoch: 0 })
     }
 }
 

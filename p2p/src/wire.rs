@@ -36,8 +36,8 @@ pub enum Message {
     Heartbeat(Beat),
     /// Graceful departure.
     Leave(Beat),
-    /// "My connection to `target` was reset": a signed report that lets every node suspect a
-    /// crashed node within one gossip round instead of after seconds of silence.
+    /// "I lost `target`" (its connection was reset, or it stopped answering my probes): a
+    /// signed report that lets every node suspect it within one gossip round.
     Suspect(Suspicion),
     /// The Home's signed policy (roster, capsules) with its `policy_epoch`.
     Policy(PolicyDoc),
@@ -56,8 +56,14 @@ pub struct Suspicion {
     pub beat: u64,
     /// The reporter's clock when sent.
     pub sent_ms: u64,
-    /// The node whose connection was reset.
+    /// The node lost (its connection reset, or its silence watched).
     pub target: NodeId,
+    /// The target's newest advert `seq` the reporter had heard (0: unknown).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub target_seq: u64,
+    /// The target's newest beat the reporter had heard: only a newer heartbeat refutes this.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub target_beat: u64,
 }
 
 impl Message {

@@ -211,7 +211,8 @@ impl Measures {
 impl Report {
     /// The report of scenario `s` run from `seed` on `tier`, over a network described by `link`.
     pub fn build(s: &Scenario, seed: u64, tier: Tier, link: String, m: Measures) -> Self {
-        let node_seconds = (s.nodes as f64) * s.duration_secs * (s.trials as f64);
+        let counted = s.duration_secs - s.traffic_after_secs;
+        let node_seconds = (s.nodes as f64) * counted * (s.trials as f64);
         let per_node_second = |x: u64| ((x as f64 / node_seconds) * 10.0).round() / 10.0;
         Self {
             scenario: s.name.clone(),

@@ -73,11 +73,22 @@ pub struct ProtocolSettings {
     pub suspect_after_ms: u64,
     /// Silence before `down`.
     pub down_after_ms: u64,
+    /// Probe mode with this many observers per node (the libp2p mesh); 0: broadcast mode,
+    /// every heartbeat to every node (the NATS bus). Virtual tier only.
+    pub observers: usize,
+    /// Re-advert period (virtual tier; each node starts at a random phase).
+    pub advertise_interval_secs: u64,
 }
 
 impl Default for ProtocolSettings {
     fn default() -> Self {
-        Self { heartbeat_interval_ms: 1000, suspect_after_ms: 3000, down_after_ms: 5000 }
+        Self {
+            heartbeat_interval_ms: 1000,
+            suspect_after_ms: 3000,
+            down_after_ms: 5000,
+            observers: arw_p2p::membership::DEFAULT_OBSERVERS,
+            advertise_interval_secs: 300,
+        }
     }
 }
 
@@ -155,6 +166,10 @@ pub struct Scenario {
     pub trials: usize,
     /// Length of one trial, seconds (virtual time on the virtual tier).
     pub duration_secs: f64,
+    /// Traffic is counted from this many seconds into a trial (virtual tier), so a steady
+    /// state is not mixed with the start, when every node floods its first advert and syncs.
+    #[serde(default)]
+    pub traffic_after_secs: f64,
     /// Network.
     #[serde(default)]
     pub link: Link,
@@ -201,6 +216,9 @@ impl Scenario {
         }
         if self.trials == 0 || self.duration_secs <= 0.0 {
             return fail("trials and duration_secs must be positive".into());
+        }
+        if !(0.0..self.duration_secs).contains(&self.traffic_after_secs) {
+            return fail("traffic_after_secs must be in [0, duration_secs)".into());
         }
         if !(0.0..1.0).contains(&self.link.loss) {
             return fail("link.loss: a probability in [0, 1)".into());

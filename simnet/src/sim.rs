@@ -14,8 +14,12 @@
 //! - Faults: a crash resets its connections (neighbours get the transport signal after one
 //!   latency); isolation and partitions drop traffic silently; a heal, a restart and every
 //!   connection at start run the same anti-entropy sync as the daemon does on a new connection.
-//! - Each node ticks every 250 ms and sends heartbeats at `protocol.heartbeat_interval_ms`, with
-//!   random phases, like the node actor.
+//! - Each node ticks every 250 ms and, every `protocol.heartbeat_interval_ms`, probes the nodes
+//!   it watches (probe mode: a small request, a bare acknowledgement or a signed heartbeat when
+//!   asked for proof) or floods a heartbeat (broadcast mode, `observers = 0`); it re-advertises
+//!   every `protocol.advertise_interval_secs`. Phases are random, like the node actor's.
+//! - What the core puts in its outbox (suspicion reports, refutations) is flooded, and a probe
+//!   answer that brings a node back to `ok` is passed on to everyone, as the node actor does.
 
 use std::{
     cmp::Reverse,
@@ -31,7 +35,6 @@ use arw_p2p::{
     protocol::{Protocol, SyncRequest},
     wire::{self, Opened, Reason},
 };
-use libp2p::PeerId;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
@@ -46,6 +49,9 @@ const EPOCH_MS: u64 = 1_800_000_000_000;
 const TICK_US: u64 = 250_000;
 const SYNC_RETRY_US: u64 = 5_000_000;
 const SEEN_FOR_US: u64 = 120_000_000;
+/// Bytes of a probe request and of a bare acknowledgement, as JSON on the wire.
+const PROBE_BYTES: u64 = r#"{"have":{},"policy_epoch":0,"probe":true}"#.len() as u64;
+const ACK_BYTES: u64 = r#"{"envelopes":[]}"#.len() as u64;
 const WORKSPACE: &str = "sim";
 
 type MsgId = [u8; 32];
@@ -55,8 +61,11 @@ enum Event {
     Deliver { to: usize, from: usize, id: MsgId, bytes: Rc<[u8]> },
     SyncRequest { to: usize, from: usize, request: Rc<SyncRequest> },
     SyncAnswer { to: usize, adverts: Rc<Vec<String>> },
+    Probe { to: usize, from: usize, proof: bool },
+    ProbeAnswer { to: usize, from: usize, beat: Option<Rc<[u8]>>, policy_epoch: u64 },
     Transport { to: usize, about: usize, up: bool },
     Beat { node: usize, life: u32 },
+    Readvertise { node: usize, life: u32 },
     Tick { node: usize, life: u32 },
     Fault(usize),
 }
@@ -89,7 +98,6 @@ struct Node {
     proto: Protocol,
     key: NodeKey,
     id: NodeId,
-    peer: PeerId,
     alive: bool,
     /// Bumped on crash and restart, so timers of a past life are ignored.
     life: u32,
@@ -125,6 +133,8 @@ struct Trial<'a> {
     downed: HashSet<(usize, usize)>,
     heal_since: Option<u64>,
     healed: Vec<bool>,
+    /// The partition and isolations just before the last heal.
+    cut_before_heal: (Option<Vec<bool>>, Vec<bool>),
     m: Measures,
 }
 
@@ -172,6 +182,7 @@ impl<'a> Trial<'a> {
             c.suspect_after_ms = s.protocol.suspect_after_ms;
             c.down_after_ms = s.protocol.down_after_ms;
             c.beat_max_age_ms = c.beat_max_age_ms.max(2 * s.protocol.down_after_ms);
+            c.observers = (s.protocol.observers > 0).then_some(s.protocol.observers);
             c
         };
         let mut neighbours: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -202,7 +213,6 @@ impl<'a> Trial<'a> {
                     .unwrap_or_else(|_| unreachable!("n<digits> is a valid id"));
                 Node {
                     proto: Protocol::new(key.clone(), id.clone(), config.clone(), 0),
-                    peer: key.peer_id(),
                     key,
                     id,
                     alive: true,
@@ -231,6 +241,7 @@ impl<'a> Trial<'a> {
             downed: HashSet::new(),
             heal_since: None,
             healed: vec![false; n],
+            cut_before_heal: (None, vec![false; n]),
             m: Measures::default(),
         };
         for i in 0..trial.faults.len() {
@@ -322,8 +333,10 @@ impl<'a> Trial<'a> {
         let life = self.nodes[i].life;
         let beat = self.rng.random_range(0..self.s.protocol.heartbeat_interval_ms * 1000);
         let tick = self.rng.random_range(0..TICK_US);
+        let readvert = self.rng.random_range(0..self.readvert_us());
         self.schedule(self.now + beat, Event::Beat { node: i, life });
         self.schedule(self.now + tick, Event::Tick { node: i, life });
+        self.schedule(self.now + readvert, Event::Readvertise { node: i, life });
         for j in self.nodes[i].neighbours.clone() {
             if self.nodes[j].alive {
                 self.connect(i, j);
@@ -340,6 +353,27 @@ impl<'a> Trial<'a> {
             self.nodes[x].sync_asked.insert(y, self.now);
             self.send(x, y, Event::SyncRequest { to: y, from: x, request });
         }
+    }
+
+    fn readvert_us(&self) -> u64 {
+        self.s.protocol.advertise_interval_secs.max(1) * 1_000_000
+    }
+
+    /// Floods whatever node `i`'s core has for everyone.
+    fn flush(&mut self, i: usize) {
+        for envelope in self.nodes[i].proto.take_outbox() {
+            self.broadcast(i, envelope, None);
+        }
+    }
+
+    /// Applies an envelope node `to` got by request (sync or probe answer), not by gossip.
+    fn receive_direct(&mut self, to: usize, bytes: &[u8]) -> Vec<Change> {
+        let id: MsgId = Sha256::digest(bytes).into();
+        let opened = self.opened.entry(id).or_insert_with(|| wire::open(bytes, WORKSPACE)).clone();
+        let now_ms = self.now_ms();
+        let receipt = self.nodes[to].proto.receive_opened(opened, bytes, now_ms);
+        self.flush(to);
+        receipt.changes
     }
 
     fn advertise(&mut self, i: usize, tag: &str) -> u64 {
@@ -374,7 +408,7 @@ impl<'a> Trial<'a> {
                 if !self.nodes[to].alive {
                     return;
                 }
-                self.m.received(bytes.len() as u64);
+                self.count_received(bytes.len() as u64);
                 if !self.remember(to, id) {
                     return;
                 }
@@ -385,6 +419,7 @@ impl<'a> Trial<'a> {
                 if receipt.verdict == Verdict::Accept {
                     self.broadcast(to, bytes.to_vec(), Some(from));
                 }
+                self.flush(to);
                 if receipt.refusal.as_ref().is_some_and(|r| r.reason == Reason::UnknownNode) {
                     self.ask_sync(to, from);
                 }
@@ -402,48 +437,89 @@ impl<'a> Trial<'a> {
                         Event::SyncAnswer { to: from, adverts: Rc::new(answer.envelopes) },
                     );
                 }
+                let now_ms = self.now_ms();
+                let vouch = self.nodes[to].proto.vouch(&request, now_ms);
+                self.flush(to);
+                self.send_probes(to, vouch);
             }
             Event::SyncAnswer { to, adverts, .. } => {
                 if !self.nodes[to].alive {
                     return;
                 }
-                self.m.received(adverts.iter().map(|a| a.len() as u64).sum());
+                self.count_received(adverts.iter().map(|a| a.len() as u64).sum());
                 for advert in adverts.iter() {
-                    let bytes = advert.as_bytes();
-                    let id: MsgId = Sha256::digest(bytes).into();
-                    let opened = self
-                        .opened
-                        .entry(id)
-                        .or_insert_with(|| wire::open(bytes, WORKSPACE))
-                        .clone();
-                    let now_ms = self.now_ms();
-                    let receipt = self.nodes[to].proto.receive_opened(opened, bytes, now_ms);
-                    self.observe(to, receipt.changes);
+                    let changes = self.receive_direct(to, advert.as_bytes());
+                    self.observe(to, changes);
                 }
             }
+            Event::Probe { to, from, proof } => {
+                if !self.nodes[to].alive {
+                    return;
+                }
+                self.count_received(PROBE_BYTES);
+                if !self.nodes[to]
+                    .proto
+                    .membership()
+                    .members()
+                    .contains_key(self.nodes[from].id.as_str())
+                {
+                    // Probed by a node we never heard of, as the node actor does: ask it.
+                    self.ask_sync(to, from);
+                }
+                let now_ms = self.now_ms();
+                let answer = self.nodes[to].proto.answer_probe(proof, now_ms);
+                self.flush(to);
+                let beat = answer.envelopes.first().map(|b| Rc::from(b.as_bytes()));
+                let policy_epoch = answer.policy_epoch;
+                self.send(to, from, Event::ProbeAnswer { to: from, from: to, beat, policy_epoch });
+            }
+            Event::ProbeAnswer { to, from, beat, policy_epoch } => {
+                if !self.nodes[to].alive {
+                    return;
+                }
+                let now_ms = self.now_ms();
+                let id = self.nodes[from].id.clone();
+                let mut changes = self.nodes[to].proto.probe_answered(&id, policy_epoch, now_ms);
+                let Some(beat) = beat else {
+                    self.count_received(ACK_BYTES);
+                    return self.observe(to, changes);
+                };
+                self.count_received(ACK_BYTES + beat.len() as u64);
+                changes.extend(self.receive_direct(to, &beat));
+                self.observe(to, changes);
+            }
             Event::Transport { to, about, up } => {
-                if self.nodes[to].alive {
-                    let peer = self.nodes[about].peer;
-                    self.nodes[to].proto.membership_mut().transport(&peer, up);
-                    if !up {
-                        // As the node actor does: report the reset so every node suspects now.
-                        let now_ms = self.now_ms();
-                        let target = self.nodes[about].id.clone();
-                        let (report, change) = self.nodes[to].proto.suspect(&target, now_ms);
-                        self.broadcast(to, report, None);
-                        self.observe(to, change.into_iter().collect());
-                    }
+                if self.nodes[to].alive && !up {
+                    // As the node actor does: report the reset so every node suspects now.
+                    let now_ms = self.now_ms();
+                    let target = self.nodes[about].id.clone();
+                    let change = self.nodes[to].proto.suspect(&target, now_ms);
+                    self.flush(to);
+                    self.observe(to, change.into_iter().collect());
                 }
             }
             Event::Beat { node, life } => {
                 if self.nodes[node].life != life || !self.nodes[node].alive {
                     return;
                 }
-                let now_ms = self.now_ms();
-                let beat = self.nodes[node].proto.heartbeat(now_ms);
-                self.broadcast(node, beat, None);
+                if self.s.protocol.observers == 0 {
+                    let now_ms = self.now_ms();
+                    let beat = self.nodes[node].proto.heartbeat(now_ms);
+                    self.broadcast(node, beat, None);
+                } else {
+                    let probes = self.nodes[node].proto.probes();
+                    self.send_probes(node, probes);
+                }
                 let next = self.now + self.s.protocol.heartbeat_interval_ms * 1000;
                 self.schedule(next, Event::Beat { node, life });
+            }
+            Event::Readvertise { node, life } => {
+                if self.nodes[node].life != life || !self.nodes[node].alive {
+                    return;
+                }
+                self.advertise(node, "boot");
+                let next = self.now + self.readvert_us();
+                self.schedule(next, Event::Readvertise { node, life });
             }
             Event::Tick { node, life } => {
                 if self.nodes[node].life != life || !self.nodes[node].alive {
@@ -451,6 +527,7 @@ impl<'a> Trial<'a> {
                 }
                 let now_ms = self.now_ms();
                 let changes = self.nodes[node].proto.tick(now_ms);
+                self.flush(node);
                 self.observe(node, changes);
                 // As the node actor does: the next tick, or sooner when a silence reaches its
                 // threshold before then.
@@ -465,8 +542,24 @@ impl<'a> Trial<'a> {
         }
     }
 
+    fn send_probes(&mut self, from: usize, probes: Vec<arw_p2p::membership::Probe>) {
+        for probe in probes {
+            let Some(to) = self.index_of(&probe.id) else { continue };
+            self.send(from, to, Event::Probe { to, from, proof: probe.proof });
+        }
+    }
+
+    /// Counts one message received, once the steady state being measured has begun.
+    fn count_received(&mut self, bytes: u64) {
+        if self.now as f64 >= self.s.traffic_after_secs * 1e6 {
+            self.m.received(bytes);
+        }
+    }
+
     fn count(&mut self, request: &SyncRequest) {
-        self.m.received(request.have.keys().map(|k| k.len() as u64 + 8).sum());
+        let have: u64 = request.have.keys().map(|k| k.len() as u64 + 8).sum();
+        let lost: u64 = request.lost.iter().map(|k| k.len() as u64 + 3).sum();
+        self.count_received(have + lost);
     }
 
     fn ask_sync(&mut self, from: usize, to: usize) {
@@ -535,7 +628,7 @@ impl<'a> Trial<'a> {
                     .flat_map(|a| self.nodes[a].neighbours.iter().map(move |&b| (a, b)))
                     .filter(|&(a, b)| a < b && self.cut(a, b))
                     .collect();
-                self.side = None;
+                self.cut_before_heal = (self.side.take(), self.isolated.clone());
                 for (j, isolated) in self.isolated.iter_mut().enumerate() {
                     if *isolated {
                         *isolated = false;
@@ -594,18 +687,32 @@ impl<'a> Trial<'a> {
                         }
                     } else if self.reachable(observer, target) {
                         match to {
-                            Health::Down => self.m.false_positives += 1,
+                            Health::Down if !self.cut_lately(observer, target) => {
+                                self.m.false_positives += 1
+                            }
                             Health::Suspect => self.m.false_suspects += 1,
                             _ => {}
                         }
                     }
                 }
                 Change::Evicted { .. }
+                | Change::SelfSuspected { .. }
                 | Change::Conflict { .. }
                 | Change::Policy(_)
                 | Change::PolicyBehind { .. } => {}
             }
         }
+    }
+
+    /// Whether `a` and `b` were cut apart within the last `down_after_ms`: a `down` judged then
+    /// rests on evidence from the cut, so it is not counted as false (the heal time shows its
+    /// cost).
+    fn cut_lately(&self, a: usize, b: usize) -> bool {
+        let window = self.s.protocol.down_after_ms * 1000;
+        let recent = self.heal_since.is_some_and(|h| self.now.saturating_sub(h) < window);
+        let (side, isolated) = &self.cut_before_heal;
+        recent
+            && (isolated[a] || isolated[b] || side.as_ref().is_some_and(|side| side[a] != side[b]))
     }
 
     fn check_healed(&mut self, observer: usize) {

@@ -47,6 +47,8 @@ pub enum TransportEvent {
     Link(bool),
     /// Someone asks for adverts.
     SyncRequest {
+        /// The asking peer (libp2p).
+        from: Option<PeerId>,
         /// What they have.
         request: SyncRequest,
         /// Where the answer goes.

@@ -31,13 +31,13 @@ use crate::{
     cluster::{Advert, Health, NodeRecord},
     events::EventTx,
     hierarchy::{CoreHello, HelloOutcome, Hierarchy, HierarchyError, RoleChange},
-    membership::{Change, MembershipConfig, Receipt, StoredMember},
+    membership::{Change, MembershipConfig, Receipt, StoredMember, Verdict},
     nats::{self, NatsBus},
     net::{self, Net},
     node_id::{self, IdSource, NodeId},
     persist,
     policy::StoredPolicy,
-    protocol::{Protocol, SyncRequest},
+    protocol::{Protocol, SyncRequest, SyncResponse},
     role::Role,
     time::{now_ms, rfc3339_ms},
     transport::{Inbound, SyncReply, Transport, TransportEvent},
@@ -153,10 +153,18 @@ impl Actor {
             config.hostname.as_deref(),
         );
 
-        let membership_config = config
+        let mut membership_config = config
             .federation
             .as_ref()
             .map_or_else(|| MembershipConfig::new(&config.workspace), |f| f.membership.clone());
+        // The mesh reaches single nodes, so liveness is probed; a broker hears everything, so
+        // heartbeats are broadcast (docs/protocol.md, "Liveness").
+        membership_config.observers = match config.federation.as_ref().map(|f| &f.bus) {
+            Some(super::BusConfig::Libp2p(_)) => {
+                Some(membership_config.observers.unwrap_or(crate::membership::DEFAULT_OBSERVERS))
+            }
+            _ => None,
+        };
         let mut protocol =
             Protocol::new(config.key.clone(), id.clone(), membership_config, store.self_seq);
         protocol.membership_mut().restore(store.nodes);
@@ -260,7 +268,7 @@ impl Actor {
                     self.on_tick().await;
                     judge_at = self.next_judgment();
                 }
-                _ = heartbeat.tick(), if self.transport.is_some() => self.send_beat(false).await,
+                _ = heartbeat.tick(), if self.transport.is_some() => self.on_beat().await,
                 _ = readvertise.tick() => self.advertise("interval").await,
             }
         }
@@ -565,6 +573,26 @@ impl Actor {
         transport.publish(message).await;
     }
 
+    /// Once per heartbeat period: probe the watched nodes (probe mode), or tell everyone this
+    /// node is alive (broadcast mode).
+    async fn on_beat(&mut self) {
+        if self.protocol.membership().config().observers.is_none() {
+            return self.send_beat(false).await;
+        }
+        let probes = self.protocol.probes();
+        self.send_probes(probes).await;
+    }
+
+    /// Sends what the protocol core has for everyone (suspicion reports, refutations).
+    async fn send_outbox(&mut self) {
+        let outbox = self.protocol.take_outbox();
+        if let Some(transport) = &mut self.transport {
+            for envelope in outbox {
+                transport.publish(envelope).await;
+            }
+        }
+    }
+
     async fn on_tick(&mut self) {
         self.judge().await;
         if let Some(transport) = &mut self.transport {
@@ -591,25 +619,25 @@ impl Actor {
                 self.on_receipt(receipt, source).await;
             }
             TransportEvent::PeerUp(peer) => {
-                self.protocol.membership_mut().transport(&peer, true);
                 self.ask_sync(Some(peer), true).await;
                 self.snapshot_dirty = true;
             }
             TransportEvent::PeerDown(peer) => {
-                self.protocol.membership_mut().transport(&peer, false);
                 self.snapshot_dirty = true;
                 self.report_reset(peer).await;
             }
             TransportEvent::Link(up) => self.on_link(up).await,
-            TransportEvent::SyncRequest { request, reply } => {
-                self.answer_sync(&request, reply).await
-            }
-            TransportEvent::SyncResponse { from, response } => {
-                for advert in response.envelopes {
-                    let receipt = self.protocol.receive(advert.as_bytes(), now_ms());
-                    self.on_receipt(receipt, from).await;
+            TransportEvent::SyncRequest { from, request, reply } => {
+                self.answer_sync(&request, reply).await;
+                // Probed by a node we never heard of: its advert missed us; ask it.
+                if request.probe
+                    && let Some(peer) = from
+                    && self.protocol.membership().id_of_peer(&peer).is_none()
+                {
+                    self.ask_sync(Some(peer), false).await;
                 }
             }
+            TransportEvent::SyncResponse { from, response } => self.on_answer(from, response).await,
             TransportEvent::Listening => {
                 let listen = self.transport.as_ref().map(Transport::addresses).unwrap_or_default();
                 if self.local.as_ref().is_some_and(|l| l.advert.addrs != listen) {
@@ -626,6 +654,7 @@ impl Actor {
     async fn judge(&mut self) {
         if self.transport.as_ref().is_none_or(Transport::is_linked) {
             let changes = self.protocol.tick(now_ms());
+            self.send_outbox().await;
             self.apply_changes(changes).await;
         }
     }
@@ -647,11 +676,36 @@ impl Actor {
             return;
         }
         self.reported.insert(target.clone(), now);
-        let (report, change) = self.protocol.suspect(&target, now_ms());
-        if let Some(transport) = &mut self.transport {
-            transport.publish(report).await;
-        }
+        let change = self.protocol.suspect(&target, now_ms());
+        self.send_outbox().await;
         self.apply_changes(change.into_iter().collect()).await;
+    }
+
+    /// A peer answered a sync request or a probe. Any answer is a sign of life of the peer (the
+    /// connection authenticates it).
+    async fn on_answer(&mut self, from: Option<libp2p::PeerId>, response: SyncResponse) {
+        let now = now_ms();
+        if let Some(id) = from.and_then(|p| self.protocol.membership().id_of_peer(&p).cloned()) {
+            let changes = self.protocol.probe_answered(&id, response.policy_epoch, now);
+            let receipt = Receipt { verdict: Verdict::Accept, changes, refusal: None };
+            self.on_receipt(receipt, from).await;
+        }
+        for envelope in response.envelopes {
+            let receipt = self.protocol.receive(envelope.as_bytes(), now);
+            self.on_receipt(receipt, from).await;
+        }
+    }
+
+    /// Probes `probes` now (each answer comes back as a sync response).
+    async fn send_probes(&mut self, probes: Vec<crate::membership::Probe>) {
+        let Some(transport) = &mut self.transport else { return };
+        let policy_epoch = self.protocol.policy().epoch();
+        for probe in probes {
+            let Some(peer) = probe.peer else { continue };
+            let request =
+                SyncRequest { probe: true, proof: probe.proof, policy_epoch, ..Default::default() };
+            transport.request_sync(Some(peer), request).await;
+        }
     }
 
     /// The broker link came up or went away.
@@ -675,10 +729,22 @@ impl Actor {
 
     /// Sends the asker the adverts it lacks: everything known over libp2p (it asked one peer),
     /// only this node's own over NATS (every node answers).
+    /// A probe is answered at once (with proof when asked, which also goes to everyone). Nodes
+    /// the asker has lost but this node holds `ok` are asked for proof of life.
     async fn answer_sync(&mut self, request: &SyncRequest, reply: SyncReply) {
         let Some(transport) = &mut self.transport else { return };
+        if request.probe {
+            let answer = self.protocol.answer_probe(request.proof, now_ms());
+            transport.respond(reply, answer).await;
+            return self.send_outbox().await;
+        }
         if let Some(answer) = self.protocol.sync_answer(request, transport.answers_for_everyone()) {
             transport.respond(reply, answer).await;
+        }
+        let vouch = self.protocol.vouch(request, now_ms());
+        self.send_outbox().await;
+        if self.protocol.membership().config().observers.is_some() {
+            self.send_probes(vouch).await;
         }
     }
 
@@ -697,6 +763,7 @@ impl Actor {
     }
 
     async fn on_receipt(&mut self, mut receipt: Receipt, source: Option<libp2p::PeerId>) {
+        self.send_outbox().await;
         // Even a heartbeat that changes no health moves `last_seen`.
         self.snapshot_dirty |= receipt.verdict == crate::membership::Verdict::Accept;
         let behind = receipt.changes.iter().any(|c| matches!(c, Change::PolicyBehind { .. }));
@@ -807,6 +874,9 @@ impl Actor {
                 }
                 Change::Policy(applied) => self.on_policy(applied).await,
                 Change::PolicyBehind { .. } => {}
+                Change::SelfSuspected { .. } => {
+                    tracing::debug!("a report said this node was lost; refuted");
+                }
                 Change::Conflict { id, known_key, claimed_key } => {
                     tracing::warn!(node = %id, "a message claimed this id with another key");
                     let payload =
