@@ -116,8 +116,8 @@ pub struct Probe {
     pub id: NodeId,
     /// Its libp2p identity.
     pub peer: Option<PeerId>,
-    /// This node does not hold it `ok`: the answer must carry a signed heartbeat, which the
-    /// prober passes on to everyone.
+    /// This node does not hold it `ok`: the answer must carry a signed heartbeat (which the
+    /// probed node also sends to everyone).
     pub proof: bool,
 }
 
@@ -536,7 +536,7 @@ impl Membership {
                 None
             }
             (Health::Ok, _) => {
-                member.suspected = Some(Suspected { at_ms: now, pos: member.beat_pos.max(pos) });
+                member.suspected = Some(Suspected { at_ms: now, pos });
                 member.record.health = Health::Suspect;
                 Some(Change::Health { id: target.clone(), from: Health::Ok, to: Health::Suspect })
             }
@@ -554,11 +554,6 @@ impl Membership {
             })
             .map(|(id, _)| id.to_string())
             .collect()
-    }
-
-    /// Whether this node holds `id` `ok`.
-    pub fn is_ok(&self, id: &str) -> bool {
-        self.members.get(id).is_some_and(|m| m.record.health == Health::Ok)
     }
 
     /// The newest `(seq, beat)` accepted from `id`, for a suspicion report about it.
@@ -644,20 +639,37 @@ impl Membership {
         self.members
             .values()
             .filter_map(|m| {
-                let confirmed = m.suspected.map(|s| s.at_ms.saturating_add(c.confirm_ms()));
-                let heard = self.heard(m);
-                let silent = match m.record.health {
-                    Health::Ok => Some(heard.saturating_add(c.suspect_after_ms)),
-                    Health::Suspect => Some(heard.saturating_add(c.down_after_ms)),
-                    _ => None,
+                let threshold = match m.record.health {
+                    Health::Ok => c.suspect_after_ms,
+                    Health::Suspect => c.down_after_ms,
+                    _ => return None,
                 };
-                let silent = silent.filter(|_| self.watched(m));
-                match m.record.health {
-                    Health::Ok | Health::Suspect => confirmed.into_iter().chain(silent).min(),
-                    _ => None,
-                }
+                let confirmed = m.suspected.map(|s| s.at_ms.saturating_add(c.confirm_ms()));
+                let silent = self.watched(m).then(|| self.heard(m).saturating_add(threshold));
+                confirmed.into_iter().chain(silent).min()
             })
             .min()
+    }
+
+    /// The health `member` is due to move to at `now_ms`, if any (see [`Membership::tick`]).
+    fn judge(&self, member: &Member, now_ms: u64) -> Option<Health> {
+        let c = &self.config;
+        let health = member.record.health;
+        if !matches!(health, Health::Ok | Health::Suspect) {
+            return None;
+        }
+        let silence = now_ms.saturating_sub(self.heard(member));
+        let watched = self.watched(member);
+        let confirmed =
+            member.suspected.is_some_and(|s| now_ms.saturating_sub(s.at_ms) >= c.confirm_ms());
+        let to = if confirmed || (watched && silence >= c.down_after_ms) {
+            Health::Down
+        } else if watched && silence >= c.suspect_after_ms {
+            Health::Suspect
+        } else {
+            return None;
+        };
+        (to != health).then_some(to)
     }
 
     /// When the silence of `member` began, as far as this node can judge it.
@@ -683,42 +695,23 @@ impl Membership {
                 }
             }
         }
-        let c = self.config.clone();
-        let mut changes = Vec::new();
         let mut evict = Vec::new();
-        let ids: Vec<NodeId> = self.members.keys().cloned().collect();
-        for id in ids {
-            let Some(member) = self.members.get(&id) else { continue };
-            if now_ms.saturating_sub(member.record.last_seen_ms) >= c.evict_after_ms {
-                evict.push(id);
-                continue;
+        let mut due = Vec::new();
+        for (id, member) in &self.members {
+            if now_ms.saturating_sub(member.record.last_seen_ms) >= self.config.evict_after_ms {
+                evict.push(id.clone());
+            } else if let Some(to) = self.judge(member, now_ms) {
+                due.push((id.clone(), to));
             }
-            let health = member.record.health;
-            if matches!(health, Health::Left | Health::Stale | Health::Down) {
-                continue;
-            }
-            let silence = now_ms.saturating_sub(self.heard(member));
-            let watched = self.watched(member);
-            let confirmed =
-                member.suspected.is_some_and(|s| now_ms.saturating_sub(s.at_ms) >= c.confirm_ms());
-            let to = if confirmed || (watched && silence >= c.down_after_ms) {
-                Health::Down
-            } else if watched && silence >= c.suspect_after_ms {
-                Health::Suspect
-            } else {
-                continue;
-            };
-            if to == health {
-                continue;
-            }
+        }
+        let mut changes = Vec::new();
+        for (id, to) in due {
             let Some(member) = self.members.get_mut(&id) else { continue };
+            let from = member.record.health;
             member.record.health = to;
-            if to == Health::Suspect {
-                member.suspected = Some(Suspected { at_ms: now_ms, pos: member.beat_pos });
-            } else {
-                member.suspected = None;
-            }
-            changes.push(Change::Health { id, from: health, to });
+            member.suspected = (to == Health::Suspect)
+                .then_some(Suspected { at_ms: now_ms, pos: member.beat_pos });
+            changes.push(Change::Health { id, from, to });
         }
         for id in evict {
             if let Some(member) = self.remove(&id) {

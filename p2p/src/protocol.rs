@@ -42,10 +42,6 @@ fn is_false(b: &bool) -> bool {
     !b
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
 /// Anti-entropy response: signed envelopes the asker lacks (adverts newer than it listed, and
 /// the policy document when it holds an older one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,7 +51,7 @@ pub struct SyncResponse {
     pub envelopes: Vec<String>,
     /// The policy epoch the answering node holds (probe answers): more than the asker holds
     /// is worth a sync.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "wire::is_zero")]
     pub policy_epoch: u64,
 }
 
@@ -256,8 +252,9 @@ impl Protocol {
     }
 
     /// Envelopes to send to everyone, oldest first (suspicion reports after a silence or a reset,
-    /// refutations of reports about this node). A driver takes them after every call that
-    /// can produce one: [`Protocol::receive`], [`Protocol::tick`], [`Protocol::suspect`].
+    /// refutations of reports about this node, proofs of life asked for). A driver takes them
+    /// after every call that can produce one: [`Protocol::receive`], [`Protocol::tick`],
+    /// [`Protocol::suspect`], [`Protocol::answer_probe`], [`Protocol::vouch`].
     pub fn take_outbox(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.outbox)
     }
@@ -280,17 +277,19 @@ impl Protocol {
         SyncResponse { envelopes, policy_epoch: self.policy.epoch() }
     }
 
-    /// Nodes the asker of `request` has lost that this node holds `ok`: the driver asks each
-    /// for proof of life (a probe with `proof`), which it then sends to everyone. When the
-    /// asker has lost this node, it refutes that at once. After a partition heals, this is how
-    /// each side learns the other is back.
+    /// Probe mode: nodes the asker of `request` has lost that this node holds `ok`, for the
+    /// driver to probe with `proof` (each answers with a heartbeat it also sends to everyone).
+    /// When the asker has lost this node, it refutes that at once (either mode). After a
+    /// partition heals, this is how each side learns the other is back.
     pub fn vouch(&mut self, request: &SyncRequest, now_ms: u64) -> Vec<Probe> {
+        let probing = self.membership.config().observers.is_some();
         let mut probes = Vec::new();
         for id in &request.lost {
             if id == self.id.as_str() {
                 self.refute((0, 0), now_ms);
-            } else if self.membership.is_ok(id)
-                && let Some(member) = self.membership.members().get(id.as_str())
+            } else if let Some(member) = self.membership.members().get(id.as_str())
+                && probing
+                && member.record.health == crate::cluster::Health::Ok
             {
                 probes.push(Probe {
                     id: member.record.advert.id.clone(),
@@ -302,16 +301,13 @@ impl Protocol {
         probes
     }
 
-    /// `id` answered this node's probe at `now_ms` (the transport vouches for who answered);
-    /// the heartbeat it carried, if any, goes through [`Protocol::receive`] as usual, and the
-    /// driver passes it on to everyone when it brought the node back to `ok`.
-    pub fn probe_answered(&mut self, id: &NodeId, policy_epoch: u64, now_ms: u64) -> Vec<Change> {
+    /// `id` answered this node's probe at `now_ms` (the transport vouches for who answered),
+    /// holding `policy_epoch`; the heartbeat it carried, if any, goes through
+    /// [`Protocol::receive`] as usual. Returns whether the node holds a newer policy than this
+    /// one (worth a sync).
+    pub fn probe_answered(&mut self, id: &NodeId, policy_epoch: u64, now_ms: u64) -> bool {
         self.membership.answered(id, now_ms);
-        if self.policy.behind(policy_epoch) {
-            vec![Change::PolicyBehind { epoch: policy_epoch }]
-        } else {
-            Vec::new()
-        }
+        self.policy.behind(policy_epoch)
     }
 
     fn next_beat(&mut self, now_ms: u64) -> Beat {

@@ -118,7 +118,7 @@ pub struct Beat {
     pub policy: u64,
 }
 
-fn is_zero(n: &u64) -> bool {
+pub(crate) fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 

@@ -31,7 +31,7 @@ use crate::{
     cluster::{Advert, Health, NodeRecord},
     events::EventTx,
     hierarchy::{CoreHello, HelloOutcome, Hierarchy, HierarchyError, RoleChange},
-    membership::{Change, MembershipConfig, Receipt, StoredMember, Verdict},
+    membership::{Change, MembershipConfig, Receipt, StoredMember},
     nats::{self, NatsBus},
     net::{self, Net},
     node_id::{self, IdSource, NodeId},
@@ -686,9 +686,10 @@ impl Actor {
     async fn on_answer(&mut self, from: Option<libp2p::PeerId>, response: SyncResponse) {
         let now = now_ms();
         if let Some(id) = from.and_then(|p| self.protocol.membership().id_of_peer(&p).cloned()) {
-            let changes = self.protocol.probe_answered(&id, response.policy_epoch, now);
-            let receipt = Receipt { verdict: Verdict::Accept, changes, refusal: None };
-            self.on_receipt(receipt, from).await;
+            self.snapshot_dirty = true;
+            if self.protocol.probe_answered(&id, response.policy_epoch, now) {
+                self.ask_sync(from, false).await;
+            }
         }
         for envelope in response.envelopes {
             let receipt = self.protocol.receive(envelope.as_bytes(), now);
@@ -743,9 +744,7 @@ impl Actor {
         }
         let vouch = self.protocol.vouch(request, now_ms());
         self.send_outbox().await;
-        if self.protocol.membership().config().observers.is_some() {
-            self.send_probes(vouch).await;
-        }
+        self.send_probes(vouch).await;
     }
 
     /// Asks for the adverts this node lacks: from `peer` (libp2p), or from everyone (NATS).
