@@ -18,6 +18,7 @@ use serde_json::{Map, Value, json};
 
 use arw_p2p::{
     capsule::{Capsule, CapsuleError, CapsuleItem, Subject, pattern_matches},
+    events::{CapsuleFailed, Event, PolicyDecision},
     node::{CapsuleRequest, NodeError, Snapshot, TeardownRequest},
     time::{now_ms, rfc3339_ms},
 };
@@ -140,22 +141,24 @@ impl FailureBudget {
 
 async fn refused(state: &AppState, id: Option<&str>, detail: &str, context: &Map<String, Value>) {
     let Some(suppressed) = state.capsule_failures.admit(now_ms()) else { return };
-    let mut failed = json!({ "id": id, "detail": detail });
-    if suppressed > 0 {
-        failed["suppressed"] = json!(suppressed);
-    }
-    let mut explain = json!({ "detail": detail });
+    let mut explain = Map::from_iter([("detail".to_owned(), json!(detail))]);
     if let Some(id) = id {
-        explain["capsule_id"] = json!(id);
+        explain.insert("capsule_id".to_owned(), json!(id));
     }
-    let mut decision = json!({ "action": "policy.capsule", "allow": false, "explain": explain });
-    for payload in [&mut failed, &mut decision] {
-        if let Value::Object(map) = payload {
-            map.extend(context.clone());
-        }
-    }
-    state.events.emit("policy.capsule.failed", failed).await;
-    state.events.emit("policy.decision", decision).await;
+    let failed = CapsuleFailed {
+        id: id.map(str::to_owned),
+        detail: detail.to_owned(),
+        suppressed: (suppressed > 0).then_some(suppressed),
+        context: context.clone(),
+    };
+    let decision = PolicyDecision {
+        action: "policy.capsule".to_owned(),
+        allow: false,
+        explain,
+        context: context.clone(),
+    };
+    state.events.emit(Event::CapsuleFailed(failed)).await;
+    state.events.emit(Event::PolicyDecision(decision)).await;
 }
 
 /// `GET /state/policy/capsules`: held capsules, newest first.

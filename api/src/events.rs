@@ -13,7 +13,7 @@ use axum::{
     },
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{
@@ -432,11 +432,11 @@ pub async fn test_event(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, Problem> {
-    let mut payload = json!({
-        "ts": arw_p2p::time::rfc3339_ms(arw_p2p::time::now_ms()),
-        "who": "admin",
-        "message": "manual test event",
-    });
+    let mut payload = Map::from_iter([
+        ("ts".to_owned(), json!(arw_p2p::time::rfc3339_ms(arw_p2p::time::now_ms()))),
+        ("who".to_owned(), json!("admin")),
+        ("message".to_owned(), json!("manual test event")),
+    ]);
     if !body.iter().all(u8::is_ascii_whitespace) {
         let json_type = headers
             .get(axum::http::header::CONTENT_TYPE)
@@ -462,17 +462,15 @@ pub async fn test_event(
                 "expected a JSON object",
             ));
         };
-        if let Value::Object(map) = &mut payload {
-            map.extend(extra);
-        }
+        payload.extend(extra);
     }
     let id = state
         .events
-        .emit_durable("service.test", payload.clone())
+        .emit_durable(arw_p2p::events::Event::ServiceTest(payload.clone()))
         .await
         .ok_or_else(|| Problem::internal("event could not be journaled"))?;
-    payload["id"] = json!(id);
-    Ok(Json(payload))
+    payload.insert("id".to_owned(), json!(id));
+    Ok(Json(Value::Object(payload)))
 }
 
 #[cfg(test)]

@@ -46,7 +46,8 @@ pub async fn run(config: ConnectorConfig, cancel: CancellationToken) -> Result<(
             () = cancel.cancelled() => break,
             Some(message) = tasks.next() => {
                 let Some(task) = Task::decode(&message.payload) else { continue };
-                let mut emit = Emit { kind: "task.completed".into(), payload: completion(&task, &me), ack: None, relayed: None };
+                let (kind, payload) = completion(&task, &me).into_parts();
+                let mut emit = Emit { kind, payload, ack: None, relayed: None };
                 let envelope = crate::journal::stamp(&mut emit, &me, "arw-connector");
                 let body: bytes::Bytes = serde_json::to_vec(&envelope).unwrap_or_default().into();
                 for subject in [format!("arw.events.node.{me}.task.completed"), COMPLETED.to_owned()] {

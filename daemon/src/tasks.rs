@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use arw_p2p::events::{Event, TaskCompleted};
+
 /// Subject tasks are enqueued on.
 pub const TASKS: &str = "arw.tasks";
 /// Cluster-wide completion subject.
@@ -58,9 +60,14 @@ pub fn run(kind: &str, input: &Value) -> (bool, Value) {
 }
 
 /// The `task.completed` payload.
-pub fn completion(task: &Task, node_id: &str) -> Value {
+pub fn completion(task: &Task, node_id: &str) -> Event {
     let (ok, output) = run(&task.kind, &task.payload);
-    json!({ "id": task.id, "ok": ok, "output": output, "node_id": node_id })
+    Event::TaskCompleted(TaskCompleted {
+        id: json!(task.id),
+        ok,
+        output,
+        node_id: node_id.to_owned(),
+    })
 }
 
 /// A server's queue worker (`queue = "nats"`): takes tasks from `arw.tasks` in `group`, runs them
@@ -115,7 +122,7 @@ pub async fn serve(
                     };
                     let Some(task) = Task::decode(&message.payload) else { continue };
                     let me = node.borrow().id.to_string();
-                    events.emit("task.completed", completion(&task, &me)).await;
+                    events.emit(completion(&task, &me)).await;
                 }
             }
         }

@@ -4,13 +4,12 @@
 pub mod admission;
 pub mod capsule;
 pub mod cluster;
+pub mod core;
 pub mod events;
 pub mod governor;
 pub mod hierarchy;
 pub mod identity;
 pub mod membership;
-pub mod nats;
-pub mod net;
 pub mod node;
 pub mod node_id;
 pub mod persist;
@@ -22,3 +21,4 @@ pub mod transport;
 pub mod wire;
 
 pub use libp2p::{Multiaddr, PeerId};
+pub use transport::{nats, net};

@@ -227,6 +227,10 @@ pub struct Membership {
     roster: BTreeMap<NodeId, [u8; 32]>,
     /// Every member and this node, by ring position (probe mode).
     ring: BTreeSet<(u64, NodeId)>,
+    /// Members whose stored form changed since [`Membership::take_changes`].
+    changed: BTreeSet<NodeId>,
+    /// Members removed since then.
+    removed: BTreeSet<NodeId>,
 }
 
 /// A node's place on the probe ring: the first 8 bytes of SHA-256 of its id, so neighbours on
@@ -255,17 +259,43 @@ impl Membership {
             members: BTreeMap::new(),
             roster: BTreeMap::new(),
             ring: BTreeSet::new(),
+            changed: BTreeSet::new(),
+            removed: BTreeSet::new(),
         }
     }
 
     fn insert(&mut self, id: NodeId, member: Member) {
         self.ring.insert((place(&id), id.clone()));
+        self.removed.remove(&id);
+        self.changed.insert(id.clone());
         self.members.insert(id, member);
     }
 
     fn remove(&mut self, id: &NodeId) -> Option<Member> {
         self.ring.remove(&(place(id), id.clone()));
+        self.changed.remove(id);
+        self.removed.insert(id.clone());
         self.members.remove(id)
+    }
+
+    /// What changed in the stored registry since the last call: members to write (a new or
+    /// newer advert) and ids to delete. Heartbeats change nothing stored.
+    pub fn take_changes(&mut self) -> (Vec<StoredMember>, Vec<NodeId>) {
+        let changed = std::mem::take(&mut self.changed);
+        let upsert = changed.iter().filter_map(|id| self.members.get(id)).map(stored).collect();
+        (upsert, std::mem::take(&mut self.removed).into_iter().collect())
+    }
+
+    /// A write of the changes failed: the next [`Membership::take_changes`] returns every
+    /// member (removals are retried too).
+    pub fn changes_lost(&mut self, removed: Vec<NodeId>) {
+        self.changed = self.members.keys().cloned().collect();
+        self.removed.extend(removed.into_iter().filter(|id| !self.members.contains_key(id)));
+    }
+
+    /// Whether [`Membership::take_changes`] has anything.
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty() || !self.removed.is_empty()
     }
 
     /// Restores persisted members. They show as `stale` until heard from again.
@@ -291,18 +321,13 @@ impl Membership {
             };
             self.insert(id, member);
         }
+        // As on disk already.
+        self.changed.clear();
     }
 
-    /// What to persist.
+    /// Every member as persisted.
     pub fn stored(&self) -> Vec<StoredMember> {
-        self.members
-            .values()
-            .map(|m| StoredMember {
-                record: m.record.clone(),
-                key: B64.encode(m.key),
-                envelope: String::from_utf8_lossy(&m.envelope).into_owned(),
-            })
-            .collect()
+        self.members.values().map(stored).collect()
     }
 
     /// This node's id changed (a hello assigned a new one).
@@ -430,7 +455,8 @@ impl Membership {
             Some(member) => {
                 let known = member.record.advert.seq;
                 if record.advert.seq < known {
-                    return Err(Reason::Replayed);
+                    // Overtaken: a newer advert came first (gossip reorders).
+                    return Err(Reason::Stale);
                 }
                 if record.advert.seq == known {
                     return Err(if member.envelope == bytes {
@@ -445,6 +471,7 @@ impl Membership {
                 member.beat_pos = member.beat_pos.max((record.advert.seq, 0));
                 member.record = record;
                 member.envelope = bytes.to_vec();
+                self.changed.insert(id.clone());
                 changes.push(Change::Advert { id: id.clone(), first: false, changed });
                 if from != Health::Ok {
                     changes.push(Change::Health { id, from, to: Health::Ok });
@@ -479,8 +506,11 @@ impl Membership {
         }
         let member = self.members.get_mut(&beat.id).ok_or(Reason::UnknownNode)?;
         let pos = (beat.seq, beat.beat);
-        if pos <= member.beat_pos {
-            return Err(Reason::Replayed);
+        if pos == member.beat_pos {
+            return Err(Reason::Duplicate);
+        }
+        if pos < member.beat_pos {
+            return Err(Reason::Stale);
         }
         member.beat_pos = pos;
         member.record.last_seen_ms = now;
@@ -626,6 +656,11 @@ impl Membership {
         self.resumed_ms = now_ms;
     }
 
+    /// Probe mode: whether this node watches `id` (judges its silence itself).
+    pub fn is_watched(&self, id: &NodeId) -> bool {
+        self.members.get(id).is_some_and(|m| m.watched_since.is_some())
+    }
+
     fn watched(&self, member: &Member) -> bool {
         self.config.observers.is_none() || member.watched_since.is_some()
     }
@@ -722,6 +757,14 @@ impl Membership {
     }
 }
 
+fn stored(m: &Member) -> StoredMember {
+    StoredMember {
+        record: m.record.clone(),
+        key: B64.encode(m.key),
+        envelope: String::from_utf8_lossy(&m.envelope).into_owned(),
+    }
+}
+
 fn refuse(
     reason: Reason,
     kind: &'static str,
@@ -735,7 +778,8 @@ fn refuse(
         r if r.is_invalid() => Verdict::Reject,
         _ => Verdict::Ignore,
     };
-    let refusal = (reason != Reason::Duplicate).then_some(Refusal { reason, kind, claimed_id });
+    let quiet = matches!(reason, Reason::Duplicate | Reason::Stale);
+    let refusal = (!quiet).then_some(Refusal { reason, kind, claimed_id });
     Receipt { verdict, changes, refusal }
 }
 
@@ -1003,14 +1047,12 @@ mod tests {
             m.receive(&seal(&k, "lab", &advert("n1", 20, NOW)), NOW).verdict,
             Verdict::Accept
         );
-        assert_eq!(
-            m.receive(&seal(&k, "lab", &beat("n1", 20, 1, NOW)), NOW).verdict,
-            Verdict::Ignore
-        );
-        assert_eq!(
-            m.receive(&seal(&k, "lab", &beat("n1", 10, 7, NOW)), NOW).verdict,
-            Verdict::Ignore
-        );
+        // The same heartbeat again (it came by request first) is passed on once, quietly; an
+        // older one is dropped, quietly: both happen to honest nodes.
+        let again = m.receive(&seal(&k, "lab", &beat("n1", 20, 1, NOW)), NOW);
+        assert_eq!((again.verdict, again.refusal), (Verdict::Accept, None));
+        let older = m.receive(&seal(&k, "lab", &beat("n1", 10, 7, NOW)), NOW);
+        assert_eq!((older.verdict, older.refusal), (Verdict::Ignore, None));
     }
 
     #[test]

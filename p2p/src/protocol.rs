@@ -74,6 +74,10 @@ pub struct Protocol {
     /// The last refutation sent: its position (reports based on older news need no other),
     /// when, and the envelope (a proof asked for soon after is answered with the same one).
     refuted: Option<Refutation>,
+    /// Suspicion reports signed so far.
+    reports: u64,
+    /// Refutations and proofs of life signed so far.
+    refutations: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +107,8 @@ impl Protocol {
             own_advert: None,
             outbox: Vec::new(),
             refuted: None,
+            reports: 0,
+            refutations: 0,
         }
     }
 
@@ -248,6 +254,7 @@ impl Protocol {
             target_seq,
             target_beat,
         };
+        self.reports += 1;
         self.outbox.push(wire::seal(&self.key, &self.workspace, &Message::Suspect(report)));
     }
 
@@ -257,6 +264,11 @@ impl Protocol {
     /// [`Protocol::suspect`], [`Protocol::answer_probe`], [`Protocol::vouch`].
     pub fn take_outbox(&mut self) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.outbox)
+    }
+
+    /// Suspicion reports and refutations (or proofs of life) signed so far.
+    pub fn signed_reports(&self) -> (u64, u64) {
+        (self.reports, self.refutations)
     }
 
     /// Probe mode: whom to probe this period (see [`Membership::probes`]).
@@ -370,6 +382,7 @@ impl Protocol {
         let beat = self.next_beat(now_ms);
         let pos = (beat.seq, beat.beat);
         let envelope = wire::seal(&self.key, &self.workspace, &Message::Heartbeat(beat));
+        self.refutations += 1;
         self.outbox.push(envelope.clone());
         self.refuted = Some(Refutation { pos, at_ms: now_ms, envelope: envelope.clone() });
         envelope

@@ -141,7 +141,7 @@ pub enum Reason {
     Expired,
     /// Dated too far in the future.
     Future,
-    /// Not newer than what was already accepted from this node.
+    /// The same advert `seq` as one already accepted, with other content.
     Replayed,
     /// The id is bound to another key.
     KeyConflict,
@@ -151,6 +151,10 @@ pub enum Reason {
     UnknownNode,
     /// An exact copy of something already accepted (benign; not reported).
     Duplicate,
+    /// Older than what was already accepted from its sender (an advert with a lower `seq`, a
+    /// heartbeat or report from an earlier position): gossip reorders, and a copy can arrive
+    /// after a newer one came by request (benign; not reported).
+    Stale,
     /// A policy document signed by another key than the pinned Home's.
     UntrustedHome,
     /// A policy document that does not admit this (unpinned) node: nothing to pin yet (benign;
@@ -179,6 +183,7 @@ impl Reason {
             Reason::UntrustedKey => "untrusted_key",
             Reason::UnknownNode => "unknown_node",
             Reason::Duplicate => "duplicate",
+            Reason::Stale => "stale",
             Reason::UntrustedHome => "untrusted_home",
             Reason::NotAdmitted => "not_admitted",
             Reason::UnknownHome => "unknown_home",

@@ -4,6 +4,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use arw_p2p::core::Counters;
+
 use crate::scenario::{Fault, Scenario, Tier};
 
 /// Percentiles of a sample, in milliseconds; `null` when nothing was measured.
@@ -40,6 +42,27 @@ impl Stats {
     }
 }
 
+/// A node core's decisions per node per second.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Decisions {
+    /// Sync requests.
+    pub syncs: f64,
+    /// Probes.
+    pub probes: f64,
+    /// Suspicion reports signed.
+    pub reports: f64,
+    /// Refutations and proofs of life signed.
+    pub refutations: f64,
+    /// Connections reset to nodes judged down.
+    pub resets: f64,
+    /// Redials of nodes judged down.
+    pub redials: f64,
+    /// Adverts signed.
+    pub adverts: f64,
+    /// Messages refused.
+    pub refused: f64,
+}
+
 /// The result of one scenario run (all trials).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -69,6 +92,9 @@ pub struct Report {
     pub down_ms: Stats,
     /// Heal → each observer sees every live node `ok` again, ms.
     pub heal_ms: Stats,
+    /// Start → every node sees every node `ok`, ms, one sample per trial (stack tier).
+    #[serde(default)]
+    pub formation_ms: Stats,
     /// Live, reachable nodes marked `down`.
     pub false_positives: usize,
     /// Live, reachable nodes marked `suspect` (transient; not counted as false positives).
@@ -79,6 +105,10 @@ pub struct Report {
     pub bytes_per_node_per_s: Option<f64>,
     /// Resident memory per node (stack and lan tiers).
     pub rss_bytes_per_node: Option<u64>,
+    /// What each node core decided, per node per second while traffic was counted (virtual
+    /// and stack tiers): the same counters whichever executor ran the core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decisions_per_node_per_s: Option<Decisions>,
     /// Every convergence sample, for the CDF.
     #[serde(skip)]
     pub convergence_samples: Vec<f64>,
@@ -105,6 +135,7 @@ impl Report {
             ("detection (not ok)", &self.detection_ms),
             ("detection (down)", &self.down_ms),
             ("heal", &self.heal_ms),
+            ("formation (all see all ok)", &self.formation_ms),
         ] {
             if stats.count > 0 {
                 let _ = writeln!(out, "  {:<26} {:>28}  (n={})", name, stats.cell(), stats.count);
@@ -115,6 +146,20 @@ impl Report {
         let _ = writeln!(out, "  false suspects             {:>28}", self.false_suspects);
         if let (Some(m), Some(b)) = (self.msgs_per_node_per_s, self.bytes_per_node_per_s) {
             let _ = writeln!(out, "  per node                   {:>20.1} msg/s {:>9.0} B/s", m, b);
+        }
+        if let Some(d) = &self.decisions_per_node_per_s {
+            let _ = writeln!(
+                out,
+                "  decisions per node per s   syncs {:.3}, probes {:.3}, reports {:.3}, refutations {:.3}, resets {:.3}, redials {:.3}, adverts {:.3}, refused {:.3}",
+                d.syncs,
+                d.probes,
+                d.reports,
+                d.refutations,
+                d.resets,
+                d.redials,
+                d.adverts,
+                d.refused
+            );
         }
         if let Some(rss) = self.rss_bytes_per_node {
             let _ = writeln!(
@@ -180,6 +225,10 @@ pub struct Measures {
     pub traffic: Option<(u64, u64)>,
     /// Resident memory samples, one per node.
     pub rss: Vec<u64>,
+    /// The node cores' decisions, all nodes, while traffic was counted.
+    pub decisions: Option<Counters>,
+    /// Start of the first node → every node sees every node `ok`, ms, per trial (stack tier).
+    pub formation: Vec<f64>,
 }
 
 impl Measures {
@@ -198,6 +247,11 @@ impl Measures {
             *b += bytes;
         }
         self.rss.extend(other.rss);
+        self.formation.extend(other.formation);
+        if let Some(theirs) = other.decisions {
+            let ours = self.decisions.get_or_insert_default();
+            *ours = crate::sim::add(*ours, theirs);
+        }
     }
 
     /// Counts one received message of `bytes` envelope bytes.
@@ -214,6 +268,7 @@ impl Report {
         let counted = s.duration_secs - s.traffic_after_secs;
         let node_seconds = (s.nodes as f64) * counted * (s.trials as f64);
         let per_node_second = |x: u64| ((x as f64 / node_seconds) * 10.0).round() / 10.0;
+        let rate = |x: u64| ((x as f64 / node_seconds) * 1000.0).round() / 1000.0;
         Self {
             scenario: s.name.clone(),
             tier: tier.as_str().to_owned(),
@@ -228,12 +283,23 @@ impl Report {
             detection_ms: Stats::of(&m.detection),
             down_ms: Stats::of(&m.down),
             heal_ms: Stats::of(&m.heal),
+            formation_ms: Stats::of(&m.formation),
             false_positives: m.false_positives,
             false_suspects: m.false_suspects,
             msgs_per_node_per_s: m.traffic.map(|(msgs, _)| per_node_second(msgs)),
             bytes_per_node_per_s: m.traffic.map(|(_, bytes)| per_node_second(bytes)),
             rss_bytes_per_node: (!m.rss.is_empty())
                 .then(|| m.rss.iter().sum::<u64>() / m.rss.len() as u64),
+            decisions_per_node_per_s: m.decisions.map(|c| Decisions {
+                syncs: rate(c.syncs),
+                probes: rate(c.probes),
+                reports: rate(c.reports),
+                refutations: rate(c.refutations),
+                resets: rate(c.resets),
+                redials: rate(c.redials),
+                adverts: rate(c.adverts),
+                refused: rate(c.refused),
+            }),
             convergence_samples: m.convergence,
         }
     }

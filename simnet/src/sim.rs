@@ -1,40 +1,57 @@
-//! The virtual tier: the real protocol core ([`Protocol`], hence the same [`Membership`] and
-//! message handling as the daemon) on a simulated network, single-threaded, in virtual time,
-//! driven by a seeded RNG. Same scenario and seed → the same report.
+//! The virtual tier: the daemon's own node core ([`NodeCore`]) on a simulated network,
+//! single-threaded, in virtual time, driven by a seeded RNG. Same scenario and seed → the same
+//! report. This file only carries out the core's effects; every decision (when to sync, probe,
+//! suspect, reset, redial, re-advertise) is the core's, exactly as in `arw-server`.
 //!
 //! Network model:
-//! - Gossip: each node has a random overlay of about `link.degree` neighbours (plus a ring, so
-//!   the graph is connected). A node forwards a message to its neighbours only when its core
-//!   accepted it, and drops copies it has seen before without looking at them, as gossipsub's
-//!   duplicate cache does. Envelopes are opened once per unique message (opening is a pure
-//!   function of the bytes); every node still applies every message to its own membership.
+//! - Mesh (`observers > 0`): each node starts connected to a random overlay of about
+//!   `link.degree` neighbours (plus a ring, so the graph is connected). A node forwards a gossip
+//!   message over its connections only when its core accepted it, and drops copies it has seen
+//!   before without looking at them, as gossipsub's duplicate cache does. Requests (syncs,
+//!   probes) reach any live node they are not cut off from, as libp2p dials on demand. A reset
+//!   closes a connection (the other end sees it close, if it can); a redial opens it again if
+//!   the node is reachable.
+//! - Broker (`observers = 0`, the NATS bus): every message reaches every other node once.
 //! - Links: one-way latency fixed or uniform; messages ride TCP, so a lost transmission attempt
 //!   (probability `link.loss`) costs a retransmission timeout (200 ms, doubling up to 3.2 s)
 //!   instead of the message.
-//! - Faults: a crash resets its connections (neighbours get the transport signal after one
-//!   latency); isolation and partitions drop traffic silently; a heal, a restart and every
-//!   connection at start run the same anti-entropy sync as the daemon does on a new connection.
-//! - Each node ticks every 250 ms and, every `protocol.heartbeat_interval_ms`, probes the nodes
-//!   it watches (probe mode: a small request, a bare acknowledgement or a signed heartbeat when
-//!   asked for proof) or floods a heartbeat (broadcast mode, `observers = 0`); it re-advertises
-//!   every `protocol.advertise_interval_secs`. Phases are random, like the node actor's.
-//! - What the core puts in its outbox (suspicion reports, refutations) is flooded, and a probe
-//!   answer that brings a node back to `ok` is passed on to everyone, as the node actor does.
+//! - Faults: a crash closes its connections (their other ends see it after one latency);
+//!   isolation and partitions drop traffic silently; a restart boots a new core from what the
+//!   old one wrote to its (simulated) disk; an advert fault changes the node's role through the
+//!   same command an operator would send.
+//! - Writes complete at once. Envelopes are opened once per unique message (opening is a pure
+//!   function of the bytes) and handed to every core already opened.
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque},
     rc::Rc,
+    time::Duration,
 };
 
 use arw_p2p::{
-    cluster::{Advert, Health},
+    PeerId,
+    admission::Roster,
+    capsule::CapsuleSet,
+    cluster::Health,
+    core::{
+        BusConfig, Command, CommandId, Counters, Effect, FederationConfig, Input, NodeConfig,
+        NodeCore, ReplyTo, Restored, Write,
+    },
+    events::Event,
+    governor::Governor,
+    hierarchy::Hierarchy,
     identity::NodeKey,
-    membership::{Change, MembershipConfig, Verdict},
-    node_id::NodeId,
-    protocol::{Protocol, SyncRequest},
+    membership::StoredMember,
+    nats::NatsConfig,
+    net::NetConfig,
+    node_id::{IdSource, NodeId},
+    policy::StoredPolicy,
+    protocol::{SyncRequest, SyncResponse},
+    transport::Inbound,
     wire::{self, Opened, Reason},
 };
+use libp2p::gossipsub::MessageId;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sha2::{Digest, Sha256};
@@ -46,27 +63,21 @@ use crate::{
 
 /// Virtual wall clock at time zero (ms since the epoch), so expiry checks see realistic dates.
 const EPOCH_MS: u64 = 1_800_000_000_000;
-const TICK_US: u64 = 250_000;
-const SYNC_RETRY_US: u64 = 5_000_000;
 const SEEN_FOR_US: u64 = 120_000_000;
-/// Bytes of a probe request and of a bare acknowledgement, as JSON on the wire.
-const PROBE_BYTES: u64 = r#"{"have":{},"policy_epoch":0,"probe":true}"#.len() as u64;
-const ACK_BYTES: u64 = r#"{"envelopes":[]}"#.len() as u64;
 const WORKSPACE: &str = "sim";
 
 type MsgId = [u8; 32];
 
 #[derive(Debug)]
-enum Event {
+enum Step {
     Deliver { to: usize, from: usize, id: MsgId, bytes: Rc<[u8]> },
-    SyncRequest { to: usize, from: usize, request: Rc<SyncRequest> },
-    SyncAnswer { to: usize, adverts: Rc<Vec<String>> },
-    Probe { to: usize, from: usize, proof: bool },
-    ProbeAnswer { to: usize, from: usize, beat: Option<Rc<[u8]>>, policy_epoch: u64 },
+    Request { to: usize, from: usize, request: Rc<SyncRequest> },
+    Answer { to: usize, from: usize, response: Rc<SyncResponse> },
     Transport { to: usize, about: usize, up: bool },
-    Beat { node: usize, life: u32 },
-    Readvertise { node: usize, life: u32 },
-    Tick { node: usize, life: u32 },
+    Wake { node: usize, life: u32, at: u64 },
+    Unreachable { node: usize, about: usize },
+    Boot(usize),
+    Mark,
     Fault(usize),
 }
 
@@ -74,7 +85,7 @@ enum Event {
 struct Queued {
     at: u64,
     order: u64,
-    event: Event,
+    event: Step,
 }
 
 impl PartialEq for Queued {
@@ -94,17 +105,73 @@ impl Ord for Queued {
     }
 }
 
+/// What a node's core wrote, as a disk would keep it.
+#[derive(Debug, Default)]
+struct Disk {
+    hierarchy: Hierarchy,
+    self_seq: u64,
+    members: BTreeMap<NodeId, StoredMember>,
+    roster: Roster,
+    policy: StoredPolicy,
+    governor: Governor,
+    capsules: serde_json::Value,
+}
+
+impl Disk {
+    fn write(&mut self, write: Write) {
+        match write {
+            Write::Hierarchy(h) => self.hierarchy = h,
+            Write::Registry { self_seq, upsert, remove } => {
+                self.self_seq = self.self_seq.max(self_seq);
+                for member in upsert {
+                    self.members.insert(member.record.advert.id.clone(), member);
+                }
+                for id in remove {
+                    self.members.remove(&id);
+                }
+            }
+            Write::Roster(r) => self.roster = r,
+            Write::Policy(p) => self.policy = p,
+            Write::Capsules(c) => self.capsules = c,
+            Write::Governor(g) => self.governor = g,
+        }
+    }
+
+    fn restored(&self, now_ms: u64) -> Restored {
+        let (capsules, _) = CapsuleSet::restore(self.capsules.clone(), now_ms).unwrap_or_default();
+        Restored {
+            hierarchy: self.hierarchy.clone(),
+            registry: arw_p2p::core::ClusterStore {
+                self_seq: self.self_seq,
+                nodes: self.members.values().cloned().collect(),
+            },
+            roster: self.roster.clone(),
+            policy: self.policy.clone(),
+            governor: self.governor.clone(),
+            capsules,
+            trust: Default::default(),
+        }
+    }
+}
+
 struct Node {
-    proto: Protocol,
-    key: NodeKey,
+    core: NodeCore,
+    config: NodeConfig,
+    disk: Disk,
     id: NodeId,
     alive: bool,
     /// Bumped on crash and restart, so timers of a past life are ignored.
     life: u32,
+    /// Open connections (gossip travels over them).
+    links: BTreeSet<usize>,
+    /// The overlay this node connects to when it boots.
     neighbours: Vec<usize>,
     seen: HashSet<MsgId>,
     seen_order: VecDeque<(u64, MsgId)>,
-    sync_asked: BTreeMap<usize, u64>,
+    /// The wake time the core asked for (virtual µs).
+    wake: Option<u64>,
+    /// Counters when traffic counting began.
+    counted_from: Counters,
 }
 
 /// An advert being watched: who signed it, from which seq, since when, who has it.
@@ -115,6 +182,13 @@ struct Watch {
     have: Vec<bool>,
 }
 
+/// The message being handled, so an accept verdict can forward it.
+struct Gossip {
+    from: usize,
+    id: MsgId,
+    bytes: Rc<[u8]>,
+}
+
 struct Trial<'a> {
     s: &'a Scenario,
     rng: ChaCha8Rng,
@@ -122,12 +196,14 @@ struct Trial<'a> {
     order: u64,
     queue: BinaryHeap<Reverse<Queued>>,
     nodes: Vec<Node>,
+    by_peer: HashMap<PeerId, usize>,
+    broker: bool,
     side: Option<Vec<bool>>,
     isolated: Vec<bool>,
     opened: HashMap<MsgId, Result<Opened, Reason>>,
     faults: Vec<Fault>,
     watches: Vec<Watch>,
-    /// (observer, target) → since when the target is gone (crash or isolation).
+    /// Target → since when it is gone (crash or isolation).
     gone: BTreeMap<usize, u64>,
     detected: HashSet<(usize, usize)>,
     downed: HashSet<(usize, usize)>,
@@ -135,6 +211,7 @@ struct Trial<'a> {
     healed: Vec<bool>,
     /// The partition and isolations just before the last heal.
     cut_before_heal: (Option<Vec<bool>>, Vec<bool>),
+    commands: u64,
     m: Measures,
 }
 
@@ -156,35 +233,63 @@ pub fn describe_link(s: &Scenario) -> String {
         Latency::Range([a, b]) => format!("{a}–{b} ms"),
     };
     let p = &s.protocol;
+    let bus = if p.observers == 0 {
+        "broker (broadcast heartbeats)".to_owned()
+    } else {
+        format!("mesh of degree {} ({} watchers per node)", s.link.degree, p.observers)
+    };
     format!(
-        "latency {latency}, loss {:.0} %, degree {}, heartbeat {} ms, suspect {} ms, down {} ms",
+        "latency {latency}, loss {:.0} %, {bus}, heartbeat {} ms, suspect {} ms, down {} ms",
         s.link.loss * 100.0,
-        s.link.degree,
         p.heartbeat_interval_ms,
         p.suspect_after_ms,
         p.down_after_ms
     )
 }
 
-fn advert_for(id: &NodeId, seq: u64, now_ms: u64, tag: &str) -> Advert {
-    let mut advert = Advert::basic(id.clone(), WORKSPACE, seq, now_ms);
-    advert.tags = vec![tag.to_owned()];
-    advert
+/// The configuration of simulated node `i`: the daemon's, with the scenario's timings.
+fn node_config(s: &Scenario, key: NodeKey, id: NodeId) -> NodeConfig {
+    let p = &s.protocol;
+    let mut config = NodeConfig::new(key, WORKSPACE, std::path::PathBuf::new());
+    config.explicit_id = Some((id, IdSource::Config));
+    config.advertise_interval = Duration::from_secs(p.advertise_interval_secs.max(1));
+    let bus = if p.observers == 0 {
+        BusConfig::Nats(NatsConfig {
+            url: "nats://simulated".into(),
+            tls: false,
+            user: None,
+            pass: None,
+            connect_retries: 0,
+            connect_backoff: Duration::ZERO,
+            name: "sim".into(),
+        })
+    } else {
+        BusConfig::Libp2p(NetConfig {
+            workspace: WORKSPACE.into(),
+            listen: Vec::new(),
+            bootstrap: Vec::new(),
+            mdns: false,
+        })
+    };
+    let mut federation = FederationConfig {
+        bus,
+        heartbeat_interval: Duration::from_millis(p.heartbeat_interval_ms),
+        membership: arw_p2p::membership::MembershipConfig::new(WORKSPACE),
+    };
+    let m = &mut federation.membership;
+    m.heartbeat_interval_ms = p.heartbeat_interval_ms;
+    m.suspect_after_ms = p.suspect_after_ms;
+    m.down_after_ms = p.down_after_ms;
+    m.beat_max_age_ms = m.beat_max_age_ms.max(2 * p.down_after_ms);
+    m.observers = (p.observers > 0).then_some(p.observers);
+    config.federation = Some(federation);
+    config
 }
 
 impl<'a> Trial<'a> {
     fn new(s: &'a Scenario, seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let n = s.nodes;
-        let config = {
-            let mut c = MembershipConfig::new(WORKSPACE);
-            c.heartbeat_interval_ms = s.protocol.heartbeat_interval_ms;
-            c.suspect_after_ms = s.protocol.suspect_after_ms;
-            c.down_after_ms = s.protocol.down_after_ms;
-            c.beat_max_age_ms = c.beat_max_age_ms.max(2 * s.protocol.down_after_ms);
-            c.observers = (s.protocol.observers > 0).then_some(s.protocol.observers);
-            c
-        };
         let mut neighbours: Vec<Vec<usize>> = vec![Vec::new(); n];
         let link = |a: usize, b: usize, nb: &mut Vec<Vec<usize>>| {
             if a != b && !nb[a].contains(&b) {
@@ -203,24 +308,30 @@ impl<'a> Trial<'a> {
                 tries += 1;
             }
         }
+        let mut by_peer = HashMap::new();
         let nodes = neighbours
             .into_iter()
             .enumerate()
             .map(|(i, neighbours)| {
                 let secret: [u8; 32] = Sha256::digest(format!("{seed}/{i}").as_bytes()).into();
                 let key = NodeKey::from_secret(secret);
+                by_peer.insert(key.peer_id(), i);
                 let id = NodeId::parse(&format!("n{i}"))
                     .unwrap_or_else(|_| unreachable!("n<digits> is a valid id"));
+                let config = node_config(s, key, id.clone());
                 Node {
-                    proto: Protocol::new(key.clone(), id.clone(), config.clone(), 0),
-                    key,
+                    core: NodeCore::new(&config, Restored::default()),
+                    config,
+                    disk: Disk::default(),
                     id,
                     alive: true,
                     life: 0,
+                    links: BTreeSet::new(),
                     neighbours,
                     seen: HashSet::new(),
                     seen_order: VecDeque::new(),
-                    sync_asked: BTreeMap::new(),
+                    wake: None,
+                    counted_from: Counters::default(),
                 }
             })
             .collect();
@@ -231,6 +342,8 @@ impl<'a> Trial<'a> {
             order: 0,
             queue: BinaryHeap::new(),
             nodes,
+            by_peer,
+            broker: s.protocol.observers == 0,
             side: None,
             isolated: vec![false; n],
             opened: HashMap::new(),
@@ -242,20 +355,22 @@ impl<'a> Trial<'a> {
             heal_since: None,
             healed: vec![false; n],
             cut_before_heal: (None, vec![false; n]),
+            commands: 0,
             m: Measures::default(),
         };
         for i in 0..trial.faults.len() {
             let at = (trial.faults[i].at_secs * 1e6) as u64;
-            trial.schedule(at, Event::Fault(i));
+            trial.schedule(at, Step::Fault(i));
         }
+        trial.schedule((s.traffic_after_secs * 1e6) as u64, Step::Mark);
         for i in 0..n {
             let start = trial.rng.random_range(0..100_000);
-            trial.boot(i, start);
+            trial.schedule(start, Step::Boot(i));
         }
         trial
     }
 
-    fn schedule(&mut self, at: u64, event: Event) {
+    fn schedule(&mut self, at: u64, event: Step) {
         self.order += 1;
         self.queue.push(Reverse(Queued { at, order: self.order, event }));
     }
@@ -290,7 +405,7 @@ impl<'a> Trial<'a> {
         delay
     }
 
-    fn send(&mut self, from: usize, to: usize, event: Event) {
+    fn send(&mut self, from: usize, to: usize, event: Step) {
         if self.cut(from, to) {
             return;
         }
@@ -298,13 +413,17 @@ impl<'a> Trial<'a> {
         self.schedule(at, event);
     }
 
-    fn broadcast(&mut self, from: usize, bytes: Vec<u8>, except: Option<usize>) {
-        let id: MsgId = Sha256::digest(&bytes).into();
-        self.remember(from, id);
-        let bytes: Rc<[u8]> = bytes.into();
-        for to in self.nodes[from].neighbours.clone() {
+    /// Sends `bytes` from `from` over its connections (the broker: to everyone), except to
+    /// `except`.
+    fn gossip(&mut self, from: usize, id: MsgId, bytes: Rc<[u8]>, except: Option<usize>) {
+        let targets: Vec<usize> = if self.broker {
+            (0..self.nodes.len()).filter(|&j| j != from).collect()
+        } else {
+            self.nodes[from].links.iter().copied().collect()
+        };
+        for to in targets {
             if Some(to) != except {
-                self.send(from, to, Event::Deliver { to, from, id, bytes: bytes.clone() });
+                self.send(from, to, Step::Deliver { to, from, id, bytes: bytes.clone() });
             }
         }
     }
@@ -325,38 +444,111 @@ impl<'a> Trial<'a> {
         }
     }
 
-    /// Starts (or restarts) node `i` at `at`: boot advert, connections, timers.
-    fn boot(&mut self, i: usize, at: u64) {
-        let saved = self.now;
-        self.now = self.now.max(at);
-        self.advertise(i, "boot");
-        let life = self.nodes[i].life;
-        let beat = self.rng.random_range(0..self.s.protocol.heartbeat_interval_ms * 1000);
-        let tick = self.rng.random_range(0..TICK_US);
-        let readvert = self.rng.random_range(0..self.readvert_us());
-        self.schedule(self.now + beat, Event::Beat { node: i, life });
-        self.schedule(self.now + tick, Event::Tick { node: i, life });
-        self.schedule(self.now + readvert, Event::Readvertise { node: i, life });
+    /// Hands `input` to node `i`'s core and carries out the effects. `gossip` is the message
+    /// being validated, if any.
+    fn input(&mut self, i: usize, input: Input, gossip: Option<&Gossip>) {
+        let now_ms = self.now_ms();
+        let effects = self.nodes[i].core.handle(input, now_ms);
+        let mut queue: VecDeque<Effect> = effects.into();
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Publish(bytes) => {
+                    let id: MsgId = Sha256::digest(&bytes).into();
+                    self.remember(i, id);
+                    self.gossip(i, id, bytes.into(), None);
+                }
+                Effect::Validate { verdict, .. } => {
+                    if let (arw_p2p::membership::Verdict::Accept, Some(g)) = (verdict, gossip)
+                        && !self.broker
+                    {
+                        self.gossip(i, g.id, g.bytes.clone(), Some(g.from));
+                    }
+                }
+                Effect::Request { peer, request } => {
+                    let request = Rc::new(request);
+                    let targets: Vec<usize> = match peer {
+                        Some(peer) => self.by_peer.get(&peer).copied().into_iter().collect(),
+                        None => (0..self.nodes.len()).filter(|&j| j != i).collect(),
+                    };
+                    for to in targets {
+                        if !self.nodes[to].alive && !self.cut(i, to) && !self.broker {
+                            // Nobody listens there any more: the dial is refused.
+                            let at = self.now + 2 * self.delay();
+                            self.schedule(at, Step::Unreachable { node: i, about: to });
+                            continue;
+                        }
+                        if !self.broker
+                            && !self.nodes[i].links.contains(&to)
+                            && self.reachable(i, to)
+                        {
+                            // libp2p dials a peer it has no connection to.
+                            self.connect(i, to);
+                        }
+                        let event = Step::Request { to, from: i, request: request.clone() };
+                        self.send(i, to, event);
+                    }
+                }
+                Effect::Respond { to: ReplyTo(to), response } => {
+                    let to = to as usize;
+                    self.send(i, to, Step::Answer { to, from: i, response: Rc::new(response) });
+                }
+                Effect::Reset(peer) => {
+                    if let Some(&j) = self.by_peer.get(&peer)
+                        && self.nodes[i].links.remove(&j)
+                    {
+                        self.nodes[j].links.remove(&i);
+                        self.send(i, j, Step::Transport { to: j, about: i, up: false });
+                    }
+                }
+                Effect::Redial { peer, .. } => {
+                    if let Some(&j) = self.by_peer.get(&peer)
+                        && !self.nodes[i].links.contains(&j)
+                        && self.reachable(i, j)
+                    {
+                        self.connect(i, j);
+                    }
+                }
+                Effect::Persist { write, ticket } => {
+                    self.nodes[i].disk.write(write);
+                    let follow =
+                        self.nodes[i].core.handle(Input::Persisted(ticket, Ok(())), now_ms);
+                    for effect in follow.into_iter().rev() {
+                        queue.push_front(effect);
+                    }
+                }
+                Effect::Emit(event) => self.observe(i, event),
+                Effect::WakeAt(at_ms) => {
+                    let at = at_ms.saturating_sub(EPOCH_MS).saturating_mul(1000).max(self.now);
+                    self.nodes[i].wake = Some(at);
+                    let life = self.nodes[i].life;
+                    self.schedule(at, Step::Wake { node: i, life, at });
+                }
+                // Discovery is the fixed overlay here; nobody reads snapshots or replies.
+                Effect::Dial(_) | Effect::Snapshot | Effect::Reply(..) => {}
+            }
+        }
+    }
+
+    /// Starts (or restarts) node `i` now: its core's start, then its connections.
+    fn boot(&mut self, i: usize) {
+        self.input(i, Input::Start { addresses: Vec::new() }, None);
+        if self.broker {
+            self.input(i, Input::Link(true), None);
+            return;
+        }
         for j in self.nodes[i].neighbours.clone() {
-            if self.nodes[j].alive {
+            if self.reachable(i, j) {
                 self.connect(i, j);
             }
         }
-        self.now = saved;
     }
 
-    /// A (re)established connection: both ends learn it and ask each other for adverts.
+    /// A connection opens: both ends learn it after one latency.
     fn connect(&mut self, a: usize, b: usize) {
-        for (x, y) in [(a, b), (b, a)] {
-            self.send(x, y, Event::Transport { to: y, about: x, up: true });
-            let request = Rc::new(self.nodes[x].proto.sync_request());
-            self.nodes[x].sync_asked.insert(y, self.now);
-            self.send(x, y, Event::SyncRequest { to: y, from: x, request });
-        }
-    }
-
-    fn readvert_us(&self) -> u64 {
-        self.s.protocol.advertise_interval_secs.max(1) * 1_000_000
+        self.nodes[a].links.insert(b);
+        self.nodes[b].links.insert(a);
+        self.send(a, b, Step::Transport { to: b, about: a, up: true });
+        self.send(b, a, Step::Transport { to: a, about: b, up: true });
     }
 
     /// Opens message `id` once for all nodes (opening is a pure function of the bytes).
@@ -364,29 +556,8 @@ impl<'a> Trial<'a> {
         self.opened.entry(id).or_insert_with(|| wire::open(bytes, WORKSPACE)).clone()
     }
 
-    /// Floods whatever node `i`'s core has for everyone.
-    fn flush(&mut self, i: usize) {
-        for envelope in self.nodes[i].proto.take_outbox() {
-            self.broadcast(i, envelope, None);
-        }
-    }
-
-    /// Applies an envelope node `to` got by request (sync or probe answer), not by gossip.
-    fn receive_direct(&mut self, to: usize, bytes: &[u8]) -> Vec<Change> {
-        let opened = self.open(Sha256::digest(bytes).into(), bytes);
-        let now_ms = self.now_ms();
-        let receipt = self.nodes[to].proto.receive_opened(opened, bytes, now_ms);
-        self.flush(to);
-        receipt.changes
-    }
-
-    fn advertise(&mut self, i: usize, tag: &str) -> u64 {
-        let now_ms = self.now_ms();
-        let seq = self.nodes[i].proto.next_seq(now_ms);
-        let advert = advert_for(&self.nodes[i].id, seq, now_ms, tag);
-        let bytes = self.nodes[i].proto.seal_advert(&advert);
-        self.broadcast(i, bytes, None);
-        seq
+    fn peer(&self, i: usize) -> PeerId {
+        self.nodes[i].config.key.peer_id()
     }
 
     fn run(mut self) -> Measures {
@@ -403,150 +574,90 @@ impl<'a> Trial<'a> {
                 .filter(|&j| j != w.origin && self.nodes[j].alive && !w.have[j])
                 .count();
         }
+        let mut decisions = Counters::default();
+        for node in &self.nodes {
+            decisions = add(decisions, since(node.core.counters(), node.counted_from));
+        }
+        self.m.decisions = Some(decisions);
         self.m
     }
 
-    fn handle(&mut self, event: Event) {
+    fn handle(&mut self, event: Step) {
         match event {
-            Event::Deliver { to, from, id, bytes } => {
-                if !self.nodes[to].alive {
+            Step::Deliver { to, from, id, bytes } => {
+                if !self.nodes[to].alive || !self.remember(to, id) {
                     return;
                 }
                 self.count_received(bytes.len() as u64);
-                if !self.remember(to, id) {
-                    return;
-                }
                 let opened = self.open(id, &bytes);
-                let now_ms = self.now_ms();
-                let receipt = self.nodes[to].proto.receive_opened(opened, &bytes, now_ms);
-                if receipt.verdict == Verdict::Accept {
-                    self.broadcast(to, bytes.to_vec(), Some(from));
-                }
-                self.flush(to);
-                if receipt.refusal.as_ref().is_some_and(|r| r.reason == Reason::UnknownNode) {
-                    self.ask_sync(to, from);
-                }
-                self.observe(to, receipt.changes);
-            }
-            Event::SyncRequest { to, from, request } => {
-                if !self.nodes[to].alive {
-                    return;
-                }
-                self.count(&request);
-                if let Some(answer) = self.nodes[to].proto.sync_answer(&request, true) {
-                    self.send(
-                        to,
-                        from,
-                        Event::SyncAnswer { to: from, adverts: Rc::new(answer.envelopes) },
-                    );
-                }
-                let now_ms = self.now_ms();
-                let vouch = self.nodes[to].proto.vouch(&request, now_ms);
-                self.flush(to);
-                self.send_probes(to, vouch);
-            }
-            Event::SyncAnswer { to, adverts, .. } => {
-                if !self.nodes[to].alive {
-                    return;
-                }
-                self.count_received(adverts.iter().map(|a| a.len() as u64).sum());
-                for advert in adverts.iter() {
-                    let changes = self.receive_direct(to, advert.as_bytes());
-                    self.observe(to, changes);
-                }
-            }
-            Event::Probe { to, from, proof } => {
-                if !self.nodes[to].alive {
-                    return;
-                }
-                self.count_received(PROBE_BYTES);
-                if !self.nodes[to]
-                    .proto
-                    .membership()
-                    .members()
-                    .contains_key(self.nodes[from].id.as_str())
-                {
-                    // Probed by a node we never heard of, as the node actor does: ask it.
-                    self.ask_sync(to, from);
-                }
-                let now_ms = self.now_ms();
-                let answer = self.nodes[to].proto.answer_probe(proof, now_ms);
-                self.flush(to);
-                let beat = answer.envelopes.first().map(|b| Rc::from(b.as_bytes()));
-                let policy_epoch = answer.policy_epoch;
-                self.send(to, from, Event::ProbeAnswer { to: from, from: to, beat, policy_epoch });
-            }
-            Event::ProbeAnswer { to, from, beat, policy_epoch } => {
-                if !self.nodes[to].alive {
-                    return;
-                }
-                let now_ms = self.now_ms();
-                let id = self.nodes[from].id.clone();
-                // No policy is issued in the simulation: an epoch behind is never asked for.
-                let _behind = self.nodes[to].proto.probe_answered(&id, policy_epoch, now_ms);
-                let Some(beat) = beat else { return self.count_received(ACK_BYTES) };
-                self.count_received(ACK_BYTES + beat.len() as u64);
-                let changes = self.receive_direct(to, &beat);
-                self.observe(to, changes);
-            }
-            Event::Transport { to, about, up } => {
-                if self.nodes[to].alive && !up {
-                    // As the node actor does: report the reset so every node suspects now.
-                    let now_ms = self.now_ms();
-                    let target = self.nodes[about].id.clone();
-                    let change = self.nodes[to].proto.suspect(&target, now_ms);
-                    self.flush(to);
-                    self.observe(to, change.into_iter().collect());
-                }
-            }
-            Event::Beat { node, life } => {
-                if self.nodes[node].life != life || !self.nodes[node].alive {
-                    return;
-                }
-                if self.s.protocol.observers == 0 {
-                    let now_ms = self.now_ms();
-                    let beat = self.nodes[node].proto.heartbeat(now_ms);
-                    self.broadcast(node, beat, None);
+                let via = if self.broker {
+                    Inbound::Broker
                 } else {
-                    let probes = self.nodes[node].proto.probes();
-                    self.send_probes(node, probes);
-                }
-                let next = self.now + self.s.protocol.heartbeat_interval_ms * 1000;
-                self.schedule(next, Event::Beat { node, life });
+                    Inbound::Gossip { id: MessageId::from(id.to_vec()), source: self.peer(from) }
+                };
+                let gossip = Gossip { from, id, bytes: bytes.clone() };
+                let input =
+                    Input::Message { bytes: bytes.to_vec(), via, opened: Some(Box::new(opened)) };
+                self.input(to, input, Some(&gossip));
             }
-            Event::Readvertise { node, life } => {
-                if self.nodes[node].life != life || !self.nodes[node].alive {
+            Step::Request { to, from, request } => {
+                if !self.nodes[to].alive {
                     return;
                 }
-                self.advertise(node, "boot");
-                let next = self.now + self.readvert_us();
-                self.schedule(next, Event::Readvertise { node, life });
+                self.count_received(serde_json::to_vec(&*request).map_or(0, |b| b.len() as u64));
+                let peer = (!self.broker).then(|| self.peer(from));
+                let input = Input::SyncRequest {
+                    from: peer,
+                    request: (*request).clone(),
+                    reply: ReplyTo(from as u64),
+                };
+                self.input(to, input, None);
             }
-            Event::Tick { node, life } => {
-                if self.nodes[node].life != life || !self.nodes[node].alive {
+            Step::Answer { to, from, response } => {
+                if !self.nodes[to].alive {
                     return;
                 }
-                let now_ms = self.now_ms();
-                let changes = self.nodes[node].proto.tick(now_ms);
-                self.flush(node);
-                self.observe(node, changes);
-                // As the node actor does: the next tick, or sooner when a silence reaches its
-                // threshold before then.
-                let mut next = self.now + TICK_US;
-                if let Some(due_ms) = self.nodes[node].proto.next_deadline() {
-                    let due = due_ms.saturating_sub(EPOCH_MS).saturating_mul(1000);
-                    next = next.min(due.max(self.now + 1));
-                }
-                self.schedule(next, Event::Tick { node, life });
+                self.count_received(serde_json::to_vec(&*response).map_or(0, |b| b.len() as u64));
+                let peer = (!self.broker).then(|| self.peer(from));
+                self.input(
+                    to,
+                    Input::SyncResponse { from: peer, response: (*response).clone() },
+                    None,
+                );
             }
-            Event::Fault(i) => self.fault(i),
-        }
-    }
-
-    fn send_probes(&mut self, from: usize, probes: Vec<arw_p2p::membership::Probe>) {
-        for probe in probes {
-            let Some(to) = self.index_of(&probe.id) else { continue };
-            self.send(from, to, Event::Probe { to, from, proof: probe.proof });
+            Step::Transport { to, about, up } => {
+                if !self.nodes[to].alive {
+                    return;
+                }
+                let peer = self.peer(about);
+                let input = if up {
+                    Input::Connected(peer)
+                } else {
+                    Input::Disconnected { peer, ours: false }
+                };
+                self.input(to, input, None);
+            }
+            Step::Wake { node, life, at } => {
+                let n = &self.nodes[node];
+                if n.life != life || !n.alive || n.wake != Some(at) {
+                    return;
+                }
+                self.nodes[node].wake = None;
+                self.input(node, Input::Timer, None);
+            }
+            Step::Unreachable { node, about } => {
+                if self.nodes[node].alive {
+                    let peer = self.peer(about);
+                    self.input(node, Input::Unreachable(peer), None);
+                }
+            }
+            Step::Boot(i) => self.boot(i),
+            Step::Mark => {
+                for node in &mut self.nodes {
+                    node.counted_from = node.core.counters();
+                }
+            }
+            Step::Fault(i) => self.fault(i),
         }
     }
 
@@ -557,32 +668,22 @@ impl<'a> Trial<'a> {
         }
     }
 
-    fn count(&mut self, request: &SyncRequest) {
-        let have: u64 = request.have.keys().map(|k| k.len() as u64 + 8).sum();
-        let lost: u64 = request.lost.iter().map(|k| k.len() as u64 + 3).sum();
-        self.count_received(have + lost);
-    }
-
-    fn ask_sync(&mut self, from: usize, to: usize) {
-        if self.nodes[from]
-            .sync_asked
-            .get(&to)
-            .is_some_and(|t| self.now.saturating_sub(*t) < SYNC_RETRY_US)
-        {
-            return;
-        }
-        self.nodes[from].sync_asked.insert(to, self.now);
-        let request = Rc::new(self.nodes[from].proto.sync_request());
-        self.send(from, to, Event::SyncRequest { to, from, request });
-    }
-
     fn fault(&mut self, i: usize) {
         let fault = self.faults[i].clone();
         let node = fault.node.unwrap_or(0);
         match fault.kind {
             FaultKind::Advert => {
                 if self.nodes[node].alive {
-                    let seq = self.advertise(node, "changed");
+                    // The operator changes the node's role: a new advert, as in the stack tier.
+                    let role = match self.nodes[node].core.role() {
+                        arw_p2p::role::Role::Edge => "regional",
+                        _ => "edge",
+                    };
+                    self.commands += 1;
+                    let command =
+                        Input::Command(CommandId(self.commands), Command::SetRole(role.into()));
+                    self.input(node, command, None);
+                    let seq = self.nodes[node].core.protocol().seq();
                     self.watch(node, seq);
                 }
             }
@@ -590,29 +691,27 @@ impl<'a> Trial<'a> {
                 self.nodes[node].alive = false;
                 self.nodes[node].life += 1;
                 self.gone.insert(node, self.now);
-                for j in self.nodes[node].neighbours.clone() {
-                    // The dead process's kernel resets its connections.
-                    self.send(node, j, Event::Transport { to: j, about: node, up: false });
+                for j in std::mem::take(&mut self.nodes[node].links) {
+                    // The dead process's kernel closes its connections.
+                    self.nodes[j].links.remove(&node);
+                    self.send(node, j, Step::Transport { to: j, about: node, up: false });
                 }
             }
             FaultKind::Restart => {
                 if self.nodes[node].alive {
                     return;
                 }
+                let now_ms = self.now_ms();
                 let n = &mut self.nodes[node];
-                let stored = n.proto.membership().stored();
-                let config = n.proto.membership().config().clone();
-                let mut proto = Protocol::new(n.key.clone(), n.id.clone(), config, n.proto.seq());
-                proto.membership_mut().restore(stored);
-                n.proto = proto;
+                n.core = NodeCore::new(&n.config, n.disk.restored(now_ms));
                 n.alive = true;
                 n.life += 1;
+                n.wake = None;
                 n.seen.clear();
                 n.seen_order.clear();
-                n.sync_asked.clear();
                 self.gone.remove(&node);
-                let seq = self.nodes[node].proto.next_seq(self.now_ms());
-                self.boot(node, self.now);
+                self.boot(node);
+                let seq = self.nodes[node].core.protocol().seq();
                 self.watch(node, seq);
             }
             FaultKind::Isolate => {
@@ -625,10 +724,6 @@ impl<'a> Trial<'a> {
                 self.side = Some((0..self.nodes.len()).map(|j| j < cut).collect());
             }
             FaultKind::Heal => {
-                let was_cut: Vec<(usize, usize)> = (0..self.nodes.len())
-                    .flat_map(|a| self.nodes[a].neighbours.iter().map(move |&b| (a, b)))
-                    .filter(|&(a, b)| a < b && self.cut(a, b))
-                    .collect();
                 self.cut_before_heal = (self.side.take(), self.isolated.clone());
                 for (j, isolated) in self.isolated.iter_mut().enumerate() {
                     if *isolated {
@@ -638,11 +733,6 @@ impl<'a> Trial<'a> {
                 }
                 self.heal_since = Some(self.now);
                 self.healed = vec![false; self.nodes.len()];
-                for (a, b) in was_cut {
-                    if self.nodes[a].alive && self.nodes[b].alive {
-                        self.connect(a, b);
-                    }
-                }
             }
         }
     }
@@ -653,55 +743,53 @@ impl<'a> Trial<'a> {
         self.watches.push(Watch { origin, seq, since: self.now, have });
     }
 
-    /// Records what `observer`'s membership changes mean for the measures.
-    fn observe(&mut self, observer: usize, changes: Vec<Change>) {
-        for change in changes {
-            match change {
-                Change::Advert { id, .. } => {
-                    let Some(origin) = self.index_of(&id) else { continue };
-                    let seq = self.nodes[observer]
-                        .proto
-                        .membership()
-                        .members()
-                        .get(&id)
-                        .map_or(0, |m| m.record.advert.seq);
-                    for w in &mut self.watches {
-                        if w.origin == origin && seq >= w.seq && !w.have[observer] {
-                            w.have[observer] = true;
-                            self.m.convergence.push((self.now - w.since) as f64 / 1000.0);
-                        }
+    /// Records what `observer`'s events mean for the measures.
+    fn observe(&mut self, observer: usize, event: Event) {
+        match event {
+            Event::NodeAdvertise(advert) => {
+                let Some(origin) = self.index_of(&advert.advert.id) else { return };
+                let seq = advert.advert.seq;
+                for w in &mut self.watches {
+                    if w.origin == origin && seq >= w.seq && !w.have[observer] {
+                        w.have[observer] = true;
+                        self.m.convergence.push((self.now - w.since) as f64 / 1000.0);
                     }
                 }
-                Change::Health { id, to, .. } => {
-                    let Some(target) = self.index_of(&id) else { continue };
-                    if to == Health::Ok {
-                        self.check_healed(observer);
-                        continue;
-                    }
-                    if let Some(&since) = self.gone.get(&target) {
-                        let ms = (self.now - since) as f64 / 1000.0;
-                        if self.detected.insert((observer, target)) {
-                            self.m.detection.push(ms);
-                        }
-                        if to == Health::Down && self.downed.insert((observer, target)) {
-                            self.m.down.push(ms);
-                        }
-                    } else if self.reachable(observer, target) {
-                        match to {
-                            Health::Down if !self.cut_lately(observer, target) => {
-                                self.m.false_positives += 1
-                            }
-                            Health::Suspect => self.m.false_suspects += 1,
-                            _ => {}
-                        }
-                    }
-                }
-                Change::Evicted { .. }
-                | Change::SelfSuspected { .. }
-                | Change::Conflict { .. }
-                | Change::Policy(_)
-                | Change::PolicyBehind { .. } => {}
             }
+            Event::NodeChanged(changed) if changed.previous_health.is_some() => {
+                let Some(target) =
+                    NodeId::parse(&changed.node.id).ok().and_then(|id| self.index_of(&id))
+                else {
+                    return;
+                };
+                let to = match changed.node.health.as_deref() {
+                    Some("ok") => Health::Ok,
+                    Some("suspect") => Health::Suspect,
+                    Some("down") => Health::Down,
+                    _ => return,
+                };
+                if to == Health::Ok {
+                    return self.check_healed(observer);
+                }
+                if let Some(&since) = self.gone.get(&target) {
+                    let ms = (self.now - since) as f64 / 1000.0;
+                    if self.detected.insert((observer, target)) {
+                        self.m.detection.push(ms);
+                    }
+                    if to == Health::Down && self.downed.insert((observer, target)) {
+                        self.m.down.push(ms);
+                    }
+                } else if self.reachable(observer, target) {
+                    match to {
+                        Health::Down if !self.cut_lately(observer, target) => {
+                            self.m.false_positives += 1
+                        }
+                        Health::Suspect => self.m.false_suspects += 1,
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
@@ -721,7 +809,7 @@ impl<'a> Trial<'a> {
         if self.healed[observer] || !self.nodes[observer].alive {
             return;
         }
-        let members = self.nodes[observer].proto.membership().members();
+        let members = self.nodes[observer].core.protocol().membership().members();
         let whole =
             (0..self.nodes.len()).filter(|&j| j != observer && self.nodes[j].alive).all(|j| {
                 members
@@ -739,6 +827,36 @@ impl<'a> Trial<'a> {
             .strip_prefix('n')
             .and_then(|n| n.parse().ok())
             .filter(|&i: &usize| i < self.nodes.len())
+    }
+}
+
+/// `a + b`, field by field.
+pub fn add(a: Counters, b: Counters) -> Counters {
+    Counters {
+        received: a.received + b.received,
+        refused: a.refused + b.refused,
+        syncs: a.syncs + b.syncs,
+        probes: a.probes + b.probes,
+        reports: a.reports + b.reports,
+        refutations: a.refutations + b.refutations,
+        resets: a.resets + b.resets,
+        redials: a.redials + b.redials,
+        adverts: a.adverts + b.adverts,
+    }
+}
+
+/// `now − then`, field by field.
+pub fn since(now: Counters, then: Counters) -> Counters {
+    Counters {
+        received: now.received.saturating_sub(then.received),
+        refused: now.refused.saturating_sub(then.refused),
+        syncs: now.syncs.saturating_sub(then.syncs),
+        probes: now.probes.saturating_sub(then.probes),
+        reports: now.reports.saturating_sub(then.reports),
+        refutations: now.refutations.saturating_sub(then.refutations),
+        resets: now.resets.saturating_sub(then.resets),
+        redials: now.redials.saturating_sub(then.redials),
+        adverts: now.adverts.saturating_sub(then.adverts),
     }
 }
 

@@ -12,7 +12,8 @@ use tokio::{sync::mpsc, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use arw_p2p::{
-    events::EventTx,
+    core::Counters,
+    events::{Event, EventTx},
     identity::NodeKey,
     node::{self, FederationConfig, NodeConfig, NodeHandle},
     node_id::{IdSource, NodeId},
@@ -24,7 +25,7 @@ use crate::{
 };
 
 /// How long the nodes may take to find each other before a trial's faults start.
-const FORMATION_LIMIT: Duration = Duration::from_secs(120);
+const FORMATION_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
 enum Seen {
@@ -84,6 +85,7 @@ async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
         bootstrap: Vec::new(),
         cancel: CancellationToken::new(),
     };
+    let started = Instant::now();
     for i in 0..s.nodes {
         let node = cluster.start(i, None).await?;
         if i == 0 {
@@ -92,19 +94,23 @@ async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
         cluster.nodes.push(Some(node));
     }
     cluster.formed().await?;
+    let formation = started.elapsed().as_secs_f64() * 1000.0;
     let peers: Vec<usize> = cluster
         .nodes
         .iter()
         .flatten()
         .map(|n| n.handle.snapshot().network.connected_peers)
         .collect();
-    tracing::info!(?peers, "formed; connections per node");
+    tracing::info!(?peers, formation_ms = formation, "formed; connections per node");
     let rss_after = rss_bytes(None);
     let mut m = Measures {
         rss: vec![rss_after.saturating_sub(rss_before) / s.nodes as u64],
+        formation: vec![formation],
         ..Measures::default()
     };
     while cluster.seen.try_recv().is_ok() {}
+    let counted_from: Vec<Counters> =
+        cluster.nodes.iter().flatten().map(|n| n.handle.snapshot().counters).collect();
 
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(s.duration_secs);
@@ -191,6 +197,16 @@ async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
             .filter(|j| j != origin && cluster.is_alive(*j) && !have.contains(j))
             .count();
     }
+    let mut decisions = Counters::default();
+    for (node, from) in cluster.nodes.iter().zip(&counted_from) {
+        if let Some(node) = node.as_ref().filter(|n| n.alive) {
+            decisions = crate::sim::add(
+                decisions,
+                crate::sim::since(node.handle.snapshot().counters, *from),
+            );
+        }
+    }
+    m.decisions = Some(decisions);
     cluster.cancel.cancel();
     for node in cluster.nodes.iter_mut().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(5), &mut node.task).await;
@@ -233,18 +249,19 @@ impl Cluster<'_> {
         tokio::spawn(async move {
             while let Some(emit) = rx.recv().await {
                 let at = Instant::now();
-                let id = emit.payload["id"].as_str().unwrap_or_default().to_owned();
-                let seen = match emit.kind.as_str() {
-                    "cluster.node.advertise" => Seen::Advert {
+                let seen = match emit.event() {
+                    Some(Event::NodeAdvertise(a)) => Seen::Advert {
                         at,
                         observer: i,
-                        id,
-                        seq: emit.payload["seq"].as_u64().unwrap_or(0),
+                        id: a.advert.id.to_string(),
+                        seq: a.advert.seq,
                     },
-                    "cluster.node.changed" => {
-                        let health = emit.payload["health"].as_str().unwrap_or_default().to_owned();
-                        Seen::Health { at, observer: i, id, health }
-                    }
+                    Some(Event::NodeChanged(c)) if c.previous_health.is_some() => Seen::Health {
+                        at,
+                        observer: i,
+                        id: c.node.id,
+                        health: c.node.health.unwrap_or_default(),
+                    },
                     _ => continue,
                 };
                 if tx.send(seen).is_err() {
@@ -255,22 +272,34 @@ impl Cluster<'_> {
         Ok(Node { handle, task, alive: true, dir })
     }
 
-    /// Waits until every node sees every node `ok`.
+    /// Waits until every node sees every node `ok`; says how far formation got when it does
+    /// not within [`FORMATION_LIMIT`].
     async fn formed(&self) -> Result<(), String> {
         let n = self.s.nodes;
         let deadline = tokio::time::Instant::now() + FORMATION_LIMIT;
+        let ok_count = |snap: &arw_p2p::node::Snapshot| {
+            snap.nodes.values().filter(|r| r.health == arw_p2p::cluster::Health::Ok).count()
+        };
         for node in self.nodes.iter().flatten() {
             let mut rx = node.handle.watch();
-            let all_ok = |snap: &std::sync::Arc<arw_p2p::node::Snapshot>| {
-                snap.nodes.len() == n
-                    && snap.nodes.values().all(|r| r.health == arw_p2p::cluster::Health::Ok)
-            };
-            tokio::time::timeout_at(deadline, rx.wait_for(all_ok))
-                .await
-                .map_err(|_| {
-                    format!("the {n} nodes did not find each other within {FORMATION_LIMIT:?}")
-                })?
-                .map_err(|e| e.to_string())?;
+            let waited = tokio::time::timeout_at(deadline, rx.wait_for(|s| ok_count(s) == n)).await;
+            if waited.is_err() {
+                let seen: Vec<usize> =
+                    self.nodes.iter().flatten().map(|n| ok_count(&n.handle.snapshot())).collect();
+                let peers: Vec<usize> = self
+                    .nodes
+                    .iter()
+                    .flatten()
+                    .map(|n| n.handle.snapshot().network.connected_peers)
+                    .collect();
+                return Err(format!(
+                    "the {n} nodes did not find each other within {FORMATION_LIMIT:?} (nodes each sees ok: min {}, max {}; connections: min {}, max {})",
+                    seen.iter().min().unwrap_or(&0),
+                    seen.iter().max().unwrap_or(&0),
+                    peers.iter().min().unwrap_or(&0),
+                    peers.iter().max().unwrap_or(&0),
+                ));
+            }
         }
         Ok(())
     }

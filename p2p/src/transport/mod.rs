@@ -2,10 +2,14 @@
 //! ([`Net`]) or a NATS broker ([`NatsBus`]). Both carry the same signed envelopes; the membership
 //! core decides what is accepted either way.
 
+pub mod nats;
+pub mod net;
 pub mod types;
 
-use crate::{membership::Verdict, nats::NatsBus, net::Net};
+use crate::membership::Verdict;
 use libp2p::PeerId;
+use nats::NatsBus;
+use net::Net;
 pub use types::{
     Inbound, Mismatch, NetworkStatus, SyncReply, SyncRequest, SyncResponse, TransportEvent,
 };
@@ -70,12 +74,6 @@ impl Transport {
         }
     }
 
-    /// Whether a sync answer should include every advert this node knows (libp2p: the asker
-    /// talks to one peer) or only its own (NATS: every node answers the broadcast request).
-    pub fn answers_for_everyone(&self) -> bool {
-        matches!(self, Transport::Libp2p(_))
-    }
-
     /// Periodic upkeep.
     pub fn maintain(&mut self) {
         if let Transport::Libp2p(net) = self {
@@ -83,11 +81,18 @@ impl Transport {
         }
     }
 
-    /// The node behind `peer` was judged down: drop a stalled connection to it and redial
-    /// (libp2p; over NATS there is no per-node connection).
+    /// The node behind `peer` was judged down: drop a stalled connection to it (libp2p; over
+    /// NATS there is no per-node connection).
     pub fn reset(&mut self, peer: PeerId) {
         if let Transport::Libp2p(net) = self {
             net.reset(peer);
+        }
+    }
+
+    /// Dials a node judged down again (libp2p).
+    pub fn redial(&mut self, peer: PeerId, addrs: &[String]) {
+        if let Transport::Libp2p(net) = self {
+            net.redial(peer, addrs.iter().filter_map(|a| a.parse().ok()).collect());
         }
     }
 
@@ -106,12 +111,11 @@ impl Transport {
         }
     }
 
-    /// The transport's state for `/admin/hierarchy/state`.
-    pub fn status(&self, bus: &str) -> NetworkStatus {
+    /// The transport's state for `/admin/hierarchy/state` (the node fills in its settings).
+    pub fn status(&self) -> NetworkStatus {
         match self {
             Transport::Libp2p(net) => NetworkStatus {
                 state: if net.connected() == 0 { "no_peers" } else { "connected" }.to_owned(),
-                bus: bus.to_owned(),
                 topic: Some(net.topic()),
                 listen: net.addresses(),
                 connected_peers: net.connected(),
@@ -119,20 +123,11 @@ impl Transport {
             },
             Transport::Nats(nats) => NetworkStatus {
                 state: if nats.is_connected() { "connected" } else { "disconnected" }.to_owned(),
-                bus: bus.to_owned(),
                 topic: Some(nats.subject()),
                 listen: Vec::new(),
                 broker: Some(nats.url().to_owned()),
                 ..NetworkStatus::default()
             },
-        }
-    }
-
-    /// Whether the node can hear the others at all right now (false while the broker is away).
-    pub fn is_linked(&self) -> bool {
-        match self {
-            Transport::Libp2p(_) => true,
-            Transport::Nats(bus) => bus.is_connected(),
         }
     }
 }

@@ -39,10 +39,17 @@ pub enum TransportEvent {
         /// How it came.
         via: Inbound,
     },
-    /// First connection to a peer (libp2p).
-    PeerUp(PeerId),
-    /// Last connection to a peer closed (libp2p).
-    PeerDown(PeerId),
+    /// A peer of this workspace is connected (libp2p: it subscribed to the topic).
+    Connected(PeerId),
+    /// The last connection to such a peer closed (libp2p).
+    Disconnected {
+        /// The peer.
+        peer: PeerId,
+        /// This node closed it (on purpose, or as idle): it says nothing about the peer.
+        ours: bool,
+    },
+    /// A request to a peer failed because it could not be reached at all (libp2p).
+    Unreachable(PeerId),
     /// The broker connection came up (`true`) or went away (NATS).
     Link(bool),
     /// Someone asks for adverts.

@@ -59,30 +59,14 @@ pub struct Net {
     listen: BTreeSet<Multiaddr>,
     connected: BTreeSet<PeerId>,
     last_bootstrap_dial: Option<Instant>,
-    last_kad_bootstrap: Option<Instant>,
-    last_trim: Option<Instant>,
-    /// Peers this node disconnected on purpose: their closing says nothing about their health.
-    trimmed: BTreeSet<PeerId>,
-    /// Peers whose connection this node closed because the membership judged them `down` over
-    /// a silent connection, being redialled. (Not peers that closed on us: with trimming on both
-    /// sides that would be a redial war.)
-    lost: BTreeMap<PeerId, Lost>,
-}
-
-/// A peer being redialled.
-#[derive(Debug, Clone, Copy)]
-struct Lost {
-    since: Instant,
-    tried: Option<Instant>,
-    /// Dials still in flight. A connect to an unreachable host retries its SYN with backoff
-    /// (1 s, 2 s, 4 s...); a few staggered dials keep a fresh SYN going out about every second.
-    pending: u8,
-}
-
-impl Lost {
-    fn new() -> Self {
-        Self { since: Instant::now(), tried: None, pending: 0 }
-    }
+    /// Peers subscribed to this workspace's topic: reported to the core as connected.
+    members: BTreeSet<PeerId>,
+    /// Outbound discovery dials in flight (they count against [`TARGET_PEERS`]).
+    dialling: BTreeSet<PeerId>,
+    /// Peers this node is disconnecting on purpose.
+    closing: BTreeSet<PeerId>,
+    /// Peers being redialled (see [`Net::redial`]): dials in flight to each.
+    redialling: BTreeMap<PeerId, u8>,
 }
 
 impl std::fmt::Debug for Net {
@@ -101,20 +85,15 @@ pub const TARGET_PEERS: usize = 12;
 /// Hard cap on established connections (inbound and outbound, including Kademlia's), so a
 /// bootstrap node that everyone dials first stays bounded too.
 pub const MAX_CONNECTIONS: u32 = 128;
+/// A connection no protocol needs (not a gossip mesh link, no request in flight, no Kademlia
+/// query) is closed after this long: discovery leaves no full mesh behind.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Retry bootstrap dials at most this often while no peer is connected.
 const REDIAL_EVERY: Duration = Duration::from_secs(2);
-/// Re-run a Kademlia bootstrap at most this often (on new peers).
-const KAD_BOOTSTRAP_EVERY: Duration = Duration::from_secs(5);
-/// Trim surplus connections at most this often.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
-/// And at least this often while connected.
-const KAD_REFRESH: Duration = Duration::from_secs(60);
-/// Redial a lost peer this often...
-const LOST_REDIAL_EVERY: Duration = Duration::from_secs(1);
-/// ...for this long after it was lost (it is back by then, or gone)...
-const LOST_REDIAL_FOR: Duration = Duration::from_secs(120);
-/// ...with at most this many dials to it in flight.
-const LOST_PENDING_DIALS: u8 = 3;
+/// At most this many dials in flight to one peer being redialled. A connect to an unreachable
+/// host retries its SYN with backoff (1 s, 2 s, 4 s...); a few staggered dials keep a fresh
+/// SYN going out about every time the node core asks for one.
+const REDIAL_PENDING: u8 = 3;
 
 /// The gossip topic of a workspace.
 pub fn topic_name(workspace: &str) -> String {
@@ -143,10 +122,17 @@ impl Net {
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(10)),
                 );
+                // Kademlia keeps the addresses this node was given (bootstrap peers, mDNS) and
+                // answers lookups; it does not enter every connected peer in its table, which
+                // would have each node look up its neighbourhood (dialling peers of its own) as
+                // long as its table is short of 20. Adverts carry every node's addresses, and
+                // are dialled within the discovery budget (docs/protocol.md, "Discovery").
+                let mut kad_config = kad::Config::new(StreamProtocol::new("/arw/kad/1.0.0"));
+                kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
                 let mut kad = kad::Behaviour::with_config(
                     peer_id,
                     kad::store::MemoryStore::new(peer_id),
-                    kad::Config::new(StreamProtocol::new("/arw/kad/1.0.0")),
+                    kad_config,
                 );
                 kad.set_mode(Some(kad::Mode::Server));
                 let identify = identify::Behaviour::new(
@@ -176,7 +162,7 @@ impl Net {
                 })
             })
             .map_err(|e| format!("behaviour: {e}"))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE_TIMEOUT))
             .build();
         swarm.behaviour_mut().gossipsub.subscribe(&topic).map_err(|e| format!("subscribe: {e}"))?;
         for addr in &config.listen {
@@ -189,10 +175,10 @@ impl Net {
             listen: BTreeSet::new(),
             connected: BTreeSet::new(),
             last_bootstrap_dial: None,
-            last_kad_bootstrap: None,
-            last_trim: None,
-            trimmed: BTreeSet::new(),
-            lost: BTreeMap::new(),
+            members: BTreeSet::new(),
+            dialling: BTreeSet::new(),
+            closing: BTreeSet::new(),
+            redialling: BTreeMap::new(),
         };
         net.dial_bootstrap();
         Ok(net)
@@ -266,101 +252,42 @@ impl Net {
         }
     }
 
-    /// Periodic upkeep: re-dial the bootstrap peers while alone; refresh Kademlia now and then.
+    /// Periodic upkeep: re-dial the bootstrap peers while alone.
     pub fn maintain(&mut self) {
-        let missing_bootstrap = self.bootstrap.iter().any(|a| match a.iter().last() {
-            Some(Protocol::P2p(peer)) => !self.connected.contains(&peer),
-            _ => false,
-        });
-        if (self.connected.is_empty() && !self.bootstrap.is_empty()) || missing_bootstrap {
+        if self.connected.is_empty() && !self.bootstrap.is_empty() {
             self.dial_bootstrap();
         }
-        if !self.connected.is_empty()
-            && self.last_kad_bootstrap.is_none_or(|t| t.elapsed() >= KAD_REFRESH)
-        {
-            self.kad_bootstrap();
-        }
-        self.trim();
-        self.redial_lost();
     }
 
-    /// Dials peers whose connection failed, every [`LOST_REDIAL_EVERY`] for
-    /// [`LOST_REDIAL_FOR`], at the addresses Kademlia, mDNS and identify gave for them; a dial
-    /// still pending is not repeated.
-    fn redial_lost(&mut self) {
-        let now = Instant::now();
-        self.lost.retain(|_, lost| now.duration_since(lost.since) < LOST_REDIAL_FOR);
-        let due: Vec<PeerId> = self
-            .lost
-            .iter()
-            .filter(|(peer, lost)| {
-                !self.connected.contains(*peer)
-                    && lost.pending < LOST_PENDING_DIALS
-                    && lost.tried.is_none_or(|t| now.duration_since(t) >= LOST_REDIAL_EVERY)
-            })
-            .map(|(peer, _)| *peer)
-            .collect();
-        for peer in due {
-            let opts = DialOpts::peer_id(peer)
-                .condition(libp2p::swarm::dial_opts::PeerCondition::Disconnected)
-                .build();
-            let dialled = self.swarm.dial(opts);
-            if let Some(lost) = self.lost.get_mut(&peer) {
-                lost.tried = Some(now);
-                lost.pending += u8::from(dialled.is_ok());
-            }
-            if let Err(e) = dialled {
-                tracing::trace!(%peer, error = %e, "redial skipped");
-            }
+    /// Dials `peer` (a node judged down, see [`Net::reset`]) at `addrs` and the addresses
+    /// discovery gave for it, unless it is connected or enough dials to it are in flight.
+    pub fn redial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        let pending = self.redialling.entry(peer).or_default();
+        if self.connected.contains(&peer) || *pending >= REDIAL_PENDING {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::Disconnected)
+            .addresses(addrs)
+            .extend_addresses_through_behaviour()
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) => *pending += 1,
+            Err(e) => tracing::trace!(%peer, error = %e, "redial skipped"),
         }
     }
 
-    /// The membership judged `peer` down although a connection to it is open: that connection
+    /// The node core judged `peer` down although a connection to it is open: that connection
     /// is stalled (after a partition, TCP retransmits with backoff and would resume seconds
-    /// after the network is back). Closes it quietly (the node is already judged) and dials
-    /// afresh until it answers, so a heal is seen as soon as a new connection gets through.
+    /// after the network is back). Closes it quietly (the node is already judged); the core
+    /// then asks for redials until one gets through.
     pub fn reset(&mut self, peer: PeerId) {
         if !self.connected.contains(&peer) {
             return;
         }
-        tracing::debug!(%peer, "closing the connection to a node judged down; redialling");
-        self.trimmed.insert(peer);
-        self.lost.insert(peer, Lost::new());
+        tracing::debug!(%peer, "closing the connection to a node judged down");
+        self.closing.insert(peer);
         let _ = self.swarm.disconnect_peer_id(peer);
-    }
-
-    /// Closes connections beyond twice [`TARGET_PEERS`] to peers outside the gossip mesh, at
-    /// most every few seconds. Inbound dials and Kademlia queries would otherwise add up to a
-    /// full mesh, whose buffers grow with the square of the cluster.
-    fn trim(&mut self) {
-        if self.connected.len() <= 2 * TARGET_PEERS
-            || self.last_trim.is_some_and(|t| t.elapsed() < TRIM_EVERY)
-        {
-            return;
-        }
-        self.last_trim = Some(Instant::now());
-        let keep: BTreeSet<PeerId> =
-            self.swarm.behaviour().gossipsub.all_mesh_peers().copied().collect();
-        let bootstrap: BTreeSet<PeerId> = self
-            .bootstrap
-            .iter()
-            .filter_map(|a| match a.iter().last() {
-                Some(Protocol::P2p(peer)) => Some(peer),
-                _ => None,
-            })
-            .collect();
-        let excess = self.connected.len() - TARGET_PEERS;
-        let victims: Vec<PeerId> = self
-            .connected
-            .iter()
-            .filter(|p| !keep.contains(p) && !bootstrap.contains(p))
-            .take(excess)
-            .copied()
-            .collect();
-        for peer in victims {
-            self.trimmed.insert(peer);
-            let _ = self.swarm.disconnect_peer_id(peer);
-        }
     }
 
     fn dial_bootstrap(&mut self) {
@@ -381,22 +308,16 @@ impl Net {
         }
     }
 
-    fn kad_bootstrap(&mut self) {
-        if self.last_kad_bootstrap.is_some_and(|t| t.elapsed() < KAD_BOOTSTRAP_EVERY)
-            || self.connected.len() >= TARGET_PEERS
-        {
-            return;
-        }
-        self.last_kad_bootstrap = Some(Instant::now());
-        let _ = self.swarm.behaviour_mut().kad.bootstrap();
-    }
-
     /// Dials a node at the addresses it advertised (`/ip4/.../tcp/.../p2p/<peer id>`) unless it
-    /// is already connected: a verified advert is as good a discovery source as mDNS or Kademlia.
+    /// is already connected or the discovery budget is spent, and remembers them: a verified
+    /// advert is as good a discovery source as mDNS or Kademlia.
     pub fn dial_advertised(&mut self, addrs: &[String]) {
         let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
         for addr in addrs.iter().filter_map(|a| a.parse::<Multiaddr>().ok()) {
             if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                // Remembered by the swarm's address books, so a probe or sync to this node
+                // dials it even when discovery leaves it unconnected.
+                self.swarm.add_peer_address(peer, addr.clone());
                 by_peer.entry(peer).or_default().push(addr);
             }
         }
@@ -405,19 +326,27 @@ impl Net {
         }
     }
 
-    /// Dials a discovered peer while this node has fewer than [`TARGET_PEERS`] connections.
-    /// Gossip needs a connected mesh, not a full one: every connection costs buffers on both
-    /// sides, and a full mesh of a hundred nodes would be ~5,000 of them.
+    /// Dials a discovered peer while this node has fewer than [`TARGET_PEERS`] connections,
+    /// counting dials in flight. Gossip needs a connected mesh, not a full one: every
+    /// connection costs a handshake and buffers on both sides, and a node that learns of a
+    /// hundred others at once must not dial them all.
     fn dial_peer(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         if peer == *self.swarm.local_peer_id()
             || self.connected.contains(&peer)
-            || self.connected.len() >= TARGET_PEERS
+            || self.dialling.contains(&peer)
+            || self.connected.len() + self.dialling.len() >= TARGET_PEERS
         {
             return;
         }
-        let opts = DialOpts::peer_id(peer).addresses(addrs).build();
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::trace!(%peer, error = %e, "dial skipped");
+        let opts = DialOpts::peer_id(peer)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::DisconnectedAndNotDialing)
+            .addresses(addrs)
+            .build();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.dialling.insert(peer);
+            }
+            Err(e) => tracing::trace!(%peer, error = %e, "dial skipped"),
         }
     }
 
@@ -445,21 +374,30 @@ impl Net {
                 if num_established.get() == 1 =>
             {
                 self.connected.insert(peer_id);
-                self.lost.remove(&peer_id);
+                self.dialling.remove(&peer_id);
+                self.redialling.remove(&peer_id);
                 // A connection closed on purpose is behind us once a new one is up.
-                self.trimmed.remove(&peer_id);
-                TransportEvent::PeerUp(peer_id)
+                self.closing.remove(&peer_id);
+                // Reported once the peer subscribes to this workspace (see `behaviour`).
+                TransportEvent::Internal
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, cause, .. } => {
                 self.connected.remove(&peer_id);
-                if self.trimmed.remove(&peer_id) {
+                // Closed by this node: on purpose, or as idle (nothing needed it).
+                let ours = self.closing.remove(&peer_id)
+                    || matches!(
+                        cause,
+                        None | Some(libp2p::swarm::ConnectionError::KeepAliveTimeout)
+                    );
+                if !self.members.remove(&peer_id) {
                     return TransportEvent::Internal;
                 }
-                TransportEvent::PeerDown(peer_id)
+                TransportEvent::Disconnected { peer: peer_id, ours }
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), .. } => {
-                if let Some(lost) = self.lost.get_mut(&peer) {
-                    lost.pending = lost.pending.saturating_sub(1);
+                self.dialling.remove(&peer);
+                if let Some(pending) = self.redialling.get_mut(&peer) {
+                    *pending = pending.saturating_sub(1);
                 }
                 TransportEvent::Internal
             }
@@ -478,6 +416,22 @@ impl Net {
                 bytes: message.data,
                 via: Inbound::Gossip { id: message_id, source: propagation_source },
             },
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
+                if topic == self.topic.hash() =>
+            {
+                // A peer of this workspace, reachable by gossip from now on.
+                if self.connected.contains(&peer_id) && self.members.insert(peer_id) {
+                    return TransportEvent::Connected(peer_id);
+                }
+                TransportEvent::Internal
+            }
+            // It could not be reached at all (a refused dial: no process behind the port). A
+            // timeout says nothing the silence will not say.
+            BehaviourEvent::Sync(request_response::Event::OutboundFailure {
+                peer,
+                error: request_response::OutboundFailure::DialFailure,
+                ..
+            }) => TransportEvent::Unreachable(peer),
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
                 for (peer, addr) in found {
@@ -487,17 +441,6 @@ impl Net {
                 for (peer, addrs) in by_peer {
                     self.dial_peer(peer, addrs);
                 }
-                TransportEvent::Internal
-            }
-            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
-                for addr in info.listen_addrs {
-                    if !addr.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_unspecified())) {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
-                }
-                // A new peer is known: look for its neighbours now rather than at the next
-                // periodic bootstrap, so a node that joins through one peer finds all of them.
-                self.kad_bootstrap();
                 TransportEvent::Internal
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {

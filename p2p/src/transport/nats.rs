@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::transport::types::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent};
+use super::types::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent};
 
 /// How to reach the broker.
 #[derive(Debug, Clone)]
@@ -115,6 +115,11 @@ fn options(
     options
 }
 
+/// The subject a workspace's signed messages travel on.
+pub fn msg_subject(workspace: &str) -> String {
+    format!("arw.cluster.{workspace}.msg")
+}
+
 /// The federation bus over NATS.
 #[derive(Debug)]
 pub struct NatsBus {
@@ -138,7 +143,7 @@ impl NatsBus {
         url: &str,
         workspace: &str,
     ) -> Result<Self, String> {
-        let msg_subject = format!("arw.cluster.{workspace}.msg");
+        let msg_subject = msg_subject(workspace);
         let sync_subject = format!("arw.cluster.{workspace}.sync");
         let inbox = client.new_inbox();
         let subscribe = |subject: String| {
