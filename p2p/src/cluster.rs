@@ -1,6 +1,8 @@
 //! What a node says about itself (the advert payload), the registry record kept for each node,
 //! and the `/state/cluster` view built from it.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -97,8 +99,8 @@ impl Advert {
 /// The registry's record of one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
-    /// The latest accepted advert.
-    pub advert: Advert,
+    /// The latest accepted advert (shared: snapshots copy records, never adverts).
+    pub advert: Arc<Advert>,
     /// Receive time of the latest advert or heartbeat (this node's clock).
     pub last_seen_ms: u64,
     /// Liveness as seen here.
@@ -213,13 +215,37 @@ impl NodeRecord {
     /// Whether `other` says something different, ignoring what changes with every advert
     /// (`seq`, `advertised_ms`, `last_seen_ms`).
     pub fn differs_from(&self, other: &NodeRecord) -> bool {
-        let strip = |r: &NodeRecord| {
-            let mut a = r.advert.clone();
-            a.seq = 0;
-            a.advertised_ms = 0;
-            (a, r.health, r.local)
-        };
-        strip(self) != strip(other)
+        // Every field named, so a new one is compared too (or deliberately not).
+        let Advert {
+            id,
+            role,
+            workspace,
+            epoch,
+            seq: _,
+            advertised_ms: _,
+            ttl_ms,
+            capabilities,
+            tags,
+            models,
+            health,
+            addrs,
+            bus,
+            queue,
+        } = &*self.advert;
+        let o = &*other.advert;
+        let same = *id == o.id
+            && *role == o.role
+            && *workspace == o.workspace
+            && *epoch == o.epoch
+            && *ttl_ms == o.ttl_ms
+            && *capabilities == o.capabilities
+            && *tags == o.tags
+            && *models == o.models
+            && *health == o.health
+            && *addrs == o.addrs
+            && *bus == o.bus
+            && *queue == o.queue;
+        !same || self.health != other.health || self.local != other.local
     }
 }
 
@@ -229,7 +255,7 @@ mod tests {
 
     fn record(last_seen_ms: u64) -> NodeRecord {
         NodeRecord {
-            advert: Advert {
+            advert: Arc::new(Advert {
                 id: NodeId::parse("n1").expect("id"),
                 role: Role::Edge,
                 workspace: "default".into(),
@@ -244,7 +270,7 @@ mod tests {
                 addrs: vec![],
                 bus: "local".into(),
                 queue: "local".into(),
-            },
+            }),
             last_seen_ms,
             health: Health::Ok,
             local: false,
@@ -265,9 +291,9 @@ mod tests {
     fn re_advertising_the_same_facts_is_not_a_change() {
         let a = record(1_000);
         let mut b = record(2_000);
-        b.advert.seq = 2;
+        Arc::make_mut(&mut b.advert).seq = 2;
         assert!(!a.differs_from(&b));
-        b.advert.role = Role::Root;
+        Arc::make_mut(&mut b.advert).role = Role::Root;
         assert!(a.differs_from(&b));
     }
 }

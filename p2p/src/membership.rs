@@ -15,7 +15,10 @@
 //! Either way a suspicion becomes `down` once it has stood for `down_after − suspect_after`
 //! without a heartbeat newer than the one the suspicion was based on.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use libp2p::PeerId;
@@ -449,7 +452,12 @@ impl Membership {
             return Err(Reason::Expired);
         }
         let id = advert.id.clone();
-        let record = NodeRecord { advert, last_seen_ms: now, health: Health::Ok, local: false };
+        let record = NodeRecord {
+            advert: Arc::new(advert),
+            last_seen_ms: now,
+            health: Health::Ok,
+            local: false,
+        };
         let mut changes = Vec::new();
         match self.members.get_mut(&id) {
             Some(member) => {

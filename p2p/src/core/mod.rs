@@ -693,7 +693,12 @@ impl NodeCore {
             self.out.push(Effect::Publish(sealed));
         }
         self.counters.adverts += 1;
-        let record = NodeRecord { advert, last_seen_ms: now, health: Health::Ok, local: true };
+        let record = NodeRecord {
+            advert: Arc::new(advert),
+            last_seen_ms: now,
+            health: Health::Ok,
+            local: true,
+        };
         let changed = self.local.as_ref().is_none_or(|old| old.differs_from(&record));
         self.local = Some(record.clone());
         self.publish_snapshot();

@@ -128,7 +128,12 @@ mod tests {
     fn member(id: &str, seq: u64) -> StoredMember {
         let advert = Advert::basic(NodeId::parse(id).expect("id"), "lab", seq, 1);
         StoredMember {
-            record: NodeRecord { advert, last_seen_ms: 1, health: Health::Ok, local: false },
+            record: NodeRecord {
+                advert: advert.into(),
+                last_seen_ms: 1,
+                health: Health::Ok,
+                local: false,
+            },
             key: "k".into(),
             envelope: "e".into(),
         }
