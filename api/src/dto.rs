@@ -84,6 +84,20 @@ pub struct HierarchyState {
     /// The Home this node obeys: pinned key, how it was pinned, the policy epoch in force.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub home: Option<arw_p2p::node::PolicyView>,
+    /// How on time this node is, and what it has decided since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Liveness>,
+}
+
+/// `liveness` in `/admin/hierarchy/state`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Liveness {
+    /// How many times longer than configured this node waits before it judges a silence: 1
+    /// while its own timers fire on time, more while it is slow or was stalled.
+    pub slowdown: u64,
+    /// Protocol decisions since start (messages received and refused, syncs, probes,
+    /// suspicion reports, refutations, resets, redials, adverts).
+    pub counters: arw_p2p::core::Counters,
 }
 
 /// CloudEvents attributes of a live event.

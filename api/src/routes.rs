@@ -211,5 +211,6 @@ fn hierarchy_view(snap: &Snapshot) -> HierarchyState {
         network: Some(snap.network.clone()),
         home_conflict: snap.home_claims.clone(),
         home: Some(snap.policy.clone()),
+        liveness: Some(dto::Liveness { slowdown: snap.slowdown, counters: snap.counters }),
     }
 }

@@ -108,6 +108,85 @@ fn three_processes_federate_detect_a_crash_a_leave_and_a_restart() {
     drop(c);
 }
 
+/// Sends `signal` (`STOP`, `CONT`) to `server`'s process.
+fn signal(server: &common::Server, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &server.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal}");
+}
+
+/// A node frozen for longer than `down_after` (SIGSTOP: a swapping machine, a paused VM) does
+/// not take its own silence for its peers' when it runs again: it never marks them down, and
+/// it says it was slow. Five nodes, so some of the nodes it watches are not among its own
+/// watchers, whose reports about it would otherwise be the signs of life it needs.
+#[test]
+fn a_stalled_process_does_not_mark_its_peers_down_when_it_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start("node-a", &dir.path().join("a"), None);
+    let boot = a.endpoints["p2p"][0].as_str().expect("p2p address").to_owned();
+    let others: Vec<common::Server> = ["node-b", "node-c", "node-d", "node-e"]
+        .iter()
+        .map(|id| start(id, &dir.path().join(id), Some(&boot)))
+        .collect();
+    let all = |nodes: &[(String, String, u64)]| {
+        nodes.len() == 5 && nodes.iter().all(|(_, h, _)| h == "ok")
+    };
+    for server in std::iter::once(&a).chain(&others) {
+        wait_for(server, Duration::from_secs(30), "all five ok", all);
+    }
+    let journal_end = |server: &common::Server| -> i64 {
+        let page = server.get("/admin/events/journal?limit=1000").1;
+        page["entries"]
+            .as_array()
+            .and_then(|e| e.last())
+            .and_then(|e| e["id"].as_i64())
+            .unwrap_or(0)
+    };
+    let before = journal_end(&a);
+
+    signal(&a, "STOP");
+    // The others see it go: the stall lasts past down_after.
+    for server in &others {
+        wait_for(server, Duration::from_secs(20), "node-a down", |nodes| {
+            state_of(nodes, "node-a").is_some_and(|(h, _)| h == "down")
+        });
+    }
+    signal(&a, "CONT");
+
+    // It notices its own stall, and the others see it back.
+    common::eventually(Duration::from_secs(20), "node-a to say it was slow", || {
+        let slowdown = a.get("/admin/hierarchy/state").1["liveness"]["slowdown"].as_u64();
+        (slowdown > Some(1)).then_some(()).ok_or_else(|| format!("{slowdown:?}"))
+    });
+    for server in &others {
+        wait_for(server, Duration::from_secs(20), "node-a ok again", |nodes| {
+            state_of(nodes, "node-a").is_some_and(|(h, _)| h == "ok")
+        });
+    }
+    let page = a
+        .get(&format!(
+            "/admin/events/journal?prefix=cluster.node.changed&after={before}&limit=1000"
+        ))
+        .1;
+    let judged: Vec<(String, String)> = page["entries"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|x| x["payload"]["previous_health"].is_string())
+                .map(|x| {
+                    let p = &x["payload"];
+                    let field = |k: &str| p[k].as_str().unwrap_or_default().to_owned();
+                    (field("id"), field("health"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(judged.iter().all(|(_, h)| h != "down"), "node-a judged a peer down: {judged:?}");
+    wait_for(&a, Duration::from_secs(10), "node-a to see all five ok", all);
+}
+
 /// README's three-node walk-through, as written: start, status on every node, stop.
 #[test]
 fn the_local_cluster_script_starts_three_nodes_that_see_each_other() {

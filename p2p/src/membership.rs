@@ -234,6 +234,8 @@ pub struct Membership {
     changed: BTreeSet<NodeId>,
     /// Members removed since then.
     removed: BTreeSet<NodeId>,
+    /// This node's own lateness stretches every threshold by this factor (1: on time).
+    slowdown: u64,
 }
 
 /// A node's place on the probe ring: the first 8 bytes of SHA-256 of its id, so neighbours on
@@ -264,6 +266,7 @@ impl Membership {
             ring: BTreeSet::new(),
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
+            slowdown: 1,
         }
     }
 
@@ -658,10 +661,34 @@ impl Membership {
         changes
     }
 
-    /// This node could not hear anyone until `now_ms` (its own link to the bus was down): silence
-    /// before that is not held against the others.
+    /// This node could not hear anyone until `now_ms` (its own link to the bus was down, or it
+    /// was stalled): silence before that is not held against the others, and a suspicion
+    /// raised before then gets its full time to be refuted from now.
     pub fn resume(&mut self, now_ms: u64) {
         self.resumed_ms = now_ms;
+    }
+
+    /// This node is slow (its own timers fire late): its judgements of silence are worth less,
+    /// so every threshold (suspect, down, confirmation) is `factor` times as long; 1 is normal.
+    pub fn set_slowdown(&mut self, factor: u64) {
+        self.slowdown = factor.max(1);
+    }
+
+    fn suspect_after(&self) -> u64 {
+        self.config.suspect_after_ms.saturating_mul(self.slowdown)
+    }
+
+    fn down_after(&self) -> u64 {
+        self.config.down_after_ms.saturating_mul(self.slowdown)
+    }
+
+    fn confirm(&self) -> u64 {
+        self.config.confirm_ms().saturating_mul(self.slowdown)
+    }
+
+    /// When a suspicion raised at `at_ms` started to count (not before this node resumed).
+    fn counted_from(&self, at_ms: u64) -> u64 {
+        at_ms.max(self.resumed_ms)
     }
 
     /// Probe mode: whether this node watches `id` (judges its silence itself).
@@ -678,16 +705,16 @@ impl Membership {
     /// periodic tick. Messages only move deadlines later, so checking this after each
     /// [`Membership::tick`] is enough.
     pub fn next_deadline(&self) -> Option<u64> {
-        let c = &self.config;
         self.members
             .values()
             .filter_map(|m| {
                 let threshold = match m.record.health {
-                    Health::Ok => c.suspect_after_ms,
-                    Health::Suspect => c.down_after_ms,
+                    Health::Ok => self.suspect_after(),
+                    Health::Suspect => self.down_after(),
                     _ => return None,
                 };
-                let confirmed = m.suspected.map(|s| s.at_ms.saturating_add(c.confirm_ms()));
+                let confirmed =
+                    m.suspected.map(|s| self.counted_from(s.at_ms).saturating_add(self.confirm()));
                 let silent = self.watched(m).then(|| self.heard(m).saturating_add(threshold));
                 confirmed.into_iter().chain(silent).min()
             })
@@ -696,18 +723,18 @@ impl Membership {
 
     /// The health `member` is due to move to at `now_ms`, if any (see [`Membership::tick`]).
     fn judge(&self, member: &Member, now_ms: u64) -> Option<Health> {
-        let c = &self.config;
         let health = member.record.health;
         if !matches!(health, Health::Ok | Health::Suspect) {
             return None;
         }
         let silence = now_ms.saturating_sub(self.heard(member));
         let watched = self.watched(member);
-        let confirmed =
-            member.suspected.is_some_and(|s| now_ms.saturating_sub(s.at_ms) >= c.confirm_ms());
-        let to = if confirmed || (watched && silence >= c.down_after_ms) {
+        let confirmed = member
+            .suspected
+            .is_some_and(|s| now_ms.saturating_sub(self.counted_from(s.at_ms)) >= self.confirm());
+        let to = if confirmed || (watched && silence >= self.down_after()) {
             Health::Down
-        } else if watched && silence >= c.suspect_after_ms {
+        } else if watched && silence >= self.suspect_after() {
             Health::Suspect
         } else {
             return None;

@@ -21,6 +21,8 @@ mod authority;
 mod commands;
 mod config;
 mod liveness;
+#[cfg(test)]
+mod tests;
 mod types;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -61,6 +63,14 @@ const REJECTIONS_PER_WINDOW: u32 = 20;
 const REJECTION_WINDOW_MS: u64 = 10_000;
 /// Ask one peer for a sync, or report one node's reset connection, at most this often.
 const SYNC_RETRY_MS: u64 = 5_000;
+/// Local health (after memberlist's Lifeguard): a timer that fires this late marks this node
+/// slow; each one stretches its silence thresholds by one more multiple, up to
+/// [`MAX_SLOWDOWN`], and [`RECOVER_AFTER`] timers on time in a row take one off.
+const LATE_MS: u64 = 200;
+const MAX_SLOWDOWN: u64 = 8;
+const RECOVER_AFTER: u32 = 8;
+/// A timer this late means the node itself was stalled: the silence it would now see is its own.
+const STALL_MS: u64 = 1_000;
 /// Anti-entropy: sync with one connected peer (in turn) this often.
 const SYNC_EVERY_MS: u64 = 30_000;
 /// A node judged down over the mesh is redialled this often...
@@ -81,7 +91,7 @@ pub struct Ticket(u64);
 pub struct ReplyTo(pub u64);
 
 /// Something that happened to the node.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Input {
     /// The node starts, listening at `addresses` (libp2p multiaddrs; none on a broker).
     Start {
@@ -295,6 +305,8 @@ pub struct NodeCore {
     timers: Timers,
     /// The wake time last asked for.
     wake: Option<u64>,
+    /// How late this node's own timers have been firing.
+    lateness: Lateness,
     pending: BTreeMap<Ticket, Then>,
     next_ticket: u64,
     /// Effects of the input being handled.
@@ -393,6 +405,7 @@ impl NodeCore {
             snapshot_dirty: true,
             timers: Timers::default(),
             wake: None,
+            lateness: Lateness::default(),
             pending: BTreeMap::new(),
             next_ticket: 0,
             out: Vec::new(),
@@ -511,6 +524,7 @@ impl NodeCore {
             trust: self.trust.clone(),
             governor: self.governor.clone(),
             counters: self.counters(),
+            slowdown: 1 + self.lateness.score,
         }
     }
 
@@ -570,8 +584,22 @@ impl NodeCore {
         }
     }
 
-    /// The periodic duties that are due.
+    /// The periodic duties that are due. First, how late this timer is: a node that is itself
+    /// slow (a busy machine, a stalled process) must not take its own slowness for the others'
+    /// silence.
     fn on_timer(&mut self, now: u64) {
+        if let Some(asked) = self.wake {
+            let late = now.saturating_sub(asked);
+            if late >= STALL_MS {
+                tracing::warn!(
+                    late_ms = late,
+                    "this node was stalled; the silence it saw meanwhile is its own"
+                );
+                self.protocol.membership_mut().resume(now);
+            }
+            let slowdown = self.lateness.observe(late);
+            self.protocol.membership_mut().set_slowdown(slowdown);
+        }
         self.judge(now);
         if now >= self.timers.tick {
             self.timers.tick = now + TICK_MS;
@@ -793,6 +821,42 @@ fn next_period(due: u64, period: u64, now: u64) -> u64 {
 
 fn duration_ms(d: std::time::Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How late this node's timers fire (see [`LATE_MS`]).
+#[derive(Debug, Default)]
+struct Lateness {
+    /// 0: on time.
+    score: u64,
+    /// Timers on time in a row.
+    on_time: u32,
+}
+
+impl Lateness {
+    /// Records a timer `late_ms` late; returns the factor to stretch silence thresholds by.
+    fn observe(&mut self, late_ms: u64) -> u64 {
+        let before = self.score;
+        if late_ms >= LATE_MS {
+            // A second late counts one more: a long stall is a long way from healthy.
+            self.score = (self.score + 1 + late_ms / 1_000).min(MAX_SLOWDOWN);
+            self.on_time = 0;
+        } else {
+            self.on_time += 1;
+            if self.on_time >= RECOVER_AFTER && self.score > 0 {
+                self.score -= 1;
+                self.on_time = 0;
+            }
+        }
+        match (before, self.score) {
+            (0, s) if s > 0 => tracing::warn!(
+                late_ms,
+                "this node is slow: it judges others' silence more leniently"
+            ),
+            (b, 0) if b > 0 => tracing::info!("this node is on time again"),
+            _ => {}
+        }
+        1 + self.score
+    }
 }
 
 /// Caps `cluster.event.rejected` so a flood of bad messages cannot flood the journal.

@@ -195,6 +195,9 @@ pub struct Snapshot {
     pub governor: Arc<Governor>,
     /// What this node has decided so far.
     pub counters: Counters,
+    /// How many times longer than configured this node now waits before it judges a silence:
+    /// 1 while its own timers fire on time, more while it is slow (see docs/protocol.md).
+    pub slowdown: u64,
 }
 
 /// How many protocol decisions a node has made since it started: the same counts whichever

@@ -128,7 +128,9 @@ impl Net {
                 // long as its table is short of 20. Adverts carry every node's addresses, and
                 // are dialled within the discovery budget (docs/protocol.md, "Discovery").
                 let mut kad_config = kad::Config::new(StreamProtocol::new("/arw/kad/1.0.0"));
-                kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+                kad_config
+                    .set_kbucket_inserts(kad::BucketInserts::Manual)
+                    .set_periodic_bootstrap_interval(None);
                 let mut kad = kad::Behaviour::with_config(
                     peer_id,
                     kad::store::MemoryStore::new(peer_id),

@@ -1,0 +1,155 @@
+//! The core on its own: inputs in, effects out, with a clock the test sets.
+
+use std::time::Duration;
+
+use super::*;
+use crate::{
+    cluster::Advert,
+    events::NodeChanged,
+    identity::NodeKey,
+    wire::{Message, seal},
+};
+
+const T0: u64 = 1_800_000_000_000;
+
+fn config(id: &str, secret: u8) -> NodeConfig {
+    let mut config =
+        NodeConfig::new(NodeKey::from_secret([secret; 32]), "lab", std::path::PathBuf::new());
+    config.explicit_id = Some((NodeId::parse(id).expect("id"), IdSource::Config));
+    config.federation =
+        Some(FederationConfig::loopback("lab", Vec::new(), Duration::from_millis(1_000)));
+    config
+}
+
+/// Runs `input` and whatever its writes lead to (every write succeeds at once).
+fn drive(core: &mut NodeCore, input: Input, now: u64) -> Vec<Effect> {
+    let mut all = Vec::new();
+    let mut queue: std::collections::VecDeque<Effect> = core.handle(input, now).into();
+    while let Some(effect) = queue.pop_front() {
+        if let Effect::Persist { ticket, .. } = &effect {
+            for follow in core.handle(Input::Persisted(*ticket, Ok(())), now).into_iter().rev() {
+                queue.push_front(follow);
+            }
+        }
+        all.push(effect);
+    }
+    all
+}
+
+/// The health changes among `effects`, as `(node, health)`.
+fn health_changes(effects: &[Effect]) -> Vec<(String, String)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Emit(Event::NodeChanged(NodeChanged {
+                node,
+                previous_health: Some(_),
+                ..
+            })) => Some((node.id.clone(), node.health.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Node `a`, started at [`T0`], that knows node `b` (advertised at [`T0`]) and watches it.
+fn a_knowing_b() -> (NodeCore, NodeKey) {
+    let mut a = NodeCore::new(&config("a", 1), Restored::default());
+    drive(&mut a, Input::Start { addresses: Vec::new() }, T0);
+    let b = NodeKey::from_secret([2; 32]);
+    let advert = Advert::basic(NodeId::parse("b").expect("id"), "lab", T0, T0);
+    let bytes = seal(&b, "lab", &Message::Advert(advert));
+    drive(&mut a, Input::Message { bytes, via: Inbound::Broker, opened: None }, T0);
+    (a, b)
+}
+
+/// Feeds timers from `from` to `to`, each `late` ms after the time the core asked for, with
+/// `b` answering every probe at once when `answers`; returns every effect.
+fn tick(
+    core: &mut NodeCore,
+    b: &NodeKey,
+    from: u64,
+    to: u64,
+    late: u64,
+    answers: bool,
+) -> Vec<Effect> {
+    let mut all = Vec::new();
+    let mut now = from;
+    while now <= to {
+        let effects = drive(core, Input::Timer, now);
+        let probed =
+            effects.iter().any(|e| matches!(e, Effect::Request { request, .. } if request.probe));
+        all.extend(effects);
+        if probed && answers {
+            let response = SyncResponse::default();
+            let from = Some(b.peer_id());
+            all.extend(drive(core, Input::SyncResponse { from, response }, now));
+        }
+        now = core.wake.unwrap_or(now + TICK_MS).max(now + 1) + late;
+    }
+    all
+}
+
+#[test]
+fn a_stalled_node_does_not_judge_its_peers_down_when_it_resumes() {
+    let (mut a, b) = a_knowing_b();
+    let before = tick(&mut a, &b, T0 + 250, T0 + 2_000, 0, true);
+    assert!(health_changes(&before).is_empty(), "{:?}", health_changes(&before));
+    // Ten seconds without running at all (SIGSTOP, a swapping machine), then on again.
+    let resumed = drive(&mut a, Input::Timer, T0 + 12_000);
+    assert!(health_changes(&resumed).is_empty(), "{:?}", health_changes(&resumed));
+    assert!(a.snapshot(NetworkStatus::default()).slowdown > 1, "it knows it was slow");
+    let after = tick(&mut a, &b, T0 + 12_250, T0 + 14_000, 0, true);
+    assert!(health_changes(&after).is_empty(), "{:?}", health_changes(&after));
+}
+
+#[test]
+fn a_late_node_waits_longer_before_it_suspects_and_still_does() {
+    let (mut late, b) = a_knowing_b();
+    // Every timer 300 ms late, and b silent: on time, b would be suspect after 3 s.
+    let changes = health_changes(&tick(&mut late, &b, T0 + 250, T0 + 4_000, 300, false));
+    assert!(changes.is_empty(), "{changes:?}");
+    let (mut on_time, b) = a_knowing_b();
+    let changes = health_changes(&tick(&mut on_time, &b, T0 + 250, T0 + 4_000, 0, false));
+    assert_eq!(changes, vec![("b".to_owned(), "suspect".to_owned())]);
+    // Once on time again, the slowdown wears off and the silence is judged.
+    let changes = health_changes(&tick(&mut late, &b, T0 + 4_250, T0 + 60_000, 0, false));
+    assert!(changes.contains(&("b".to_owned(), "down".to_owned())), "{changes:?}");
+}
+
+#[test]
+fn a_command_takes_effect_only_once_written_and_not_at_all_when_the_write_fails() {
+    let mut a = NodeCore::new(&config("a", 1), Restored::default());
+    drive(&mut a, Input::Start { addresses: Vec::new() }, T0);
+    let effects = a.handle(Input::Command(CommandId(1), Command::SetRole("home".into())), T0);
+    let Some(Effect::Persist { ticket, write: Write::Hierarchy(_) }) = effects.first() else {
+        panic!("the hierarchy is written first: {effects:?}");
+    };
+    assert_eq!(a.role(), Role::Edge, "not in force before it is on disk");
+    let failed = a.handle(Input::Persisted(*ticket, Err("disk full".into())), T0);
+    assert!(
+        failed.iter().any(|e| matches!(e, Effect::Reply(CommandId(1), Err(NodeError::Persist(_))))),
+        "{failed:?}"
+    );
+    assert_eq!(a.role(), Role::Edge, "a failed write changes nothing");
+
+    let done = drive(&mut a, Input::Command(CommandId(2), Command::SetRole("home".into())), T0);
+    assert_eq!(a.role(), Role::Root);
+    let published = done.iter().position(|e| matches!(e, Effect::Publish(_)));
+    let replied = done.iter().position(|e| matches!(e, Effect::Reply(CommandId(2), Ok(_))));
+    assert!(
+        published.is_some() && published < replied,
+        "the new advert is out before the reply: {done:?}"
+    );
+}
+
+#[test]
+fn the_same_inputs_give_the_same_effects() {
+    let run = || {
+        let (mut a, b) = a_knowing_b();
+        let effects = tick(&mut a, &b, T0 + 250, T0 + 8_000, 0, false);
+        effects.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>()
+    };
+    let first = run();
+    assert!(first.iter().any(|e| e.contains("Publish")), "it reported b");
+    assert_eq!(first, run());
+}
