@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use arw_p2p::{
-    capsule::{Capsule, CapsuleError, CapsuleItem, Subject, pattern_matches},
+    capsule::{Capsule, CapsuleError, Subject, pattern_matches},
     events::{CapsuleFailed, Event, PolicyDecision},
     node::{CapsuleRequest, NodeError, Snapshot, TeardownRequest},
     time::{now_ms, rfc3339_ms},
@@ -25,6 +25,7 @@ use arw_p2p::{
 
 use crate::{
     AppState,
+    dto::{Adopted, CapsulesView, TornDown},
     events::{JournalQuery, journal_page, parse_limit, parse_prefixes},
     problem::{Json, Problem},
 };
@@ -162,12 +163,10 @@ async fn refused(state: &AppState, id: Option<&str>, detail: &str, context: &Map
 }
 
 /// `GET /state/policy/capsules`: held capsules, newest first.
-pub async fn state_capsules(State(state): State<AppState>) -> Json<Value> {
+pub async fn state_capsules(State(state): State<AppState>) -> Json<CapsulesView> {
     let now = now_ms();
     let items = state.node.snapshot().capsules.items(now);
-    Json(
-        json!({ "count": items.len(), "items": items, "generated_ms": now, "generated": rfc3339_ms(now) }),
-    )
+    Json(CapsulesView { count: items.len(), items, generated_ms: now, generated: rfc3339_ms(now) })
 }
 
 /// A preset as `/admin/policy/capsules/presets` lists it.
@@ -258,7 +257,7 @@ pub async fn adopt(
     State(state): State<AppState>,
     headers: HeaderMap,
     Json(body): Json<AdoptRequest>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<Adopted>, Problem> {
     let bad = |detail: &str| Problem::new(StatusCode::BAD_REQUEST, "invalid_capsule", detail);
     let capsule = match (&body.preset_id, body.capsule) {
         (Some(id), None) => {
@@ -298,13 +297,13 @@ pub async fn adopt(
         }
         Err(e) => return Err(e.into()),
     };
-    let mut out = json!({
-        "ok": true, "notify": adoption.notify, "capsule_id": capsule_id, "snapshot": adoption.item,
-    });
-    if let Some(id) = body.preset_id {
-        out["preset_id"] = json!(id);
-    }
-    Ok(Json(out))
+    Ok(Json(Adopted {
+        ok: true,
+        notify: adoption.notify,
+        capsule_id,
+        snapshot: adoption.item,
+        preset_id: body.preset_id,
+    }))
 }
 
 /// `<dir>/<id>.json` when `id` is a plain file stem that exists.
@@ -320,7 +319,7 @@ fn preset_path(dir: Option<&Path>, id: &str) -> Option<PathBuf> {
 pub async fn teardown(
     State(state): State<AppState>,
     Json(mut body): Json<TeardownRequest>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<TornDown>, Problem> {
     body.ids.retain(|id| !id.trim().is_empty());
     if !body.all && body.ids.is_empty() {
         return Err(Problem::new(
@@ -332,15 +331,14 @@ pub async fn teardown(
     let (dry_run, reason) = (body.dry_run, body.reason.clone());
     let out = state.node.teardown_capsules(body).await?;
     let remaining = state.node.snapshot().capsules.len();
-    let removed: Vec<CapsuleItem> = out.removed;
-    let mut answer = json!({
-        "ok": true, "removed": removed, "not_found": out.not_found,
-        "remaining": remaining, "dry_run": dry_run,
-    });
-    if let Some(reason) = reason {
-        answer["reason"] = json!(reason);
-    }
-    Ok(Json(answer))
+    Ok(Json(TornDown {
+        ok: true,
+        removed: out.removed,
+        not_found: out.not_found,
+        remaining,
+        dry_run,
+        reason,
+    }))
 }
 
 /// `GET /admin/policy/capsules/audit`: the journal's `policy.capsule.*` events, newest last.

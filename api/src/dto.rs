@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use arw_p2p::{
+    capsule::CapsuleItem,
     cluster::{ClusterNode, ClusterView},
     hierarchy::{CoreAccept, CoreHello, CoreOffer},
     node::{AdmissionChange, HomeClaim, NetworkStatus},
@@ -136,4 +137,81 @@ pub struct Envelope {
     /// CloudEvents attributes (live events only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ce: Option<CloudEvent>,
+}
+
+/// `GET /state/policy/capsules`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapsulesView {
+    /// How many are held.
+    pub count: usize,
+    /// Held capsules, newest first.
+    pub items: Vec<CapsuleItem>,
+    /// When this view was made, Unix ms.
+    pub generated_ms: u64,
+    /// Same, RFC 3339.
+    pub generated: String,
+}
+
+/// `POST /admin/policy/capsules/adopt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adopted {
+    /// Always true.
+    pub ok: bool,
+    /// Whether `policy.capsule.applied` was emitted (not for a quick re-presentation).
+    pub notify: bool,
+    /// The capsule's id.
+    pub capsule_id: String,
+    /// The capsule as held now.
+    pub snapshot: CapsuleItem,
+    /// The preset it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset_id: Option<String>,
+}
+
+/// `POST /admin/policy/capsules/teardown`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TornDown {
+    /// Always true.
+    pub ok: bool,
+    /// Removed (or, on a dry run, would be).
+    pub removed: Vec<CapsuleItem>,
+    /// Requested ids not held.
+    pub not_found: Vec<String>,
+    /// Capsules held now.
+    pub remaining: usize,
+    /// Only said what would go.
+    pub dry_run: bool,
+    /// Why, as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The payload of `service.connected`, the first frame of every `/events` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handshake {
+    /// This stream's id (also `X-Request-Id`).
+    pub request_id: String,
+    /// The id it resumes after, if any.
+    pub resume_from: Option<String>,
+    /// What is replayed before live events.
+    pub replay: Replay,
+    /// The kind prefixes applied.
+    pub prefixes: Option<Vec<String>>,
+    /// Replay comes from the journal.
+    pub kernel_replay: bool,
+    /// The oldest id the journal still holds.
+    pub oldest_id: i64,
+    /// The newest id.
+    pub last_id: i64,
+    /// Events between the resume point and `oldest_id` were pruned.
+    pub truncated: bool,
+}
+
+/// `replay` in [`Handshake`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replay {
+    /// `live`, `after` or `last`.
+    pub mode: String,
+    /// Events in the first replay page.
+    pub count: usize,
 }

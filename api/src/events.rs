@@ -181,17 +181,18 @@ pub async fn stream(
     };
     let (oldest, newest) = state.log.bounds();
     let request_id = uuid::Uuid::now_v7().to_string();
-    let handshake = json!({
-        "request_id": request_id,
-        "resume_from": resume_from.map(|c| c.to_string()),
-        "replay": {"mode": mode, "count": first_page.len()},
-        "prefixes": if prefixes.is_empty() { Value::Null } else { json!(prefixes) },
-        "kernel_replay": true,
-        "oldest_id": oldest,
-        "last_id": newest,
+    let handshake = crate::dto::Handshake {
+        request_id: request_id.clone(),
+        resume_from: resume_from.map(|c| c.to_string()),
+        replay: crate::dto::Replay { mode: mode.to_owned(), count: first_page.len() },
+        prefixes: (!prefixes.is_empty()).then(|| prefixes.clone()),
+        kernel_replay: true,
+        oldest_id: oldest,
+        last_id: newest,
         // Rows between the cursor and the oldest retained row were pruned.
-        "truncated": resume_from.is_some_and(|c| oldest > 0 && c + 1 < oldest),
-    });
+        truncated: resume_from.is_some_and(|c| oldest > 0 && c + 1 < oldest),
+    };
+    let handshake = serde_json::to_value(handshake).unwrap_or_default();
     let origin = state.node.snapshot().id.to_string();
     let handshake = SseEvent::default().event("service.connected").id("0").data(envelope_json(
         "service.connected",

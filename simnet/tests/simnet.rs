@@ -66,16 +66,22 @@ fn the_virtual_tier_is_deterministic_and_converges_without_false_positives() {
     assert_eq!(a["detection_ms"]["count"], 2 * 19, "every survivor noticed the crash");
 }
 
+/// Forty node actors over loopback libp2p in this process, with the daemon's default liveness
+/// settings: they find each other through one bootstrap node, a changed advert reaches every
+/// node, a crash is seen by every survivor, and no live node is ever suspected.
 #[test]
-fn ten_real_nodes_converge_on_the_stack_tier() {
+fn forty_real_nodes_form_and_converge_on_the_stack_tier() {
     let s = Scenario::parse(
-        "name = \"stack-10\"\ntier = \"stack\"\nnodes = 10\nduration_secs = 3\n[[faults]]\nat_secs = 1\nkind = \"advert\"\nnode = 4\n",
+        "name = \"stack-40\"\ntier = \"stack\"\nnodes = 40\nduration_secs = 8\n[[faults]]\nat_secs = 1\nkind = \"advert\"\nnode = 4\n[[faults]]\nat_secs = 2\nkind = \"crash\"\nnode = 17\n",
     )
     .expect("scenario");
-    let report = arw_simnet::run::run(&s, 1).expect("stack run");
+    let report = arw_simnet::run::run(&s, 1).expect("the 40 nodes form");
+    eprintln!("{}", report.table());
     assert_eq!(report.missed, 0);
-    assert_eq!(report.convergence_ms.count, 9);
-    assert_eq!(report.false_positives, 0);
+    assert_eq!(report.convergence_ms.count, 39, "every other node got the changed advert");
+    assert_eq!(report.detection_ms.count, 39, "every survivor saw the crash");
+    assert_eq!(report.down_ms.count, 39, "and judged it down");
+    assert_eq!((report.false_positives, report.false_suspects), (0, 0));
     assert!(report.rss_bytes_per_node.is_some_and(|r| r > 0));
 }
 

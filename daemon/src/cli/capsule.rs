@@ -9,6 +9,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use clap::Subcommand;
 use serde_json::{Value, json};
 
+use arw_api::dto::{Adopted, CapsulesView, TornDown};
 use arw_p2p::{
     capsule::{self, Capsule, TrustStore},
     time::now_ms,
@@ -111,8 +112,11 @@ pub async fn run(command: CapsuleCommand, client: Option<Client>) -> Result<Stri
     let server = || client.clone().ok_or_else(|| CliError("no server connection".into()));
     match command {
         CapsuleCommand::Status { json } => {
-            let body = server()?.get("/state/policy/capsules").await?;
-            Ok(if json { json_text(&body, false) } else { status_table(&body) })
+            if json {
+                let body: Value = server()?.get("/state/policy/capsules").await?;
+                return Ok(json_text(&body, false));
+            }
+            Ok(status_table(&server()?.get("/state/policy/capsules").await?))
         }
         CapsuleCommand::Keygen { file, issuer } => keygen(&file, &issuer),
         CapsuleCommand::SignEd25519 { file, key_file, issuer } => {
@@ -144,37 +148,34 @@ pub async fn run(command: CapsuleCommand, client: Option<Client>) -> Result<Stri
                 (Some(file), _) => json!({ "capsule": read_json(&file)?, "reason": reason }),
                 (None, preset) => json!({ "preset_id": preset, "reason": reason }),
             };
-            let answer = server()?.post("/admin/policy/capsules/adopt", &body).await?;
-            let item = &answer["snapshot"];
+            let answer: Adopted = server()?.post("/admin/policy/capsules/adopt", &body).await?;
+            let item = &answer.snapshot;
             Ok(format!(
                 "{} adopted ({}{})\n",
-                answer["capsule_id"].as_str().unwrap_or("?"),
-                item["status"].as_str().unwrap_or("?"),
-                item["lease_until"]
-                    .as_str()
-                    .map(|t| format!(", lease until {t}"))
-                    .unwrap_or_default()
+                answer.capsule_id,
+                item.status,
+                item.lease_until.as_ref().map(|t| format!(", lease until {t}")).unwrap_or_default()
             ))
         }
         CapsuleCommand::Teardown { ids, all, dry_run, reason } => {
             let body = json!({ "ids": ids, "all": all, "dry_run": dry_run, "reason": reason });
-            let answer = server()?.post("/admin/policy/capsules/teardown", &body).await?;
+            let answer: TornDown = server()?.post("/admin/policy/capsules/teardown", &body).await?;
             let mut out = String::new();
             let verb = if dry_run { "would remove" } else { "removed" };
-            for item in answer["removed"].as_array().map(Vec::as_slice).unwrap_or_default() {
-                let _ = writeln!(out, "{verb} {}", item["id"].as_str().unwrap_or("?"));
+            for item in &answer.removed {
+                let _ = writeln!(out, "{verb} {}", item.id);
             }
-            for id in answer["not_found"].as_array().map(Vec::as_slice).unwrap_or_default() {
-                let _ = writeln!(out, "not held: {}", id.as_str().unwrap_or("?"));
+            for id in &answer.not_found {
+                let _ = writeln!(out, "not held: {id}");
             }
-            let _ = writeln!(out, "{} capsule(s) held", answer["remaining"]);
+            let _ = writeln!(out, "{} capsule(s) held", answer.remaining);
             Ok(out)
         }
     }
 }
 
-fn status_table(body: &Value) -> String {
-    let items = body["items"].as_array().map(Vec::as_slice).unwrap_or_default();
+fn status_table(body: &CapsulesView) -> String {
+    let items = &body.items;
     if items.is_empty() {
         return "no capsules held\n".to_owned();
     }
@@ -186,12 +187,12 @@ fn status_table(body: &Value) -> String {
         let _ = writeln!(
             out,
             "{:<28} {:<13} {:<6} {:<24} {:<6} {}",
-            truncate(item["id"].as_str().unwrap_or("?"), 28),
-            item["status"].as_str().unwrap_or("?"),
-            item["source"].as_str().unwrap_or("?"),
-            item["lease_until"].as_str().unwrap_or("—"),
-            item["denies"],
-            item["issuer"].as_str().unwrap_or("—"),
+            truncate(&item.id, 28),
+            item.status,
+            item.source,
+            item.lease_until.as_deref().unwrap_or("—"),
+            item.denies,
+            item.issuer.as_deref().unwrap_or("—"),
         );
     }
     out

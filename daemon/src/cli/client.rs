@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use serde::Serialize;
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
 /// Three missed keep-alives (sent every 10 s by default).
@@ -53,13 +53,17 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    /// GET `path`, returning the body as JSON.
-    pub async fn get(&self, path: &str) -> Result<Value, CliError> {
-        self.send::<()>(Method::GET, path, None).await
+    /// GET `path`, decoding the body as `T` (the API's own view types).
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.send::<(), T>(Method::GET, path, None).await
     }
 
-    /// POST `body` to `path`, returning the body as JSON.
-    pub async fn post<B: Serialize>(&self, path: &str, body: &B) -> Result<Value, CliError> {
+    /// POST `body` to `path`, decoding the answer as `T`.
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
         self.send(Method::POST, path, Some(body)).await
     }
 
@@ -72,12 +76,12 @@ impl Client {
         request
     }
 
-    async fn send<B: Serialize>(
+    async fn send<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
-    ) -> Result<Value, CliError> {
+    ) -> Result<T, CliError> {
         let url = self.url(path);
         let mut request = self.request(method, path);
         if let Some(body) = body {
@@ -89,8 +93,13 @@ impl Client {
         let text =
             response.text().await.map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
         check_status(&url, status, &text)?;
-        serde_json::from_str(&text)
-            .map_err(|e| CliError(format!("request to {url} returned invalid JSON: {e}")))
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| CliError(format!("request to {url} returned invalid JSON: {e}")))?;
+        serde_json::from_value(json).map_err(|e| {
+            CliError(format!(
+                "request to {url} returned a body this arw-cli does not understand: {e}"
+            ))
+        })
     }
 }
 

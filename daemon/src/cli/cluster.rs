@@ -2,6 +2,7 @@
 
 use std::fmt::{Display, Write as _};
 
+use arw_api::dto::{ClusterNode, ClusterView};
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::Value;
 
@@ -10,18 +11,18 @@ const CAPS_WIDTH: usize = 40;
 const DASH: &str = "—";
 
 /// Renders a `/state/cluster` body as text at `now_ms`, with times in `tz`.
-pub fn render<Tz: TimeZone>(view: &Value, now_ms: i64, tz: &Tz) -> String
+pub fn render<Tz: TimeZone>(view: &ClusterView, now_ms: i64, tz: &Tz) -> String
 where
     Tz::Offset: Display,
 {
     let mut out = String::from("Cluster snapshot\n");
-    let generated = view["generated_ms"]
-        .as_i64()
-        .and_then(|ms| local_time(ms, tz))
-        .or_else(|| view["generated"].as_str().map(str::to_owned))
+    let generated = view
+        .generated_ms
+        .and_then(|ms| local_time(i64::try_from(ms).ok()?, tz))
+        .or_else(|| view.generated.clone())
         .unwrap_or_else(|| DASH.to_owned());
-    let ttl = view["ttl_seconds"].as_u64().unwrap_or(0);
-    let nodes = view["nodes"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let ttl = view.ttl_seconds.unwrap_or(0);
+    let nodes = &view.nodes;
     let _ = writeln!(out, "  Generated : {generated}");
     let _ = writeln!(
         out,
@@ -42,13 +43,13 @@ where
     for node in nodes {
         let cells = [
             id_cell(node),
-            node["role"].as_str().unwrap_or(DASH).to_lowercase(),
-            node["health"].as_str().unwrap_or(DASH).to_owned(),
+            node.role.to_lowercase(),
+            node.health.clone().unwrap_or_else(|| DASH.to_owned()),
             last_seen(node, now_ms, tz),
             stale(node, ttl, now_ms).to_owned(),
-            models(&node["models"]),
+            models(node.models.as_ref()),
         ];
-        row(&mut out, cells, &capabilities(&node["capabilities"]));
+        row(&mut out, cells, &capabilities(node.capabilities.as_ref()));
     }
     out
 }
@@ -80,23 +81,27 @@ where
     Some(utc.with_timezone(tz).format("%Y-%m-%d %H:%M:%S %Z").to_string())
 }
 
-fn id_cell(node: &Value) -> String {
-    let id = node["id"].as_str().unwrap_or(DASH);
-    match node["name"].as_str().filter(|n| !n.is_empty()) {
-        Some(name) => format!("{id} ({name})"),
-        None => id.to_owned(),
+fn id_cell(node: &ClusterNode) -> String {
+    match node.name.as_deref().filter(|n| !n.is_empty()) {
+        Some(name) => format!("{} ({name})", node.id),
+        None => node.id.clone(),
     }
 }
 
-fn last_seen<Tz: TimeZone>(node: &Value, now_ms: i64, tz: &Tz) -> String
+/// `last_seen_ms` as a signed time (0 when absent).
+fn seen_ms(node: &ClusterNode) -> i64 {
+    node.last_seen_ms.and_then(|ms| i64::try_from(ms).ok()).unwrap_or(0)
+}
+
+fn last_seen<Tz: TimeZone>(node: &ClusterNode, now_ms: i64, tz: &Tz) -> String
 where
     Tz::Offset: Display,
 {
-    let ms = node["last_seen_ms"].as_i64().unwrap_or(0);
+    let ms = seen_ms(node);
     let base = (ms > 0)
         .then(|| local_time(ms, tz))
         .flatten()
-        .or_else(|| node["last_seen"].as_str().map(str::to_owned))
+        .or_else(|| node.last_seen.clone())
         .unwrap_or_else(|| DASH.to_owned());
     if ms <= 0 {
         return base;
@@ -116,8 +121,8 @@ fn human_span(secs: u64) -> String {
     format!("{secs}s")
 }
 
-fn stale(node: &Value, ttl: u64, now_ms: i64) -> &'static str {
-    let ms = node["last_seen_ms"].as_i64().unwrap_or(0);
+fn stale(node: &ClusterNode, ttl: u64, now_ms: i64) -> &'static str {
+    let ms = seen_ms(node);
     if ttl == 0 || ms == 0 {
         return "no";
     }
@@ -125,7 +130,8 @@ fn stale(node: &Value, ttl: u64, now_ms: i64) -> &'static str {
     if now_ms - ms > ttl_ms { "yes" } else { "no" }
 }
 
-fn models(models: &Value) -> String {
+fn models(models: Option<&Value>) -> String {
+    let Some(models) = models else { return DASH.to_owned() };
     match models {
         Value::Number(n) => n.to_string(),
         Value::Object(m) => {
@@ -149,7 +155,8 @@ fn models(models: &Value) -> String {
     }
 }
 
-fn capabilities(caps: &Value) -> String {
+fn capabilities(caps: Option<&Value>) -> String {
+    let Some(caps) = caps else { return DASH.to_owned() };
     let (mut items, total): (Vec<String>, usize) = match caps {
         Value::Object(m) => {
             let mut keys: Vec<String> = m.keys().cloned().collect();
@@ -196,7 +203,7 @@ mod tests {
             "generated_ms": NOW, "ttl_seconds": 360,
         });
         let utc = FixedOffset::east_opt(0).expect("utc");
-        let text = render(&view, NOW, &utc);
+        let text = render(&serde_json::from_value(view).expect("a cluster view"), NOW, &utc);
         let want = "Cluster snapshot\n  Generated : 2025-10-16 14:00:05 +00:00\n  TTL       : 360s\n  Nodes     : 1\n\n\
 ID                   Role       Health     Last Seen                        Stale  Models   Capabilities\n\
 worker-gpu-01        edge       ok         2025-10-16 13:58:01 +00:00 (2m … no     3 (abcd… arch,arw_version,declared,…\n";
@@ -214,7 +221,7 @@ worker-gpu-01        edge       ok         2025-10-16 13:58:01 +00:00 (2m … no
             "ttl_seconds": 360,
         });
         let utc = FixedOffset::east_opt(0).expect("utc");
-        let text = render(&view, NOW, &utc);
+        let text = render(&serde_json::from_value(view).expect("a cluster view"), NOW, &utc);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].ends_with(DASH), "{text}");
         assert!(lines[6].contains("13:54:04 +00:00 (6m …") && lines[6].contains(" yes "), "{text}");
@@ -234,7 +241,8 @@ worker-gpu-01        edge       ok         2025-10-16 13:58:01 +00:00 (2m … no
     #[test]
     fn empty_cluster() {
         let utc = FixedOffset::east_opt(0).expect("utc");
-        let text = render(&json!({"nodes": [], "ttl_seconds": 0}), NOW, &utc);
+        let view = serde_json::from_value(json!({"nodes": [], "ttl_seconds": 0})).expect("view");
+        let text = render(&view, NOW, &utc);
         assert!(
             text.ends_with("  TTL       : —\n  Nodes     : 0\n\n  (no nodes advertised)\n"),
             "{text}"

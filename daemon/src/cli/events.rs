@@ -7,6 +7,8 @@ use futures::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
+use arw_api::dto::{Envelope, Handshake};
+
 use super::{CliError, Client, cluster::truncate};
 
 /// What to follow and how to print it.
@@ -43,20 +45,21 @@ pub async fn tail(client: &Client, tail: Tail) -> Result<String, CliError> {
                 while let Some(event) = events.next().await {
                     let Ok(event) = event else { break };
                     match event.event.as_str() {
-                        "service.connected" => {
-                            let data: Value = serde_json::from_str(&event.data).unwrap_or_default();
-                            let replay = &data["payload"]["replay"];
-                            eprintln!(
-                                "connected to {url} (replay {} {})",
-                                replay["mode"], replay["count"]
-                            );
-                            if data["payload"]["truncated"] == true {
+                        "service.connected" => match handshake(&event.data) {
+                            Some(h) => {
                                 eprintln!(
-                                    "note: events older than id {} were pruned; some were missed",
-                                    data["payload"]["oldest_id"]
+                                    "connected to {url} (replay {} {})",
+                                    h.replay.mode, h.replay.count
                                 );
+                                if h.truncated {
+                                    eprintln!(
+                                        "note: events older than id {} were pruned; some were missed",
+                                        h.oldest_id
+                                    );
+                                }
                             }
-                        }
+                            None => eprintln!("connected to {url}"),
+                        },
                         "service.lagged" => {
                             eprintln!("fell behind the live stream; resuming from the journal");
                             break;
@@ -87,23 +90,31 @@ pub async fn tail(client: &Client, tail: Tail) -> Result<String, CliError> {
     }
 }
 
+/// The handshake's payload, when the server sent one this CLI understands.
+fn handshake(data: &str) -> Option<Handshake> {
+    let envelope: Envelope = serde_json::from_str(data).ok()?;
+    serde_json::from_value(envelope.payload).ok()
+}
+
+/// One event as a line (or, with `json`, as its envelope with its `id`); data that is not an
+/// envelope is printed as it came.
 fn render(data: &str, id: Option<i64>, json: bool) -> String {
-    let Ok(mut envelope) = serde_json::from_str::<Value>(data) else {
+    let Ok(envelope) = serde_json::from_str::<Envelope>(data) else {
         return data.to_owned();
     };
     if json {
-        if let (Value::Object(map), Some(id)) = (&mut envelope, id) {
+        let mut value = serde_json::to_value(&envelope).unwrap_or_default();
+        if let (Value::Object(map), Some(id)) = (&mut value, id) {
             map.insert("id".into(), id.into());
         }
-        return envelope.to_string();
+        return value.to_string();
     }
-    let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
     format!(
         "{}  {:<28}  {:<16}  {}",
-        text(&envelope["time"]),
-        text(&envelope["kind"]),
-        text(&envelope["origin"]),
-        truncate(&envelope["payload"].to_string(), 120)
+        envelope.time,
+        envelope.kind,
+        envelope.origin.as_deref().unwrap_or("-"),
+        truncate(&envelope.payload.to_string(), 120)
     )
 }
 

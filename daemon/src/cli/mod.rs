@@ -10,6 +10,11 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
 
+use arw_api::dto::{
+    self, AdmissionChange, AdmissionRequest, ClusterNode, ClusterView, CoreHello, HierarchyState,
+    RoleRequest,
+};
+
 pub use client::{CliError, Client};
 
 /// Operate an ARW federation node through its admin API.
@@ -175,12 +180,12 @@ impl Cli {
         let base = &self.conn.base;
         match self.command {
             Command::State(StateCommand::Cluster(out)) => {
-                let view = Client::new(base, token, timeout)?.get("/state/cluster").await?;
-                Ok(if out.json {
-                    json_text(&view, out.pretty)
-                } else {
-                    cluster::render(&view, chrono::Utc::now().timestamp_millis(), &chrono::Local)
-                })
+                let client = Client::new(base, token, timeout)?;
+                if out.json {
+                    return Ok(json_text(&client.get("/state/cluster").await?, out.pretty));
+                }
+                let view: ClusterView = client.get("/state/cluster").await?;
+                Ok(cluster::render(&view, chrono::Utc::now().timestamp_millis(), &chrono::Local))
             }
             Command::Hierarchy(command) => {
                 hierarchy(&Client::new(base, token, timeout)?, command).await
@@ -207,54 +212,39 @@ impl Cli {
 }
 
 async fn cluster_admission(client: &Client, command: ClusterCommand) -> Result<String, CliError> {
-    let line = |v: &Value| {
-        format!(
-            "{} {} (key {})\n",
-            v["id"].as_str().unwrap_or("?"),
-            v["admission"].as_str().unwrap_or("?"),
-            v["key"].as_str().unwrap_or("?")
-        )
-    };
+    let line = |c: AdmissionChange| format!("{} {} (key {})\n", c.id, c.admission.as_str(), c.key);
     match command {
         ClusterCommand::Admit { id, key } => {
-            Ok(line(&client.post("/admin/cluster/admit", &json!({ "id": id, "key": key })).await?))
+            let body = AdmissionRequest { id, key };
+            Ok(line(client.post("/admin/cluster/admit", &body).await?))
         }
         ClusterCommand::Revoke { id } => {
-            Ok(line(&client.post("/admin/cluster/revoke", &json!({ "id": id })).await?))
+            let body = AdmissionRequest { id, key: None };
+            Ok(line(client.post("/admin/cluster/revoke", &body).await?))
         }
         ClusterCommand::Pending { json } => {
-            let view = client.get("/state/cluster").await?;
-            let nodes: Vec<&Value> = view["nodes"]
-                .as_array()
-                .map(|n| {
-                    n.iter()
-                        .filter(|n| n["admission"].as_str().is_some_and(|a| a != "admitted"))
-                        .collect()
-                })
-                .unwrap_or_default();
-            if json {
-                return Ok(json_text(&json!(nodes), false));
-            }
-            if view["nodes"]
-                .as_array()
-                .is_some_and(|n| n.iter().all(|n| n.get("admission").is_none()) && n.len() > 1)
-            {
+            let view: ClusterView = client.get("/state/cluster").await?;
+            if view.nodes.len() > 1 && view.nodes.iter().all(|n| n.admission.is_none()) {
                 return Err(CliError(
                     "this node reports no admission: is it the Home (role root)?".into(),
                 ));
             }
-            if nodes.is_empty() {
+            let pending: Vec<&ClusterNode> = view
+                .nodes
+                .iter()
+                .filter(|n| n.admission.as_deref().is_some_and(|a| a != "admitted"))
+                .collect();
+            if json {
+                return Ok(json_text(&json!(pending), false));
+            }
+            if pending.is_empty() {
                 return Ok("no pending nodes\n".into());
             }
-            Ok(nodes
+            Ok(pending
                 .iter()
                 .map(|n| {
-                    format!(
-                        "{:<20} {:<12} {}\n",
-                        n["id"].as_str().unwrap_or("?"),
-                        n["admission"].as_str().unwrap_or("?"),
-                        n["role"].as_str().unwrap_or("?")
-                    )
+                    let admission = n.admission.as_deref().unwrap_or("?");
+                    format!("{:<20} {:<12} {}\n", n.id, admission, n.role)
                 })
                 .collect())
         }
@@ -264,18 +254,17 @@ async fn cluster_admission(client: &Client, command: ClusterCommand) -> Result<S
 async fn hierarchy(client: &Client, command: HierarchyCommand) -> Result<String, CliError> {
     match command {
         HierarchyCommand::Role { role } => {
-            client.post("/admin/hierarchy/role", &json!({ "role": role })).await?;
-            let state = client.get("/admin/hierarchy/state").await?;
-            Ok(format!(
-                "role: {} (hierarchy epoch {})\n",
-                state["self_node"]["role"].as_str().unwrap_or("?"),
-                state["epoch"]
-            ))
+            let _: dto::Ok = client.post("/admin/hierarchy/role", &RoleRequest { role }).await?;
+            let state: HierarchyState = client.get("/admin/hierarchy/state").await?;
+            Ok(format!("role: {} (hierarchy epoch {})\n", state.self_node.role, state.epoch))
         }
         HierarchyCommand::Hello(args) => hello(client, args).await,
         HierarchyCommand::State(out) => {
-            let state = client.get("/admin/hierarchy/state").await?;
-            Ok(if out.json { json_text(&state, out.pretty) } else { hierarchy_text(&state) })
+            if out.json {
+                let state: Value = client.get("/admin/hierarchy/state").await?;
+                return Ok(json_text(&state, out.pretty));
+            }
+            Ok(hierarchy_text(&client.get("/admin/hierarchy/state").await?))
         }
     }
 }
@@ -284,16 +273,20 @@ async fn hello(client: &Client, args: HelloArgs) -> Result<String, CliError> {
     let epoch = match args.epoch {
         Some(epoch) => epoch,
         None => {
-            let state = client.get("/admin/hierarchy/state").await?;
-            state["self_node"]["hello_epoch"].as_u64().unwrap_or(0)
+            let state: HierarchyState = client.get("/admin/hierarchy/state").await?;
+            state.self_node.hello_epoch.unwrap_or(0)
         }
     };
     let nonce = args.nonce.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-    let body = json!({
-        "id": args.id, "role": args.role, "capabilities": args.capabilities,
-        "scope_tags": args.scope_tags, "epoch": epoch, "nonce": nonce,
-    });
-    client.post("/admin/hierarchy/hello", &body).await?;
+    let body = CoreHello {
+        id: args.id.clone(),
+        role: args.role.clone(),
+        capabilities: args.capabilities,
+        scope_tags: args.scope_tags,
+        epoch,
+        nonce,
+    };
+    let _: dto::Ok = client.post("/admin/hierarchy/hello", &body).await?;
     Ok(format!("hello accepted: id {} role {} epoch {epoch}\n", args.id, args.role))
 }
 
@@ -303,24 +296,21 @@ fn json_text(value: &Value, pretty: bool) -> String {
     format!("{}\n", text.unwrap_or_default())
 }
 
-fn hierarchy_text(state: &Value) -> String {
-    let node = &state["self_node"];
-    let list = |v: &Value| {
-        let items: Vec<&str> =
-            v.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-        if items.is_empty() { "—".to_owned() } else { items.join(", ") }
-    };
-    let peers = state["peers"].as_object().map_or(0, serde_json::Map::len);
+fn hierarchy_text(state: &HierarchyState) -> String {
+    let node = &state.self_node;
+    let list =
+        |items: &[String]| if items.is_empty() { "—".to_owned() } else { items.join(", ") };
     format!(
-        "Node         : {}\nRole         : {}\nEpoch        : {}\nHello epoch  : {}\nTags         : {}\nCapabilities : {}\nParent       : {}\nChildren     : {}\nPeers        : {peers}\n",
-        node["id"].as_str().unwrap_or("—"),
-        node["role"].as_str().unwrap_or("—"),
-        state["epoch"],
-        node["hello_epoch"].as_u64().map_or_else(|| "—".to_owned(), |e| e.to_string()),
-        list(&node["tags"]),
-        list(&node["capabilities"]),
-        node["parent"].as_str().unwrap_or("—"),
-        list(&node["children"]),
+        "Node         : {}\nRole         : {}\nEpoch        : {}\nHello epoch  : {}\nTags         : {}\nCapabilities : {}\nParent       : {}\nChildren     : {}\nPeers        : {}\n",
+        node.id,
+        node.role,
+        state.epoch,
+        node.hello_epoch.map_or_else(|| "—".to_owned(), |e| e.to_string()),
+        list(&node.tags),
+        list(node.capabilities.as_deref().unwrap_or_default()),
+        node.parent.as_deref().unwrap_or("—"),
+        list(&node.children),
+        state.peers.len(),
     )
 }
 
