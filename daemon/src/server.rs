@@ -115,6 +115,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         queue: cluster.queue.as_str().to_owned(),
         federation,
         capsule_trust: Some(capsule_trust),
+        trace: None,
     };
     let (node, node_task) = node::spawn(node_config, events.clone(), cancel.child_token())
         .await

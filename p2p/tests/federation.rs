@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use arw_p2p::{
     cluster::Health,
+    core::{NodeCore, Restored, Traced},
     events::{Emit, EventTx},
     identity::NodeKey,
     node::{self, FederationConfig, NodeConfig, NodeHandle, Snapshot},
@@ -18,11 +19,23 @@ const WAIT: Duration = Duration::from_secs(30);
 
 struct TestNode {
     handle: NodeHandle,
+    task: tokio::task::JoinHandle<()>,
     events: mpsc::Receiver<Emit>,
+    config: NodeConfig,
     _dir: tempfile::TempDir,
 }
 
 async fn start(id: &str, seed: u8, bootstrap: Vec<String>, cancel: &CancellationToken) -> TestNode {
+    start_with(id, seed, bootstrap, cancel, None).await
+}
+
+async fn start_with(
+    id: &str,
+    seed: u8,
+    bootstrap: Vec<String>,
+    cancel: &CancellationToken,
+    trace: Option<mpsc::UnboundedSender<Traced>>,
+) -> TestNode {
     let dir = tempfile::tempdir().expect("tempdir");
     let (events, rx) = EventTx::channel(4096);
     let mut config =
@@ -31,8 +44,10 @@ async fn start(id: &str, seed: u8, bootstrap: Vec<String>, cancel: &Cancellation
     let bootstrap = bootstrap.iter().map(|a| a.parse().expect("addr")).collect();
     config.federation =
         Some(FederationConfig::loopback("lab", bootstrap, Duration::from_millis(500)));
-    let (handle, _task) = node::spawn(config, events, cancel.child_token()).await.expect("node");
-    TestNode { handle, events: rx, _dir: dir }
+    config.trace = trace;
+    let (handle, task) =
+        node::spawn(config.clone(), events, cancel.child_token()).await.expect("node");
+    TestNode { handle, task, events: rx, config, _dir: dir }
 }
 
 /// Waits (bounded) until `check` holds for the node's snapshot.
@@ -103,4 +118,50 @@ async fn a_rogue_key_claiming_a_known_id_is_refused_and_reported() {
     assert_eq!(record.advert.addrs, honest.handle.snapshot().network.listen);
     drop(rogue);
     cancel.cancel();
+}
+
+/// The actor decides nothing itself: the inputs it fed its core while three real nodes
+/// converged, one changed its role, a command ran and a member crashed, replayed into a fresh
+/// core made from the same configuration, give exactly the effects the actor carried out
+/// (`handle` is the core's only way in: nothing else can change it). The simulator feeds that
+/// same core, so it makes the same decisions from the same inputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_node_s_inputs_into_a_fresh_core_gives_the_same_effects() {
+    let cancel = CancellationToken::new();
+    let (trace, mut traced) = mpsc::unbounded_channel();
+    let a = start_with("node-a", 1, vec![], &cancel, Some(trace)).await;
+    let boot = a.handle.snapshot().network.listen.clone();
+    let b = start("node-b", 2, boot.clone(), &cancel).await;
+    let c = start("node-c", 3, boot, &cancel).await;
+    until(&a.handle, "node-a to see all three", |s| ok_ids(s).len() == 3).await;
+    b.handle.set_role("regional").await.expect("role");
+    until(&a.handle, "node-b's new role", |s| {
+        s.nodes.get("node-b").is_some_and(|r| r.advert.role.as_str() == "regional")
+    })
+    .await;
+    a.handle.set_role("regional").await.expect("role");
+    c.task.abort();
+    until(&a.handle, "node-c lost", |s| {
+        s.nodes.get("node-c").is_some_and(|r| r.health != Health::Ok)
+    })
+    .await;
+    cancel.cancel();
+    let _ = tokio::time::timeout(WAIT, a.task).await;
+
+    let mut config = a.config.clone();
+    config.trace = None;
+    let mut core = NodeCore::new(&config, Restored::default());
+    let mut seen = std::collections::BTreeSet::new();
+    let mut count = 0;
+    while let Ok(Traced { now_ms, input, effects }) = traced.try_recv() {
+        let what = format!("{input:?}");
+        seen.insert(what.split([' ', '(', '{']).next().unwrap_or_default().to_owned());
+        let replayed: Vec<String> =
+            core.handle(input, now_ms).iter().map(|e| format!("{e:?}")).collect();
+        assert_eq!(replayed, effects, "input #{count}: {what}");
+        count += 1;
+    }
+    for kind in ["Start", "Connected", "Message", "SyncRequest", "Command", "Persisted"] {
+        assert!(seen.contains(kind), "no {kind} input among {count}: {seen:?}");
+    }
 }

@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub federation: Option<FederationConfig>,
     /// The capsule trust store file (`ARW_TRUST_CAPSULES`); `None`: every capsule is refused.
     pub capsule_trust: Option<PathBuf>,
+    /// Where to send a record of every input the core handles and what it answered (tests,
+    /// and replaying a real node's life in virtual time).
+    pub trace: Option<tokio::sync::mpsc::UnboundedSender<super::Traced>>,
 }
 
 impl NodeConfig {
@@ -65,6 +68,7 @@ impl NodeConfig {
             queue: "local".into(),
             federation: None,
             capsule_trust: None,
+            trace: None,
         }
     }
 }

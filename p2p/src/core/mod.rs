@@ -149,6 +149,18 @@ pub enum Input {
     Stop,
 }
 
+/// One call of [`NodeCore::handle`] as an executor made it: the same inputs, fed to a core
+/// made from the same configuration and state, give the same effects.
+#[derive(Debug, Clone)]
+pub struct Traced {
+    /// The time passed in.
+    pub now_ms: u64,
+    /// The input.
+    pub input: Input,
+    /// The effects returned, as `Debug` text.
+    pub effects: Vec<String>,
+}
+
 /// Something the executor must do.
 #[derive(Debug)]
 pub enum Effect {

@@ -21,7 +21,8 @@ use super::{BusConfig, Call, FederationConfig, NodeConfig, NodeError, Request, S
 use crate::{
     capsule::{CapsuleSet, TrustStore},
     core::{
-        ClusterStore, Command, CommandId, Effect, Input, NodeCore, Reply, ReplyTo, Restored, Write,
+        ClusterStore, Command, CommandId, Effect, Input, NodeCore, Reply, ReplyTo, Restored,
+        Traced, Write,
     },
     events::EventTx,
     persist,
@@ -59,6 +60,7 @@ pub(super) struct Actor {
     /// Sync requests waiting for their answer.
     replies: BTreeMap<ReplyTo, SyncReply>,
     next_reply: u64,
+    trace: Option<mpsc::UnboundedSender<Traced>>,
 }
 
 impl Actor {
@@ -90,6 +92,7 @@ impl Actor {
             next_call: 0,
             replies: BTreeMap::new(),
             next_reply: 0,
+            trace: config.trace,
         };
         let addresses = actor.transport.as_ref().map(Transport::addresses).unwrap_or_default();
         actor.input(Input::Start { addresses }).await;
@@ -181,16 +184,26 @@ impl Actor {
     /// Hands `input` to the core and carries out the effects, in order. A write's outcome goes
     /// back to the core at once, and what that brings is carried out before the rest.
     async fn input(&mut self, input: Input) {
-        let mut queue: VecDeque<Effect> = self.core.handle(input, now_ms()).into();
+        let mut queue: VecDeque<Effect> = self.handle(input).into();
         while let Some(effect) = queue.pop_front() {
-            if let Some(ticket_result) = self.execute(effect).await {
-                let (ticket, result) = ticket_result;
-                let follow = self.core.handle(Input::Persisted(ticket, result), now_ms());
+            if let Some((ticket, result)) = self.execute(effect).await {
+                let follow = self.handle(Input::Persisted(ticket, result));
                 for effect in follow.into_iter().rev() {
                     queue.push_front(effect);
                 }
             }
         }
+    }
+
+    /// One call of the core, recorded when tracing.
+    fn handle(&mut self, input: Input) -> Vec<Effect> {
+        let now = now_ms();
+        let Some(trace) = &self.trace else { return self.core.handle(input, now) };
+        let recorded = input.clone();
+        let effects = self.core.handle(input, now);
+        let text = effects.iter().map(|e| format!("{e:?}")).collect();
+        let _ = trace.send(Traced { now_ms: now, input: recorded, effects: text });
+        effects
     }
 
     /// Carries out one effect; a write returns its ticket and outcome.
