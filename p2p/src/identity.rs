@@ -77,9 +77,14 @@ impl NodeKey {
             .expect("32-byte ed25519 secret is always valid")
     }
 
-    /// The libp2p PeerId derived from this key.
+    /// The libp2p PeerId derived from this key (from the public half: no scalar multiplication).
     pub fn peer_id(&self) -> libp2p::PeerId {
-        self.libp2p_keypair().public().to_peer_id()
+        let public = self.verifying_key().to_bytes();
+        match libp2p::identity::ed25519::PublicKey::try_from_bytes(&public) {
+            Ok(public) => libp2p::identity::PublicKey::from(public).to_peer_id(),
+            // A verifying key of ed25519-dalek is always a valid libp2p one.
+            Err(_) => self.libp2p_keypair().public().to_peer_id(),
+        }
     }
 }
 

@@ -16,7 +16,7 @@
 //! without a heartbeat newer than the one the suspicion was based on.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
 };
 
@@ -236,6 +236,11 @@ pub struct Membership {
     removed: BTreeSet<NodeId>,
     /// This node's own lateness stretches every threshold by this factor (1: on time).
     slowdown: u64,
+    /// Member ids by libp2p identity.
+    by_peer: HashMap<PeerId, NodeId>,
+    /// No health transition falls due before this (it may fall due later: messages only push
+    /// deadlines later, and [`Membership::tick`] computes it afresh).
+    deadline: Option<u64>,
 }
 
 /// A node's place on the probe ring: the first 8 bytes of SHA-256 of its id, so neighbours on
@@ -267,6 +272,8 @@ impl Membership {
             changed: BTreeSet::new(),
             removed: BTreeSet::new(),
             slowdown: 1,
+            by_peer: HashMap::new(),
+            deadline: None,
         }
     }
 
@@ -274,14 +281,48 @@ impl Membership {
         self.ring.insert((place(&id), id.clone()));
         self.removed.remove(&id);
         self.changed.insert(id.clone());
-        self.members.insert(id, member);
+        if let Some(peer) = member.peer_id {
+            self.by_peer.insert(peer, id.clone());
+        }
+        self.members.insert(id.clone(), member);
+        self.noted(&id);
     }
 
     fn remove(&mut self, id: &NodeId) -> Option<Member> {
         self.ring.remove(&(place(id), id.clone()));
         self.changed.remove(id);
         self.removed.insert(id.clone());
-        self.members.remove(id)
+        let member = self.members.remove(id)?;
+        if let Some(peer) = member.peer_id {
+            self.by_peer.remove(&peer);
+        }
+        Some(member)
+    }
+
+    /// `id`'s health or silence changed: its next transition may fall due before the one
+    /// [`Membership::next_deadline`] holds.
+    fn noted(&mut self, id: &NodeId) {
+        if let Some(due) = self.members.get(id).and_then(|m| self.due(m)) {
+            self.deadline = Some(self.deadline.map_or(due, |d| d.min(due)));
+        }
+    }
+
+    /// When `member`'s next health transition can fall due, if any.
+    fn due(&self, member: &Member) -> Option<u64> {
+        let threshold = match member.record.health {
+            Health::Ok => self.suspect_after(),
+            Health::Suspect => self.down_after(),
+            _ => return None,
+        };
+        let confirmed =
+            member.suspected.map(|s| self.counted_from(s.at_ms).saturating_add(self.confirm()));
+        let silent = self.watched(member).then(|| self.heard(member).saturating_add(threshold));
+        confirmed.into_iter().chain(silent).min()
+    }
+
+    /// Computes [`Membership::next_deadline`] afresh (every member: once per tick).
+    fn recompute_deadline(&mut self) {
+        self.deadline = self.members.values().filter_map(|m| self.due(m)).min();
     }
 
     /// What changed in the stored registry since the last call: members to write (a new or
@@ -329,6 +370,7 @@ impl Membership {
         }
         // As on disk already.
         self.changed.clear();
+        self.recompute_deadline();
     }
 
     /// Every member as persisted.
@@ -367,7 +409,7 @@ impl Membership {
 
     /// The node id whose key is this libp2p peer, if known.
     pub fn id_of_peer(&self, peer: &PeerId) -> Option<&NodeId> {
-        self.members.iter().find(|(_, m)| m.peer_id.as_ref() == Some(peer)).map(|(id, _)| id)
+        self.by_peer.get(peer)
     }
 
     /// Verifies and applies one envelope received at `now_ms`.
@@ -483,6 +525,7 @@ impl Membership {
                 member.record = record;
                 member.envelope = bytes.to_vec();
                 self.changed.insert(id.clone());
+                self.noted(&id);
                 changes.push(Change::Advert { id: id.clone(), first: false, changed });
                 if from != Health::Ok {
                     changes.push(Change::Health { id, from, to: Health::Ok });
@@ -534,11 +577,11 @@ impl Membership {
         member.suspected = None;
         let to = if leave { Health::Left } else { Health::Ok };
         member.record.health = to;
-        Ok(if from == to {
-            Vec::new()
-        } else {
-            vec![Change::Health { id: beat.id.clone(), from, to }]
-        })
+        if from == to {
+            return Ok(Vec::new());
+        }
+        self.noted(&beat.id);
+        Ok(vec![Change::Health { id: beat.id.clone(), from, to }])
     }
 
     /// A reporter lost `target` (a reset connection, or a silence it watched). The report is a
@@ -579,6 +622,7 @@ impl Membership {
             (Health::Ok, _) => {
                 member.suspected = Some(Suspected { at_ms: now, pos });
                 member.record.health = Health::Suspect;
+                self.noted(target);
                 Some(Change::Health { id: target.clone(), from: Health::Ok, to: Health::Suspect })
             }
             _ => None,
@@ -666,12 +710,16 @@ impl Membership {
     /// raised before then gets its full time to be refuted from now.
     pub fn resume(&mut self, now_ms: u64) {
         self.resumed_ms = now_ms;
+        self.recompute_deadline();
     }
 
     /// This node is slow (its own timers fire late): its judgements of silence are worth less,
     /// so every threshold (suspect, down, confirmation) is `factor` times as long; 1 is normal.
     pub fn set_slowdown(&mut self, factor: u64) {
-        self.slowdown = factor.max(1);
+        if self.slowdown != factor.max(1) {
+            self.slowdown = factor.max(1);
+            self.recompute_deadline();
+        }
     }
 
     fn suspect_after(&self) -> u64 {
@@ -705,20 +753,7 @@ impl Membership {
     /// periodic tick. Messages only move deadlines later, so checking this after each
     /// [`Membership::tick`] is enough.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.members
-            .values()
-            .filter_map(|m| {
-                let threshold = match m.record.health {
-                    Health::Ok => self.suspect_after(),
-                    Health::Suspect => self.down_after(),
-                    _ => return None,
-                };
-                let confirmed =
-                    m.suspected.map(|s| self.counted_from(s.at_ms).saturating_add(self.confirm()));
-                let silent = self.watched(m).then(|| self.heard(m).saturating_add(threshold));
-                confirmed.into_iter().chain(silent).min()
-            })
-            .min()
+        self.deadline
     }
 
     /// The health `member` is due to move to at `now_ms`, if any (see [`Membership::tick`]).
@@ -788,6 +823,7 @@ impl Membership {
                 changes.push(Change::Evicted { record: Box::new(member.record) });
             }
         }
+        self.recompute_deadline();
         changes
     }
 }

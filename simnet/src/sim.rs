@@ -105,9 +105,11 @@ impl Ord for Queued {
     }
 }
 
-/// What a node's core wrote, as a disk would keep it.
+/// What a node's core wrote, as a disk would keep it (the registry's rows only when the
+/// scenario restarts nodes: a thousand nodes' registries would not fit in memory twice).
 #[derive(Debug, Default)]
 struct Disk {
+    keep_members: bool,
     hierarchy: Hierarchy,
     self_seq: u64,
     members: BTreeMap<NodeId, StoredMember>,
@@ -123,6 +125,9 @@ impl Disk {
             Write::Hierarchy(h) => self.hierarchy = h,
             Write::Registry { self_seq, upsert, remove } => {
                 self.self_seq = self.self_seq.max(self_seq);
+                if !self.keep_members {
+                    return;
+                }
                 for member in upsert {
                     self.members.insert(member.record.advert.id.clone(), member);
                 }
@@ -157,6 +162,7 @@ impl Disk {
 struct Node {
     core: NodeCore,
     config: NodeConfig,
+    peer: PeerId,
     disk: Disk,
     id: NodeId,
     alive: bool,
@@ -319,10 +325,12 @@ impl<'a> Trial<'a> {
                 let id = NodeId::parse(&format!("n{i}"))
                     .unwrap_or_else(|_| unreachable!("n<digits> is a valid id"));
                 let config = node_config(s, key, id.clone());
+                let keep_members = s.faults.iter().any(|f| f.kind == FaultKind::Restart);
                 Node {
+                    peer: config.key.peer_id(),
                     core: NodeCore::new(&config, Restored::default()),
                     config,
-                    disk: Disk::default(),
+                    disk: Disk { keep_members, ..Disk::default() },
                     id,
                     alive: true,
                     life: 0,
@@ -557,7 +565,7 @@ impl<'a> Trial<'a> {
     }
 
     fn peer(&self, i: usize) -> PeerId {
-        self.nodes[i].config.key.peer_id()
+        self.nodes[i].peer
     }
 
     fn run(mut self) -> Measures {

@@ -206,6 +206,31 @@ impl NodeCore {
     /// A peer answered a sync request or a probe. Any answer is a sign of life of the peer (the
     /// connection authenticates it).
     pub(super) fn on_answer(&mut self, from: Option<PeerId>, response: SyncResponse, now: u64) {
+        let before = self.out.len();
+        self.receive_answer(from, response, now);
+        // A sync answer can name every node at once, in id order; dialled in that order, every
+        // newcomer would dial the same first few. Each node orders them its own way instead.
+        let key = self.key.verifying_key().to_bytes();
+        let rank = |effect: &Effect| match effect {
+            Effect::Dial(addrs) => {
+                use sha2::{Digest, Sha256};
+                let digest =
+                    Sha256::new().chain_update(key).chain_update(addrs.join(" ")).finalize();
+                u64::from_be_bytes(digest[..8].try_into().unwrap_or_default())
+            }
+            _ => 0,
+        };
+        let mut dials: Vec<Effect> = Vec::new();
+        let mut rest: Vec<Effect> = Vec::new();
+        for effect in self.out.drain(before..) {
+            if matches!(effect, Effect::Dial(_)) { dials.push(effect) } else { rest.push(effect) }
+        }
+        dials.sort_by_cached_key(rank);
+        self.out.extend(rest);
+        self.out.extend(dials);
+    }
+
+    fn receive_answer(&mut self, from: Option<PeerId>, response: SyncResponse, now: u64) {
         if let Some(id) = from.and_then(|p| self.protocol.membership().id_of_peer(&p).cloned()) {
             self.snapshot_dirty = true;
             if self.protocol.probe_answered(&id, response.policy_epoch, now) {

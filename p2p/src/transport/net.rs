@@ -81,10 +81,12 @@ impl std::fmt::Debug for Net {
 
 /// Discovery dials stop once this many peers are connected (inbound connections are still
 /// accepted); about twice gossipsub's mesh degree of 6.
-pub const TARGET_PEERS: usize = 12;
+pub const TARGET_PEERS: usize = 6;
 /// Hard cap on established connections (inbound and outbound, including Kademlia's), so a
 /// bootstrap node that everyone dials first stays bounded too.
 pub const MAX_CONNECTIONS: u32 = 128;
+/// Entries per Kademlia bucket (see `Net::start`).
+const KAD_BUCKET: std::num::NonZeroUsize = std::num::NonZeroUsize::new(2).expect("2 > 0");
 /// A connection no protocol needs (not a gossip mesh link, no request in flight, no Kademlia
 /// query) is closed after this long: discovery leaves no full mesh behind.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -126,10 +128,13 @@ impl Net {
                 // answers lookups; it does not enter every connected peer in its table, which
                 // would have each node look up its neighbourhood (dialling peers of its own) as
                 // long as its table is short of 20. Adverts carry every node's addresses, and
-                // are dialled within the discovery budget (docs/protocol.md, "Discovery").
+                // are dialled within the discovery budget (docs/protocol.md, "Discovery"). A
+                // table that small needs small buckets: each of the 256 is allocated up front,
+                // and at the default size of 20 they were half of a node's memory.
                 let mut kad_config = kad::Config::new(StreamProtocol::new("/arw/kad/1.0.0"));
                 kad_config
                     .set_kbucket_inserts(kad::BucketInserts::Manual)
+                    .set_kbucket_size(KAD_BUCKET)
                     .set_periodic_bootstrap_interval(None);
                 let mut kad = kad::Behaviour::with_config(
                     peer_id,
