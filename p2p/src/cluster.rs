@@ -96,6 +96,15 @@ impl Advert {
     }
 }
 
+/// A node claiming to be the Home (advertising role `root`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeClaim {
+    /// Node id.
+    pub id: String,
+    /// Its key.
+    pub key: String,
+}
+
 /// The registry's record of one node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {

@@ -9,8 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     capsule::CapsuleItem,
-    cluster::{Advert, ClusterNode, Health},
-    core::HomeClaim,
+    cluster::{Advert, ClusterNode, Health, HomeClaim},
     hierarchy::{CoreAccept, CoreHello, CoreOffer},
 };
 

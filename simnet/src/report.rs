@@ -250,7 +250,7 @@ impl Measures {
         self.formation.extend(other.formation);
         if let Some(theirs) = other.decisions {
             let ours = self.decisions.get_or_insert_default();
-            *ours = crate::sim::add(*ours, theirs);
+            *ours = *ours + theirs;
         }
     }
 

@@ -73,8 +73,9 @@ pub struct ProtocolSettings {
     pub suspect_after_ms: u64,
     /// Silence before `down`.
     pub down_after_ms: u64,
-    /// Probe mode with this many observers per node (the libp2p mesh); 0: broadcast mode,
-    /// every heartbeat to every node (the NATS bus). Virtual tier only.
+    /// The libp2p mesh with this many watchers per node (probe mode); 0: the NATS bus, a
+    /// broker that delivers every message to every node, heartbeats broadcast. Virtual tier
+    /// only.
     pub observers: usize,
     /// Re-advert period (virtual tier; each node starts at a random phase).
     pub advertise_interval_secs: u64,

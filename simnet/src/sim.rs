@@ -218,6 +218,8 @@ struct Trial<'a> {
     /// The partition and isolations just before the last heal.
     cut_before_heal: (Option<Vec<bool>>, Vec<bool>),
     commands: u64,
+    /// Decisions of node lives that ended (restarts), while traffic was counted.
+    decided: Counters,
     m: Measures,
 }
 
@@ -364,6 +366,7 @@ impl<'a> Trial<'a> {
             healed: vec![false; n],
             cut_before_heal: (None, vec![false; n]),
             commands: 0,
+            decided: Counters::default(),
             m: Measures::default(),
         };
         for i in 0..trial.faults.len() {
@@ -582,9 +585,9 @@ impl<'a> Trial<'a> {
                 .filter(|&j| j != w.origin && self.nodes[j].alive && !w.have[j])
                 .count();
         }
-        let mut decisions = Counters::default();
+        let mut decisions = self.decided;
         for node in &self.nodes {
-            decisions = add(decisions, since(node.core.counters(), node.counted_from));
+            decisions = decisions + node.core.counters().since(node.counted_from);
         }
         self.m.decisions = Some(decisions);
         self.m
@@ -711,6 +714,11 @@ impl<'a> Trial<'a> {
                 }
                 let now_ms = self.now_ms();
                 let n = &mut self.nodes[node];
+                // The decisions of the life that ended still count, once counting began.
+                if self.now as f64 >= self.s.traffic_after_secs * 1e6 {
+                    self.decided = self.decided + n.core.counters().since(n.counted_from);
+                }
+                n.counted_from = Counters::default();
                 n.core = NodeCore::new(&n.config, n.disk.restored(now_ms));
                 n.alive = true;
                 n.life += 1;
@@ -835,36 +843,6 @@ impl<'a> Trial<'a> {
             .strip_prefix('n')
             .and_then(|n| n.parse().ok())
             .filter(|&i: &usize| i < self.nodes.len())
-    }
-}
-
-/// `a + b`, field by field.
-pub fn add(a: Counters, b: Counters) -> Counters {
-    Counters {
-        received: a.received + b.received,
-        refused: a.refused + b.refused,
-        syncs: a.syncs + b.syncs,
-        probes: a.probes + b.probes,
-        reports: a.reports + b.reports,
-        refutations: a.refutations + b.refutations,
-        resets: a.resets + b.resets,
-        redials: a.redials + b.redials,
-        adverts: a.adverts + b.adverts,
-    }
-}
-
-/// `now − then`, field by field.
-pub fn since(now: Counters, then: Counters) -> Counters {
-    Counters {
-        received: now.received.saturating_sub(then.received),
-        refused: now.refused.saturating_sub(then.refused),
-        syncs: now.syncs.saturating_sub(then.syncs),
-        probes: now.probes.saturating_sub(then.probes),
-        reports: now.reports.saturating_sub(then.reports),
-        refutations: now.refutations.saturating_sub(then.refutations),
-        resets: now.resets.saturating_sub(then.resets),
-        redials: now.redials.saturating_sub(then.redials),
-        adverts: now.adverts.saturating_sub(then.adverts),
     }
 }
 

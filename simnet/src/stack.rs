@@ -109,7 +109,10 @@ async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
         ..Measures::default()
     };
     while cluster.seen.try_recv().is_ok() {}
-    let counted_from: Vec<Counters> =
+    // Decisions while measuring: of the nodes' lives that ended (crashes), and of the ones
+    // running at the end since measuring began (or since they restarted).
+    let mut decisions = Counters::default();
+    let mut counted_from: Vec<Counters> =
         cluster.nodes.iter().flatten().map(|n| n.handle.snapshot().counters).collect();
 
     let start = Instant::now();
@@ -145,12 +148,14 @@ async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
                                 // when a process dies. No leave is sent.
                                 n.task.abort();
                                 n.alive = false;
+                                decisions = decisions + n.handle.snapshot().counters.since(counted_from[node]);
                                 gone.insert(node, Instant::now());
                             }
                         }
                         FaultKind::Restart => {
                             let dir = cluster.nodes[node].take().map(|n| n.dir);
                             let restarted = cluster.start(node, dir).await?;
+                            counted_from[node] = Counters::default();
                             let seq = restarted.handle.snapshot().nodes.get(format!("n{node}").as_str()).map_or(0, |r| r.advert.seq);
                             cluster.nodes[node] = Some(restarted);
                             gone.remove(&node);
@@ -197,13 +202,9 @@ async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
             .filter(|j| j != origin && cluster.is_alive(*j) && !have.contains(j))
             .count();
     }
-    let mut decisions = Counters::default();
     for (node, from) in cluster.nodes.iter().zip(&counted_from) {
         if let Some(node) = node.as_ref().filter(|n| n.alive) {
-            decisions = crate::sim::add(
-                decisions,
-                crate::sim::since(node.handle.snapshot().counters, *from),
-            );
+            decisions = decisions + node.handle.snapshot().counters.since(*from);
         }
     }
     m.decisions = Some(decisions);

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use crate::{
     admission::Admission,
     capsule::{Adoption, Capsule, CapsuleError, CapsuleSet, IssuerInfo, Teardown, TrustStore},
-    cluster::{ClusterView, NodeRecord},
+    cluster::{ClusterView, HomeClaim, NodeRecord},
     governor::{Governor, Hints},
     hierarchy::{
         CoreAccept, CoreHello, CoreOffer, HelloOutcome, Hierarchy, HierarchyError, RoleChange,
@@ -122,15 +122,6 @@ pub struct AdmissionChange {
     pub admission: Admission,
 }
 
-/// Another node claiming to be the Home.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HomeClaim {
-    /// Node id.
-    pub id: String,
-    /// Its key.
-    pub key: String,
-}
-
 /// A capsule to adopt, with what the events about it should carry.
 #[derive(Debug, Clone)]
 pub struct CapsuleRequest {
@@ -222,6 +213,41 @@ pub struct Counters {
     pub redials: u64,
     /// Adverts signed.
     pub adverts: u64,
+}
+
+impl std::ops::Add for Counters {
+    type Output = Counters;
+
+    fn add(self, o: Counters) -> Counters {
+        Counters {
+            received: self.received + o.received,
+            refused: self.refused + o.refused,
+            syncs: self.syncs + o.syncs,
+            probes: self.probes + o.probes,
+            reports: self.reports + o.reports,
+            refutations: self.refutations + o.refutations,
+            resets: self.resets + o.resets,
+            redials: self.redials + o.redials,
+            adverts: self.adverts + o.adverts,
+        }
+    }
+}
+
+impl Counters {
+    /// What was decided since `earlier` was read.
+    pub fn since(self, earlier: Counters) -> Counters {
+        Counters {
+            received: self.received.saturating_sub(earlier.received),
+            refused: self.refused.saturating_sub(earlier.refused),
+            syncs: self.syncs.saturating_sub(earlier.syncs),
+            probes: self.probes.saturating_sub(earlier.probes),
+            reports: self.reports.saturating_sub(earlier.reports),
+            refutations: self.refutations.saturating_sub(earlier.refutations),
+            resets: self.resets.saturating_sub(earlier.resets),
+            redials: self.redials.saturating_sub(earlier.redials),
+            adverts: self.adverts.saturating_sub(earlier.adverts),
+        }
+    }
 }
 
 impl Snapshot {
