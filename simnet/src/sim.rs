@@ -424,13 +424,17 @@ impl<'a> Trial<'a> {
         self.schedule(at, event);
     }
 
-    /// Sends `bytes` from `from` over its connections (the broker: to everyone), except to
-    /// `except`.
+    /// Sends `bytes` from `from`: its own message to every connection (gossipsub publishes to
+    /// every connected peer of the topic), a forwarded one only along the mesh (the overlay
+    /// links still connected); over the broker, to everyone.
     fn gossip(&mut self, from: usize, id: MsgId, bytes: Rc<[u8]>, except: Option<usize>) {
+        let n = &self.nodes[from];
         let targets: Vec<usize> = if self.broker {
             (0..self.nodes.len()).filter(|&j| j != from).collect()
+        } else if except.is_none() {
+            n.links.iter().copied().collect()
         } else {
-            self.nodes[from].links.iter().copied().collect()
+            n.neighbours.iter().copied().filter(|j| n.links.contains(j)).collect()
         };
         for to in targets {
             if Some(to) != except {
@@ -596,10 +600,14 @@ impl<'a> Trial<'a> {
     fn handle(&mut self, event: Step) {
         match event {
             Step::Deliver { to, from, id, bytes } => {
-                if !self.nodes[to].alive || !self.remember(to, id) {
+                if !self.nodes[to].alive {
                     return;
                 }
+                // Duplicates cost bandwidth too; gossip drops them before the core sees them.
                 self.count_received(bytes.len() as u64);
+                if !self.remember(to, id) {
+                    return;
+                }
                 let opened = self.open(id, &bytes);
                 let via = if self.broker {
                     Inbound::Broker
