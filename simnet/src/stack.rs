@@ -93,8 +93,10 @@ async fn run_trial(s: &Scenario, seed: u64) -> Result<Measures, String> {
         }
         cluster.nodes.push(Some(node));
     }
+    let all_started = started.elapsed();
     cluster.formed().await?;
     let formation = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::info!(started_ms = all_started.as_secs_f64() * 1000.0, "all nodes started");
     let peers: Vec<usize> = cluster
         .nodes
         .iter()

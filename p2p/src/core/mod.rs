@@ -72,8 +72,12 @@ const MAX_SLOWDOWN: u64 = 8;
 const RECOVER_AFTER: u32 = 8;
 /// A timer this late means the node itself was stalled: the silence it would now see is its own.
 const STALL_MS: u64 = 1_000;
-/// Anti-entropy: sync with one connected peer (in turn) this often.
+/// Anti-entropy: sync with one connected peer (in turn) this often...
 const SYNC_EVERY_MS: u64 = 30_000;
+/// ...the first time this soon after start: an advert flooded while the gossip mesh was still
+/// forming may have missed some nodes, and the first sync (with the first peer, when this node
+/// joined) could not bring what others said after it.
+const SYNC_FIRST_MS: u64 = 2_000;
 /// A node judged down over the mesh is redialled this often...
 const REDIAL_EVERY_MS: u64 = 1_000;
 /// ...for this long (it is back by then, or gone).
@@ -552,7 +556,7 @@ impl NodeCore {
             tick: now + TICK_MS,
             beat: now + self.phase(b"beat", now, self.beat_every_ms),
             advert: now + self.phase(b"advert", now, self.advertise_every_ms),
-            sync: now + SYNC_EVERY_MS,
+            sync: now + SYNC_FIRST_MS,
         };
         self.reapply_home_capsules(now);
         self.advertise("boot", now, |_, _| {});
