@@ -50,7 +50,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = std::env::var("ARW_LOG").unwrap_or_else(|_| "warn".into());
+    let filter = std::env::var("ARW_LOG").unwrap_or_else(|_| "warn,libp2p_kad=error".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
