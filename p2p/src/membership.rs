@@ -100,16 +100,59 @@ pub struct Member {
     suspected: Option<Suspected>,
     /// Probe mode: since when this node watches the member (its silence counts from then).
     watched_since: Option<u64>,
+    /// How far this node still acts on the member's suspicion reports.
+    credit: Credit,
 }
 
 /// A standing suspicion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Suspected {
     /// When this node began to suspect (its own clock).
     at_ms: u64,
     /// The newest `(seq, beat)` of the suspect the suspicion is based on: only a heartbeat
     /// newer than this clears it.
     pos: (u64, u64),
+    /// The member whose report raised it (`None`: this node's own judgement).
+    by: Option<NodeId>,
+}
+
+/// How many heartbeats beyond the latest this node holds a suspicion report may claim the
+/// suspect had sent (some may still be on their way here). A refutation skips as many, so it
+/// clears whatever a report claimed.
+pub const REPORT_SLACK: u64 = 2;
+
+/// Reports acted on per accuser and window (a crash costs an honest accuser one report per
+/// connection it loses; a lying one is muted after its first refuted report anyway).
+const REPORTS_PER_WINDOW: u32 = 16;
+/// That window.
+const REPORT_WINDOW_MS: u64 = 10_000;
+/// An accuser whose report the suspect refuted is not listened to for this long.
+const MUTED_FOR_MS: u64 = 60_000;
+
+/// What a member's suspicion reports are still worth here: a few per window, and nothing for a
+/// while after one of them was refuted. Reports only speed detection up (every node is also
+/// watched by others), so an honest accuser muted by a false alarm costs little, and a lying
+/// one costs each node it names one refutation per [`MUTED_FOR_MS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Credit {
+    window_from_ms: u64,
+    used: u32,
+    muted_until_ms: u64,
+}
+
+impl Credit {
+    /// Spends one report at `now_ms`, if the accuser has any left.
+    fn spend(&mut self, now_ms: u64) -> bool {
+        if now_ms < self.muted_until_ms {
+            return false;
+        }
+        if now_ms.saturating_sub(self.window_from_ms) >= REPORT_WINDOW_MS {
+            self.window_from_ms = now_ms;
+            self.used = 0;
+        }
+        self.used += 1;
+        self.used <= REPORTS_PER_WINDOW
+    }
 }
 
 /// A node to probe this period (see [`Membership::probes`]).
@@ -314,8 +357,10 @@ impl Membership {
             Health::Suspect => self.down_after(),
             _ => return None,
         };
-        let confirmed =
-            member.suspected.map(|s| self.counted_from(s.at_ms).saturating_add(self.confirm()));
+        let confirmed = member
+            .suspected
+            .as_ref()
+            .map(|s| self.counted_from(s.at_ms).saturating_add(self.confirm()));
         let silent = self.watched(member).then(|| self.heard(member).saturating_add(threshold));
         confirmed.into_iter().chain(silent).min()
     }
@@ -365,6 +410,7 @@ impl Membership {
                 beat_pos,
                 suspected: None,
                 watched_since: None,
+                credit: Credit::default(),
             };
             self.insert(id, member);
         }
@@ -543,6 +589,7 @@ impl Membership {
                         beat_pos,
                         suspected: None,
                         watched_since: None,
+                        credit: Credit::default(),
                     },
                 );
                 changes.push(Change::Advert { id, first: true, changed: true });
@@ -571,12 +618,18 @@ impl Membership {
         let from = member.record.health;
         // Only a heartbeat newer than what a suspicion was based on clears it: one already on
         // its way when the reporter lost the node proves nothing.
-        if member.suspected.is_some_and(|s| pos <= s.pos) && !leave {
+        if member.suspected.as_ref().is_some_and(|s| pos <= s.pos) && !leave {
             return Ok(Vec::new());
         }
-        member.suspected = None;
+        let refuted = member.suspected.take().filter(|_| from == Health::Suspect);
         let to = if leave { Health::Left } else { Health::Ok };
         member.record.health = to;
+        if let Some(accuser) = refuted.and_then(|s| s.by) {
+            // Alive while the report stood: the report was wrong (a lie, or a false alarm).
+            if let Some(accuser) = self.members.get_mut(&accuser) {
+                accuser.credit.muted_until_ms = now.saturating_add(MUTED_FOR_MS);
+            }
+        }
         if from == to {
             return Ok(Vec::new());
         }
@@ -586,7 +639,9 @@ impl Membership {
 
     /// A reporter lost `target` (a reset connection, or a silence it watched). The report is a
     /// sign of life of the reporter (ordered with its heartbeats); the target becomes `suspect`
-    /// until a heartbeat newer than the report's position of it arrives.
+    /// until a heartbeat newer than the report's position of it arrives (a position no further
+    /// than [`REPORT_SLACK`] beyond what this node has heard of it). Reports of a muted or spent accuser
+    /// (see [`Credit`]) are signs of life and nothing more.
     fn suspicion(&mut self, report: &wire::Suspicion, now: u64) -> Result<Vec<Change>, Reason> {
         let beat = wire::Beat {
             id: report.id.clone(),
@@ -597,30 +652,49 @@ impl Membership {
             policy: 0,
         };
         let mut changes = self.beat(&beat, now, false)?;
+        let credited = self.members.get_mut(&report.id).is_some_and(|m| m.credit.spend(now));
+        if !credited {
+            tracing::debug!(accuser = %report.id, "suspicion report not acted on: accuser muted or spent");
+            return Ok(changes);
+        }
         let pos = (report.target_seq, report.target_beat);
         if report.target == self.self_id {
             changes.push(Change::SelfSuspected { pos });
         } else {
-            changes.extend(self.suspect(&report.target, now, pos));
+            changes.extend(self.suspect_by(&report.target, now, pos, Some(&report.id)));
         }
         Ok(changes)
     }
 
-    /// Marks `target` `suspect` (a reset of its connection seen here, or a report), based on
-    /// what was heard of it up to `pos`; returns the change, if any.
+    /// Marks `target` `suspect` (a reset of its connection seen here), based on what was heard
+    /// of it up to `pos`; returns the change, if any.
     pub fn suspect(&mut self, target: &NodeId, now: u64, pos: (u64, u64)) -> Option<Change> {
+        self.suspect_by(target, now, pos, None)
+    }
+
+    fn suspect_by(
+        &mut self,
+        target: &NodeId,
+        now: u64,
+        pos: (u64, u64),
+        by: Option<&NodeId>,
+    ) -> Option<Change> {
         let member = self.members.get_mut(target)?;
         if member.beat_pos > pos && member.record.health == Health::Ok {
             // Heard from it since the reporter last did: the report is older than our news.
             return None;
         }
+        // A report may not claim more than the suspect can have sent as far as this node can
+        // tell, so the suspect's refutation always clears it.
+        let (seq, beat) = member.beat_pos;
+        let pos = pos.min((seq, beat.saturating_add(REPORT_SLACK)));
         match (member.record.health, &mut member.suspected) {
             (Health::Suspect, Some(s)) => {
                 s.pos = s.pos.max(pos);
                 None
             }
             (Health::Ok, _) => {
-                member.suspected = Some(Suspected { at_ms: now, pos });
+                member.suspected = Some(Suspected { at_ms: now, pos, by: by.cloned() });
                 member.record.health = Health::Suspect;
                 self.noted(target);
                 Some(Change::Health { id: target.clone(), from: Health::Ok, to: Health::Suspect })
@@ -766,6 +840,7 @@ impl Membership {
         let watched = self.watched(member);
         let confirmed = member
             .suspected
+            .as_ref()
             .is_some_and(|s| now_ms.saturating_sub(self.counted_from(s.at_ms)) >= self.confirm());
         let to = if confirmed || (watched && silence >= self.down_after()) {
             Health::Down
@@ -814,8 +889,11 @@ impl Membership {
             let Some(member) = self.members.get_mut(&id) else { continue };
             let from = member.record.health;
             member.record.health = to;
-            member.suspected = (to == Health::Suspect)
-                .then_some(Suspected { at_ms: now_ms, pos: member.beat_pos });
+            member.suspected = (to == Health::Suspect).then_some(Suspected {
+                at_ms: now_ms,
+                pos: member.beat_pos,
+                by: None,
+            });
             changes.push(Change::Health { id, from, to });
         }
         for id in evict {
@@ -966,8 +1044,12 @@ mod tests {
     }
 
     fn report(target_beat: u64, beat: u64, at: u64) -> Message {
+        report_by("n2", target_beat, beat, at)
+    }
+
+    fn report_by(reporter: &str, target_beat: u64, beat: u64, at: u64) -> Message {
         Message::Suspect(wire::Suspicion {
-            id: NodeId::parse("n2").expect("id"),
+            id: NodeId::parse(reporter).expect("id"),
             workspace: "lab".into(),
             seq: 10,
             beat,
@@ -1006,8 +1088,13 @@ mod tests {
         let r = m.receive(&seal(&target, "lab", &beat("n1", 10, 3, NOW + 800)), NOW + 800);
         assert!(matches!(r.changes[..], [Change::Health { to: Health::Ok, .. }]));
         assert!(m.tick(NOW + 2_500).is_empty(), "the suspicion is gone with its window");
-        // Unrefuted, it becomes `down` once the confirm window has passed.
-        m.receive(&seal(&reporter, "lab", &report(3, 3, NOW + 3_000)), NOW + 3_000);
+        // The reporter was wrong: its reports count for nothing for a while.
+        let r = m.receive(&seal(&reporter, "lab", &report(3, 3, NOW + 900)), NOW + 900);
+        assert_eq!((r.verdict, &r.changes[..]), (Verdict::Accept, &[][..]), "muted");
+        // Unrefuted, another's report becomes `down` once the confirm window has passed.
+        let other = NodeKey::from_secret([4; 32]);
+        m.receive(&seal(&other, "lab", &advert("n3", 10, NOW)), NOW);
+        m.receive(&seal(&other, "lab", &report_by("n3", 3, 1, NOW + 3_000)), NOW + 3_000);
         let n1_down = |changes: &[Change]| {
             changes.iter().any(
                 |c| matches!(c, Change::Health { id, to: Health::Down, .. } if id.as_str() == "n1"),
@@ -1015,6 +1102,56 @@ mod tests {
         };
         assert!(!n1_down(&m.tick(NOW + 4_999)));
         assert!(n1_down(&m.tick(NOW + 5_000)));
+    }
+
+    #[test]
+    fn a_report_claiming_more_than_was_sent_costs_one_refutation_and_no_down() {
+        let mut m = membership();
+        let (target, liar) = (NodeKey::from_secret([1; 32]), NodeKey::from_secret([2; 32]));
+        m.receive(&seal(&target, "lab", &advert("n1", 10, NOW)), NOW);
+        m.receive(&seal(&liar, "lab", &advert("n2", 10, NOW)), NOW);
+        let mut lie = report(u64::MAX, 1, NOW + 100);
+        if let Message::Suspect(s) = &mut lie {
+            s.target_seq = u64::MAX;
+        }
+        let r = m.receive(&seal(&liar, "lab", &lie), NOW + 100);
+        assert!(matches!(r.changes[..], [Change::Health { to: Health::Suspect, .. }]));
+        // The target's refutation skips REPORT_SLACK beats past its last.
+        let refutation = beat("n1", 10, REPORT_SLACK + 1, NOW + 150);
+        let r = m.receive(&seal(&target, "lab", &refutation), NOW + 150);
+        assert!(matches!(r.changes[..], [Change::Health { to: Health::Ok, .. }]), "{r:?}");
+        // Past the 2 s confirm window from the report.
+        assert!(m.tick(NOW + 2_500).is_empty(), "never down");
+        // The liar is muted: its next lies are signs of its life, nothing more.
+        let mut again = lie.clone();
+        if let Message::Suspect(s) = &mut again {
+            s.beat = 2;
+            s.sent_ms = NOW + 2_600;
+        }
+        let r = m.receive(&seal(&liar, "lab", &again), NOW + 2_600);
+        assert_eq!((r.verdict, &r.changes[..]), (Verdict::Accept, &[][..]));
+        assert_eq!(m.members()["n1"].record.health, Health::Ok);
+    }
+
+    #[test]
+    fn an_accuser_is_heard_a_limited_number_of_times_per_window() {
+        let mut m = membership();
+        let accuser = NodeKey::from_secret([2; 32]);
+        m.receive(&seal(&accuser, "lab", &advert("n2", 10, NOW)), NOW);
+        let targets = REPORTS_PER_WINDOW as u64 + 4;
+        for t in 0..targets {
+            let key = NodeKey::from_secret([100 + t as u8; 32]);
+            m.receive(&seal(&key, "lab", &advert(&format!("t{t}"), 10, NOW)), NOW);
+        }
+        let mut suspected = 0;
+        for t in 0..targets {
+            let mut r = report(0, t + 1, NOW + 100);
+            if let Message::Suspect(s) = &mut r {
+                s.target = NodeId::parse(&format!("t{t}")).expect("id");
+            }
+            suspected += m.receive(&seal(&accuser, "lab", &r), NOW + 100).changes.len();
+        }
+        assert_eq!(suspected, REPORTS_PER_WINDOW as usize);
     }
 
     #[test]

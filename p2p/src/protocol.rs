@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::{
     cluster::Advert,
     identity::NodeKey,
-    membership::{Change, Membership, MembershipConfig, Probe, Receipt, Refusal, Verdict},
+    membership::{
+        Change, Membership, MembershipConfig, Probe, REPORT_SLACK, Receipt, Refusal, Verdict,
+    },
     node_id::NodeId,
     policy::{PolicyContent, PolicyDoc, PolicyState},
     wire::{self, Beat, Message, Reason},
@@ -370,7 +372,9 @@ impl Protocol {
 
     /// A report says this node was lost, based on what its reporter heard up to `pos`: a fresh
     /// heartbeat (newer than anything sent) tells everyone otherwise, and is returned. One
-    /// refutation per heartbeat interval answers every report based on older news.
+    /// refutation per heartbeat interval answers every report based on older news. It skips
+    /// [`REPORT_SLACK`] beats: receivers hold a report to no more than that beyond what they
+    /// heard of this node, so the refutation clears even a report that claimed more.
     fn refute(&mut self, pos: (u64, u64), now_ms: u64) -> Vec<u8> {
         let interval = self.membership.config().heartbeat_interval_ms;
         if let Some(last) = &self.refuted
@@ -379,6 +383,7 @@ impl Protocol {
         {
             return last.envelope.clone();
         }
+        self.beat = self.beat.saturating_add(REPORT_SLACK);
         let beat = self.next_beat(now_ms);
         let pos = (beat.seq, beat.beat);
         let envelope = wire::seal(&self.key, &self.workspace, &Message::Heartbeat(beat));
