@@ -299,6 +299,9 @@ pub struct Loaded {
     pub warnings: Vec<String>,
     /// Directory of the config file read (relative paths in it resolve here), else the CWD.
     pub config_dir: Option<PathBuf>,
+    /// Start under a new key even though the state directory holds another identity's state
+    /// (`arw-server --new-identity`).
+    pub new_identity: bool,
 }
 
 /// Where to look for things; real process values in production, fakes in tests.
@@ -367,7 +370,16 @@ pub fn load(env: &Environment) -> Result<Loaded, ConfigError> {
     let config: Config = figment.extract().map_err(|e| describe(e, env))?;
     let mut warnings = unknown_keys(&figment)?;
     let (bind_ip, explicit_node_id) = validate(&config, env, &mut warnings)?;
-    Ok(Loaded { config, sources, state_dir, bind_ip, explicit_node_id, warnings, config_dir })
+    Ok(Loaded {
+        config,
+        sources,
+        state_dir,
+        bind_ip,
+        explicit_node_id,
+        warnings,
+        config_dir,
+        new_identity: false,
+    })
 }
 
 /// `ARW_CONFIG`, else the first `configs/default.toml` under `ARW_CONFIG_DIR`, the executable's

@@ -10,7 +10,6 @@ use arw_api::{AdminAuth, AppState, AuthConfig, Metrics, events::SseConfig};
 use arw_p2p::{
     Multiaddr,
     events::EventTx,
-    identity::NodeKey,
     membership::MembershipConfig,
     net::NetConfig,
     node::{self, BusConfig, FederationConfig, NodeConfig, NodeHandle},
@@ -84,12 +83,11 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let nats_plan = NatsPlan::from(&loaded);
     let capsule_trust = loaded.resolve(&loaded.config.policy.trust_capsules);
     let capsule_presets = loaded.resolve(&loaded.config.policy.capsule_presets);
-    let Loaded { config, state_dir, bind_ip, explicit_node_id, .. } = loaded;
+    let Loaded { config, state_dir, bind_ip, explicit_node_id, new_identity, .. } = loaded;
     state_dir::prepare(&state_dir).map_err(other("cannot prepare the state directory"))?;
 
     let auth = admin_auth(&config.server, bind_ip, &state_dir)?;
-    let (key, created) = NodeKey::load_or_create(&state_dir.join(state_dir::KEY_FILE))
-        .map_err(other("cannot load the node key"))?;
+    let (key, created) = state_dir::node_key(&state_dir, new_identity)?;
     tracing::info!(
         peer_id = %key.peer_id(),
         public_key = %key.public_b64(),
@@ -333,6 +331,13 @@ fn admin_auth(
         rate_limit: server.admin_rate_limit,
         rate_window: Duration::from_secs(server.admin_rate_window_secs),
     };
+    if auth.debug_loopback && !bind_ip.is_loopback() {
+        // Behind a local proxy every remote client would arrive from loopback.
+        return Err(StartError::Config(format!(
+            "ARW_DEBUG lets loopback clients in without the admin token, so it is refused with a non-loopback ARW_BIND ({}); unset ARW_DEBUG or bind to 127.0.0.1",
+            server.bind
+        )));
+    }
     if auth.token.is_none() && auth.token_sha256.is_none() {
         if !bind_ip.is_loopback() {
             return Err(StartError::Config(format!(

@@ -9,7 +9,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use arw_p2p::persist;
+use arw_p2p::{identity::NodeKey, persist};
+
+use crate::server::StartError;
 
 /// File holding the node's ed25519 key.
 pub const KEY_FILE: &str = "node.key";
@@ -31,6 +33,43 @@ pub fn prepare(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Files that belong to the identity of the node key beside them: what others know of this node
+/// (its journal, its registry, its place in a hierarchy) was said under that key.
+const IDENTITY_STATE: [&str; 3] = [crate::journal::FILE, "cluster.sqlite", "hierarchy.json"];
+
+/// The node's key: loaded from `node.key`, or created there (mode 0600) on first start.
+/// Returns the key and whether it was created. A missing key beside another identity's state
+/// is refused unless `new_identity`: silently starting as someone else would orphan the node's
+/// admission and history. A key file readable by others is warned about.
+pub fn node_key(dir: &Path, new_identity: bool) -> Result<(NodeKey, bool), StartError> {
+    let path = dir.join(KEY_FILE);
+    let existing: Vec<&str> = IDENTITY_STATE.into_iter().filter(|f| dir.join(f).exists()).collect();
+    if !new_identity && !existing.is_empty() && !path.exists() {
+        return Err(StartError::Config(format!(
+            "{} is missing, but {} holds this node's state ({}): restore the key, or start with --new-identity to join as a new node (a Home must admit it again)",
+            path.display(),
+            dir.display(),
+            existing.join(", ")
+        )));
+    }
+    let loaded = NodeKey::load_or_create(&path)
+        .map_err(|e| StartError::Other(format!("cannot load the node key: {e}")))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = fs::metadata(&path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the node key is readable by other users; chmod 600 it"
+            );
+        }
+    }
+    Ok(loaded)
 }
 
 /// Reads the generated admin token, creating it (32 random bytes, hex, mode 0600) on first use.
@@ -110,6 +149,22 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             assert_eq!(fs::metadata(path).expect("meta").permissions().mode() & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_lost_key_beside_existing_state_is_refused_unless_a_new_identity_is_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (key, created) = node_key(dir.path(), false).expect("first start");
+        assert!(created);
+        fs::write(dir.path().join(crate::journal::FILE), b"").expect("state");
+        let (again, created) = node_key(dir.path(), false).expect("restart");
+        assert_eq!((again.public_b64(), created), (key.public_b64(), false));
+        fs::remove_file(dir.path().join(KEY_FILE)).expect("lose the key");
+        let refused = node_key(dir.path(), false).map(|_| ()).expect_err("refused");
+        assert!(refused.to_string().contains("--new-identity"), "{refused}");
+        assert!(!dir.path().join(KEY_FILE).exists(), "nothing written");
+        let (new, created) = node_key(dir.path(), true).expect("asked for");
+        assert!(created && new.public_b64() != key.public_b64());
     }
 
     #[test]

@@ -99,3 +99,44 @@ fn generated_token_file_is_private_and_works() {
     assert!(!log.contains(&token), "the token itself was logged");
     assert!(!ready.exists());
 }
+
+/// Runs `cmd` to its exit (bounded), returning its status code and stderr.
+fn run_to_exit(mut cmd: Command) -> (Option<i32>, String) {
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let status = common::wait_exit(&mut child, common::START_TIMEOUT);
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    (status.code(), err)
+}
+
+#[test]
+fn debug_mode_with_a_public_bind_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("config.toml"), "[cluster]\nenabled = false\n").expect("write");
+    let mut cmd = server_cmd(dir.path());
+    cmd.env("ARW_BIND", "0.0.0.0").env("ARW_ADMIN_TOKEN", "t0ken").env("ARW_DEBUG", "1");
+    let (code, err) = run_to_exit(cmd);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("ARW_DEBUG") && err.contains("non-loopback"), "{err}");
+}
+
+#[test]
+fn a_lost_node_key_beside_its_state_is_not_silently_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let first = common::Launch::new().state_dir(&state).start();
+    let key = std::fs::read_to_string(state.join("node.key")).expect("key");
+    assert!(first.stop().success());
+    std::fs::remove_file(state.join("node.key")).expect("lose the key");
+
+    let (code, err) = run_to_exit(server_cmd(&state));
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("node.key is missing") && err.contains("--new-identity"), "{err}");
+    assert!(!state.join("node.key").exists(), "a key was written anyway");
+
+    let second = common::Launch::new().state_dir(&state).arg("--new-identity").start();
+    let new_key = std::fs::read_to_string(state.join("node.key")).expect("new key");
+    assert_ne!(key, new_key);
+    assert!(second.stop().success());
+}

@@ -23,17 +23,22 @@ struct Args {
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long)]
     check_config: bool,
+    /// Start under a new node key although the state directory holds state of another one
+    /// (node.key was lost). Other nodes see a new member; a Home must admit it again.
+    #[arg(long)]
+    new_identity: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let loaded = match config::load(&config::Environment::from_process()) {
+    let mut loaded = match config::load(&config::Environment::from_process()) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("arw-server: {e}");
             return ExitCode::from(config::EXIT_CONFIG as u8);
         }
     };
+    loaded.new_identity = args.new_identity;
     arw_daemon::process::init_tracing(&loaded.config.log.filter);
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");

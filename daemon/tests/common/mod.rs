@@ -26,13 +26,20 @@ pub struct Server {
 /// Environment for a server: extra variables on top of `ARW_PORT=0`, a state dir and a token.
 pub struct Launch {
     pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
     pub state_dir: Option<PathBuf>,
     pub config: Option<String>,
 }
 
 impl Launch {
     pub fn new() -> Self {
-        Self { env: Vec::new(), state_dir: None, config: None }
+        Self { env: Vec::new(), args: Vec::new(), state_dir: None, config: None }
+    }
+
+    /// A command-line argument for arw-server.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
+        self
     }
 
     /// Writes `toml` to `${state_dir}/config.toml` before starting.
@@ -80,6 +87,7 @@ impl Launch {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        cmd.args(&self.args);
         let ready = state_dir.join("endpoints.json");
         let _ = std::fs::remove_file(&ready);
         let mut child = cmd.spawn().expect("spawn arw-server");

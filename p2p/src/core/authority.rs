@@ -157,7 +157,7 @@ impl NodeCore {
     }
 
     /// Signs, persists, puts in force and sends the document the Home's state calls for, unless
-    /// the one in force already says it.
+    /// the one in force already says it (under this node's current id).
     fn issue_policy(&mut self, reason: &str, now: u64) {
         let own = self.key.verifying_key().to_bytes();
         if !self.is_home() {
@@ -172,7 +172,7 @@ impl NodeCore {
         let content = self.wanted_policy(&self.capsules, &self.governor);
         let policy = self.protocol.policy();
         if policy.pin().is_some_and(|p| p.source == PinSource::Own)
-            && policy.current().is_some_and(|c| content.matches(&c.doc))
+            && policy.current().is_some_and(|c| content.matches(&c.doc) && c.doc.id == self.id)
         {
             return;
         }

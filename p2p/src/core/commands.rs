@@ -103,7 +103,13 @@ impl NodeCore {
                     previous: outcome.role.previous.as_str().to_owned(),
                 }));
             }
-            core.advertise("hello", now, move |core, _| {
+            core.advertise("hello", now, move |core, now| {
+                // As for a role set alone: a Home stepping down gives up its authority, and a
+                // Home renamed signs its policy under its new id.
+                if outcome.role.changed() || outcome.new_id.is_some() {
+                    core.check_home_claims();
+                    core.on_role_change(now);
+                }
                 core.reply(id, Ok(Reply::Hello(outcome)));
             });
         });

@@ -153,3 +153,34 @@ fn the_same_inputs_give_the_same_effects() {
     assert!(first.iter().any(|e| e.contains("Publish")), "it reported b");
     assert_eq!(first, run());
 }
+
+#[test]
+fn a_hello_that_renames_or_demotes_the_home_carries_its_authority_along() {
+    let mut config = config("unused", 1);
+    config.explicit_id = None;
+    let mut core = NodeCore::new(&config, Restored::default());
+    drive(&mut core, Input::Start { addresses: Vec::new() }, T0);
+    let command = |command| Input::Command(CommandId(1), command);
+    let hello = |id: &str, role: &str, epoch| {
+        command(Command::Hello(crate::hierarchy::CoreHello {
+            id: id.into(),
+            role: role.into(),
+            capabilities: Vec::new(),
+            scope_tags: Vec::new(),
+            epoch,
+            nonce: format!("n{epoch}"),
+        }))
+    };
+    let policy = |core: &NodeCore| core.snapshot(NetworkStatus::default()).policy;
+    drive(&mut core, command(Command::SetRole("home".into())), T0 + 10);
+    let home = policy(&core);
+    assert_eq!((home.pinned_by, home.takes_work), (Some(crate::policy::PinSource::Own), true));
+
+    drive(&mut core, hello("home-2", "home", 1), T0 + 20);
+    drive(&mut core, Input::Timer, T0 + 10_000);
+    assert_eq!(policy(&core).home_id.as_deref(), Some("home-2"), "signed under the new id");
+
+    drive(&mut core, hello("home-2", "edge", 2), T0 + 10_100);
+    let edge = policy(&core);
+    assert_eq!((edge.pinned_by, edge.takes_work), (None, true), "no longer the Home: {edge:?}");
+}
