@@ -87,7 +87,10 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     state_dir::prepare(&state_dir).map_err(other("cannot prepare the state directory"))?;
 
     let auth = admin_auth(&config.server, bind_ip, &state_dir)?;
-    let (key, created) = state_dir::node_key(&state_dir, new_identity)?;
+    let (key, created) = state_dir::node_key(&state_dir, new_identity).map_err(|e| match e {
+        state_dir::KeyError::Lost { .. } => StartError::Config(e.to_string()),
+        state_dir::KeyError::Io(_) => StartError::Other(e.to_string()),
+    })?;
     tracing::info!(
         peer_id = %key.peer_id(),
         public_key = %key.public_b64(),

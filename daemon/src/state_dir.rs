@@ -11,8 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use arw_p2p::{identity::NodeKey, persist};
 
-use crate::server::StartError;
-
 /// File holding the node's ed25519 key.
 pub const KEY_FILE: &str = "node.key";
 /// File holding a generated admin token.
@@ -39,23 +37,41 @@ pub fn prepare(dir: &Path) -> io::Result<()> {
 /// (its journal, its registry, its place in a hierarchy) was said under that key.
 const IDENTITY_STATE: [&str; 3] = [crate::journal::FILE, "cluster.sqlite", "hierarchy.json"];
 
+/// Why the node key could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The key is gone but the state it signed is not (a configuration matter: exit 64).
+    #[error(
+        "{key} is missing, but {dir} holds this node's state ({state}): restore the key, or start with --new-identity to join as a new node (a Home must admit it again)"
+    )]
+    Lost {
+        /// The key file.
+        key: String,
+        /// The state directory.
+        dir: String,
+        /// The state files found.
+        state: String,
+    },
+    /// Reading or writing the key failed.
+    #[error("cannot load the node key: {0}")]
+    Io(#[from] io::Error),
+}
+
 /// The node's key: loaded from `node.key`, or created there (mode 0600) on first start.
 /// Returns the key and whether it was created. A missing key beside another identity's state
 /// is refused unless `new_identity`: silently starting as someone else would orphan the node's
 /// admission and history. A key file readable by others is warned about.
-pub fn node_key(dir: &Path, new_identity: bool) -> Result<(NodeKey, bool), StartError> {
+pub fn node_key(dir: &Path, new_identity: bool) -> Result<(NodeKey, bool), KeyError> {
     let path = dir.join(KEY_FILE);
     let existing: Vec<&str> = IDENTITY_STATE.into_iter().filter(|f| dir.join(f).exists()).collect();
     if !new_identity && !existing.is_empty() && !path.exists() {
-        return Err(StartError::Config(format!(
-            "{} is missing, but {} holds this node's state ({}): restore the key, or start with --new-identity to join as a new node (a Home must admit it again)",
-            path.display(),
-            dir.display(),
-            existing.join(", ")
-        )));
+        return Err(KeyError::Lost {
+            key: path.display().to_string(),
+            dir: dir.display().to_string(),
+            state: existing.join(", "),
+        });
     }
-    let loaded = NodeKey::load_or_create(&path)
-        .map_err(|e| StartError::Other(format!("cannot load the node key: {e}")))?;
+    let loaded = NodeKey::load_or_create(&path)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
