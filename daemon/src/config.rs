@@ -71,6 +71,8 @@ pub struct LogConfig {
 pub struct EventsConfig {
     /// Keep at most this many journal rows.
     pub retention_rows: u64,
+    /// Keep at most this many bytes of journaled payloads.
+    pub retention_bytes: u64,
     /// Drop journal rows older than this many days.
     pub retention_days: u64,
     /// fsync every journal commit.
@@ -467,6 +469,7 @@ fn validate(
     let ev = &config.events;
     for (key, value) in [
         ("events.retention_rows", ev.retention_rows),
+        ("events.retention_bytes", ev.retention_bytes),
         ("events.retention_days", ev.retention_days),
         ("events.sse_keepalive_secs", ev.sse_keepalive_secs),
         ("events.sse_buffer", ev.sse_buffer as u64),

@@ -41,6 +41,8 @@ const AGE_CHECK_EVERY: Duration = Duration::from_secs(30);
 pub struct JournalConfig {
     /// Keep at most this many rows.
     pub retention_rows: u64,
+    /// Keep at most this many bytes of payloads.
+    pub retention_bytes: u64,
     /// Drop rows older than this.
     pub retention_age: Duration,
     /// `PRAGMA synchronous = FULL` (fsync every commit) rather than `NORMAL`.
@@ -211,7 +213,9 @@ pub fn spawn_writer(
     metrics: Arc<Metrics>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("arw-journal".into()).spawn(move || {
-        let mut writer = Writer { journal, conn, config, metrics, last_age_check: Instant::now() };
+        let bytes = payload_bytes(&conn, i64::MAX).unwrap_or(0);
+        let mut writer =
+            Writer { journal, conn, config, metrics, last_age_check: Instant::now(), bytes };
         writer.prune_all();
         writer.run(rx, &node);
     })
@@ -223,6 +227,18 @@ struct Writer {
     config: JournalConfig,
     metrics: Arc<Metrics>,
     last_age_check: Instant,
+    /// Payload bytes in the journal.
+    bytes: u64,
+}
+
+/// Payload bytes of the rows up to `upto`.
+fn payload_bytes(conn: &Connection, upto: i64) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT coalesce(sum(length(CAST(payload AS BLOB))), 0) FROM events WHERE id <= ?1",
+        [upto],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|b| u64::try_from(b).unwrap_or(0))
 }
 
 impl Writer {
@@ -237,7 +253,7 @@ impl Writer {
             }
             let origin = node.borrow().id.to_string();
             self.publish(batch, &origin);
-            if self.over_row_limit() || self.last_age_check.elapsed() >= AGE_CHECK_EVERY {
+            if self.over_size_limit() || self.last_age_check.elapsed() >= AGE_CHECK_EVERY {
                 self.prune_chunk();
             }
         }
@@ -278,6 +294,7 @@ impl Writer {
     ) -> rusqlite::Result<Vec<i64>> {
         let tx = self.conn.transaction()?;
         let mut ids = Vec::new();
+        let mut added = 0;
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT INTO events (time, time_ms, kind, origin, source, ce_id, corr_id, payload)
@@ -289,26 +306,24 @@ impl Writer {
                 let (source, ce_id) =
                     e.ce.as_ref().map_or(("", ""), |ce| (ce.source.as_str(), ce.id.as_str()));
                 let corr_id = e.payload.get("corr_id").and_then(Value::as_str);
+                let payload = e.payload.to_string();
+                added += payload.len() as u64;
                 stmt.execute(rusqlite::params![
-                    e.time,
-                    time_ms,
-                    e.kind,
-                    e.origin,
-                    source,
-                    ce_id,
-                    corr_id,
-                    e.payload.to_string()
+                    e.time, time_ms, e.kind, e.origin, source, ce_id, corr_id, payload
                 ])?;
                 ids.push(tx.last_insert_rowid());
             }
         }
         tx.commit()?;
+        self.bytes += added;
         Ok(ids)
     }
 
-    fn over_row_limit(&self) -> bool {
+    fn over_size_limit(&self) -> bool {
         let (oldest, newest) = self.journal.bounds();
-        oldest > 0 && u64::try_from(newest - oldest + 1).unwrap_or(0) > self.config.retention_rows
+        let rows = u64::try_from(newest - oldest + 1).unwrap_or(0);
+        oldest > 0
+            && (rows > self.config.retention_rows || self.bytes > self.config.retention_bytes)
     }
 
     /// The highest id that retention says must go (0 = none).
@@ -326,7 +341,23 @@ impl Writer {
                 |r| r.get(0),
             )
             .unwrap_or(0);
-        by_rows.max(by_age)
+        let excess = self.bytes.saturating_sub(self.config.retention_bytes);
+        let by_bytes: i64 = if excess == 0 {
+            0
+        } else {
+            // The first row at which the payloads from the oldest on add up to the excess.
+            self.conn
+                .query_row(
+                    "SELECT coalesce(min(id), 0) FROM (
+                         SELECT id, sum(length(CAST(payload AS BLOB))) OVER (ORDER BY id) AS run
+                         FROM events
+                     ) WHERE run >= ?1",
+                    [i64::try_from(excess).unwrap_or(i64::MAX)],
+                    |r| r.get(0),
+                )
+                .unwrap_or(0)
+        };
+        by_rows.max(by_age).max(by_bytes)
     }
 
     /// Deletes at most one chunk of expired rows.
@@ -338,10 +369,12 @@ impl Writer {
             return false;
         }
         let upto = target.min(oldest + PRUNE_CHUNK - 1);
+        let freed = payload_bytes(&self.conn, upto).unwrap_or(0);
         if let Err(e) = self.conn.execute("DELETE FROM events WHERE id <= ?1", [upto]) {
             tracing::warn!(error = %e, "journal pruning failed");
             return false;
         }
+        self.bytes = self.bytes.saturating_sub(freed);
         let new_oldest = bounds(&self.conn).map(|(o, _)| o).unwrap_or(upto + 1);
         self.journal.oldest.store(new_oldest, Ordering::Release);
         tracing::debug!(upto, "journal pruned");
@@ -392,6 +425,7 @@ mod tests {
     fn config(rows: u64) -> JournalConfig {
         JournalConfig {
             retention_rows: rows,
+            retention_bytes: u64::MAX,
             retention_age: Duration::from_secs(3600),
             fsync: false,
             live_capacity: 64,
@@ -400,14 +434,19 @@ mod tests {
     }
 
     fn writer(dir: &Path, rows: u64) -> Writer {
-        let cfg = config(rows);
+        writer_with(dir, config(rows))
+    }
+
+    fn writer_with(dir: &Path, cfg: JournalConfig) -> Writer {
         let (journal, conn) = Journal::open(&dir.join(FILE), &cfg).expect("open");
+        let bytes = payload_bytes(&conn, i64::MAX).expect("bytes");
         Writer {
             journal,
             conn,
             config: cfg,
             metrics: Arc::new(Metrics::new()),
             last_age_check: Instant::now(),
+            bytes,
         }
     }
 
@@ -458,6 +497,35 @@ mod tests {
         let mut w = writer(dir.path(), 5);
         w.publish(vec![emit("service.test")], "n1");
         assert_eq!(w.journal.bounds().1, 21);
+    }
+
+    #[test]
+    fn retention_bounds_bytes_too_and_counts_them_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = |n: usize| Emit {
+            kind: "service.test".into(),
+            payload: serde_json::json!({ "blob": "x".repeat(n) }),
+            ack: None,
+            relayed: None,
+        };
+        let mut cfg = config(1000);
+        cfg.retention_bytes = 10_000;
+        let mut w = writer_with(dir.path(), cfg.clone());
+        for _ in 0..5 {
+            w.publish(vec![emit("service.test")], "n1");
+        }
+        // Three events of ~4 KB: the journal may hold two of them, and nothing older.
+        for _ in 0..3 {
+            w.publish(vec![big(4_000)], "n1");
+            if w.over_size_limit() {
+                w.prune_all();
+            }
+        }
+        assert_eq!(w.journal.bounds(), (7, 8), "only the two newest fit in 10,000 bytes");
+        assert!(w.bytes <= 10_000 && w.bytes == payload_bytes(&w.conn, i64::MAX).expect("sum"));
+        drop(w);
+        let w = writer_with(dir.path(), cfg);
+        assert!(!w.over_size_limit(), "the count survives a restart");
     }
 
     #[test]

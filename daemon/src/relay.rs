@@ -1,14 +1,19 @@
 //! The NATS event relay (reference §5.1).
 //!
 //! Out: every event created on this node whose kind matches the filter is published, as its
-//! envelope, on `arw.events.node.<node_id>.<kind>`. In: everything on `arw.events.node.>` from
-//! other nodes is journaled here with the sender as `origin`. A relayed event is never relayed
-//! again (only events whose origin is this node go out), copies are dropped by `ce.id`, and
-//! node ids cannot contain dots, so the subject's fourth token is always the sender.
+//! envelope, on `arw.events.node.<node_id>.<kind>`, signed with the node key (the signature of
+//! subject and payload travels in the `Arw-Signature` header, so the payload stays the plain
+//! envelope other consumers read). In: an event on `arw.events.node.>` is journaled here, with
+//! the sender as `origin`, only when the sender is a node of this registry and signed it with
+//! the key the registry holds for its id, it is at most [`MAX_RELAYED_BYTES`], it is not a
+//! stream-control kind (`service.connected`, `service.lagged`), and the sender is within its budget. A relayed event is
+//! never relayed again (only events whose origin is this node go out), copies are dropped by
+//! `ce.id`, and node ids cannot contain dots, so the subject's fourth token is the sender.
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -21,14 +26,27 @@ use arw_api::{
 };
 use arw_p2p::{
     events::{EventTx, Relayed},
+    identity::NodeKey,
     node::Snapshot,
     node_id::NodeId,
+    wire::{EVENT_SIGNATURE_HEADER, event_signed_by, sign_event},
 };
 
 use crate::journal::Journal;
 
 /// Relayed event ids remembered for de-duplication.
 const SEEN: usize = 4096;
+/// The largest relayed event journaled (the limit of `POST /admin/events/test` too).
+pub const MAX_RELAYED_BYTES: usize = 64 * 1024;
+/// Events journaled per origin and [`BUDGET_WINDOW`]; the rest are dropped.
+const BUDGET: u32 = 1_000;
+/// That window.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Kinds only an SSE stream itself may say (reference: "never on the bus"); a journaled copy
+/// would look like a frame of the stream to a client that trusts kinds.
+const STREAM_CONTROL: [&str; 2] = ["service.connected", "service.lagged"];
+/// Refusals are summed up in the log at most this often.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// What to relay.
 #[derive(Debug, Clone)]
@@ -42,6 +60,7 @@ pub struct RelayConfig {
 /// Runs the relay until `cancel`.
 pub async fn run(
     client: async_nats::Client,
+    key: NodeKey,
     journal: Arc<Journal>,
     events: EventTx,
     node: watch::Receiver<Arc<Snapshot>>,
@@ -57,6 +76,7 @@ pub async fn run(
     };
     let mut live = journal.subscribe();
     let mut seen = Seen::default();
+    let mut gate = Gate::default();
     loop {
         tokio::select! {
             biased;
@@ -70,7 +90,13 @@ pub async fn run(
                         && subject_safe(&envelope.kind)
                     {
                         let subject = format!("arw.events.node.{me}.{}", envelope.kind);
-                        if let Err(e) = client.publish(subject, event.data.clone().into()).await {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert(
+                            EVENT_SIGNATURE_HEADER,
+                            sign_event(&key, &subject, event.data.as_bytes()).as_str(),
+                        );
+                        let payload = event.data.clone().into();
+                        if let Err(e) = client.publish_with_headers(subject, headers, payload).await {
                             tracing::debug!(error = %e, "relay publish failed");
                         }
                     }
@@ -81,11 +107,20 @@ pub async fn run(
                 Err(RecvError::Closed) => break,
             },
             Some(message) = incoming.next() => {
-                let me = node.borrow().id.to_string();
-                if let Some((kind, payload, relayed)) = inbound(&message.subject, &message.payload, &me)
-                    && seen.insert(&relayed.ce_id)
-                {
-                    events.emit_relayed(&kind, payload, relayed).await;
+                let signature = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(EVENT_SIGNATURE_HEADER))
+                    .map(|v| v.as_str());
+                let snapshot = node.borrow().clone();
+                let checked = inbound(&message.subject, &message.payload, signature, &snapshot.id, &snapshot.keys);
+                match checked {
+                    Ok((kind, payload, relayed)) => {
+                        if gate.admit(&relayed.origin, Instant::now()) && seen.insert(&relayed.ce_id) {
+                            events.emit_relayed(&kind, payload, relayed).await;
+                        }
+                    }
+                    Err(refused) => gate.refused(refused, Instant::now()),
                 }
             }
         }
@@ -102,30 +137,104 @@ fn subject_safe(kind: &str) -> bool {
         })
 }
 
-/// Decodes a relayed event from another node; `None` for our own, malformed or mismatched ones.
+/// Why a relayed event was not journaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Refused {
+    /// This node's own event coming back (not counted).
+    Own,
+    /// Not `arw.events.node.<id>.<kind>`, or a payload that is no envelope for that id and kind.
+    Malformed,
+    /// Over [`MAX_RELAYED_BYTES`].
+    TooLarge,
+    /// A stream-control kind ([`STREAM_CONTROL`]): only the node's own stream says those.
+    Control,
+    /// The sender is no node of this registry.
+    UnknownOrigin,
+    /// No signature, or not the sender's.
+    BadSignature,
+    /// The sender is over its budget.
+    OverBudget,
+}
+
+/// Checks a relayed event from another node against the registry's `keys`.
 fn inbound(
     subject: &str,
     payload: &[u8],
-    me: &str,
-) -> Option<(String, serde_json::Value, Relayed)> {
+    signature: Option<&str>,
+    me: &NodeId,
+    keys: &BTreeMap<NodeId, [u8; 32]>,
+) -> Result<(String, serde_json::Value, Relayed), Refused> {
     let mut tokens = subject.splitn(5, '.');
     let (Some("arw"), Some("events"), Some("node"), Some(sender), Some(kind)) =
         (tokens.next(), tokens.next(), tokens.next(), tokens.next(), tokens.next())
     else {
-        return None;
+        return Err(Refused::Malformed);
     };
-    if sender == me || NodeId::parse(sender).is_err() {
-        return None;
+    if sender == me.as_str() {
+        return Err(Refused::Own);
     }
-    let envelope: Envelope = serde_json::from_slice(payload).ok()?;
+    if payload.len() > MAX_RELAYED_BYTES {
+        return Err(Refused::TooLarge);
+    }
+    if STREAM_CONTROL.contains(&kind) {
+        return Err(Refused::Control);
+    }
+    let key = keys.get(sender).ok_or(Refused::UnknownOrigin)?;
+    if !signature.is_some_and(|sig| event_signed_by(key, subject, payload, sig)) {
+        return Err(Refused::BadSignature);
+    }
+    let envelope: Envelope = serde_json::from_slice(payload).map_err(|_| Refused::Malformed)?;
     let origin = envelope.origin.unwrap_or_else(|| sender.to_owned());
     // Relayed events are never relayed again, so the origin must be the sender itself.
     if origin != sender || envelope.kind != kind {
-        tracing::debug!(subject, "relayed event with mismatched origin or kind dropped");
-        return None;
+        return Err(Refused::Malformed);
     }
-    let ce_id = envelope.ce.map(|ce| ce.id)?;
-    Some((envelope.kind, envelope.payload, Relayed { origin, ce_id, time: envelope.time }))
+    let ce_id = envelope.ce.map(|ce| ce.id).ok_or(Refused::Malformed)?;
+    Ok((envelope.kind, envelope.payload, Relayed { origin, ce_id, time: envelope.time }))
+}
+
+/// Per-origin budgets, and the refusals to report.
+#[derive(Debug)]
+struct Gate {
+    /// Origin → (window start, events admitted in it). Origins are registry members.
+    budgets: HashMap<String, (Instant, u32)>,
+    refused: BTreeMap<Refused, u64>,
+    reported: Instant,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self { budgets: HashMap::new(), refused: BTreeMap::new(), reported: Instant::now() }
+    }
+}
+
+impl Gate {
+    /// Whether `origin` may have one more event journaled at `now`.
+    fn admit(&mut self, origin: &str, now: Instant) -> bool {
+        let (from, used) = self.budgets.entry(origin.to_owned()).or_insert((now, 0));
+        if now.duration_since(*from) >= BUDGET_WINDOW {
+            (*from, *used) = (now, 0);
+        }
+        *used += 1;
+        let admitted = *used <= BUDGET;
+        if !admitted {
+            self.refused(Refused::OverBudget, now);
+        }
+        admitted
+    }
+
+    /// Counts a refusal, and says what was refused at most every [`REPORT_EVERY`].
+    fn refused(&mut self, why: Refused, now: Instant) {
+        if why == Refused::Own {
+            return;
+        }
+        *self.refused.entry(why).or_default() += 1;
+        if now.duration_since(self.reported) >= REPORT_EVERY {
+            let counts = std::mem::take(&mut self.refused);
+            tracing::warn!(?counts, "relayed events refused from the bus");
+            self.reported = now;
+        }
+    }
 }
 
 /// Bounded set of recently relayed event ids.
@@ -165,39 +274,76 @@ mod tests {
         .expect("json")
     }
 
+    fn id(s: &str) -> NodeId {
+        NodeId::parse(s).expect("id")
+    }
+
+    /// `n2` and `n3` known, with keys 2 and 3; checks at node `n1`.
+    fn check(subject: &str, payload: &[u8], signer: Option<u8>) -> Result<String, Refused> {
+        let keys = BTreeMap::from([
+            (id("n2"), NodeKey::from_secret([2; 32]).verifying_key().to_bytes()),
+            (id("n3"), NodeKey::from_secret([3; 32]).verifying_key().to_bytes()),
+        ]);
+        let sig = signer.map(|k| sign_event(&NodeKey::from_secret([k; 32]), subject, payload));
+        inbound(subject, payload, sig.as_deref(), &id("n1"), &keys).map(|(_, _, r)| r.origin)
+    }
+
+    #[test]
+    fn only_events_signed_by_their_registered_origin_are_taken() {
+        let subject = "arw.events.node.n2.cluster.node.changed";
+        let event = envelope("n2", "cluster.node.changed", "e1");
+        assert_eq!(check(subject, &event, Some(2)), Ok("n2".into()));
+        assert_eq!(check(subject, &event, None), Err(Refused::BadSignature), "unsigned");
+        assert_eq!(check(subject, &event, Some(3)), Err(Refused::BadSignature), "another's key");
+        let other = "arw.events.node.n2.task.completed";
+        let sig = sign_event(&NodeKey::from_secret([2; 32]), subject, &event);
+        let keys =
+            BTreeMap::from([(id("n2"), NodeKey::from_secret([2; 32]).verifying_key().to_bytes())]);
+        assert_eq!(
+            inbound(other, &event, Some(&sig), &id("n1"), &keys).map(|_| ()),
+            Err(Refused::BadSignature),
+            "a signature does not move to another subject"
+        );
+        let stranger = "arw.events.node.n9.cluster.node.changed";
+        assert_eq!(
+            check(stranger, &envelope("n9", "cluster.node.changed", "e"), Some(9)),
+            Err(Refused::UnknownOrigin)
+        );
+        let lagged = "arw.events.node.n2.service.lagged";
+        assert_eq!(
+            check(lagged, &envelope("n2", "service.lagged", "e"), Some(2)),
+            Err(Refused::Control)
+        );
+        let big = envelope("n2", "task.completed", &"x".repeat(MAX_RELAYED_BYTES));
+        assert_eq!(
+            check("arw.events.node.n2.task.completed", &big, Some(2)),
+            Err(Refused::TooLarge)
+        );
+    }
+
     #[test]
     fn own_looped_and_mismatched_events_are_dropped() {
-        let ok = inbound(
-            "arw.events.node.n2.cluster.node.changed",
-            &envelope("n2", "cluster.node.changed", "e1"),
-            "n1",
-        );
-        assert_eq!(
-            ok.map(|(k, _, r)| (k, r.origin)),
-            Some(("cluster.node.changed".into(), "n2".into()))
-        );
-        assert!(
-            inbound(
-                "arw.events.node.n1.task.completed",
-                &envelope("n1", "task.completed", "e"),
-                "n1"
-            )
-            .is_none()
-        );
+        let own = envelope("n1", "task.completed", "e");
+        assert_eq!(check("arw.events.node.n1.task.completed", &own, Some(1)), Err(Refused::Own));
         // n3 re-publishing n2's event under its own subject: a loop, refused.
-        assert!(
-            inbound(
-                "arw.events.node.n3.task.completed",
-                &envelope("n2", "task.completed", "e"),
-                "n1"
-            )
-            .is_none()
+        let looped = envelope("n2", "task.completed", "e");
+        assert_eq!(
+            check("arw.events.node.n3.task.completed", &looped, Some(3)),
+            Err(Refused::Malformed)
         );
-        assert!(
-            inbound("arw.events.node.n2.other", &envelope("n2", "task.completed", "e"), "n1")
-                .is_none()
-        );
-        assert!(inbound("arw.events.node.n2", &envelope("n2", "x", "e"), "n1").is_none());
+        let event = envelope("n2", "task.completed", "e");
+        assert_eq!(check("arw.events.node.n2.other", &event, Some(2)), Err(Refused::Malformed));
+        assert_eq!(check("arw.events.node.n2", &event, Some(2)), Err(Refused::Malformed));
+    }
+
+    #[test]
+    fn an_origin_over_its_budget_is_cut_off_until_the_next_window() {
+        let mut gate = Gate::default();
+        let now = Instant::now();
+        let admitted = (0..BUDGET + 10).filter(|_| gate.admit("n2", now)).count();
+        assert_eq!(admitted, BUDGET as usize);
+        assert!(gate.admit("n3", now), "others are not charged");
+        assert!(gate.admit("n2", now + BUDGET_WINDOW));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use arw_api::{AdminAuth, AppState, AuthConfig, Metrics, events::SseConfig};
 use arw_p2p::{
     Multiaddr,
     events::EventTx,
+    identity::NodeKey,
     membership::MembershipConfig,
     net::NetConfig,
     node::{self, BusConfig, FederationConfig, NodeConfig, NodeHandle},
@@ -124,6 +125,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let ev = &config.events;
     let journal_config = JournalConfig {
         retention_rows: ev.retention_rows,
+        retention_bytes: ev.retention_bytes,
         retention_age: Duration::from_secs(ev.retention_days.saturating_mul(86_400)),
         fsync: ev.fsync,
         live_capacity: ev.sse_buffer,
@@ -142,7 +144,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     )
     .map_err(other("cannot start the journal writer"))?;
 
-    let background = start_nats_services(&nats_plan, &log, &events, &node, &cancel).await?;
+    let background = start_nats_services(&nats_plan, &key, &log, &events, &node, &cancel).await?;
 
     let state = AppState {
         node: node.clone(),
@@ -252,6 +254,7 @@ impl NatsPlan {
 
 async fn start_nats_services(
     plan: &NatsPlan,
+    key: &NodeKey,
     journal: &Arc<Journal>,
     events: &EventTx,
     node: &NodeHandle,
@@ -263,6 +266,7 @@ async fn start_nats_services(
     let relay = crate::relay::RelayConfig { out: plan.relay_out, filter: plan.filter.clone() };
     tasks.push(tokio::spawn(crate::relay::run(
         client.clone(),
+        key.clone(),
         journal.clone(),
         events.clone(),
         node.watch(),

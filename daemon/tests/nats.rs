@@ -514,3 +514,117 @@ async fn a_pending_worker_takes_no_tasks_until_the_home_admits_it() {
     assert_eq!(first["payload"]["id"], "admitted", "the task sent while pending was never taken");
     drop((home, worker));
 }
+
+/// A relayed event envelope as a node publishes it.
+fn relayed(origin: &str, kind: &str, id: &str, payload: Value) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "time": "2026-12-01T00:00:00.000Z", "kind": kind, "payload": payload, "origin": origin,
+        "ce": {"specversion": "1.0", "type": kind, "source": "arw-server", "id": id,
+               "time": "2026-12-01T00:00:00.000Z", "datacontenttype": "application/json"}
+    }))
+    .expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_events_are_journaled_only_when_their_origin_signed_them() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let states: Vec<PathBuf> = ["r1", "r2", "r3"].iter().map(|id| dir.path().join(id)).collect();
+    let nodes = tokio::task::spawn_blocking({
+        let (states, url) = (states.clone(), broker.url());
+        move || {
+            let config =
+                format!("[cluster]\nenabled = true\nbus = \"nats\"\nnats_url = \"{url}\"\n");
+            let nodes: Vec<common::Server> = ["r1", "r2", "r3"]
+                .iter()
+                .zip(&states)
+                .map(|(id, state)| {
+                    common::Launch::new()
+                        .state_dir(state)
+                        .env("ARW_NODE_ID", id)
+                        .config(&config)
+                        .start()
+                })
+                .collect();
+            wait_until(Duration::from_secs(20), "all ok", || nodes.iter().all(|n| all_ok(n, 3)));
+            nodes
+        }
+    })
+    .await
+    .expect("start");
+    // Members' own keys, read from their state directories: members that lie with a valid
+    // signature.
+    let member_key = |state: &Path| {
+        let secret = std::fs::read_to_string(state.join("node.key")).expect("key");
+        let secret: [u8; 32] = base64::engine::general_purpose::STANDARD
+            .decode(secret.trim())
+            .expect("base64")
+            .try_into()
+            .expect("32 bytes");
+        arw_p2p::identity::NodeKey::from_secret(secret)
+    };
+    let (r2_key, r3_key) = (member_key(&states[1]), member_key(&states[2]));
+    let rogue = arw_p2p::identity::NodeKey::from_secret([42; 32]);
+    let client = async_nats::connect(broker.url()).await.expect("connect");
+    let publish =
+        |subject: String, payload: Vec<u8>, signer: Option<&arw_p2p::identity::NodeKey>| {
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(key) = signer {
+                let sig = arw_p2p::wire::sign_event(key, &subject, &payload);
+                headers.insert(arw_p2p::wire::EVENT_SIGNATURE_HEADER, sig.as_str());
+            }
+            client.publish_with_headers(subject, headers, payload.into())
+        };
+    let task = "arw.events.node.r2.task.completed".to_owned();
+    let forged = json!({"id": "forged", "ok": true});
+    publish(task.clone(), relayed("r2", "task.completed", "unsigned", forged.clone()), None)
+        .await
+        .expect("publish");
+    publish(task.clone(), relayed("r2", "task.completed", "rogue", forged.clone()), Some(&rogue))
+        .await
+        .expect("publish");
+    let lagged = "arw.events.node.r2.service.lagged".to_owned();
+    publish(
+        lagged,
+        relayed("r2", "service.lagged", "lagged", json!({"skipped": 1})),
+        Some(&r2_key),
+    )
+    .await
+    .expect("publish");
+    let huge = json!({"id": "huge", "blob": "x".repeat(100_000)});
+    publish(task.clone(), relayed("r2", "task.completed", "huge", huge), Some(&r2_key))
+        .await
+        .expect("publish");
+    // A flood of validly signed small events: the origin's budget caps what is journaled.
+    for i in 0..1_500 {
+        let event = relayed("r2", "task.completed", &format!("flood-{i}"), json!({"id": "flood"}));
+        publish(task.clone(), event, Some(&r2_key)).await.expect("publish");
+    }
+    // Then a genuine event of r3 on the same connection: once it is journaled, everything the
+    // test published before it has been judged (NATS keeps one publisher's order).
+    let marker = relayed("r3", "task.completed", "marker", json!({"id": "marker"}));
+    publish("arw.events.node.r3.task.completed".to_owned(), marker, Some(&r3_key))
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+
+    tokio::task::spawn_blocking(move || {
+        let journaled = || -> Vec<Value> {
+            let page = nodes[0].get("/admin/events/journal?prefix=task.,service.&limit=2000").1;
+            page["entries"].as_array().cloned().unwrap_or_default()
+        };
+        wait_until(Duration::from_secs(20), "the genuine marker on r1", || {
+            journaled().iter().any(|e| e["ce"]["id"] == "marker")
+        });
+        let events = journaled();
+        let ids: Vec<&str> = events.iter().filter_map(|e| e["ce"]["id"].as_str()).collect();
+        for refused in ["unsigned", "rogue", "lagged", "huge"] {
+            assert!(!ids.contains(&refused), "{refused} was journaled");
+        }
+        let flood = ids.iter().filter(|id| id.starts_with("flood-")).count();
+        assert!((1..=1_000).contains(&flood), "{flood} of 1,500 flood events journaled");
+    })
+    .await
+    .expect("checks");
+}

@@ -279,6 +279,37 @@ pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
     Ok(Opened { key, message })
 }
 
+/// The NATS header that carries a relayed event's signature (see [`sign_event`]).
+pub const EVENT_SIGNATURE_HEADER: &str = "Arw-Signature";
+
+const EVENT_DOMAIN: &[u8] = b"arw-event/1\n";
+
+fn event_bytes(subject: &str, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(EVENT_DOMAIN.len() + subject.len() + 1 + payload.len());
+    bytes.extend_from_slice(EVENT_DOMAIN);
+    bytes.extend_from_slice(subject.as_bytes());
+    bytes.push(b'\n');
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// Signs an event relayed on `subject` (`arw.events.node.<origin>.<kind>`) with the origin's
+/// key: the subject and the payload exactly as published, so the payload stays the plain event
+/// envelope other consumers read. Returns the base64 signature for [`EVENT_SIGNATURE_HEADER`].
+pub fn sign_event(key: &NodeKey, subject: &str, payload: &[u8]) -> String {
+    B64.encode(key.sign(&event_bytes(subject, payload)).to_bytes())
+}
+
+/// Whether `signature` (base64, from [`EVENT_SIGNATURE_HEADER`]) is `key`'s over `subject` and
+/// `payload`.
+pub fn event_signed_by(key: &[u8; 32], subject: &str, payload: &[u8], signature: &str) -> bool {
+    let Ok(key) = VerifyingKey::from_bytes(key) else { return false };
+    let Some(sig) = B64.decode(signature).ok().and_then(|s| <[u8; 64]>::try_from(s).ok()) else {
+        return false;
+    };
+    key.verify_strict(&event_bytes(subject, payload), &Signature::from_bytes(&sig)).is_ok()
+}
+
 /// The claimed sender of an envelope that could not be opened, for reports (unverified).
 pub fn claimed_id(bytes: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;

@@ -44,7 +44,9 @@ pub async fn tail(client: &Client, tail: Tail) -> Result<String, CliError> {
                 let mut events = response.bytes_stream().eventsource();
                 while let Some(event) = events.next().await {
                     let Ok(event) = event else { break };
-                    match event.event.as_str() {
+                    let row = row_id(&event.id);
+                    let control = if row.is_some() { "" } else { event.event.as_str() };
+                    match control {
                         "service.connected" => match handshake(&event.data) {
                             Some(h) => {
                                 eprintln!(
@@ -65,9 +67,7 @@ pub async fn tail(client: &Client, tail: Tail) -> Result<String, CliError> {
                             break;
                         }
                         _ => {
-                            if let Ok(id) = event.id.parse::<i64>() {
-                                last_id = Some(id);
-                            }
+                            last_id = row.or(last_id);
                             println!("{}", render(&event.data, last_id, tail.json));
                         }
                     }
@@ -88,6 +88,13 @@ pub async fn tail(client: &Client, tail: Tail) -> Result<String, CliError> {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The journal row of an SSE frame. Journaled events carry their row id; the stream's own
+/// frames (`service.connected`, `service.lagged`) carry none, or 0: only those may steer the
+/// stream, whatever kind a journaled event claims to be.
+fn row_id(id: &str) -> Option<i64> {
+    id.parse::<i64>().ok().filter(|id| *id > 0)
 }
 
 /// The handshake's payload, when the server sent one this CLI understands.
@@ -142,5 +149,13 @@ mod tests {
         let json: Value = serde_json::from_str(&render(data, Some(7), true)).expect("json");
         assert_eq!(json["id"], 7);
         assert_eq!(urlencode("cluster.,a b"), "cluster.,a%20b");
+    }
+
+    #[test]
+    fn only_the_stream_s_own_frames_steer_it() {
+        assert_eq!(row_id(""), None, "service.lagged closes the stream with no id");
+        assert_eq!(row_id("0"), None, "the handshake");
+        assert_eq!(row_id("41"), Some(41), "a journaled event, whatever its kind");
+        assert_eq!(row_id("x"), None);
     }
 }

@@ -496,6 +496,13 @@ impl NodeCore {
             .iter()
             .map(|(id, m)| (id.clone(), m.record.clone()))
             .collect();
+        let keys = self
+            .protocol
+            .membership()
+            .members()
+            .iter()
+            .map(|(id, m)| (id.clone(), m.key))
+            .collect();
         if let Some(local) = &self.local {
             nodes.insert(local.advert.id.clone(), local.clone());
         }
@@ -532,6 +539,7 @@ impl NodeCore {
             workspace: self.workspace.clone(),
             hierarchy: self.hierarchy.clone(),
             nodes,
+            keys,
             ttl_ms: self.ttl_ms,
             network,
             admission,
