@@ -26,7 +26,7 @@ use arw_p2p::{
 use crate::{
     AppState,
     dto::{Adopted, CapsulesView, TornDown},
-    events::{JournalQuery, journal_page, parse_limit, parse_prefixes},
+    events::{JournalQuery, journal_page, parse_limit, query_prefixes},
     problem::{Json, Problem},
 };
 
@@ -347,7 +347,7 @@ pub async fn audit(
     Query(query): Query<JournalQuery>,
 ) -> Result<Json<Value>, Problem> {
     let limit = parse_limit(query.limit.as_deref(), 50, 500)?;
-    let mut prefixes: Vec<String> = parse_prefixes(query.prefix.as_deref())
+    let mut prefixes: Vec<String> = query_prefixes(query.prefix.as_deref())?
         .into_iter()
         .map(|p| p.to_lowercase())
         .filter(|p| p.starts_with("policy.capsule."))

@@ -5,7 +5,7 @@ use std::{collections::VecDeque, convert::Infallible, sync::Arc, time::Duration}
 
 use axum::{
     body::Bytes,
-    extract::{Query, State},
+    extract::{Query, State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode},
     response::{
         IntoResponse, Response,
@@ -110,6 +110,32 @@ pub fn parse_prefixes(csv: Option<&str>) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Most kind prefixes one request may filter on.
+pub const MAX_PREFIXES: usize = 64;
+/// Longest kind prefix.
+const MAX_PREFIX_LEN: usize = 128;
+
+/// A request's `prefix` parameter: [`parse_prefixes`], refused (400) beyond [`MAX_PREFIXES`]
+/// entries or [`MAX_PREFIX_LEN`] bytes each.
+pub fn query_prefixes(csv: Option<&str>) -> Result<Vec<String>, Problem> {
+    let prefixes = parse_prefixes(csv);
+    if prefixes.len() > MAX_PREFIXES {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_prefixes",
+            format!("at most {MAX_PREFIXES} prefixes, got {}", prefixes.len()),
+        ));
+    }
+    if let Some(long) = prefixes.iter().find(|p| p.len() > MAX_PREFIX_LEN) {
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_prefix",
+            format!("a prefix is at most {MAX_PREFIX_LEN} bytes, got {}", long.len()),
+        ));
+    }
+    Ok(prefixes)
+}
+
 /// Whether `kind` starts with one of `prefixes` (all kinds match an empty list).
 pub fn kind_matches(kind: &str, prefixes: &[String]) -> bool {
     prefixes.is_empty() || prefixes.iter().any(|p| kind.starts_with(p.as_str()))
@@ -145,7 +171,7 @@ pub async fn stream(
     headers: HeaderMap,
     Query(query): Query<EventsQuery>,
 ) -> Result<Response, Problem> {
-    let prefixes = parse_prefixes(query.prefix.as_deref());
+    let prefixes = query_prefixes(query.prefix.as_deref())?;
     let last_event_id = headers.get("last-event-id").map(|v| v.to_str().unwrap_or("\u{fffd}"));
     let replay = match (&query.after, last_event_id) {
         (Some(after), _) => Replay::After(cursor(after, "after")?),
@@ -385,7 +411,7 @@ pub async fn journal(
 ) -> Result<Json<Value>, Problem> {
     let limit = parse_limit(query.limit.as_deref(), 200, REPLAY_PAGE)?;
     let prefixes: Vec<String> =
-        parse_prefixes(query.prefix.as_deref()).into_iter().map(|p| p.to_lowercase()).collect();
+        query_prefixes(query.prefix.as_deref())?.into_iter().map(|p| p.to_lowercase()).collect();
     journal_page(&state, limit, prefixes).await
 }
 
@@ -431,8 +457,9 @@ pub async fn journal_page(
 pub async fn test_event(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, Problem> {
+    let body = body.map_err(Problem::from)?;
     let mut payload = Map::from_iter([
         ("ts".to_owned(), json!(arw_p2p::time::rfc3339_ms(arw_p2p::time::now_ms()))),
         ("who".to_owned(), json!("admin")),

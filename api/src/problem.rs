@@ -2,7 +2,10 @@
 //! every axum rejection into one.
 
 use axum::{
-    extract::{FromRequest, Request, rejection::JsonRejection},
+    extract::{
+        FromRequest, Request,
+        rejection::{BytesRejection, JsonRejection},
+    },
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -116,14 +119,27 @@ impl From<JsonRejection> for Problem {
                 "unsupported_media_type",
                 "expected Content-Type: application/json",
             ),
-            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Problem::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("request body exceeds the {} byte limit", crate::BODY_LIMIT),
-            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => too_large(),
             other => Problem::new(other.status(), "invalid_body", detail),
         }
     }
+}
+
+impl From<BytesRejection> for Problem {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return too_large();
+        }
+        Problem::new(rejection.status(), "invalid_body", rejection.body_text())
+    }
+}
+
+fn too_large() -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request body exceeds the {} byte limit", crate::BODY_LIMIT),
+    )
 }
 
 impl From<HierarchyError> for Problem {
@@ -182,6 +198,9 @@ impl From<NodeError> for Problem {
             }
             NodeError::CapsuleLimit(_) => {
                 Problem::new(StatusCode::CONFLICT, "capsule_limit", e.to_string())
+            }
+            NodeError::AdvertTooLarge { .. } => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "advert_too_large", e.to_string())
             }
             NodeError::PolicyTooLarge => {
                 Problem::new(StatusCode::PAYLOAD_TOO_LARGE, "policy_too_large", e.to_string())

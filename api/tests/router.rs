@@ -179,11 +179,46 @@ async fn non_numeric_cursors_are_refused() {
     assert_problem(&replay, StatusCode::BAD_REQUEST, "invalid_replay");
 }
 
+#[tokio::test]
+async fn oversized_filters_and_bodies_are_problem_json() {
+    let h = harness().await;
+    let many: Vec<String> = (0..=arw_api::events::MAX_PREFIXES).map(|i| format!("k{i}.")).collect();
+    let many = many.join(",");
+    for path in ["/events", "/admin/events/journal", "/admin/policy/capsules/audit"] {
+        let reply = send(&h.app, get(&format!("{path}?prefix={many}"), Some(TOKEN))).await;
+        assert_problem(&reply, StatusCode::BAD_REQUEST, "too_many_prefixes");
+    }
+    let long = "k".repeat(200);
+    let reply = send(&h.app, get(&format!("/events?prefix={long}"), Some(TOKEN))).await;
+    assert_problem(&reply, StatusCode::BAD_REQUEST, "invalid_prefix");
+    let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(arw_api::BODY_LIMIT));
+    let request = post_raw("/admin/events/test", Some(TOKEN), "application/json", big);
+    assert_problem(
+        &send(&h.app, request).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    );
+}
+
 fn hello(id: &str, epoch: u64, nonce: &str) -> Value {
     json!({
         "id": id, "role": "worker", "capabilities": ["gpu:rtx-4090", "memory:96g"],
         "scope_tags": ["gpu", "balanced"], "epoch": epoch, "nonce": nonce,
     })
+}
+
+#[tokio::test]
+async fn a_hello_that_would_make_the_advert_too_large_changes_nothing() {
+    let h = harness().await;
+    let mut big = hello("worker-gpu-01", 5, "n1");
+    big["scope_tags"] =
+        json!((0..80).map(|i| format!("{i:02}{}", "t".repeat(58))).collect::<Vec<_>>());
+    let reply = send(&h.app, post("/admin/hierarchy/hello", big)).await;
+    assert_problem(&reply, StatusCode::UNPROCESSABLE_ENTITY, "advert_too_large");
+    let state = send(&h.app, get("/admin/hierarchy/state", Some(TOKEN))).await.body;
+    assert_ne!(state["self_node"]["id"], "worker-gpu-01", "nothing of it was kept: {state}");
+    let fits = send(&h.app, post("/admin/hierarchy/hello", hello("worker-gpu-01", 5, "n2"))).await;
+    assert_eq!(fits.status, StatusCode::OK, "{}", fits.text);
 }
 
 #[tokio::test]

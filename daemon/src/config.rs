@@ -185,6 +185,8 @@ pub struct ClusterConfig {
     pub down_after_ms: u64,
     /// Clock skew bound, seconds.
     pub max_clock_skew_secs: u64,
+    /// Most remote nodes held in the registry.
+    pub max_nodes: usize,
     /// Pinned node keys file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_nodes: Option<PathBuf>,
@@ -545,6 +547,9 @@ fn validate(
             "cluster.ttl_seconds ({}) is not above cluster.advertise_interval_secs ({}): healthy nodes will show as stale between adverts",
             c.ttl_seconds, c.advertise_interval_secs
         ));
+    }
+    if c.max_nodes == 0 {
+        return Err(ConfigError("cluster.max_nodes: must be at least 1".into()));
     }
     if c.evict_after_secs < c.ttl_seconds {
         return Err(ConfigError(format!(

@@ -299,6 +299,7 @@ fn federation(loaded: &Loaded) -> Result<Option<FederationConfig>, StartError> {
     let mut membership = MembershipConfig::new(&c.workspace);
     membership.evict_after_ms = c.evict_after_secs.saturating_mul(1000);
     membership.max_skew_ms = c.max_clock_skew_secs.saturating_mul(1000);
+    membership.max_nodes = c.max_nodes;
     membership.heartbeat_interval_ms = c.heartbeat_interval_ms;
     membership.suspect_after_ms = c.suspect_after_ms;
     membership.down_after_ms = c.down_after_ms;

@@ -628,3 +628,69 @@ async fn relayed_events_are_journaled_only_when_their_origin_signed_them() {
     .await
     .expect("checks");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_node_ids_is_capped_and_honest_nodes_stay_ok() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let (w1, w2) = tokio::task::spawn_blocking({
+        let (dir, url) = (dir.path().to_path_buf(), broker.url());
+        move || {
+            let config = format!(
+                "[cluster]\nenabled = true\nbus = \"nats\"\nnats_url = \"{url}\"\nmax_nodes = 50\n"
+            );
+            let start = |id: &str| {
+                common::Launch::new()
+                    .state_dir(&dir.join(id))
+                    .env("ARW_NODE_ID", id)
+                    .config(&config)
+                    .start()
+            };
+            let (w1, w2) = (start("w1"), start("w2"));
+            wait_until(Duration::from_secs(20), "both ok", || all_ok(&w1, 2) && all_ok(&w2, 2));
+            (w1, w2)
+        }
+    })
+    .await
+    .expect("start");
+
+    // 3,000 adverts, each under a fresh key and id: all validly signed.
+    let client = async_nats::connect(broker.url()).await.expect("connect");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    for i in 0..3_000u32 {
+        let mut secret = [7u8; 32];
+        secret[..4].copy_from_slice(&i.to_be_bytes());
+        let key = arw_p2p::identity::NodeKey::from_secret(secret);
+        let id = arw_p2p::node_id::NodeId::parse(&format!("sybil-{i}")).expect("id");
+        let advert = arw_p2p::cluster::Advert::basic(id, "default", 1, now);
+        let envelope =
+            arw_p2p::wire::seal(&key, "default", &arw_p2p::wire::Message::Advert(advert));
+        client.publish("arw.cluster.default.msg", envelope.into()).await.expect("publish");
+    }
+    client.flush().await.expect("flush");
+
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(30), "the flood refused on w1", || {
+            journal(&w1, "cluster.event.rejected").iter().any(|e| {
+                matches!(e["payload"]["reason"].as_str(), Some("registry_full" | "newcomer_limit"))
+            })
+        });
+        // Still live and heard: a change of w2's reaches w1.
+        assert_eq!(w2.post("/admin/hierarchy/role", &json!({"role": "regional"})).0, 200);
+        wait_until(Duration::from_secs(20), "w2's new role on w1", || {
+            w1.get("/admin/hierarchy/state").1["peers"]["w2"]["role"] == "regional"
+        });
+        let rows = common::node_rows(&w1.get("/state/cluster").1);
+        assert!(rows.len() <= 51, "the registry grew past max_nodes: {} rows", rows.len());
+        let honest: Vec<&(String, String, u64)> =
+            rows.iter().filter(|(id, _, _)| id == "w1" || id == "w2").collect();
+        assert!(honest.iter().all(|(_, h, _)| h == "ok"), "{honest:?}");
+        let journaled = journal(&w1, "cluster.").len();
+        assert!(journaled < 400, "{journaled} cluster events journaled for a flood of 3,000");
+    })
+    .await
+    .expect("checks");
+}

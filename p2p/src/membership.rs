@@ -32,6 +32,8 @@ use crate::{
 
 /// Probe mode: how many nodes each node watches, unless configured otherwise.
 pub const DEFAULT_OBSERVERS: usize = 3;
+/// Remote nodes held, unless configured otherwise (`[cluster] max_nodes`).
+pub const DEFAULT_MAX_NODES: usize = 2_048;
 
 /// Timing and trust settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +59,9 @@ pub struct MembershipConfig {
     /// Probe mode: how many nodes each node watches (and so how many watch each node);
     /// `None`: broadcast mode, every heartbeat reaches every node.
     pub observers: Option<usize>,
+    /// The most remote nodes held: a new one beyond takes the place of the one gone longest,
+    /// or is refused.
+    pub max_nodes: usize,
 }
 
 impl MembershipConfig {
@@ -74,6 +79,7 @@ impl MembershipConfig {
             pinned: BTreeMap::new(),
             home_key: None,
             observers: None,
+            max_nodes: DEFAULT_MAX_NODES,
         }
     }
 
@@ -472,6 +478,18 @@ impl Membership {
         bytes: &[u8],
         now_ms: u64,
     ) -> Receipt {
+        self.receive_from(opened, bytes, now_ms, true)
+    }
+
+    /// [`Membership::receive_opened`], where `may_add` says whether the message may bring a
+    /// node this registry does not hold yet (its sender has not spent its share of newcomers).
+    pub fn receive_from(
+        &mut self,
+        opened: Result<wire::Opened, Reason>,
+        bytes: &[u8],
+        now_ms: u64,
+        may_add: bool,
+    ) -> Receipt {
         let opened = match opened {
             Ok(opened) => opened,
             Err(reason) => {
@@ -498,7 +516,7 @@ impl Membership {
             return refuse(Reason::Duplicate, kind, Some(id.to_string()), Vec::new());
         }
         let result = match opened.message {
-            Message::Advert(advert) => self.advert(advert, key, bytes, now_ms),
+            Message::Advert(advert) => self.advert(advert, key, bytes, now_ms, may_add),
             Message::Heartbeat(beat) => self.beat(&beat, now_ms, false),
             Message::Leave(beat) => self.beat(&beat, now_ms, true),
             Message::Suspect(report) => self.suspicion(&report, now_ms),
@@ -535,6 +553,7 @@ impl Membership {
         key: [u8; 32],
         bytes: &[u8],
         now: u64,
+        may_add: bool,
     ) -> Result<Vec<Change>, Reason> {
         if advert.advertised_ms > now.saturating_add(self.config.max_skew_ms) {
             return Err(Reason::Future);
@@ -578,6 +597,15 @@ impl Membership {
                 }
             }
             None => {
+                if !may_add {
+                    return Err(Reason::NewcomerLimit);
+                }
+                if self.members.len() >= self.config.max_nodes {
+                    let gone = self.gone_longest().ok_or(Reason::RegistryFull)?;
+                    if let Some(member) = self.remove(&gone) {
+                        changes.push(Change::Evicted { record: Box::new(member.record) });
+                    }
+                }
                 let beat_pos = (record.advert.seq, 0);
                 self.insert(
                     id.clone(),
@@ -701,6 +729,16 @@ impl Membership {
             }
             _ => None,
         }
+    }
+
+    /// The member gone (`down`, `stale` or `left`) and silent the longest, to make room for a
+    /// new one in a full registry. A scan of every member, done only when the registry is full.
+    fn gone_longest(&self) -> Option<NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| matches!(m.record.health, Health::Down | Health::Stale | Health::Left))
+            .min_by_key(|(_, m)| m.record.last_seen_ms)
+            .map(|(id, _)| id.clone())
     }
 
     /// Members this node holds `suspect`, `down` or `stale`: a peer that holds one of them `ok`
@@ -1152,6 +1190,44 @@ mod tests {
             suspected += m.receive(&seal(&accuser, "lab", &r), NOW + 100).changes.len();
         }
         assert_eq!(suspected, REPORTS_PER_WINDOW as usize);
+    }
+
+    #[test]
+    fn a_full_registry_makes_room_only_by_dropping_a_gone_node() {
+        let mut config = MembershipConfig::new("lab");
+        config.max_nodes = 3;
+        let mut m = Membership::new(config, NodeId::parse("me").expect("id"), [0; 32]);
+        let join = |m: &mut Membership, i: u8, at: u64| {
+            let key = NodeKey::from_secret([i; 32]);
+            m.receive(&seal(&key, "lab", &advert(&format!("n{i}"), 1, at)), at)
+        };
+        for i in 1..=3 {
+            assert_eq!(join(&mut m, i, NOW).verdict, Verdict::Accept);
+        }
+        let r = join(&mut m, 4, NOW);
+        assert_eq!(r.refusal.map(|x| x.reason), Some(Reason::RegistryFull));
+        assert_eq!(r.verdict, Verdict::Ignore, "not forwarded, forwarder not blamed");
+        // n2 falls silent and goes down; the next newcomer takes its place.
+        let key = NodeKey::from_secret([1; 32]);
+        m.receive(&seal(&key, "lab", &beat("n1", 1, 1, NOW + 4_000)), NOW + 4_000);
+        let key = NodeKey::from_secret([3; 32]);
+        m.receive(&seal(&key, "lab", &beat("n3", 1, 1, NOW + 4_000)), NOW + 4_000);
+        m.tick(NOW + 5_000);
+        assert_eq!(m.members()["n2"].record.health, Health::Down);
+        let r = join(&mut m, 5, NOW + 5_000);
+        assert_eq!(r.verdict, Verdict::Accept);
+        assert!(
+            r.changes.iter().any(
+                |c| matches!(c, Change::Evicted { record } if record.advert.id.as_str() == "n2")
+            )
+        );
+        assert_eq!(m.members().len(), 3);
+        // A sender out of its share of newcomers is refused for new ids only.
+        let opened =
+            wire::open(&seal(&NodeKey::from_secret([6; 32]), "lab", &advert("n6", 1, NOW)), "lab");
+        let bytes = seal(&NodeKey::from_secret([6; 32]), "lab", &advert("n6", 1, NOW));
+        let r = m.receive_from(opened, &bytes, NOW + 5_000, false);
+        assert_eq!(r.refusal.map(|x| x.reason), Some(Reason::NewcomerLimit));
     }
 
     #[test]

@@ -349,6 +349,18 @@ impl Protocol {
         bytes: &[u8],
         now_ms: u64,
     ) -> Receipt {
+        self.receive_from(opened, bytes, now_ms, true)
+    }
+
+    /// [`Protocol::receive_opened`], where `may_add` says whether the message may bring a node
+    /// the registry does not hold yet (see [`Membership::receive_from`]).
+    pub fn receive_from(
+        &mut self,
+        opened: Result<wire::Opened, wire::Reason>,
+        bytes: &[u8],
+        now_ms: u64,
+        may_add: bool,
+    ) -> Receipt {
         if let Ok(wire::Opened { key, message: Message::Policy(doc) }) = &opened {
             return self.receive_policy(key.to_bytes(), doc.clone(), bytes);
         }
@@ -357,7 +369,7 @@ impl Protocol {
             Ok(wire::Opened { message: Message::Heartbeat(beat), .. }) => beat.policy,
             _ => 0,
         };
-        let mut receipt = self.membership.receive_opened(opened, bytes, now_ms);
+        let mut receipt = self.membership.receive_from(opened, bytes, now_ms, may_add);
         if receipt.verdict == Verdict::Accept && self.policy.behind(announced) {
             receipt.changes.push(Change::PolicyBehind { epoch: announced });
         }

@@ -164,6 +164,11 @@ pub enum Reason {
     /// `root` under the document's id here (yet): not a Home this node could pin (benign; not
     /// reported).
     UnknownHome,
+    /// An advert of a new node while the registry holds `[cluster] max_nodes` and none of them
+    /// is gone (`down`, `stale`, `left`) to make room.
+    RegistryFull,
+    /// An advert of a new node from a sender that brought its share of new nodes this window.
+    NewcomerLimit,
 }
 
 impl Reason {
@@ -187,6 +192,8 @@ impl Reason {
             Reason::UntrustedHome => "untrusted_home",
             Reason::NotAdmitted => "not_admitted",
             Reason::UnknownHome => "unknown_home",
+            Reason::RegistryFull => "registry_full",
+            Reason::NewcomerLimit => "newcomer_limit",
         }
     }
 

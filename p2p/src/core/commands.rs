@@ -82,6 +82,15 @@ impl NodeCore {
             Ok(outcome) => outcome,
             Err(e) => return self.reply(id, Err(e.into())),
         };
+        // Peers refuse an advert over the payload limit: refuse the hello that would make one.
+        let new_id = outcome.new_id.as_ref().unwrap_or(&self.id);
+        let advert = self.advert_as(new_id, &next, u64::MAX, now);
+        let bytes =
+            serde_json::to_vec(&crate::wire::Message::Advert(advert)).map_or(0, |b| b.len());
+        if bytes > crate::wire::MAX_PAYLOAD {
+            let limit = crate::wire::MAX_PAYLOAD;
+            return self.reply(id, Err(NodeError::AdvertTooLarge { bytes, limit }));
+        }
         self.commit_hierarchy(id, next, now, move |core, now| {
             if let Some(new_id) = &outcome.new_id {
                 tracing::info!(from = %core.id, to = %new_id, "node id assigned by hello");

@@ -26,15 +26,20 @@ impl NodeCore {
         opened: Option<Box<Result<wire::Opened, Reason>>>,
         now: u64,
     ) {
-        let receipt = match opened {
-            Some(opened) => self.protocol.receive_opened(*opened, &bytes, now),
-            None => self.protocol.receive(&bytes, now),
-        };
-        self.counters.received += 1;
         let source = match &via {
             Inbound::Gossip { source, .. } => Some(*source),
             Inbound::Broker => None,
         };
+        let opened = match opened {
+            Some(opened) => *opened,
+            None => wire::open(&bytes, &self.workspace),
+        };
+        let may_add = self.newcomers.has_room(source, now);
+        let receipt = self.protocol.receive_from(opened, &bytes, now, may_add);
+        if receipt.changes.iter().any(|c| matches!(c, Change::Advert { first: true, .. })) {
+            self.newcomers.charge(source, now);
+        }
+        self.counters.received += 1;
         if matches!(via, Inbound::Gossip { .. }) {
             self.out.push(Effect::Validate { via, verdict: receipt.verdict });
         }

@@ -21,6 +21,7 @@ mod authority;
 mod commands;
 mod config;
 mod liveness;
+mod newcomers;
 #[cfg(test)]
 mod tests;
 mod types;
@@ -315,6 +316,8 @@ pub struct NodeCore {
     redialling: BTreeMap<NodeId, (u64, u64)>,
     counters: Counters,
     rejections: RejectionLimit,
+    /// How many new nodes each sender may still bring.
+    newcomers: newcomers::Newcomers,
     /// Whether the bus can reach anyone (false while the broker is away).
     linked: bool,
     last_flush_ms: u64,
@@ -417,6 +420,7 @@ impl NodeCore {
             redialling: BTreeMap::new(),
             counters: Counters::default(),
             rejections: RejectionLimit::default(),
+            newcomers: newcomers::Newcomers::default(),
             linked: bus != Some(Bus::Broker),
             last_flush_ms: 0,
             snapshot_dirty: true,
@@ -628,6 +632,7 @@ impl NodeCore {
         self.judge(now);
         if now >= self.timers.tick {
             self.timers.tick = now + TICK_MS;
+            self.newcomers.expire(now);
             self.redial(now);
             self.authority_tick(now);
             if self.protocol.membership().has_changes()
@@ -763,11 +768,15 @@ impl NodeCore {
     }
 
     fn local_advert(&self, seq: u64, now: u64) -> Advert {
-        let h = &self.hierarchy;
+        self.advert_as(&self.id, &self.hierarchy, seq, now)
+    }
+
+    /// This node's advert were it `id` with hierarchy `h`.
+    fn advert_as(&self, id: &NodeId, h: &Hierarchy, seq: u64, now: u64) -> Advert {
         let mut capabilities = self.capabilities.clone();
         capabilities.insert("declared".into(), json!(h.capabilities));
         Advert {
-            id: self.id.clone(),
+            id: id.clone(),
             role: h.role,
             workspace: self.workspace.clone(),
             epoch: h.hello_epoch.unwrap_or(0),

@@ -109,6 +109,17 @@ pub enum NodeError {
         "the Home's policy document would exceed the size nodes accept; hand out fewer or smaller capsules"
     )]
     PolicyTooLarge,
+    /// The node's advert would exceed the size peers accept (they would drop it, and this node
+    /// would fall out of federation).
+    #[error(
+        "this node's advert would be {bytes} bytes, over the {limit} peers accept; declare fewer or shorter capabilities and tags"
+    )]
+    AdvertTooLarge {
+        /// The advert's payload size.
+        bytes: usize,
+        /// What peers accept.
+        limit: usize,
+    },
 }
 
 /// What an admission did.
