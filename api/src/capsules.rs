@@ -370,6 +370,10 @@ pub async fn reload(State(state): State<AppState>) -> Result<Json<Value>, Proble
     Ok(Json(json!({ "ok": true, "count": issuers.len(), "issuers": issuers })))
 }
 
+/// What a capsule may never deny: the admin must always be able to see the node's state (and
+/// from there tear capsules down and take back the trust in a Home, routes no capsule gates).
+const RECOVERY: [&str; 1] = ["hierarchy:state:get"];
+
 /// Refuses `key` (e.g. `hierarchy:role:set`) when the node's role or a held capsule denies it.
 pub fn gate(snapshot: &Snapshot, key: &str) -> Result<(), Problem> {
     let denied = |detail: String, extra: Value| {
@@ -381,6 +385,9 @@ pub fn gate(snapshot: &Snapshot, key: &str) -> Result<(), Problem> {
             format!("Denied: role {} may not {key}", role.as_str()),
             json!({ "layer": "hierarchy", "pattern": pattern }),
         );
+    }
+    if RECOVERY.contains(&key) {
+        return Ok(());
     }
     let h = &snapshot.hierarchy;
     let subject = Subject { role, node: snapshot.id.as_str(), tags: &h.tags };

@@ -40,6 +40,13 @@ pub struct AdmissionRequest {
     pub key: Option<String>,
 }
 
+/// `POST /admin/cluster/trust-home`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustHomeRequest {
+    /// The pending claim's key fingerprint (`pending_homes` in `/state/cluster`), or the key.
+    pub fingerprint: String,
+}
+
 /// A node in the hierarchy view (`self_node` and each of `peers`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HierarchyNode {

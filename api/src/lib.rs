@@ -66,6 +66,8 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/hierarchy/accept", post(routes::hierarchy_accept))
         .route("/admin/cluster/admit", post(routes::cluster_admit))
         .route("/admin/cluster/revoke", post(routes::cluster_revoke))
+        .route("/admin/cluster/trust-home", post(routes::cluster_trust_home))
+        .route("/admin/cluster/untrust-home", post(routes::cluster_untrust_home))
         .route(
             "/admin/governor/profile",
             get(routes::governor_profile).post(routes::set_governor_profile),

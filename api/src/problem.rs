@@ -11,7 +11,7 @@ use axum::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use arw_p2p::{hierarchy::HierarchyError, node::NodeError};
+use arw_p2p::{hierarchy::HierarchyError, node::NodeError, policy::TrustError};
 
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -198,6 +198,15 @@ impl From<NodeError> for Problem {
             }
             NodeError::CapsuleLimit(_) => {
                 Problem::new(StatusCode::CONFLICT, "capsule_limit", e.to_string())
+            }
+            NodeError::HomeTrust(TrustError::NoSuchClaim(_)) => {
+                Problem::new(StatusCode::NOT_FOUND, "no_such_claim", e.to_string())
+            }
+            NodeError::HomeTrust(TrustError::Configured) => {
+                Problem::new(StatusCode::CONFLICT, "home_key_configured", e.to_string())
+            }
+            NodeError::HomeTrust(TrustError::OwnHome) => {
+                Problem::new(StatusCode::CONFLICT, "own_home", e.to_string())
             }
             NodeError::AdvertTooLarge { .. } => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "advert_too_large", e.to_string())

@@ -96,6 +96,23 @@ pub async fn cluster_revoke(
     Ok(Json(state.node.revoke(&body.id).await?))
 }
 
+/// `POST /admin/cluster/trust-home`: obey the Home of a pending claim. Never denied by a
+/// capsule: the admin token alone decides whom this node obeys.
+pub async fn cluster_trust_home(
+    State(state): State<AppState>,
+    Json(body): Json<dto::TrustHomeRequest>,
+) -> Result<Json<dto::Ok>, Problem> {
+    state.node.trust_home(&body.fingerprint).await?;
+    Ok(Json(dto::Ok::YES))
+}
+
+/// `POST /admin/cluster/untrust-home`: obey no Home (and drop what it handed out). Never denied
+/// by a capsule.
+pub async fn cluster_untrust_home(State(state): State<AppState>) -> Result<Json<dto::Ok>, Problem> {
+    state.node.untrust_home().await?;
+    Ok(Json(dto::Ok::YES))
+}
+
 /// `POST /admin/governor/profile` body.
 #[derive(Debug, serde::Deserialize)]
 pub struct ProfileRequest {

@@ -187,6 +187,8 @@ pub struct ClusterConfig {
     pub max_clock_skew_secs: u64,
     /// Most remote nodes held in the registry.
     pub max_nodes: usize,
+    /// Pin the first Home that admits this node, without the operator.
+    pub trust_first_home: bool,
     /// Pinned node keys file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_nodes: Option<PathBuf>,

@@ -300,6 +300,12 @@ fn federation(loaded: &Loaded) -> Result<Option<FederationConfig>, StartError> {
     membership.evict_after_ms = c.evict_after_secs.saturating_mul(1000);
     membership.max_skew_ms = c.max_clock_skew_secs.saturating_mul(1000);
     membership.max_nodes = c.max_nodes;
+    membership.trust_first_home = c.trust_first_home;
+    if c.trust_first_home && c.home_key.is_none() {
+        tracing::warn!(
+            "cluster.trust_first_home is on: the first node advertising role root that admits this node becomes its Home, unasked"
+        );
+    }
     membership.heartbeat_interval_ms = c.heartbeat_interval_ms;
     membership.suspect_after_ms = c.suspect_after_ms;
     membership.down_after_ms = c.down_after_ms;

@@ -11,11 +11,15 @@ const CLUSTER: &str =
     "[cluster]\nenabled = true\nmdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n";
 
 fn start(id: &str, state: &std::path::Path, bootstrap: Option<&str>) -> common::Server {
+    launch(id, state, bootstrap).start()
+}
+
+fn launch(id: &str, state: &std::path::Path, bootstrap: Option<&str>) -> common::Launch {
     let mut config = CLUSTER.to_owned();
     if let Some(addr) = bootstrap {
         config.push_str(&format!("bootstrap = [\"{addr}\"]\n"));
     }
-    common::Launch::new().state_dir(state).env("ARW_NODE_ID", id).config(&config).start()
+    common::Launch::new().state_dir(state).env("ARW_NODE_ID", id).config(&config)
 }
 
 fn health(server: &common::Server) -> Vec<(String, String, u64)> {
@@ -326,17 +330,35 @@ fn admitted_workers_obey_the_home_s_policy_and_refuse_a_rogue_home() {
         .start();
     assert_eq!(home.post("/admin/hierarchy/role", &serde_json::json!({"role": "home"})).0, 200);
     let boot = home.endpoints["p2p"][0].as_str().expect("p2p address").to_owned();
-    let w1 = start("w1", &dir.path().join("w1"), Some(&boot));
-    let w2 = start("w2", &dir.path().join("w2"), Some(&boot));
+    // w1 trusts the capsule issuer too: capsules from the Home are verified like any other.
+    let worker = |id: &str| launch(id, &dir.path().join(id), Some(&boot));
+    let w1 = worker("w1").env("ARW_TRUST_CAPSULES", &trust).start();
+    let w2 = worker("w2").start();
     wait_for(&home, Duration::from_secs(20), "both workers", |nodes| nodes.len() == 3);
     let home_key = home.get("/admin/hierarchy/state").1["home"]["home_key"].clone();
     assert!(home_key.is_string(), "the Home pins itself");
 
     let env = [("ARW_ADMIN_TOKEN", home.token.as_str())];
     cli_ok(&["cluster", "admit", "w1", "--base", &home.base()], &env);
+    // Admitted, w1 holds the Home's document as a claim until its own operator trusts it.
+    let w1_env = [("ARW_ADMIN_TOKEN", w1.token.as_str())];
+    let homes = common::eventually(Duration::from_secs(20), "the Home's claim on w1", || {
+        let homes = cli_ok(&["cluster", "homes", "--base", &w1.base()], &w1_env);
+        homes.starts_with("home-1").then_some(homes.clone()).ok_or(homes)
+    });
+    let unpinned = w1.get("/admin/hierarchy/state").1["home"].clone();
+    assert_eq!(
+        (unpinned.get("home_key"), &unpinned["policy_epoch"]),
+        (None, &serde_json::json!(0))
+    );
+    let fingerprint = homes.split_whitespace().nth(1).expect("fingerprint").to_owned();
+    let refused =
+        common::cli(&["cluster", "trust-home", "00000000deadbeef", "--base", &w1.base()], &w1_env);
+    assert!(!refused.status.success(), "a fingerprint nobody claims is refused");
+    cli_ok(&["cluster", "trust-home", &fingerprint, "--base", &w1.base()], &w1_env);
     let pinned = common::eventually(Duration::from_secs(20), "w1 pinning the Home", || {
         let home_view = w1.get("/admin/hierarchy/state").1["home"].clone();
-        (home_view["pinned_by"] == "first_admission")
+        (home_view["pinned_by"] == "operator")
             .then_some(home_view.clone())
             .ok_or(home_view.to_string())
     });
@@ -405,15 +427,38 @@ fn admitted_workers_obey_the_home_s_policy_and_refuse_a_rogue_home() {
         let epoch = home.get("/admin/hierarchy/state").1["home"]["policy_epoch"].clone();
         (epoch.as_u64() > before).then_some(epoch.clone()).ok_or(epoch.to_string())
     });
-    let w1 = start("w1", &w1_state, Some(&boot));
+    let w1 = launch("w1", &w1_state, Some(&boot)).env("ARW_TRUST_CAPSULES", &trust).start();
     let restored = w1.get("/admin/hierarchy/state").1["home"].clone();
     assert_eq!(
         (&restored["home_key"], &restored["pinned_by"]),
-        (&home_key, &serde_json::json!("first_admission"))
+        (&home_key, &serde_json::json!("operator"))
     );
     common::eventually(Duration::from_secs(20), "w1 catching up", || {
         let now = w1.get("/admin/hierarchy/state").1["home"]["policy_epoch"].clone();
         let count = w1.get("/state/policy/capsules").1["count"].clone();
         (now == latest && count == 0).then_some(()).ok_or(format!("epoch {now}, {count} capsules"))
     });
+
+    // A capsule from the Home that denies every hierarchy route cannot lock w1's admin out:
+    // the state stays readable, and taking back the trust in the Home drops the capsule.
+    let lockout = serde_json::json!({"id": "lockout", "version": "1", "issued_at_ms": 0,
+        "propagate": "children", "hop_ttl": 2, "denies": ["hierarchy:*"],
+        "lease_duration_ms": 600_000});
+    std::fs::write(&plain, lockout.to_string()).expect("capsule");
+    let signed_text =
+        cli_ok(&["capsule", "sign-ed25519", &plain, "--key-file", &key, "--issuer", "ops"], &[]);
+    std::fs::write(&signed, signed_text).expect("signed capsule");
+    cli_ok(&["capsule", "adopt", &signed, "--base", &home.base()], &env);
+    let role = serde_json::json!({"role": "edge"});
+    common::eventually(Duration::from_secs(20), "the lockout on w1", || {
+        let (status, body) = w1.post("/admin/hierarchy/role", &role);
+        (status == 403).then_some(()).ok_or(format!("{status} {body}"))
+    });
+    assert_eq!(w1.get("/admin/hierarchy/state").0, 200, "the admin can always look");
+    let w1_env = [("ARW_ADMIN_TOKEN", w1.token.as_str())];
+    cli_ok(&["cluster", "untrust-home", "--base", &w1.base()], &w1_env);
+    let freed = w1.get("/admin/hierarchy/state").1["home"].clone();
+    assert_eq!((freed.get("home_key"), &freed["policy_epoch"]), (None, &serde_json::json!(0)));
+    assert_eq!(w1.get("/state/policy/capsules").1["count"], 0);
+    assert_eq!(w1.post("/admin/hierarchy/role", &role).0, 200, "the lockout went with its Home");
 }

@@ -179,6 +179,10 @@ pub struct ClusterNode {
 pub struct ClusterView {
     /// Nodes sorted by id.
     pub nodes: Vec<ClusterNode>,
+    /// Homes that admitted this node and wait for the operator's trust (none once a Home is
+    /// pinned).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_homes: Vec<PendingHome>,
     /// RFC 3339 time of this view.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generated: Option<String>,
@@ -188,6 +192,19 @@ pub struct ClusterView {
     /// Staleness threshold in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
+}
+
+/// A Home claim awaiting the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingHome {
+    /// The Home's id, as its document says.
+    pub home_id: String,
+    /// Its key (base64).
+    pub home_key: String,
+    /// The key's fingerprint, as `trust-home` takes it.
+    pub fingerprint: String,
+    /// The epoch of its newest document.
+    pub policy_epoch: u64,
 }
 
 impl NodeRecord {

@@ -48,6 +48,13 @@ pub enum Event {
     /// More than one node claims to be the Home.
     #[serde(rename = "cluster.home.conflict")]
     HomeConflict(HomeConflict),
+    /// A node advertising role `root` admitted this unpinned node: a claim that waits for the
+    /// operator (`POST /admin/cluster/trust-home`).
+    #[serde(rename = "cluster.home.pending")]
+    HomePending(HomeTrust),
+    /// The operator trusted a Home (`trusted: true`) or took the trust back.
+    #[serde(rename = "cluster.home.trusted")]
+    HomeTrusted(HomeTrust),
     /// A policy document from the pinned Home is in force here.
     #[serde(rename = "cluster.policy.applied")]
     PolicyApplied(PolicyApplied),
@@ -131,6 +138,8 @@ impl Event {
             Event::BusDisconnected(_) => "cluster.bus.disconnected",
             Event::BusMismatch(_) => "cluster.bus.mismatch",
             Event::HomeConflict(_) => "cluster.home.conflict",
+            Event::HomePending(_) => "cluster.home.pending",
+            Event::HomeTrusted(_) => "cluster.home.trusted",
             Event::PolicyApplied(_) => "cluster.policy.applied",
             Event::PolicyIssued(_) => "cluster.policy.issued",
             Event::RoleChanged(_) => "hierarchy.role.changed",
@@ -242,6 +251,22 @@ pub struct BusMismatch {
 pub struct HomeConflict {
     /// Every node claiming the role, this one included.
     pub homes: Vec<HomeClaim>,
+}
+
+/// `cluster.home.pending`, `cluster.home.trusted`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeTrust {
+    /// The Home's node id, as its document says (none when trust was taken back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<String>,
+    /// Its key's fingerprint (first 8 bytes of SHA-256, hex), as `trust-home` takes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// The policy epoch of its document.
+    pub policy_epoch: u64,
+    /// Trusted now (`cluster.home.trusted`); false: trust taken back.
+    #[serde(default)]
+    pub trusted: bool,
 }
 
 /// `cluster.policy.applied`.

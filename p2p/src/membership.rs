@@ -62,6 +62,9 @@ pub struct MembershipConfig {
     /// The most remote nodes held: a new one beyond takes the place of the one gone longest,
     /// or is refused.
     pub max_nodes: usize,
+    /// Pin the first Home that admits this node without the operator (`[cluster]
+    /// trust_first_home`); otherwise its document waits as a claim.
+    pub trust_first_home: bool,
 }
 
 impl MembershipConfig {
@@ -80,6 +83,7 @@ impl MembershipConfig {
             home_key: None,
             observers: None,
             max_nodes: DEFAULT_MAX_NODES,
+            trust_first_home: false,
         }
     }
 
@@ -206,6 +210,15 @@ pub enum Change {
     },
     /// A newer policy document from the pinned Home is in force (see `Protocol`).
     Policy(crate::policy::Applied),
+    /// A Home this node has not pinned admitted it: a claim for the operator (see `policy`).
+    HomeClaim {
+        /// The Home's id, as its document says.
+        home: NodeId,
+        /// Its key's fingerprint.
+        fingerprint: String,
+        /// The document's epoch.
+        epoch: u64,
+    },
     /// A peer holds a newer policy document than this node: worth a sync.
     PolicyBehind {
         /// The epoch it announced.

@@ -15,7 +15,7 @@ use crate::{
         Change, Membership, MembershipConfig, Probe, REPORT_SLACK, Receipt, Refusal, Verdict,
     },
     node_id::NodeId,
-    policy::{PolicyContent, PolicyDoc, PolicyState},
+    policy::{PolicyContent, PolicyDoc, PolicyState, TrustError},
     wire::{self, Beat, Message, Reason},
 };
 
@@ -96,7 +96,8 @@ impl Protocol {
     pub fn new(key: NodeKey, id: NodeId, config: MembershipConfig, last_seq: u64) -> Self {
         let workspace = config.workspace.clone();
         let public = key.verifying_key().to_bytes();
-        let policy = PolicyState::new(&workspace, id.clone(), public, config.home_key);
+        let mut policy = PolicyState::new(&workspace, id.clone(), public, config.home_key);
+        policy.set_trust_first(config.trust_first_home);
         let membership = Membership::new(config, id.clone(), public);
         Self {
             key,
@@ -413,11 +414,18 @@ impl Protocol {
             .members()
             .get(&doc.id)
             .is_some_and(|m| m.key == key && m.record.advert.role == crate::role::Role::Root);
+        let claiming = self.policy.claims().iter().any(|c| c.key == key);
+        let (home, epoch) = (doc.id.clone(), doc.policy_epoch);
         let judged = if self.policy.pin().is_none() && !advertised_home {
             Err(Reason::UnknownHome)
         } else {
             self.policy.receive(key, doc, bytes)
         };
+        if judged == Err(Reason::HomeNotTrusted) && !claiming {
+            let fingerprint = crate::policy::fingerprint(&key);
+            let claim = Change::HomeClaim { home, fingerprint, epoch };
+            return Receipt { verdict: Verdict::Ignore, changes: vec![claim], refusal: None };
+        }
         match judged {
             Ok(applied) => {
                 let mut changes = vec![Change::Policy(applied)];
@@ -434,6 +442,24 @@ impl Protocol {
                 Receipt { verdict: Verdict::Ignore, changes: Vec::new(), refusal }
             }
         }
+    }
+
+    /// The operator trusts the pending Home claim with `fingerprint`: it is pinned and its
+    /// document is in force. Returns what changed (the policy, the roster's bindings).
+    pub fn trust_home(&mut self, fingerprint: &str) -> Result<Vec<Change>, TrustError> {
+        let applied = self.policy.trust(fingerprint)?;
+        let mut changes = vec![Change::Policy(applied)];
+        changes.extend(self.apply_roster());
+        Ok(changes)
+    }
+
+    /// The operator takes back the trust in the pinned Home. Returns what changed, or `None`
+    /// when nothing did.
+    pub fn untrust_home(&mut self) -> Result<Option<Vec<Change>>, TrustError> {
+        if !self.policy.untrust()? {
+            return Ok(None);
+        }
+        Ok(Some(self.apply_roster()))
     }
 
     /// Health transitions due at `now_ms`. In probe mode a watched node falling silent is
@@ -510,13 +536,11 @@ mod tests {
         advert
     }
 
+    /// A node that trusts the first Home that admits it (`trust_first_home`).
     fn protocol(id: &str, seed: u8) -> Protocol {
-        Protocol::new(
-            NodeKey::from_secret([seed; 32]),
-            NodeId::parse(id).expect("id"),
-            MembershipConfig::new("lab"),
-            0,
-        )
+        let mut config = MembershipConfig::new("lab");
+        config.trust_first_home = true;
+        Protocol::new(NodeKey::from_secret([seed; 32]), NodeId::parse(id).expect("id"), config, 0)
     }
 
     #[test]

@@ -164,6 +164,9 @@ pub enum Reason {
     /// `root` under the document's id here (yet): not a Home this node could pin (benign; not
     /// reported).
     UnknownHome,
+    /// A policy document admitting this unpinned node from a Home the operator has not trusted
+    /// yet: held as a pending claim (see `policy`).
+    HomeNotTrusted,
     /// An advert of a new node while the registry holds `[cluster] max_nodes` and none of them
     /// is gone (`down`, `stale`, `left`) to make room.
     RegistryFull,
@@ -192,6 +195,7 @@ impl Reason {
             Reason::UntrustedHome => "untrusted_home",
             Reason::NotAdmitted => "not_admitted",
             Reason::UnknownHome => "unknown_home",
+            Reason::HomeNotTrusted => "home_not_trusted",
             Reason::RegistryFull => "registry_full",
             Reason::NewcomerLimit => "newcomer_limit",
         }

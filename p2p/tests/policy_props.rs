@@ -97,6 +97,8 @@ fn roster_only(roster: BTreeMap<NodeId, String>) -> PolicyContent {
 fn protocol(key: &NodeKey, id: &NodeId, home_key: Option<[u8; 32]>) -> Protocol {
     let mut config = MembershipConfig::new("lab");
     config.home_key = home_key;
+    // The unconfigured half trusts the first Home that admits it (`trust_first_home`).
+    config.trust_first_home = true;
     Protocol::new(key.clone(), id.clone(), config, 0)
 }
 

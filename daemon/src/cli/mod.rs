@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use arw_api::dto::{
     self, AdmissionChange, AdmissionRequest, ClusterNode, ClusterView, CoreHello, HierarchyState,
-    RoleRequest,
+    RoleRequest, TrustHomeRequest,
 };
 
 pub use client::{CliError, Client};
@@ -90,6 +90,24 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Homes that admitted this node and wait for your trust. Run against the worker.
+    ///
+    /// Example: arw-cli cluster homes --base http://worker:8091
+    Homes,
+    /// Obey the Home of a pending claim (see `cluster homes`), by its key's fingerprint. Run
+    /// against the worker; compare the fingerprint with the Home's own (`arw-cli cluster homes`
+    /// on the Home shows none pending, `arw-cli hierarchy state --json` shows its key).
+    ///
+    /// Example: arw-cli cluster trust-home 3f9a0c5e7b21d4aa --base http://worker:8091
+    TrustHome {
+        /// The fingerprint (16 hex digits), or the Home's base64 key.
+        fingerprint: String,
+    },
+    /// Obey no Home any more: drop its policy and the capsules it handed out. Run against the
+    /// worker (a configured home_key cannot be taken back here).
+    ///
+    /// Example: arw-cli cluster untrust-home --base http://worker:8091
+    UntrustHome,
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,6 +239,26 @@ async fn cluster_admission(client: &Client, command: ClusterCommand) -> Result<S
         ClusterCommand::Revoke { id } => {
             let body = AdmissionRequest { id, key: None };
             Ok(line(client.post("/admin/cluster/revoke", &body).await?))
+        }
+        ClusterCommand::Homes => {
+            let view: ClusterView = client.get("/state/cluster").await?;
+            if view.pending_homes.is_empty() {
+                return Ok("no Home claims pending\n".into());
+            }
+            Ok(view
+                .pending_homes
+                .iter()
+                .map(|h| format!("{:<20} {}  epoch {}\n", h.home_id, h.fingerprint, h.policy_epoch))
+                .collect())
+        }
+        ClusterCommand::TrustHome { fingerprint } => {
+            let body = TrustHomeRequest { fingerprint: fingerprint.clone() };
+            let _: dto::Ok = client.post("/admin/cluster/trust-home", &body).await?;
+            Ok(format!("trusted the Home with key fingerprint {fingerprint}\n"))
+        }
+        ClusterCommand::UntrustHome => {
+            let _: dto::Ok = client.post("/admin/cluster/untrust-home", &json!({})).await?;
+            Ok("this node obeys no Home now\n".into())
         }
         ClusterCommand::Pending { json } => {
             let view: ClusterView = client.get("/state/cluster").await?;

@@ -8,8 +8,9 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use serde_json::{Map, json};
 
 use super::{Effect, NodeCore, PolicyView, Write};
+use crate::cluster::PendingHome;
 use crate::{
-    capsule::{Adopted, Capsule, CapsuleSet},
+    capsule::{Adopted, Capsule, CapsuleSet, TrustStore},
     events::{self, CapsuleApplied, CapsuleRemoved, Event},
     governor::Governor,
     policy::{Applied, PinSource, PolicyContent, PolicyDoc, PolicyState},
@@ -69,7 +70,8 @@ impl NodeCore {
             tracing::info!(home = %applied.home, "admitted: pinned the Home's key on first admission");
         }
         let mut next = (*self.capsules).clone();
-        let (adopted, removed) = next.apply_home(home_capsules(&doc), doc.policy_epoch, now);
+        let capsules = home_capsules(&doc, &self.trust, now);
+        let (adopted, removed) = next.apply_home(capsules, doc.policy_epoch, now);
         if next != *self.capsules {
             self.capsules = Arc::new(next);
             self.snapshot_dirty = true;
@@ -104,6 +106,25 @@ impl NodeCore {
         }
     }
 
+    /// No Home is trusted any more: the capsules it handed out go.
+    pub(super) fn drop_home_capsules(&mut self, now: u64) {
+        let mut next = (*self.capsules).clone();
+        let (_, removed) = next.apply_home(Vec::new(), 0, now);
+        if next == *self.capsules {
+            return;
+        }
+        self.capsules = Arc::new(next);
+        self.snapshot_dirty = true;
+        self.write_capsules(now);
+        for item in removed {
+            self.emit(Event::CapsuleTeardown(CapsuleRemoved {
+                item,
+                removed_ms: now,
+                removed_reason: Some("the Home that handed it out is no longer trusted".into()),
+            }));
+        }
+    }
+
     /// At start: the capsules of the document in force, as that document says (repairs a crash
     /// between writing the capsules and the document).
     pub(super) fn reapply_home_capsules(&mut self, now: u64) {
@@ -113,7 +134,7 @@ impl NodeCore {
         }
         let Some(doc) = policy.current().map(|c| c.doc.clone()) else { return };
         let mut next = (*self.capsules).clone();
-        next.apply_home(home_capsules(&doc), doc.policy_epoch, now);
+        next.apply_home(home_capsules(&doc, &self.trust, now), doc.policy_epoch, now);
         if next != *self.capsules {
             self.capsules = Arc::new(next);
             self.capsules_dirty = true;
@@ -242,6 +263,16 @@ impl NodeCore {
                 .unwrap_or_default(),
             capsules: doc.map_or(0, |d| d.capsules.len()),
             routing: doc.map(|d| d.routing.clone()).filter(|r| !r.is_empty()),
+            pending_homes: policy
+                .claims()
+                .iter()
+                .map(|c| PendingHome {
+                    home_id: c.current.doc.id.to_string(),
+                    home_key: B64.encode(c.key),
+                    fingerprint: crate::policy::fingerprint(&c.key),
+                    policy_epoch: c.current.doc.policy_epoch,
+                })
+                .collect(),
             takes_work: self.takes_work(),
         }
     }
@@ -267,15 +298,21 @@ fn fits(envelope: &[u8]) -> bool {
     envelope.len() <= wire::MAX_POLICY_PAYLOAD
 }
 
-/// The capsules a document carries, with their leases (any that do not parse are skipped).
-fn home_capsules(doc: &PolicyDoc) -> Vec<(Capsule, Option<u64>)> {
+/// The capsules a document carries, with their leases: only those that verify against this
+/// node's own trust store, like any capsule presented to it (the Home's signature on the
+/// document says who sent them, not that their issuer is trusted here).
+fn home_capsules(doc: &PolicyDoc, trust: &TrustStore, now: u64) -> Vec<(Capsule, Option<u64>)> {
     doc.capsules
         .iter()
-        .filter_map(|entry| match Capsule::from_json(entry.capsule.clone()) {
-            Ok(capsule) => Some((capsule, entry.lease_until_ms)),
-            Err(e) => {
-                tracing::warn!(error = %e, "the Home's policy carries a capsule that does not parse; skipped");
-                None
+        .filter_map(|entry| {
+            let capsule = Capsule::from_json(entry.capsule.clone())
+                .and_then(|c| trust.verify(&c, now).map(|()| c));
+            match capsule {
+                Ok(capsule) => Some((capsule, entry.lease_until_ms)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the Home's policy carries a capsule this node does not accept; skipped");
+                    None
+                }
             }
         })
         .collect()

@@ -42,7 +42,60 @@ impl NodeCore {
                 self.set_governor(id, next, payload, "governor profile", now);
             }
             Command::SetHints(hints) => self.set_hints(id, *hints, now),
+            Command::TrustHome(fingerprint) => self.trust_home(id, fingerprint),
+            Command::UntrustHome => self.untrust_home(id),
         }
+    }
+
+    /// The operator trusts a pending Home claim: the pin is written, then the claim's document
+    /// is put in force (its capsules held, its roster's bindings applied).
+    fn trust_home(&mut self, id: CommandId, fingerprint: String) {
+        let mut next = self.protocol.policy().clone();
+        if let Err(e) = next.trust(&fingerprint) {
+            return self.reply(id, Err(e.into()));
+        }
+        self.persist_then(id, Write::Policy(next.stored()), move |core, now| {
+            match core.protocol.trust_home(&fingerprint) {
+                Ok(changes) => {
+                    let view = core.policy_view();
+                    core.emit(Event::HomeTrusted(events::HomeTrust {
+                        home: view.home_id.clone(),
+                        fingerprint: Some(fingerprint.clone()),
+                        policy_epoch: view.policy_epoch,
+                        trusted: true,
+                    }));
+                    core.apply_changes(changes, now);
+                    core.reply(id, Ok(Reply::Done));
+                }
+                Err(e) => core.reply(id, Err(e.into())),
+            }
+        });
+    }
+
+    /// The operator takes back the trust in the pinned Home: the cleared pin is written, then
+    /// the Home's policy and the capsules it handed out are dropped.
+    fn untrust_home(&mut self, id: CommandId) {
+        let mut next = self.protocol.policy().clone();
+        match next.untrust() {
+            Err(e) => return self.reply(id, Err(e.into())),
+            Ok(false) => return self.reply(id, Ok(Reply::Done)),
+            Ok(true) => {}
+        }
+        self.persist_then(id, Write::Policy(next.stored()), move |core, now| {
+            let changes = match core.protocol.untrust_home() {
+                Ok(changes) => changes.unwrap_or_default(),
+                Err(e) => return core.reply(id, Err(e.into())),
+            };
+            core.apply_changes(changes, now);
+            core.drop_home_capsules(now);
+            core.emit(Event::HomeTrusted(events::HomeTrust {
+                home: None,
+                fingerprint: None,
+                policy_epoch: 0,
+                trusted: false,
+            }));
+            core.reply(id, Ok(Reply::Done));
+        });
     }
 
     /// Answers a command once readers can see what it did.

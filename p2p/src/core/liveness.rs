@@ -371,6 +371,20 @@ impl NodeCore {
                     self.emit(event);
                 }
                 Change::Policy(applied) => self.on_policy(applied, now),
+                Change::HomeClaim { home, fingerprint, epoch } => {
+                    tracing::warn!(
+                        %home,
+                        %fingerprint,
+                        "a Home admitted this node; it is obeyed once an operator trusts it: arw-cli cluster trust-home {fingerprint}"
+                    );
+                    self.snapshot_dirty = true;
+                    self.emit(Event::HomePending(events::HomeTrust {
+                        home: Some(home.to_string()),
+                        fingerprint: Some(fingerprint),
+                        policy_epoch: epoch,
+                        trusted: false,
+                    }));
+                }
                 Change::PolicyBehind { .. } => {}
                 Change::SelfSuspected { .. } => {
                     tracing::debug!("a report said this node was lost; refuted");

@@ -32,7 +32,7 @@ use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use libp2p::PeerId;
 use serde_json::{Map, Value, json};
 
-pub use crate::cluster::HomeClaim;
+pub use crate::cluster::{HomeClaim, PendingHome};
 pub use config::{BusConfig, ClusterStore, FederationConfig, NodeConfig, Restored};
 pub use types::{
     AdmissionChange, CapsuleRequest, Command, Counters, NodeError, PolicyView, Reply, Snapshot,

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use crate::{
     admission::Admission,
     capsule::{Adoption, Capsule, CapsuleError, CapsuleSet, IssuerInfo, Teardown, TrustStore},
-    cluster::{ClusterView, HomeClaim, NodeRecord},
+    cluster::{ClusterView, HomeClaim, NodeRecord, PendingHome},
     governor::{Governor, Hints},
     hierarchy::{
         CoreAccept, CoreHello, CoreOffer, HelloOutcome, Hierarchy, HierarchyError, RoleChange,
@@ -50,6 +50,10 @@ pub enum Command {
     SetProfile(String),
     /// Merges governor hints.
     SetHints(Box<Hints>),
+    /// Trust the pending Home claim whose key has this fingerprint (or is this base64 key).
+    TrustHome(String),
+    /// Take back the trust in the pinned Home (not a configured `home_key`).
+    UntrustHome,
 }
 
 /// What a command did, when it succeeded.
@@ -109,6 +113,9 @@ pub enum NodeError {
         "the Home's policy document would exceed the size nodes accept; hand out fewer or smaller capsules"
     )]
     PolicyTooLarge,
+    /// Trust in a Home could not be given or taken back.
+    #[error(transparent)]
+    HomeTrust(#[from] crate::policy::TrustError),
     /// The node's advert would exceed the size peers accept (they would drop it, and this node
     /// would fall out of federation).
     #[error(
@@ -282,6 +289,7 @@ impl Snapshot {
                     node
                 })
                 .collect(),
+            pending_homes: self.policy.pending_homes.clone(),
             generated: Some(rfc3339_ms(now_ms)),
             generated_ms: Some(now_ms),
             ttl_seconds: Some(self.ttl_ms / 1000),
@@ -313,6 +321,10 @@ pub struct PolicyView {
     /// The Home's routing hints (its governor profile and hints), when it sets any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routing: Option<Governor>,
+    /// Homes that admitted this node and wait for the operator's trust
+    /// (`POST /admin/cluster/trust-home {"fingerprint"}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_homes: Vec<PendingHome>,
     /// Whether this node takes work (tasks from the queue): it is the Home, the policy in force
     /// admits its key, or no Home is known at all. A node the Home has not admitted is
     /// `pending` and takes none.

@@ -122,6 +122,16 @@ impl NodeHandle {
         self.done(Command::SetProfile(name.to_owned())).await
     }
 
+    /// Trusts the pending Home claim whose key has `fingerprint` (or is this base64 key).
+    pub async fn trust_home(&self, fingerprint: &str) -> Result<(), NodeError> {
+        self.done(Command::TrustHome(fingerprint.to_owned())).await
+    }
+
+    /// Takes back the trust in the pinned Home.
+    pub async fn untrust_home(&self) -> Result<(), NodeError> {
+        self.done(Command::UntrustHome).await
+    }
+
     /// Merges governor hints; re-advertises (and at the Home, sends them as routing hints).
     pub async fn set_hints(&self, hints: Hints) -> Result<(), NodeError> {
         self.done(Command::SetHints(Box::new(hints))).await

@@ -3,9 +3,11 @@
 //!
 //! The Home signs a [`PolicyDoc`] (roster of admitted keys, the capsules it hands out) in the
 //! ordinary envelope. A node applies a document only if it is signed by the key it pinned and
-//! carries a higher epoch than the one it holds. The pin comes from `[cluster] home_key`, or is
-//! taken on first admission: an unpinned node pins the first node advertising role `root`
-//! under the document's signing key whose document admits this node's own key. Over libp2p any
+//! carries a higher epoch than the one it holds. The pin comes from `[cluster] home_key`, or
+//! from the operator trusting a pending claim (`POST /admin/cluster/trust-home`): a document
+//! from a node advertising role `root` that admits this node's own key is held as a claim until
+//! then. Only with `[cluster] trust_first_home` does an unpinned node pin the first such Home
+//! by itself (trust on first admission). Over libp2p any
 //! node re-serves the latest document it applied (over NATS the Home answers), so late joiners
 //! and nodes back from a partition catch up from whoever they reach.
 
@@ -27,10 +29,45 @@ pub use doc::{PolicyCapsule, PolicyContent, PolicyDoc};
 pub enum PinSource {
     /// `[cluster] home_key`.
     Config,
-    /// Trust on first admission: the first Home whose document admitted this node.
+    /// Trust on first admission: the first Home whose document admitted this node
+    /// (`[cluster] trust_first_home`).
     FirstAdmission,
+    /// The operator trusted a pending claim (`POST /admin/cluster/trust-home`).
+    Operator,
     /// This node is the Home.
     Own,
+}
+
+/// Pending claims held at most (the newest document of each claiming key).
+const MAX_CLAIMS: usize = 8;
+
+/// A Home that admitted this node and waits for the operator's trust.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// Its key.
+    pub key: [u8; 32],
+    /// Its newest document, and the envelope it came in.
+    pub current: Current,
+}
+
+/// The short form of a key operators compare and type: the first 8 bytes of its SHA-256, hex.
+pub fn fingerprint(key: &[u8; 32]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(key)[..8])
+}
+
+/// Why the operator's trust could not be given or taken back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrustError {
+    /// No pending claim matches.
+    #[error("no pending Home claim matches {0}; see pending_homes in /state/cluster")]
+    NoSuchClaim(String),
+    /// `[cluster] home_key` decides.
+    #[error("[cluster] home_key is configured; change it there")]
+    Configured,
+    /// This node is the Home.
+    #[error("this node is the Home; set another role first")]
+    OwnHome,
 }
 
 /// The pinned Home key.
@@ -84,8 +121,12 @@ pub struct PolicyState {
     self_key: String,
     /// `[cluster] home_key`.
     configured: Option<[u8; 32]>,
+    /// `[cluster] trust_first_home`.
+    trust_first: bool,
     pin: Option<Pin>,
     current: Option<Current>,
+    /// Homes that admitted this node, unpinned, awaiting the operator (oldest first).
+    claims: Vec<Claim>,
     /// Highest epoch seen in a document this node could judge (applied or not): a heartbeat
     /// announcing more is worth a sync.
     heard: u64,
@@ -105,9 +146,65 @@ impl PolicyState {
             self_id,
             self_key: B64.encode(self_key),
             configured,
+            trust_first: false,
             pin: configured.map(|key| Pin { key, source: PinSource::Config }),
             current: None,
+            claims: Vec::new(),
             heard: 0,
+        }
+    }
+
+    /// `[cluster] trust_first_home`: pin the first Home that admits this node, unasked.
+    pub fn set_trust_first(&mut self, on: bool) {
+        self.trust_first = on;
+    }
+
+    /// Homes that admitted this node and await the operator's trust.
+    pub fn claims(&self) -> &[Claim] {
+        &self.claims
+    }
+
+    /// The operator trusts the pending claim whose key has `fingerprint` (or is this base64
+    /// key): it is pinned, and its document put in force. Returns what was applied.
+    pub fn trust(&mut self, fingerprint: &str) -> Result<Applied, TrustError> {
+        match self.pin.map(|p| p.source) {
+            Some(PinSource::Config) => return Err(TrustError::Configured),
+            Some(PinSource::Own) => return Err(TrustError::OwnHome),
+            _ => {}
+        }
+        let wanted = fingerprint.trim();
+        let at = self
+            .claims
+            .iter()
+            .position(|c| self::fingerprint(&c.key) == wanted || B64.encode(c.key) == wanted)
+            .ok_or_else(|| TrustError::NoSuchClaim(wanted.to_owned()))?;
+        let claim = self.claims.remove(at);
+        self.claims.clear();
+        self.pin = Some(Pin { key: claim.key, source: PinSource::Operator });
+        self.heard = self.heard.max(claim.current.doc.policy_epoch);
+        let applied = Applied {
+            epoch: claim.current.doc.policy_epoch,
+            home: claim.current.doc.id.clone(),
+            pinned: true,
+        };
+        self.current = Some(claim.current);
+        Ok(applied)
+    }
+
+    /// The operator takes back the trust in the pinned Home (given by them, or on first
+    /// admission): this node obeys no Home and holds no policy until it trusts one again.
+    /// Returns whether anything changed.
+    pub fn untrust(&mut self) -> Result<bool, TrustError> {
+        match self.pin.map(|p| p.source) {
+            Some(PinSource::Config) => Err(TrustError::Configured),
+            Some(PinSource::Own) => Err(TrustError::OwnHome),
+            None => Ok(!std::mem::take(&mut self.claims).is_empty()),
+            Some(_) => {
+                self.pin = None;
+                self.current = None;
+                self.claims.clear();
+                Ok(true)
+            }
         }
     }
 
@@ -241,6 +338,10 @@ impl PolicyState {
                 self.heard = self.heard.max(doc.policy_epoch);
                 return Err(Reason::NotAdmitted);
             }
+            None if !self.trust_first => {
+                self.hold_claim(key, doc, envelope);
+                return Err(Reason::HomeNotTrusted);
+            }
             None => true,
         };
         self.heard = self.heard.max(doc.policy_epoch);
@@ -260,6 +361,20 @@ impl PolicyState {
             Applied { epoch: doc.policy_epoch, home: doc.id.clone(), pinned: first_admission };
         self.current = Some(Current { doc, envelope: envelope.to_vec() });
         Ok(applied)
+    }
+
+    /// Keeps `doc` as the newest claim of `key` (at most [`MAX_CLAIMS`] keys, oldest dropped).
+    fn hold_claim(&mut self, key: [u8; 32], doc: PolicyDoc, envelope: &[u8]) {
+        let newer = |c: &Claim| c.current.doc.policy_epoch >= doc.policy_epoch;
+        if self.claims.iter().any(|c| c.key == key && newer(c)) {
+            return;
+        }
+        self.claims.retain(|c| c.key != key);
+        if self.claims.len() == MAX_CLAIMS {
+            self.claims.remove(0);
+        }
+        let current = Current { doc, envelope: envelope.to_vec() };
+        self.claims.push(Claim { key, current });
     }
 
     /// This node is the Home and signed `doc` into `envelope`: it is in force here at once.
@@ -305,6 +420,7 @@ mod tests {
             NodeKey::from_secret([3; 32]),
         );
         let mut state = PolicyState::new("lab", id("w1"), me.verifying_key().to_bytes(), None);
+        state.set_trust_first(true);
         assert_eq!(offer(&mut state, &home, doc(1, &[])), Err(Reason::NotAdmitted));
         assert!(!state.behind(1) && state.behind(2));
         let applied = offer(&mut state, &home, doc(2, &[("w1", &me)])).expect("admitted");
@@ -329,6 +445,7 @@ mod tests {
             NodeKey::from_secret([3; 32]),
         );
         let mut state = PolicyState::new("lab", id("w1"), me.verifying_key().to_bytes(), None);
+        state.set_trust_first(true);
         offer(&mut state, &home, doc(5, &[("w1", &me)])).expect("admitted");
         let configured = Some(other.verifying_key().to_bytes());
         let mut restarted =
@@ -339,6 +456,40 @@ mod tests {
             offer(&mut restarted, &other, doc(1, &[])).is_ok(),
             "no admission needed when configured"
         );
+    }
+
+    #[test]
+    fn an_admitting_home_is_only_a_claim_until_the_operator_trusts_it() {
+        let (home, rogue, me) = (
+            NodeKey::from_secret([1; 32]),
+            NodeKey::from_secret([2; 32]),
+            NodeKey::from_secret([3; 32]),
+        );
+        let mut state = PolicyState::new("lab", id("w1"), me.verifying_key().to_bytes(), None);
+        assert_eq!(offer(&mut state, &rogue, doc(9, &[("w1", &me)])), Err(Reason::HomeNotTrusted));
+        assert_eq!(offer(&mut state, &home, doc(3, &[("w1", &me)])), Err(Reason::HomeNotTrusted));
+        assert_eq!((state.pin(), state.epoch(), state.claims().len()), (None, 0, 2));
+        let print = fingerprint(&home.verifying_key().to_bytes());
+        assert_eq!(
+            state.trust("0000000000000000"),
+            Err(TrustError::NoSuchClaim("0000000000000000".into()))
+        );
+        let applied = state.trust(&print).expect("trusted");
+        assert_eq!((applied.epoch, applied.pinned), (3, true));
+        assert_eq!(state.pin().map(|p| p.source), Some(PinSource::Operator));
+        assert!(state.claims().is_empty(), "the other claims are dropped");
+        assert_eq!(offer(&mut state, &rogue, doc(10, &[("w1", &me)])), Err(Reason::UntrustedHome));
+        assert!(offer(&mut state, &home, doc(4, &[])).is_ok());
+        // Trust survives a restart, and the operator can take it back.
+        let mut restarted = PolicyState::new("lab", id("w1"), me.verifying_key().to_bytes(), None);
+        restarted.restore(state.stored());
+        assert_eq!(restarted.pin().map(|p| p.source), Some(PinSource::Operator));
+        assert_eq!(restarted.untrust(), Ok(true));
+        assert_eq!((restarted.pin(), restarted.epoch()), (None, 0));
+        let configured = Some(home.verifying_key().to_bytes());
+        let mut fixed =
+            PolicyState::new("lab", id("w1"), me.verifying_key().to_bytes(), configured);
+        assert_eq!(fixed.untrust(), Err(TrustError::Configured));
     }
 
     #[test]
