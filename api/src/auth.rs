@@ -187,7 +187,7 @@ pub async fn require_admin(
 ///
 /// governor's GCRA limiter cannot tell whether a key is exhausted without spending a cell, and a
 /// blocked client must be refused before its token is checked; this is the small piece it lacks.
-struct FailureLimiter {
+pub(crate) struct FailureLimiter {
     limit: u32,
     window: Duration,
     windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
@@ -197,12 +197,12 @@ struct FailureLimiter {
 const MAX_TRACKED: usize = 10_000;
 
 impl FailureLimiter {
-    fn new(limit: u32, window: Duration) -> Self {
+    pub(crate) fn new(limit: u32, window: Duration) -> Self {
         Self { limit, window: window.max(Duration::from_secs(1)), windows: Mutex::default() }
     }
 
     /// Seconds until `ip` may try again, if it is blocked now.
-    fn blocked(&self, ip: IpAddr) -> Option<u64> {
+    pub(crate) fn blocked(&self, ip: IpAddr) -> Option<u64> {
         if self.limit == 0 {
             return None;
         }
@@ -212,7 +212,7 @@ impl FailureLimiter {
     }
 
     /// Counts a failure; returns the wait if `ip` is now over the limit.
-    fn fail(&self, ip: IpAddr) -> Option<u64> {
+    pub(crate) fn fail(&self, ip: IpAddr) -> Option<u64> {
         if self.limit == 0 {
             return None;
         }

@@ -3,12 +3,13 @@
 //! the gate that lets held capsules deny the hierarchy routes.
 
 use std::{
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use axum::{
-    extract::{Query, Request, State},
+    extract::{ConnectInfo, Query, Request, State},
     http::{HeaderMap, StatusCode},
     middleware::Next,
     response::{IntoResponse, Response},
@@ -40,6 +41,7 @@ const VERIFICATION_DETAIL: &str = "Capsule verification failed";
 /// 410 for the legacy `X-ARW-Gate` header. Every refusal emits `policy.capsule.failed` and
 /// `policy.decision`.
 pub async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let headers = request.headers();
     let context = correlation(headers);
     let header = headers
@@ -59,12 +61,30 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
                 }
             };
             let id = capsule.fields.id.clone();
+            let held = state.node.snapshot().capsules.held().any(|a| a.capsule.fields.id == id);
+            if !held
+                && let Some(retry) = client.and_then(|ip| state.capsule_presenters.0.blocked(ip))
+            {
+                let mut problem = Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "capsule_rate_limited",
+                    "too many new capsules presented from this address",
+                );
+                problem.retry_after = Some(retry);
+                return problem.into_response();
+            }
             match state
                 .node
                 .adopt_capsule(CapsuleRequest { capsule, context: context.clone(), shared: false })
                 .await
             {
-                Ok(_) => {}
+                Ok(adoption) => {
+                    if !adoption.renewal
+                        && let Some(ip) = client
+                    {
+                        state.capsule_presenters.0.fail(ip);
+                    }
+                }
                 Err(NodeError::Capsule(e)) => {
                     refused(&state, Some(&id), &e.to_string(), &context).await;
                     return match e {
@@ -92,6 +112,26 @@ pub async fn guard(State(state): State<AppState>, request: Request, next: Next) 
         None => {}
     }
     next.run(request).await
+}
+
+/// New capsule ids one client address may have adopted from request headers per window.
+const NEW_PER_CLIENT: u32 = 16;
+/// That window.
+const NEW_PER_CLIENT_WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How many new capsules each client address has had adopted from headers lately.
+pub struct PresenterLimit(crate::auth::FailureLimiter);
+
+impl Default for PresenterLimit {
+    fn default() -> Self {
+        Self(crate::auth::FailureLimiter::new(NEW_PER_CLIENT, NEW_PER_CLIENT_WINDOW))
+    }
+}
+
+impl std::fmt::Debug for PresenterLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PresenterLimit")
+    }
 }
 
 fn rejection(status: StatusCode, code: &str, detail: &str) -> Response {

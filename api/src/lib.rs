@@ -51,6 +51,8 @@ pub struct AppState {
     pub capsule_presets: Option<std::path::PathBuf>,
     /// Caps the events refused capsules write.
     pub capsule_failures: Arc<capsules::FailureBudget>,
+    /// New capsules each client address may have adopted from headers.
+    pub capsule_presenters: Arc<capsules::PresenterLimit>,
 }
 
 /// The whole HTTP surface.

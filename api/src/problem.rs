@@ -199,6 +199,9 @@ impl From<NodeError> for Problem {
             NodeError::CapsuleLimit(_) => {
                 Problem::new(StatusCode::CONFLICT, "capsule_limit", e.to_string())
             }
+            NodeError::CapsuleTornDown => {
+                Problem::new(StatusCode::FORBIDDEN, "capsule_torn_down", e.to_string())
+            }
             NodeError::HomeTrust(TrustError::NoSuchClaim(_)) => {
                 Problem::new(StatusCode::NOT_FOUND, "no_such_claim", e.to_string())
             }

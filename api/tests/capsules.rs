@@ -15,7 +15,12 @@ use serde_json::{Value, json};
 use common::*;
 
 fn capsule(id: &str) -> Value {
-    json!({"id": id, "version": "1", "issued_at_ms": 0, "denies": ["net:*"], "hop_ttl": 2})
+    let now = arw_p2p::time::now_ms();
+    json!({"id": id, "version": "1", "issued_at_ms": now, "denies": ["net:*"], "hop_ttl": 2})
+}
+
+fn header(capsule: &Value) -> String {
+    B64.encode(capsule.to_string())
 }
 
 fn with_capsule(path: &str, header: &str, value: &str) -> Request<Body> {
@@ -327,4 +332,52 @@ async fn capsules_are_bounded_and_refusals_do_not_flood_the_journal() {
     let reply =
         send(&h.app, post("/admin/policy/capsules/adopt", json!({"capsule": signed(odd)}))).await;
     assert_problem(&reply, StatusCode::FORBIDDEN, "capsule_verification_failed");
+}
+
+#[tokio::test]
+async fn capsules_presented_without_the_token_cannot_take_the_node() {
+    let h = harness().await;
+    let present = |c: &Value| with_capsule("/healthz", "X-ARW-Capsule", &header(c));
+    // Undated or stale capsules are refused in headers (the admin may still adopt them).
+    let mut undated = capsule("undated");
+    undated["issued_at_ms"] = json!(0);
+    let reply = send(&h.app, present(&signed(undated.clone()))).await;
+    assert_problem(&reply, StatusCode::FORBIDDEN, "capsule_verification_failed");
+    let adopt = json!({"capsule": signed(undated)});
+    assert_eq!(
+        send(&h.app, post("/admin/policy/capsules/adopt", adopt)).await.status,
+        StatusCode::OK
+    );
+
+    // A capsule the admin tore down is not re-imposed by presenting it again.
+    let freeze = signed(capsule("freeze"));
+    assert_eq!(send(&h.app, present(&freeze)).await.status, StatusCode::OK);
+    let teardown = json!({"ids": ["freeze"]});
+    send(&h.app, post("/admin/policy/capsules/teardown", teardown)).await;
+    assert_problem(
+        &send(&h.app, present(&freeze)).await,
+        StatusCode::FORBIDDEN,
+        "capsule_torn_down",
+    );
+    let held = held(&h).await;
+    assert!(held.iter().all(|c| c["id"] != "freeze"), "{held:?}");
+
+    // One issuer (and one address) cannot fill the table: the admin keeps room.
+    let mut adopted = 0;
+    for i in 0..40 {
+        let reply = send(&h.app, present(&signed(capsule(&format!("p{i}"))))).await;
+        if reply.status == StatusCode::OK {
+            adopted += 1;
+        } else {
+            assert!(
+                [StatusCode::CONFLICT, StatusCode::TOO_MANY_REQUESTS].contains(&reply.status),
+                "{}",
+                reply.text
+            );
+        }
+    }
+    assert!(adopted <= arw_p2p::capsule::MAX_PRESENTED_PER_ISSUER, "{adopted} adopted");
+    let mine = json!({"capsule": signed(capsule("admin-own"))});
+    let reply = send(&h.app, post("/admin/policy/capsules/adopt", mine)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
 }

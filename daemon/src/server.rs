@@ -155,6 +155,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         sse: SseConfig { keepalive: Duration::from_secs(ev.sse_keepalive_secs) },
         capsule_presets: Some(capsule_presets),
         capsule_failures: Arc::default(),
+        capsule_presenters: Arc::default(),
         shutdown: cancel.clone(),
     };
     let listener =

@@ -15,7 +15,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub use set::{
-    Adopted, Adoption, CapsuleItem, CapsuleSet, MAX_HELD, Source, Teardown, pattern_matches,
+    Adopted, Adoption, CapsuleItem, CapsuleSet, MAX_HELD, MAX_PRESENTED, MAX_PRESENTED_AGE_MS,
+    MAX_PRESENTED_PER_ISSUER, PresentedRefusal, Source, Teardown, pattern_matches,
 };
 
 /// A capsule may be dated at most this far ahead of the verifier's clock.

@@ -16,6 +16,16 @@ const QUIET_RENEWAL_MS: u64 = 2_000;
 const EXPIRING_MS: u64 = 60_000;
 /// At most this many capsules are held; adopting another id beyond it is refused.
 pub const MAX_HELD: usize = 256;
+/// Of those, how many may have come only in a request header, without the admin token: the
+/// rest is the administrator's room.
+pub const MAX_PRESENTED: usize = 192;
+/// Presented capsules held per issuer.
+pub const MAX_PRESENTED_PER_ISSUER: usize = 32;
+/// A capsule presented without the admin token is refused once it is older than this (by its
+/// `issued_at_ms`), and a torn-down id stays refused until then.
+pub const MAX_PRESENTED_AGE_MS: u64 = 30 * 24 * 3_600_000;
+/// Torn-down ids remembered.
+const MAX_TORN: usize = 1_024;
 
 /// Where a held capsule came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +222,15 @@ impl Adopted {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CapsuleSet {
     held: BTreeMap<String, Adopted>,
+    /// Ids the administrator tore down, refused in headers until then (ms).
+    torn: BTreeMap<String, u64>,
+}
+
+/// The persisted form with torn-down ids (an array alone: none, as earlier releases wrote).
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSet {
+    held: Vec<Stored>,
+    torn_down: BTreeMap<String, u64>,
 }
 
 impl CapsuleSet {
@@ -219,12 +238,20 @@ impl CapsuleSet {
     /// Entries that no longer parse as capsules are dropped and described; a file of another
     /// shape is an error (held denies are never silently lost).
     pub fn restore(stored: Value, now: u64) -> Result<(Self, Vec<String>), String> {
-        let stored: Vec<Stored> = if stored.is_null() {
-            Vec::new()
-        } else {
-            serde_json::from_value(stored).map_err(|e| format!("capsules.json: {e}"))?
+        let (stored, torn): (Vec<Stored>, BTreeMap<String, u64>) = match stored {
+            Value::Null => (Vec::new(), BTreeMap::new()),
+            Value::Array(_) => (
+                serde_json::from_value(stored).map_err(|e| format!("capsules.json: {e}"))?,
+                BTreeMap::new(),
+            ),
+            other => {
+                let set: StoredSet =
+                    serde_json::from_value(other).map_err(|e| format!("capsules.json: {e}"))?;
+                (set.held, set.torn_down)
+            }
         };
-        let mut set = Self::default();
+        let mut set = Self { held: BTreeMap::new(), torn };
+        set.torn.retain(|_, until| *until > now);
         let mut dropped = Vec::new();
         for s in stored {
             if s.lease_until_ms.is_some_and(|u| u <= now) {
@@ -258,13 +285,21 @@ impl CapsuleSet {
                 shared: a.shared,
             })
             .collect();
-        serde_json::to_value(stored).unwrap_or(Value::Null)
+        if self.torn.is_empty() {
+            return serde_json::to_value(stored).unwrap_or(Value::Null);
+        }
+        let set = StoredSet { held: stored, torn_down: self.torn.clone() };
+        serde_json::to_value(set).unwrap_or(Value::Null)
     }
 
     /// Adopts a (verified) capsule presented to this node at `now`: the lease starts now.
     /// `shared`: an administrator adopted it (a header presentation keeps what an earlier
     /// adoption said).
     pub fn adopt(&mut self, capsule: Capsule, now: u64, shared: bool) -> Adoption {
+        if shared {
+            // The administrator's own adoption undoes their teardown.
+            self.torn.remove(&capsule.fields.id);
+        }
         let lease = capsule.fields.lease_duration_ms.map(|d| now.saturating_add(d));
         let mut adopted = Adopted::new(capsule, now, lease, Source::Local);
         let held = self.held.get(&adopted.capsule.fields.id);
@@ -291,6 +326,27 @@ impl CapsuleSet {
                 PolicyCapsule { capsule: a.capsule.json.clone(), lease_until_ms }
             })
             .collect()
+    }
+
+    /// Why `capsule`, presented in a request header without the admin token, may not be
+    /// adopted at `now`: older than [`MAX_PRESENTED_AGE_MS`] (or undated), torn down by the
+    /// administrator, or a new id beyond [`MAX_PRESENTED`] or [`MAX_PRESENTED_PER_ISSUER`].
+    pub fn refuses_presented(&self, capsule: &Capsule, now: u64) -> Option<PresentedRefusal> {
+        let f = &capsule.fields;
+        if f.issued_at_ms == 0 || now.saturating_sub(f.issued_at_ms) > MAX_PRESENTED_AGE_MS {
+            return Some(PresentedRefusal::TooOld);
+        }
+        if self.torn.get(&f.id).is_some_and(|until| *until > now) {
+            return Some(PresentedRefusal::TornDown);
+        }
+        if self.held.contains_key(&f.id) {
+            return None;
+        }
+        let presented: Vec<&Adopted> =
+            self.held.values().filter(|a| a.source == Source::Local && !a.shared).collect();
+        let same_issuer = presented.iter().filter(|a| a.capsule.fields.issuer == f.issuer).count();
+        (presented.len() >= MAX_PRESENTED || same_issuer >= MAX_PRESENTED_PER_ISSUER)
+            .then_some(PresentedRefusal::Full)
     }
 
     /// Whether another capsule with this id may be held (at most [`MAX_HELD`]).
@@ -358,9 +414,22 @@ impl CapsuleSet {
         for id in targets {
             let found = if dry_run { self.held.get(&id).cloned() } else { self.held.remove(&id) };
             match found {
-                Some(a) => out.removed.push(a.item(now)),
+                Some(a) => {
+                    if !dry_run && a.source == Source::Local {
+                        // Presenting it again in a header must not undo the teardown.
+                        let until =
+                            a.capsule.fields.issued_at_ms.saturating_add(MAX_PRESENTED_AGE_MS);
+                        self.torn.insert(id, until);
+                    }
+                    out.removed.push(a.item(now));
+                }
                 None => out.not_found.push(id),
             }
+        }
+        self.torn.retain(|_, until| *until > now);
+        while self.torn.len() > MAX_TORN {
+            let soonest = self.torn.iter().min_by_key(|(_, u)| **u).map(|(id, _)| id.clone());
+            soonest.and_then(|id| self.torn.remove(&id));
         }
         out
     }
@@ -409,6 +478,17 @@ impl CapsuleSet {
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
+}
+
+/// Why a capsule presented without the admin token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresentedRefusal {
+    /// Undated, or older than [`MAX_PRESENTED_AGE_MS`].
+    TooOld,
+    /// The administrator tore this id down.
+    TornDown,
+    /// No room for another presented capsule (of this issuer).
+    Full,
 }
 
 /// `net:*` matches every key starting with `net:`; anything else matches itself.

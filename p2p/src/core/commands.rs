@@ -324,6 +324,11 @@ impl NodeCore {
             return self.reply(id, Err(e.into()));
         }
         let capsule_id = request.capsule.fields.id.clone();
+        if !request.shared
+            && let Some(refusal) = self.capsules.refuses_presented(&request.capsule, now)
+        {
+            return self.reply(id, Err(presented_refusal(refusal)));
+        }
         if !self.capsules.has_room_for(&capsule_id) {
             return self.reply(id, Err(NodeError::CapsuleLimit(crate::capsule::MAX_HELD)));
         }
@@ -447,6 +452,19 @@ impl NodeCore {
 }
 
 /// Whether capsule `id` in `capsules` goes out in the Home's documents.
+/// The answer to a capsule presented without the admin token that may not be adopted.
+fn presented_refusal(refusal: crate::capsule::PresentedRefusal) -> NodeError {
+    use crate::capsule::{CapsuleError, MAX_PRESENTED_AGE_MS, PresentedRefusal};
+    match refusal {
+        PresentedRefusal::TooOld => NodeError::Capsule(CapsuleError::Verification(format!(
+            "issued_at_ms is unset or over {} days old: present a freshly signed capsule, or adopt it with the admin token",
+            MAX_PRESENTED_AGE_MS / 86_400_000
+        ))),
+        PresentedRefusal::TornDown => NodeError::CapsuleTornDown,
+        PresentedRefusal::Full => NodeError::CapsuleLimit(crate::capsule::MAX_PRESENTED),
+    }
+}
+
 pub(super) fn hands_out(capsules: &CapsuleSet, id: &str) -> bool {
     capsules.held().any(|a| a.capsule.fields.id == id && a.handed_out())
 }

@@ -113,6 +113,12 @@ pub enum NodeError {
         "the Home's policy document would exceed the size nodes accept; hand out fewer or smaller capsules"
     )]
     PolicyTooLarge,
+    /// The administrator tore this capsule down; presented in a header it stays refused until
+    /// it is too old to be presented at all (the admin may adopt it again).
+    #[error(
+        "this capsule was torn down by the administrator; only the admin token can adopt it again"
+    )]
+    CapsuleTornDown,
     /// Trust in a Home could not be given or taken back.
     #[error(transparent)]
     HomeTrust(#[from] crate::policy::TrustError),
