@@ -154,7 +154,7 @@ impl Actor {
 
     async fn on_transport(&mut self, event: TransportEvent) {
         let input = match event {
-            TransportEvent::Message { bytes, via } => Input::Message { bytes, via, opened: None },
+            TransportEvent::Message { bytes, via, opened } => Input::Message { bytes, via, opened },
             TransportEvent::Connected(peer) => Input::Connected(peer),
             TransportEvent::Disconnected { peer, ours } => Input::Disconnected { peer, ours },
             TransportEvent::Unreachable(peer) => Input::Unreachable(peer),

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::types::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent};
+use crate::wire::{self, Reason};
 
 /// How to reach the broker.
 #[derive(Debug, Clone)]
@@ -115,6 +116,53 @@ fn options(
     options
 }
 
+/// An envelope and what checking it said.
+type Checked = (Vec<u8>, Result<wire::Opened, Reason>);
+
+/// Checked envelopes waiting for the node.
+const CHECKED_QUEUE: usize = 1_024;
+/// Invalid envelopes (malformed, bad signature...) passed on per second, for the node to
+/// report; the rest are only counted.
+const INVALID_PER_SECOND: u32 = 20;
+
+/// Checks every envelope from the message subject on its own task, so that signature checks
+/// (a flood of forged envelopes included) never hold up the node's timers, probes and
+/// commands: valid ones go on to the node, waiting for room; of invalid ones only a few per
+/// second do (the node reports those), and the rest are dropped here and counted in the log.
+/// When the node cannot keep up, the broker's own slow-consumer limit sheds what is left.
+async fn check_messages(
+    mut raw: async_nats::Subscriber,
+    workspace: String,
+    checked: mpsc::Sender<Checked>,
+) {
+    let (mut second, mut passed, mut dropped) = (tokio::time::Instant::now(), 0u32, 0u64);
+    while let Some(message) = raw.next().await {
+        let bytes = message.payload.to_vec();
+        let opened = wire::open(&bytes, &workspace);
+        if let Err(reason) = &opened
+            && reason.is_invalid()
+        {
+            if second.elapsed() >= Duration::from_secs(1) {
+                if dropped > 0 {
+                    tracing::warn!(
+                        dropped,
+                        "invalid messages on the bus dropped unchecked by the node"
+                    );
+                }
+                (second, passed, dropped) = (tokio::time::Instant::now(), 0, 0);
+            }
+            passed += 1;
+            if passed > INVALID_PER_SECOND {
+                dropped += 1;
+                continue;
+            }
+        }
+        if checked.send((bytes, opened)).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// The subject a workspace's signed messages travel on.
 pub fn msg_subject(workspace: &str) -> String {
     format!("arw.cluster.{workspace}.msg")
@@ -128,7 +176,8 @@ pub struct NatsBus {
     msg_subject: String,
     sync_subject: String,
     inbox: String,
-    messages: async_nats::Subscriber,
+    /// Envelopes from the message subject, checked by [`check_messages`].
+    messages: mpsc::Receiver<Checked>,
     requests: async_nats::Subscriber,
     answers: async_nats::Subscriber,
     links: mpsc::UnboundedReceiver<bool>,
@@ -155,7 +204,9 @@ impl NatsBus {
                     .map_err(|e| format!("subscribe {subject}: {e}"))
             }
         };
-        let messages = subscribe(msg_subject.clone()).await?;
+        let raw = subscribe(msg_subject.clone()).await?;
+        let (checked, messages) = mpsc::channel(CHECKED_QUEUE);
+        tokio::spawn(check_messages(raw, workspace.to_owned(), checked));
         let requests = subscribe(sync_subject.clone()).await?;
         let answers = subscribe(inbox.clone()).await?;
         let connected = client.connection_state() == async_nats::connection::State::Connected;
@@ -226,8 +277,8 @@ impl NatsBus {
                 self.connected = up;
                 TransportEvent::Link(up)
             }
-            Some(message) = self.messages.next() => {
-                TransportEvent::Message { bytes: message.payload.to_vec(), via: Inbound::Broker }
+            Some((bytes, opened)) = self.messages.recv() => {
+                TransportEvent::Message { bytes, via: Inbound::Broker, opened: Some(Box::new(opened)) }
             }
             Some(message) = self.requests.next() => {
                 match (serde_json::from_slice::<SyncRequest>(&message.payload), message.reply) {

@@ -422,6 +422,9 @@ impl Net {
             }) => TransportEvent::Message {
                 bytes: message.data,
                 via: Inbound::Gossip { id: message_id, source: propagation_source },
+                // Checked by the core; gossipsub's peer scoring graylists a peer that keeps
+                // forwarding invalid messages.
+                opened: None,
             },
             BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
                 if topic == self.topic.hash() =>

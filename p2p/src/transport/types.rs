@@ -38,6 +38,8 @@ pub enum TransportEvent {
         bytes: Vec<u8>,
         /// How it came.
         via: Inbound,
+        /// The envelope already checked by the transport, off the node's own task (NATS).
+        opened: Option<Box<Result<crate::wire::Opened, crate::wire::Reason>>>,
     },
     /// A peer of this workspace is connected (libp2p: it subscribed to the topic).
     Connected(PeerId),
