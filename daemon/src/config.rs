@@ -43,6 +43,12 @@ pub struct ServerConfig {
     pub admin_rate_window_secs: u64,
     /// Shutdown grace period, seconds.
     pub shutdown_grace_secs: u64,
+    /// Open HTTP connections held at most.
+    pub max_connections: usize,
+    /// A connection must send a request's headers within this many seconds.
+    pub header_timeout_secs: u64,
+    /// A client that takes nothing we send for this many seconds is disconnected.
+    pub send_timeout_secs: u64,
 }
 
 impl fmt::Debug for ServerConfig {
@@ -55,6 +61,9 @@ impl fmt::Debug for ServerConfig {
             .field("admin_rate_limit", &self.admin_rate_limit)
             .field("admin_rate_window_secs", &self.admin_rate_window_secs)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .field("max_connections", &self.max_connections)
+            .field("header_timeout_secs", &self.header_timeout_secs)
+            .field("send_timeout_secs", &self.send_timeout_secs)
             .finish()
     }
 }
@@ -471,7 +480,11 @@ fn validate(
         return Err(ConfigError("server.admin_token_sha256: must be 64 hexadecimal digits".into()));
     }
     let ev = &config.events;
+    let sv = &config.server;
     for (key, value) in [
+        ("server.max_connections", sv.max_connections as u64),
+        ("server.header_timeout_secs", sv.header_timeout_secs),
+        ("server.send_timeout_secs", sv.send_timeout_secs),
         ("events.retention_rows", ev.retention_rows),
         ("events.retention_bytes", ev.retention_bytes),
         ("events.retention_days", ev.retention_days),

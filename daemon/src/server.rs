@@ -62,7 +62,7 @@ pub struct Running {
     pub state_dir: PathBuf,
     cancel: CancellationToken,
     grace: Duration,
-    http: JoinHandle<std::io::Result<()>>,
+    http: JoinHandle<()>,
     node_task: JoinHandle<()>,
     journal_thread: std::thread::JoinHandle<()>,
     /// The event relay and the queue worker, when NATS is in use.
@@ -165,12 +165,13 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let bound = listener.local_addr().map_err(other("listener has no address"))?;
     tracing::info!(address = %bound, "HTTP API listening");
 
-    let app = arw_api::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let http = tokio::spawn(
-        axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.clone().cancelled_owned())
-            .into_future(),
-    );
+    let limits = crate::http::Limits {
+        max_connections: config.server.max_connections,
+        header_timeout: Duration::from_secs(config.server.header_timeout_secs),
+        send_timeout: Duration::from_secs(config.server.send_timeout_secs),
+    };
+    let http =
+        tokio::spawn(crate::http::serve(listener, arw_api::router(state), limits, cancel.clone()));
 
     let snapshot = node.snapshot();
     let endpoints = Endpoints {
@@ -203,8 +204,7 @@ impl Running {
     pub async fn shutdown(self) {
         self.cancel.cancel();
         match tokio::time::timeout(self.grace, self.http).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server error during shutdown"),
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
             Err(_) => {
                 tracing::warn!(grace = ?self.grace, "open requests cut off after the grace period")

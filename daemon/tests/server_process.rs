@@ -140,3 +140,86 @@ fn a_lost_node_key_beside_its_state_is_not_silently_replaced() {
     assert_ne!(key, new_key);
     assert!(second.stop().success());
 }
+
+/// Reads from `stream` until it is closed (Ok(0) or a reset), at most `limit`; true if it was.
+fn closed_within(stream: &mut std::net::TcpStream, limit: std::time::Duration) -> bool {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).expect("timeout");
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// An SSE request on a raw socket; returns once the response headers arrived.
+fn open_stream(addr: &str, token: &str) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    let request =
+        format!("GET /events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("request");
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).expect("response");
+    assert_eq!(&head[..12], b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+    stream
+}
+
+fn sse_clients(server: &common::Server) -> Option<u64> {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", &format!("{}/metrics", server.base())])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("arw_events_sse_clients ") || l.starts_with("events_sse_clients "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+#[test]
+fn silent_excess_and_stalled_connections_are_closed() {
+    use std::time::Duration;
+    let server = common::Launch::new()
+        .config("[server]\nmax_connections = 3\nheader_timeout_secs = 1\nsend_timeout_secs = 1\n")
+        .start();
+    let addr = server.endpoints["http"].as_str().expect("http").to_owned();
+
+    // A connection that never sends a request is closed.
+    let mut silent = std::net::TcpStream::connect(&addr).expect("connect");
+    assert!(closed_within(&mut silent, Duration::from_secs(5)), "a silent connection was held");
+
+    // Three streams fill the server; a fourth connection is closed at once.
+    let streams: Vec<std::net::TcpStream> =
+        (0..3).map(|_| open_stream(&addr, &server.token)).collect();
+    let mut fourth = std::net::TcpStream::connect(&addr).expect("connect");
+    assert!(closed_within(&mut fourth, Duration::from_secs(2)), "over max_connections");
+    drop(streams);
+
+    // A stream whose client stops reading is dropped once the server cannot send to it.
+    let _stalled = open_stream(&addr, &server.token);
+    let blob = serde_json::json!({ "blob": "x".repeat(60_000) });
+    common::eventually(Duration::from_secs(60), "the stalled stream dropped", || {
+        for _ in 0..20 {
+            let (status, _) = server.post("/admin/events/test", &blob);
+            if status != 200 {
+                return Err(format!("publish: {status}"));
+            }
+        }
+        match sse_clients(&server) {
+            Some(0) => Ok(()),
+            other => Err(format!("SSE clients: {other:?}")),
+        }
+    });
+}
