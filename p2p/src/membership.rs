@@ -681,8 +681,9 @@ impl Membership {
     /// A reporter lost `target` (a reset connection, or a silence it watched). The report is a
     /// sign of life of the reporter (ordered with its heartbeats); the target becomes `suspect`
     /// until a heartbeat newer than the report's position of it arrives (a position no further
-    /// than [`REPORT_SLACK`] beyond what this node has heard of it). Reports of a muted or spent accuser
-    /// (see [`Credit`]) are signs of life and nothing more.
+    /// than [`REPORT_SLACK`] beyond what this node has heard of it). Reports of a muted or spent
+    /// accuser (see [`Credit`]) about others are signs of life and nothing more; a report about
+    /// this node is always answered (others may still listen to that accuser).
     fn suspicion(&mut self, report: &wire::Suspicion, now: u64) -> Result<Vec<Change>, Reason> {
         let beat = wire::Beat {
             id: report.id.clone(),
@@ -693,17 +694,18 @@ impl Membership {
             policy: 0,
         };
         let mut changes = self.beat(&beat, now, false)?;
+        let pos = (report.target_seq, report.target_beat);
+        if report.target == self.self_id {
+            // Always answered, whoever said it: others may still listen to this accuser.
+            changes.push(Change::SelfSuspected { pos });
+            return Ok(changes);
+        }
         let credited = self.members.get_mut(&report.id).is_some_and(|m| m.credit.spend(now));
         if !credited {
             tracing::debug!(accuser = %report.id, "suspicion report not acted on: accuser muted or spent");
             return Ok(changes);
         }
-        let pos = (report.target_seq, report.target_beat);
-        if report.target == self.self_id {
-            changes.push(Change::SelfSuspected { pos });
-        } else {
-            changes.extend(self.suspect_by(&report.target, now, pos, Some(&report.id)));
-        }
+        changes.extend(self.suspect_by(&report.target, now, pos, Some(&report.id)));
         Ok(changes)
     }
 

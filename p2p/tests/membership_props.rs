@@ -126,3 +126,99 @@ proptest! {
         prop_assert_eq!(state(&m), before);
     }
 }
+
+/// What a Byzantine member sends, under its own valid key.
+#[derive(Debug, Clone)]
+enum Hostile {
+    /// A suspicion report naming the honest node, claiming any position.
+    Accuse { seq: u64, beat: u64, target_seq: u64, target_beat: u64 },
+    /// A report naming the observer itself.
+    AccuseObserver { seq: u64, beat: u64 },
+    /// A heartbeat or leave of its own, at any position.
+    Beat { seq: u64, beat: u64, leave: bool },
+    /// An advert of its own with any seq, or one claiming the honest node's id.
+    Advert { seq: u64, squat: bool },
+}
+
+fn hostile() -> impl Strategy<Value = (Hostile, u64)> {
+    let any_pos = prop_oneof![0u64..20, Just(u64::MAX), any::<u64>()];
+    let action = prop_oneof![
+        (any_pos.clone(), any_pos.clone(), any_pos.clone(), any_pos.clone()).prop_map(
+            |(seq, beat, target_seq, target_beat)| Hostile::Accuse {
+                seq,
+                beat,
+                target_seq,
+                target_beat
+            }
+        ),
+        (any_pos.clone(), any_pos.clone())
+            .prop_map(|(seq, beat)| Hostile::AccuseObserver { seq, beat }),
+        (any_pos.clone(), any_pos.clone(), any::<bool>())
+            .prop_map(|(seq, beat, leave)| Hostile::Beat { seq, beat, leave }),
+        (any_pos, any::<bool>()).prop_map(|(seq, squat)| Hostile::Advert { seq, squat }),
+    ];
+    (action, 0u64..1_500)
+}
+
+proptest! {
+    /// A member that lies with a valid signature (any mix of reports, heartbeats, leaves and
+    /// adverts, at any position and pace) never makes an observer hold an honest, live node
+    /// `down`, and costs it at most its refutations.
+    #[test]
+    fn a_byzantine_member_never_gets_an_honest_node_judged_down(actions in prop::collection::vec(hostile(), 1..40)) {
+        use arw_p2p::{cluster::Health, protocol::Protocol, wire::{Beat, Suspicion}};
+        let id = |s: &str| NodeId::parse(s).expect("id");
+        let protocol = |name: &str, seed: u8| Protocol::new(key(seed), id(name), MembershipConfig::new("lab"), 0);
+        let (mut observer, mut honest) = (protocol("obs", 1), protocol("honest", 2));
+        let byz = key(3);
+        let mut now = NOW;
+        let seq = honest.next_seq(now);
+        let honest_advert = honest.seal_advert(&Advert::basic(id("honest"), "lab", seq, now));
+        let seq = observer.next_seq(now);
+        let observer_advert = observer.seal_advert(&Advert::basic(id("obs"), "lab", seq, now));
+        let byz_advert = seal(&byz, "lab", &advert("byz", 1, now, "b"));
+        observer.receive(&honest_advert, now);
+        observer.receive(&byz_advert, now);
+        honest.receive(&observer_advert, now);
+        honest.receive(&byz_advert, now);
+        let mut last_beat = now;
+        for (action, wait) in actions {
+            now += wait;
+            let message = match action {
+                Hostile::Accuse { seq, beat, target_seq, target_beat } => Message::Suspect(Suspicion {
+                    id: id("byz"), workspace: "lab".into(), seq, beat, sent_ms: now,
+                    target: id("honest"), target_seq, target_beat,
+                }),
+                Hostile::AccuseObserver { seq, beat } => Message::Suspect(Suspicion {
+                    id: id("byz"), workspace: "lab".into(), seq, beat, sent_ms: now,
+                    target: id("obs"), target_seq: u64::MAX, target_beat: u64::MAX,
+                }),
+                Hostile::Beat { seq, beat, leave } => {
+                    let beat = Beat { id: id("byz"), workspace: "lab".into(), seq, beat, sent_ms: now, policy: 0 };
+                    if leave { Message::Leave(beat) } else { Message::Heartbeat(beat) }
+                }
+                Hostile::Advert { seq, squat } => advert(if squat { "honest" } else { "byz" }, seq, now, "x"),
+            };
+            let bytes = seal(&byz, "lab", &message);
+            observer.receive(&bytes, now);
+            honest.receive(&bytes, now);
+            // The honest node answers at once (a reliable link) and beats every second.
+            if now.saturating_sub(last_beat) >= 1_000 {
+                let beat = honest.heartbeat(now);
+                observer.receive(&beat, now);
+                last_beat = now;
+            }
+            for envelope in honest.take_outbox() {
+                observer.receive(&envelope, now);
+            }
+            for envelope in observer.take_outbox() {
+                honest.receive(&envelope, now);
+            }
+            honest.tick(now);
+            observer.tick(now);
+            let health = observer.membership().members()["honest"].record.health;
+            prop_assert_ne!(health, Health::Down, "after {:?}", message);
+            prop_assert_ne!(health, Health::Left);
+        }
+    }
+}
