@@ -321,6 +321,12 @@ pub fn event_signed_by(key: &[u8; 32], subject: &str, payload: &[u8], signature:
     key.verify_strict(&event_bytes(subject, payload), &Signature::from_bytes(&sig)).is_ok()
 }
 
+/// The key an envelope claims to be signed with (unverified), for shedding load before the
+/// signature is checked.
+pub fn claimed_key(bytes: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Envelope<'_>>(bytes).ok().map(|e| e.key)
+}
+
 /// The claimed sender of an envelope that could not be opened, for reports (unverified).
 pub fn claimed_id(bytes: &[u8]) -> Option<String> {
     let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;

@@ -4,6 +4,7 @@
 
 pub mod nats;
 pub mod net;
+pub mod shed;
 pub mod types;
 
 use crate::membership::Verdict;

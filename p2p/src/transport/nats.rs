@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
+use super::shed::Shedder;
 use super::types::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent};
 use crate::wire::{self, Reason};
 
@@ -121,44 +122,42 @@ type Checked = (Vec<u8>, Result<wire::Opened, Reason>);
 
 /// Checked envelopes waiting for the node.
 const CHECKED_QUEUE: usize = 1_024;
-/// Invalid envelopes (malformed, bad signature...) passed on per second, for the node to
-/// report; the rest are only counted.
-const INVALID_PER_SECOND: u32 = 20;
+/// What was shed is logged at most this often.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Checks every envelope from the message subject on its own task, so that signature checks
-/// (a flood of forged envelopes included) never hold up the node's timers, probes and
-/// commands: valid ones go on to the node, waiting for room; of invalid ones only a few per
-/// second do (the node reports those), and the rest are dropped here and counted in the log.
-/// When the node cannot keep up, the broker's own slow-consumer limit sheds what is left.
+/// never hold up the node's timers, probes and commands, and sheds what a flood would cost
+/// before it is checked (see [`Shedder`]): valid envelopes go on to the node, waiting for
+/// room; when the node cannot keep up, the broker's slow-consumer limit sheds what is left.
 async fn check_messages(
     mut raw: async_nats::Subscriber,
     workspace: String,
     checked: mpsc::Sender<Checked>,
 ) {
-    let (mut second, mut passed, mut dropped) = (tokio::time::Instant::now(), 0u32, 0u64);
+    let mut shedder = Shedder::default();
+    let mut shed: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut reported = tokio::time::Instant::now();
     while let Some(message) = raw.next().await {
         let bytes = message.payload.to_vec();
-        let opened = wire::open(&bytes, &workspace);
-        if let Err(reason) = &opened
-            && reason.is_invalid()
-        {
-            if second.elapsed() >= Duration::from_secs(1) {
-                if dropped > 0 {
-                    tracing::warn!(
-                        dropped,
-                        "invalid messages on the bus dropped unchecked by the node"
-                    );
+        let key = wire::claimed_key(&bytes);
+        let now = crate::time::now_ms();
+        let verdict = shedder.before(key.as_deref(), now).and_then(|()| {
+            let opened = wire::open(&bytes, &workspace);
+            let valid = !opened.as_ref().is_err_and(|r| r.is_invalid());
+            shedder.after(key.as_deref(), valid, now).map(|()| opened)
+        });
+        match verdict {
+            Ok(opened) => {
+                if checked.send((bytes, opened)).await.is_err() {
+                    return;
                 }
-                (second, passed, dropped) = (tokio::time::Instant::now(), 0, 0);
             }
-            passed += 1;
-            if passed > INVALID_PER_SECOND {
-                dropped += 1;
-                continue;
-            }
+            Err(why) => *shed.entry(why.as_str()).or_default() += 1,
         }
-        if checked.send((bytes, opened)).await.is_err() {
-            return;
+        if !shed.is_empty() && reported.elapsed() >= REPORT_EVERY {
+            tracing::warn!(?shed, "messages on the bus shed before the node");
+            shed.clear();
+            reported = tokio::time::Instant::now();
         }
     }
 }
