@@ -161,18 +161,28 @@ fn closed_within(stream: &mut std::net::TcpStream, limit: std::time::Duration) -
     }
 }
 
-/// An SSE request on a raw socket; returns once the response headers arrived.
+/// An SSE request on a raw socket, once the response headers arrived. A connection closed at
+/// once (the server is still releasing an earlier one's place) is tried again, for at most 10 s.
 fn open_stream(addr: &str, token: &str) -> std::net::TcpStream {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
-    let request =
-        format!("GET /events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n");
-    stream.write_all(request.as_bytes()).expect("request");
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).expect("response");
-    assert_eq!(&head[..12], b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
-    stream
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+        let request = format!(
+            "GET /events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).expect("request");
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+        let mut head = [0u8; 12];
+        match stream.read_exact(&mut head) {
+            Ok(()) => {
+                assert_eq!(&head[..12], b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+                return stream;
+            }
+            Err(e) => assert!(std::time::Instant::now() < deadline, "no stream: {e}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn sse_clients(server: &common::Server) -> Option<u64> {
