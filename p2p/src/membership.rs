@@ -303,6 +303,8 @@ pub struct Membership {
     /// No health transition falls due before this (it may fall due later: messages only push
     /// deadlines later, and [`Membership::tick`] computes it afresh).
     deadline: Option<u64>,
+    /// Moves whenever a member is added or removed (so whenever an id's key can change).
+    generation: u64,
 }
 
 /// A node's place on the probe ring: the first 8 bytes of SHA-256 of its id, so neighbours on
@@ -336,10 +338,12 @@ impl Membership {
             slowdown: 1,
             by_peer: HashMap::new(),
             deadline: None,
+            generation: 0,
         }
     }
 
     fn insert(&mut self, id: NodeId, member: Member) {
+        self.generation += 1;
         self.ring.insert((place(&id), id.clone()));
         self.removed.remove(&id);
         self.changed.insert(id.clone());
@@ -351,6 +355,7 @@ impl Membership {
     }
 
     fn remove(&mut self, id: &NodeId) -> Option<Member> {
+        self.generation += 1;
         self.ring.remove(&(place(id), id.clone()));
         self.changed.remove(id);
         self.removed.insert(id.clone());
@@ -766,6 +771,12 @@ impl Membership {
             })
             .map(|(id, _)| id.to_string())
             .collect()
+    }
+
+    /// Moves whenever a member is added or removed: the set of `(id, key)` bindings can only have
+    /// changed when it did.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The newest `(seq, beat)` accepted from `id`, for a suspicion report about it.

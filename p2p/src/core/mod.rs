@@ -318,6 +318,9 @@ pub struct NodeCore {
     rejections: RejectionLimit,
     /// How many new nodes each sender may still bring.
     newcomers: newcomers::Newcomers,
+    /// Each remote node's key as of a membership generation (rebuilt only when members came or
+    /// went), for readers that check relayed events.
+    keys: (u64, Arc<BTreeMap<NodeId, [u8; 32]>>),
     /// Whether the bus can reach anyone (false while the broker is away).
     linked: bool,
     last_flush_ms: u64,
@@ -421,6 +424,7 @@ impl NodeCore {
             counters: Counters::default(),
             rejections: RejectionLimit::default(),
             newcomers: newcomers::Newcomers::default(),
+            keys: (u64::MAX, Arc::default()),
             linked: bus != Some(Bus::Broker),
             last_flush_ms: 0,
             snapshot_dirty: true,
@@ -455,6 +459,12 @@ impl NodeCore {
             }
             Input::Timer => self.on_timer(now_ms),
             Input::Stop => self.stop(now_ms),
+        }
+        let generation = self.protocol.membership().generation();
+        if generation != self.keys.0 {
+            let members = self.protocol.membership().members();
+            let keys = members.iter().map(|(id, m)| (id.clone(), m.key)).collect();
+            self.keys = (generation, Arc::new(keys));
         }
         // What the protocol has for everyone (suspicion reports, refutations, proofs).
         for envelope in self.protocol.take_outbox() {
@@ -500,13 +510,7 @@ impl NodeCore {
             .iter()
             .map(|(id, m)| (id.clone(), m.record.clone()))
             .collect();
-        let keys = self
-            .protocol
-            .membership()
-            .members()
-            .iter()
-            .map(|(id, m)| (id.clone(), m.key))
-            .collect();
+        let keys = self.keys.1.clone();
         if let Some(local) = &self.local {
             nodes.insert(local.advert.id.clone(), local.clone());
         }

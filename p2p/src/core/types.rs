@@ -193,7 +193,7 @@ pub struct Snapshot {
     /// Registry (local and remote nodes), keyed and so sorted by id.
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     /// The key each remote node's id is bound to (what its relayed events must be signed with).
-    pub keys: BTreeMap<NodeId, [u8; 32]>,
+    pub keys: Arc<BTreeMap<NodeId, [u8; 32]>>,
     /// Staleness threshold.
     pub ttl_ms: u64,
     /// Transport state.
