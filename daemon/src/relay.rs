@@ -13,7 +13,6 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Arc,
-    time::{Duration, Instant},
 };
 
 use futures::StreamExt;
@@ -27,8 +26,10 @@ use arw_api::{
 use arw_p2p::{
     events::{EventTx, Relayed},
     identity::NodeKey,
+    limit::Window,
     node::Snapshot,
     node_id::NodeId,
+    time::now_ms,
     wire::{EVENT_SIGNATURE_HEADER, event_signed_by, sign_event},
 };
 
@@ -38,15 +39,15 @@ use crate::journal::Journal;
 const SEEN: usize = 4096;
 /// The largest relayed event journaled (the limit of `POST /admin/events/test` too).
 pub const MAX_RELAYED_BYTES: usize = 64 * 1024;
-/// Events journaled per origin and [`BUDGET_WINDOW`]; the rest are dropped.
+/// Events journaled per origin and [`BUDGET_WINDOW_MS`]; the rest are dropped.
 const BUDGET: u32 = 1_000;
 /// That window.
-const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+const BUDGET_WINDOW_MS: u64 = 10_000;
 /// Kinds only an SSE stream itself may say (reference: "never on the bus"); a journaled copy
 /// would look like a frame of the stream to a client that trusts kinds.
 const STREAM_CONTROL: [&str; 2] = ["service.connected", "service.lagged"];
 /// Refusals are summed up in the log at most this often.
-const REPORT_EVERY: Duration = Duration::from_secs(10);
+const REPORT_EVERY_MS: u64 = 10_000;
 
 /// What to relay.
 #[derive(Debug, Clone)]
@@ -116,11 +117,11 @@ pub async fn run(
                 let checked = inbound(&message.subject, &message.payload, signature, &snapshot.id, &snapshot.keys);
                 match checked {
                     Ok((kind, payload, relayed)) => {
-                        if gate.admit(&relayed.origin, Instant::now()) && seen.insert(&relayed.ce_id) {
+                        if gate.admit(&relayed.origin, now_ms()) && seen.insert(&relayed.ce_id) {
                             events.emit_relayed(&kind, payload, relayed).await;
                         }
                     }
-                    Err(refused) => gate.refused(refused, Instant::now()),
+                    Err(refused) => gate.refused(refused, now_ms()),
                 }
             }
         }
@@ -194,29 +195,20 @@ fn inbound(
 }
 
 /// Per-origin budgets, and the refusals to report.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Gate {
-    /// Origin → (window start, events admitted in it). Origins are registry members.
-    budgets: HashMap<String, (Instant, u32)>,
+    /// Events admitted per origin (registry members only reach this).
+    budgets: HashMap<String, Window>,
     refused: BTreeMap<Refused, u64>,
-    reported: Instant,
-}
-
-impl Default for Gate {
-    fn default() -> Self {
-        Self { budgets: HashMap::new(), refused: BTreeMap::new(), reported: Instant::now() }
-    }
+    /// Refusals were last summed up then (ms).
+    reported: u64,
 }
 
 impl Gate {
-    /// Whether `origin` may have one more event journaled at `now`.
-    fn admit(&mut self, origin: &str, now: Instant) -> bool {
-        let (from, used) = self.budgets.entry(origin.to_owned()).or_insert((now, 0));
-        if now.duration_since(*from) >= BUDGET_WINDOW {
-            (*from, *used) = (now, 0);
-        }
-        *used += 1;
-        let admitted = *used <= BUDGET;
+    /// Whether `origin` may have one more event journaled at `now` (ms).
+    fn admit(&mut self, origin: &str, now: u64) -> bool {
+        let window = self.budgets.entry(origin.to_owned()).or_default();
+        let admitted = window.spend(now, BUDGET_WINDOW_MS, BUDGET);
         if !admitted {
             self.refused(Refused::OverBudget, now);
         }
@@ -224,12 +216,12 @@ impl Gate {
     }
 
     /// Counts a refusal, and says what was refused at most every [`REPORT_EVERY`].
-    fn refused(&mut self, why: Refused, now: Instant) {
+    fn refused(&mut self, why: Refused, now: u64) {
         if why == Refused::Own {
             return;
         }
         *self.refused.entry(why).or_default() += 1;
-        if now.duration_since(self.reported) >= REPORT_EVERY {
+        if now.saturating_sub(self.reported) >= REPORT_EVERY_MS {
             let counts = std::mem::take(&mut self.refused);
             tracing::warn!(?counts, "relayed events refused from the bus");
             self.reported = now;
@@ -339,11 +331,11 @@ mod tests {
     #[test]
     fn an_origin_over_its_budget_is_cut_off_until_the_next_window() {
         let mut gate = Gate::default();
-        let now = Instant::now();
+        let now = 1_800_000_000_000;
         let admitted = (0..BUDGET + 10).filter(|_| gate.admit("n2", now)).count();
         assert_eq!(admitted, BUDGET as usize);
         assert!(gate.admit("n3", now), "others are not charged");
-        assert!(gate.admit("n2", now + BUDGET_WINDOW));
+        assert!(gate.admit("n2", now + BUDGET_WINDOW_MS));
     }
 
     #[test]

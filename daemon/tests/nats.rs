@@ -531,25 +531,14 @@ async fn relayed_events_are_journaled_only_when_their_origin_signed_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(&dir.path().join("broker"));
     let states: Vec<PathBuf> = ["r1", "r2", "r3"].iter().map(|id| dir.path().join(id)).collect();
-    let nodes = tokio::task::spawn_blocking({
-        let (states, url) = (states.clone(), broker.url());
-        move || {
-            let config =
-                format!("[cluster]\nenabled = true\nbus = \"nats\"\nnats_url = \"{url}\"\n");
-            let nodes: Vec<common::Server> = ["r1", "r2", "r3"]
-                .iter()
-                .zip(&states)
-                .map(|(id, state)| {
-                    common::Launch::new()
-                        .state_dir(state)
-                        .env("ARW_NODE_ID", id)
-                        .config(&config)
-                        .start()
-                })
-                .collect();
-            wait_until(Duration::from_secs(20), "all ok", || nodes.iter().all(|n| all_ok(n, 3)));
-            nodes
-        }
+    let nodes: Vec<common::Server> = ["r1", "r2", "r3"]
+        .iter()
+        .zip(&states)
+        .map(|(id, state)| node(id, state, &broker, ""))
+        .collect();
+    let nodes = tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(20), "all ok", || nodes.iter().all(|n| all_ok(n, 3)));
+        nodes
     })
     .await
     .expect("start");
@@ -633,23 +622,14 @@ async fn relayed_events_are_journaled_only_when_their_origin_signed_them() {
 async fn a_flood_of_new_node_ids_is_capped_and_honest_nodes_stay_ok() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(&dir.path().join("broker"));
-    let (w1, w2) = tokio::task::spawn_blocking({
-        let (dir, url) = (dir.path().to_path_buf(), broker.url());
-        move || {
-            let config = format!(
-                "[cluster]\nenabled = true\nbus = \"nats\"\nnats_url = \"{url}\"\nmax_nodes = 50\n"
-            );
-            let start = |id: &str| {
-                common::Launch::new()
-                    .state_dir(&dir.join(id))
-                    .env("ARW_NODE_ID", id)
-                    .config(&config)
-                    .start()
-            };
-            let (w1, w2) = (start("w1"), start("w2"));
-            wait_until(Duration::from_secs(20), "both ok", || all_ok(&w1, 2) && all_ok(&w2, 2));
-            (w1, w2)
-        }
+    let capped = "max_nodes = 50\n";
+    let (w1, w2) = (
+        node("w1", &dir.path().join("w1"), &broker, capped),
+        node("w2", &dir.path().join("w2"), &broker, capped),
+    );
+    let (w1, w2) = tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(20), "both ok", || all_ok(&w1, 2) && all_ok(&w2, 2));
+        (w1, w2)
     })
     .await
     .expect("start");

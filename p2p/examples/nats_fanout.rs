@@ -10,10 +10,10 @@
 //! Raw path: publish → broker → a subscriber on its own connection. Each of N receivers has its
 //! own connection in both paths; messages go out 20 ms apart; latency is send → receipt.
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+#[path = "support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -32,16 +32,9 @@ use arw_p2p::{
 
 const MESSAGES: usize = 50;
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted
-        .get(((sorted.len().saturating_sub(1)) as f64 * p).round() as usize)
-        .copied()
-        .unwrap_or(f64::NAN)
-}
-
 fn summary(mut v: Vec<f64>) -> (f64, f64, f64, usize) {
     v.sort_by(f64::total_cmp);
-    (pct(&v, 0.5), pct(&v, 0.99), v.last().copied().unwrap_or(f64::NAN), v.len())
+    (support::pct(&v, 0.5), support::pct(&v, 0.99), v.last().copied().unwrap_or(f64::NAN), v.len())
 }
 
 fn advert(seq: u64) -> Message {
@@ -151,25 +144,8 @@ async fn nodes(url: &str, n: usize) -> Vec<f64> {
 #[tokio::main]
 async fn main() {
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server (apt-get install nats-server)");
-    let ports = dir.path().join(format!("nats-server_{}.ports", server.id()));
-    let url = loop {
-        if let Some(url) = std::fs::read_to_string(&ports)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["nats"][0].as_str().map(str::to_owned))
-        {
-            break url;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let broker = support::Broker::start().await;
+    let url = broker.url.clone();
     let sample = seal(&NodeKey::generate().expect("key"), "default", &advert(1));
     println!("advert envelope: {} bytes; {MESSAGES} messages 20 ms apart per run", sample.len());
     for n in if sizes.is_empty() { vec![10, 100] } else { sizes } {
@@ -188,6 +164,5 @@ async fn main() {
             node.1 / raw.1
         );
     }
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(broker);
 }

@@ -17,8 +17,10 @@
 //! `suspect` / `down` by another (events), flood messages sent, and the CPU the process used
 //! (node actors and flooder together; the broker is a separate process).
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::{
-    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -45,13 +47,6 @@ const SUBJECT: &str = "arw.cluster.default.msg";
 
 fn id(s: &str) -> NodeId {
     NodeId::parse(s).expect("id")
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    sorted
-        .get(((sorted.len().saturating_sub(1)) as f64 * p).round() as usize)
-        .copied()
-        .unwrap_or(f64::NAN)
 }
 
 /// Process CPU time (user + system) in seconds.
@@ -129,25 +124,8 @@ async fn main() {
         args.get(1).copied().unwrap_or(10_000),
         args.get(2).copied().unwrap_or(15),
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
-        .arg(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server (apt-get install nats-server)");
-    let ports = dir.path().join(format!("nats-server_{}.ports", server.id()));
-    let url = loop {
-        if let Some(url) = std::fs::read_to_string(&ports)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["nats"][0].as_str().map(str::to_owned))
-        {
-            break url;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let broker = support::Broker::start().await;
+    let url = broker.url.clone();
 
     let cancel = CancellationToken::new();
     let dirs: Vec<tempfile::TempDir> =
@@ -254,8 +232,8 @@ async fn main() {
         println!(
             "{:<17} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>8} {:>6} {:>9} {:>6.2}",
             kind,
-            pct(&phase.delivery, 0.5),
-            pct(&phase.delivery, 0.99),
+            support::pct(&phase.delivery, 0.5),
+            support::pct(&phase.delivery, 0.99),
             phase.delivery.last().copied().unwrap_or(f64::NAN),
             phase.missed,
             phase.false_suspect,
@@ -265,6 +243,5 @@ async fn main() {
         );
     }
     cancel.cancel();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(broker);
 }

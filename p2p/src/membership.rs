@@ -145,23 +145,15 @@ const MUTED_FOR_MS: u64 = 60_000;
 /// one costs each node it names one refutation per [`MUTED_FOR_MS`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Credit {
-    window_from_ms: u64,
-    used: u32,
+    window: crate::limit::Window,
     muted_until_ms: u64,
 }
 
 impl Credit {
     /// Spends one report at `now_ms`, if the accuser has any left.
     fn spend(&mut self, now_ms: u64) -> bool {
-        if now_ms < self.muted_until_ms {
-            return false;
-        }
-        if now_ms.saturating_sub(self.window_from_ms) >= REPORT_WINDOW_MS {
-            self.window_from_ms = now_ms;
-            self.used = 0;
-        }
-        self.used += 1;
-        self.used <= REPORTS_PER_WINDOW
+        now_ms >= self.muted_until_ms
+            && self.window.spend(now_ms, REPORT_WINDOW_MS, REPORTS_PER_WINDOW)
     }
 }
 

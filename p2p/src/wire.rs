@@ -235,13 +235,19 @@ pub struct Opened {
     pub message: Message,
 }
 
-fn signed_bytes(workspace: &str, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(DOMAIN.len() + workspace.len() + 1 + payload.len());
-    bytes.extend_from_slice(DOMAIN);
-    bytes.extend_from_slice(workspace.as_bytes());
+/// What is signed: a domain tag, a context line (the workspace, or a relayed event's subject)
+/// and the payload, so that a signature never carries over to another use or context.
+fn framed(domain: &[u8], context: &str, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(domain.len() + context.len() + 1 + payload.len());
+    bytes.extend_from_slice(domain);
+    bytes.extend_from_slice(context.as_bytes());
     bytes.push(b'\n');
     bytes.extend_from_slice(payload);
     bytes
+}
+
+fn signed_bytes(workspace: &str, payload: &[u8]) -> Vec<u8> {
+    framed(DOMAIN, workspace, payload)
 }
 
 /// Signs `message` for `workspace`.
@@ -296,12 +302,7 @@ pub const EVENT_SIGNATURE_HEADER: &str = "Arw-Signature";
 const EVENT_DOMAIN: &[u8] = b"arw-event/1\n";
 
 fn event_bytes(subject: &str, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = Vec::with_capacity(EVENT_DOMAIN.len() + subject.len() + 1 + payload.len());
-    bytes.extend_from_slice(EVENT_DOMAIN);
-    bytes.extend_from_slice(subject.as_bytes());
-    bytes.push(b'\n');
-    bytes.extend_from_slice(payload);
-    bytes
+    framed(EVENT_DOMAIN, subject, payload)
 }
 
 /// Signs an event relayed on `subject` (`arw.events.node.<origin>.<kind>`) with the origin's

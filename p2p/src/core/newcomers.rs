@@ -6,38 +6,34 @@ use std::collections::HashMap;
 
 use libp2p::PeerId;
 
+use crate::limit::Window;
+
 /// New ids taken from one sender per [`WINDOW_MS`].
 pub const PER_SENDER: u32 = 256;
 /// That window.
 const WINDOW_MS: u64 = 10_000;
 
-/// Per sender (a gossip peer; `None`: the NATS broker, which forwards for everyone): the start
-/// of its window and the new ids it brought in it.
+/// Per sender (a gossip peer; `None`: the NATS broker, which forwards for everyone): the new
+/// ids it brought in its current window.
 #[derive(Debug, Default)]
 pub(super) struct Newcomers {
-    by_sender: HashMap<Option<PeerId>, (u64, u32)>,
+    by_sender: HashMap<Option<PeerId>, Window>,
 }
 
 impl Newcomers {
     /// Whether `sender` may still bring a new node at `now`.
     pub(super) fn has_room(&self, sender: Option<PeerId>, now: u64) -> bool {
-        self.by_sender
-            .get(&sender)
-            .is_none_or(|(from, used)| now.saturating_sub(*from) >= WINDOW_MS || *used < PER_SENDER)
+        self.by_sender.get(&sender).is_none_or(|w| w.has_room(now, WINDOW_MS, PER_SENDER))
     }
 
     /// `sender` brought a new node at `now`.
     pub(super) fn charge(&mut self, sender: Option<PeerId>, now: u64) {
-        let (from, used) = self.by_sender.entry(sender).or_insert((now, 0));
-        if now.saturating_sub(*from) >= WINDOW_MS {
-            (*from, *used) = (now, 0);
-        }
-        *used += 1;
+        self.by_sender.entry(sender).or_default().spend(now, WINDOW_MS, PER_SENDER);
     }
 
     /// Forgets windows that ended (the map holds recent senders only).
     pub(super) fn expire(&mut self, now: u64) {
-        self.by_sender.retain(|_, (from, _)| now.saturating_sub(*from) < WINDOW_MS);
+        self.by_sender.retain(|_, w| !w.ended(now, WINDOW_MS));
     }
 }
 

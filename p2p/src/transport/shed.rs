@@ -8,6 +8,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use crate::limit::Window;
+
 /// Valid messages one key may send per second before it is shed (an honest node sends one
 /// or two: a heartbeat, now and then an advert).
 pub const PER_KEY: u32 = 100;
@@ -48,19 +50,14 @@ pub struct Shedder {
     known: HashSet<String>,
     order: VecDeque<String>,
     boxed: HashMap<String, u64>,
-    /// Key → (second, valid messages in it).
-    per_key: HashMap<String, (u64, u32)>,
-    unknown: (u64, u32),
-    invalid: (u64, u32),
+    /// Valid messages per key this second.
+    per_key: HashMap<String, Window>,
+    unknown: Window,
+    invalid: Window,
 }
 
-fn spend(window: &mut (u64, u32), second: u64, limit: u32) -> bool {
-    if window.0 != second {
-        *window = (second, 0);
-    }
-    window.1 += 1;
-    window.1 <= limit
-}
+/// The windows above.
+const SECOND: u64 = 1_000;
 
 impl Shedder {
     /// Whether an envelope claiming `key` is worth checking at `now_ms`.
@@ -72,9 +69,7 @@ impl Shedder {
             }
             self.boxed.remove(key);
         }
-        if !self.known.contains(key)
-            && !spend(&mut self.unknown, now_ms / 1_000, UNKNOWN_PER_SECOND)
-        {
+        if !self.known.contains(key) && !self.unknown.spend(now_ms, SECOND, UNKNOWN_PER_SECOND) {
             return Err(Shed::Unknown);
         }
         Ok(())
@@ -82,9 +77,8 @@ impl Shedder {
 
     /// The check of an envelope claiming `key` said `valid`: whether to pass it on.
     pub fn after(&mut self, key: Option<&str>, valid: bool, now_ms: u64) -> Result<(), Shed> {
-        let second = now_ms / 1_000;
         let Some(key) = key.filter(|_| valid) else {
-            return if spend(&mut self.invalid, second, INVALID_PER_SECOND) {
+            return if self.invalid.spend(now_ms, SECOND, INVALID_PER_SECOND) {
                 Ok(())
             } else {
                 Err(Shed::Invalid)
@@ -99,8 +93,7 @@ impl Shedder {
                 self.per_key.remove(&old);
             }
         }
-        let window = self.per_key.entry(key.to_owned()).or_insert((second, 0));
-        if !spend(window, second, PER_KEY) {
+        if !self.per_key.entry(key.to_owned()).or_default().spend(now_ms, SECOND, PER_KEY) {
             self.boxed.insert(key.to_owned(), now_ms.saturating_add(BOX_MS));
             self.boxed.retain(|_, until| *until > now_ms);
             return Err(Shed::Boxed);
