@@ -154,7 +154,8 @@ pub fn is_protected(path: &str) -> bool {
     let under = |prefix: &str| {
         path == prefix || path.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
     };
-    under("/admin") || under("/state") || under("/events")
+    // `POST /actions` is gated by policy, as in the reference; a job's details are not public.
+    under("/admin") || under("/state") || under("/events") || path.starts_with("/actions/")
 }
 
 /// Middleware: protected paths pass only with a valid token. Runs before routing and body

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod capsules;
 pub mod dto;
 pub mod events;
+pub mod jobs;
 pub mod metrics;
 pub mod problem;
 mod routes;
@@ -85,6 +86,11 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/policy/capsules/audit", get(capsules::audit))
         .route("/admin/rpu/trust", get(capsules::trust))
         .route("/admin/rpu/reload", post(capsules::reload))
+        .route("/actions", post(jobs::submit))
+        .route("/actions/{id}", get(jobs::show))
+        .route("/actions/{id}/cancel", post(jobs::cancel))
+        .route("/state/actions", get(jobs::list))
+        .route("/admin/jobs/drain", post(jobs::drain))
         .route("/events", get(events::stream))
         .route("/admin/events/journal", get(events::journal))
         .route("/admin/events/test", post(events::test_event))

@@ -11,7 +11,7 @@ use axum::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use arw_p2p::{hierarchy::HierarchyError, node::NodeError, policy::TrustError};
+use arw_p2p::{hierarchy::HierarchyError, jobs::SubmitError, node::NodeError, policy::TrustError};
 
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -170,6 +170,28 @@ impl From<HierarchyError> for Problem {
     }
 }
 
+impl From<SubmitError> for Problem {
+    fn from(e: SubmitError) -> Self {
+        let detail = e.to_string();
+        match e {
+            SubmitError::Invalid(_) => {
+                Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_job", detail)
+            }
+            SubmitError::QueueFull { limit, queued } => {
+                Problem::new(StatusCode::TOO_MANY_REQUESTS, "queue_full", detail)
+                    .with("limit", serde_json::json!(limit))
+                    .with("queued", serde_json::json!(queued))
+            }
+            SubmitError::IdempotencyConflict(key) => {
+                Problem::new(StatusCode::CONFLICT, "idempotency_conflict", detail)
+                    .with("idem_key", serde_json::json!(key))
+            }
+            SubmitError::NotFound(_) => Problem::new(StatusCode::NOT_FOUND, "not_found", detail),
+            SubmitError::Ended(_) => Problem::new(StatusCode::CONFLICT, "job_ended", detail),
+        }
+    }
+}
+
 impl From<NodeError> for Problem {
     fn from(e: NodeError) -> Self {
         match e {
@@ -220,6 +242,7 @@ impl From<NodeError> for Problem {
             NodeError::Trust(detail) => {
                 Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_trust_store", detail)
             }
+            NodeError::Job(job) => job.into(),
         }
     }
 }

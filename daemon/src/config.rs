@@ -227,6 +227,30 @@ pub struct Config {
     pub nats: NatsSection,
     /// `[policy]`.
     pub policy: PolicySection,
+    /// `[jobs]`.
+    pub jobs: JobsSection,
+}
+
+/// `[jobs]`: `POST /actions` jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsSection {
+    /// Jobs run at once; 0: twice the CPU threads, at most 32.
+    pub slots: u32,
+    /// Jobs waiting at most.
+    pub queue_max: usize,
+    /// Kinds retried after a lost attempt (globs).
+    pub idempotent_kinds: Vec<String>,
+    /// Lease of a worker's attempt, ms.
+    pub lease_ms: u64,
+    /// `[jobs.remote]`.
+    pub remote: JobsRemote,
+}
+
+/// `[jobs.remote]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobsRemote {
+    /// Kinds run for the Home (globs); empty: none.
+    pub allow: Vec<String>,
 }
 
 /// `[policy]`: capsules.
@@ -264,6 +288,9 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("ARW_GROUP", "nats.group", Kind::Text),
     ("ARW_NATS_OUT", "nats.relay_out", Kind::Flag),
     ("ARW_NATS_OUT_FILTER", "nats.relay_out_filter", Kind::Text),
+    ("ARW_WORKERS", "jobs.slots", Kind::Number),
+    ("ARW_ACTIONS_QUEUE_MAX", "jobs.queue_max", Kind::Number),
+    ("ARW_JOBS_ALLOW", "jobs.remote.allow", Kind::List),
 ];
 
 /// How an environment variable's text becomes a configuration value.
@@ -273,6 +300,8 @@ enum Kind {
     Number,
     /// `1/true/yes/on` or `0/false/no/off`.
     Flag,
+    /// Comma-separated texts.
+    List,
 }
 
 impl Kind {
@@ -288,6 +317,14 @@ impl Kind {
                 _ => Value::from(raw.to_owned()),
             },
             Kind::Text => Value::from(raw.to_owned()),
+            Kind::List => Value::from(
+                trimmed
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>(),
+            ),
         }
     }
 }
@@ -577,6 +614,16 @@ fn validate(
             "cluster.role is ignored: set the role with POST /admin/hierarchy/role".to_owned(),
         );
     }
+    let jobs = &config.jobs;
+    if jobs.slots > 256 {
+        return Err(ConfigError(format!("jobs.slots: {} is above 256", jobs.slots)));
+    }
+    if jobs.lease_ms < 3_000 {
+        return Err(ConfigError(format!("jobs.lease_ms: {} is below 3000", jobs.lease_ms)));
+    }
+    if jobs.queue_max == 0 {
+        return Err(ConfigError("jobs.queue_max: must be at least 1".into()));
+    }
     Ok((bind_ip, explicit_node_id))
 }
 
@@ -610,6 +657,26 @@ impl Loaded {
         match &self.config_dir {
             Some(dir) if path.is_relative() => dir.join(path),
             _ => path.to_path_buf(),
+        }
+    }
+}
+
+impl JobsSection {
+    /// The node's job settings, given the kinds its executors run.
+    pub fn node_config(&self, kinds: Vec<String>) -> arw_p2p::jobs::JobsConfig {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let slots = match self.slots {
+            0 => u32::try_from((2 * threads).clamp(1, 32)).unwrap_or(32),
+            n => n,
+        };
+        arw_p2p::jobs::JobsConfig {
+            slots,
+            kinds,
+            allow: self.remote.allow.clone(),
+            idempotent_kinds: self.idempotent_kinds.clone(),
+            queue_max: self.queue_max,
+            lease_ms: self.lease_ms,
+            ..arw_p2p::jobs::JobsConfig::default()
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod config;
 pub mod connector;
+pub mod executor;
 pub mod http;
 pub mod journal;
 pub mod probe;

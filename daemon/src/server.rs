@@ -18,6 +18,7 @@ use arw_p2p::{
 
 use crate::{
     config::{EXIT_CONFIG, Loaded, Transport},
+    executor,
     journal::{self, Journal, JournalConfig},
     probe,
     state_dir::{self, Endpoints},
@@ -104,6 +105,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let cancel = CancellationToken::new();
     let (events, events_rx) = EventTx::channel(EVENT_QUEUE);
     let cluster = &config.cluster;
+    let (runs, runs_rx) = tokio::sync::mpsc::unbounded_channel();
     let node_config = NodeConfig {
         key: key.clone(),
         explicit_id: explicit_node_id,
@@ -118,10 +120,13 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         federation,
         capsule_trust: Some(capsule_trust),
         trace: None,
+        jobs: config.jobs.node_config(executor::BUILTIN.map(str::to_owned).to_vec()),
+        executor: Some(runs),
     };
     let (node, node_task) = node::spawn(node_config, events.clone(), cancel.child_token())
         .await
         .map_err(other("cannot load node state"))?;
+    let executors = tokio::spawn(executor::serve(node.clone(), runs_rx));
     let ev = &config.events;
     let journal_config = JournalConfig {
         retention_rows: ev.retention_rows,
@@ -144,7 +149,9 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     )
     .map_err(other("cannot start the journal writer"))?;
 
-    let background = start_nats_services(&nats_plan, &key, &log, &events, &node, &cancel).await?;
+    let mut background =
+        start_nats_services(&nats_plan, &key, &log, &events, &node, &cancel).await?;
+    background.push(executors);
 
     let state = AppState {
         node: node.clone(),

@@ -67,6 +67,9 @@ pub fn completion(task: &Task, node_id: &str) -> Event {
         ok,
         output,
         node_id: node_id.to_owned(),
+        kind: Some(task.kind.clone()),
+        attempt: None,
+        duration_ms: None,
     })
 }
 

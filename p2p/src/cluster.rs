@@ -71,6 +71,9 @@ pub struct Advert {
     pub bus: String,
     /// Its `[cluster] queue` setting.
     pub queue: String,
+    /// The jobs it takes from the Home (none: it takes none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<crate::jobs::JobsAdvert>,
 }
 
 impl Advert {
@@ -92,6 +95,7 @@ impl Advert {
             addrs: Vec::new(),
             bus: "local".into(),
             queue: "local".into(),
+            jobs: None,
         }
     }
 }
@@ -172,6 +176,9 @@ pub struct ClusterNode {
     /// At the Home: `admitted`, `pending`, `revoked` or `key_mismatch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admission: Option<String>,
+    /// The jobs the node takes from the Home: `{slots, accepts, draining}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<crate::jobs::JobsAdvert>,
 }
 
 /// `/state/cluster`.
@@ -235,6 +242,7 @@ impl NodeRecord {
             bus: Some(a.bus.clone()),
             queue: Some(a.queue.clone()),
             admission: None,
+            jobs: a.jobs.clone(),
         }
     }
 
@@ -257,6 +265,7 @@ impl NodeRecord {
             addrs,
             bus,
             queue,
+            jobs,
         } = &*self.advert;
         let o = &*other.advert;
         let same = *id == o.id
@@ -270,7 +279,8 @@ impl NodeRecord {
             && *health == o.health
             && *addrs == o.addrs
             && *bus == o.bus
-            && *queue == o.queue;
+            && *queue == o.queue
+            && *jobs == o.jobs;
         !same || self.health != other.health || self.local != other.local
     }
 }
@@ -296,6 +306,7 @@ mod tests {
                 addrs: vec![],
                 bus: "local".into(),
                 queue: "local".into(),
+                jobs: None,
             }),
             last_seen_ms,
             health: Health::Ok,

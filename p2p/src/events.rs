@@ -94,9 +94,30 @@ pub enum Event {
     /// The governor profile or hints changed.
     #[serde(rename = "governor.changed")]
     GovernorChanged(Map<String, Value>),
-    /// A task from the queue ran here.
+    /// A task from the queue, or a job's attempt, ran here.
     #[serde(rename = "task.completed")]
     TaskCompleted(TaskCompleted),
+    /// A job was admitted (`POST /actions`).
+    #[serde(rename = "actions.submitted")]
+    ActionSubmitted(JobEvent),
+    /// A job's attempt started on its owner (`node_id`).
+    #[serde(rename = "actions.running")]
+    ActionRunning(JobEvent),
+    /// A job ended with a result.
+    #[serde(rename = "actions.completed")]
+    ActionCompleted(JobEvent),
+    /// A job ended without one.
+    #[serde(rename = "actions.failed")]
+    ActionFailed(JobEvent),
+    /// The Home chose a worker for a job's attempt.
+    #[serde(rename = "job.assigned")]
+    JobAssigned(JobEvent),
+    /// An attempt was lost or refused; the job goes elsewhere (or fails).
+    #[serde(rename = "job.reassigned")]
+    JobReassigned(JobEvent),
+    /// Something went wrong with an attempt (refused, stale result, lease lost).
+    #[serde(rename = "job.error")]
+    JobError(JobEvent),
     /// `POST /admin/events/test`.
     #[serde(rename = "service.test")]
     ServiceTest(Map<String, Value>),
@@ -154,6 +175,13 @@ impl Event {
             Event::PolicyDecision(_) => "policy.decision",
             Event::GovernorChanged(_) => "governor.changed",
             Event::TaskCompleted(_) => "task.completed",
+            Event::ActionSubmitted(_) => "actions.submitted",
+            Event::ActionRunning(_) => "actions.running",
+            Event::ActionCompleted(_) => "actions.completed",
+            Event::ActionFailed(_) => "actions.failed",
+            Event::JobAssigned(_) => "job.assigned",
+            Event::JobReassigned(_) => "job.reassigned",
+            Event::JobError(_) => "job.error",
             Event::ServiceTest(_) => "service.test",
         }
     }
@@ -437,6 +465,62 @@ pub struct TaskCompleted {
     pub output: Value,
     /// The node that ran it.
     pub node_id: String,
+    /// The job kind (jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// The attempt (jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// How long it ran (jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+}
+
+/// The payload of `actions.*` and `job.*` events: the job id and whichever facts the kind
+/// carries (see docs/api.md, "Jobs").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    /// Job id.
+    pub id: String,
+    /// Kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// `queued` (`actions.submitted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// The node that runs (ran, refused, lost) the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Fencing token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<u64>,
+    /// `local` or `remote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<crate::jobs::Site>,
+    /// Feasible candidates (`job.assigned`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<usize>,
+    /// Why (`job.reassigned`: `lease_expired`, `rejected`, `unreachable`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Error code (`job.error`, `actions.failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The result (`actions.completed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// What failed (`actions.failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    /// Run time of the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Why no node could take it (`actions.failed` with code `infeasible`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explain: Option<crate::jobs::Explain>,
 }
 
 /// An event as produced, before it gets its envelope.

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The hint names (what `/admin/governor/hints` accepts).
-pub const HINT_FIELDS: [&str; 18] = [
+pub const HINT_FIELDS: [&str; 19] = [
     "max_concurrency",
     "event_buffer",
     "http_timeout_secs",
@@ -24,6 +24,7 @@ pub const HINT_FIELDS: [&str; 18] = [
     "context_header",
     "context_footer",
     "joiner",
+    "offload",
 ];
 
 /// Longest text a hint or profile name may hold.
@@ -70,6 +71,10 @@ pub struct Hints {
     pub context_footer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub joiner: Option<String>,
+    /// Whether the Home gives `/actions` jobs to workers: `never`, `auto` (when its own slots
+    /// are taken; the default) or `prefer` (whenever a worker can take them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<String>,
 }
 
 macro_rules! overlay {
@@ -102,7 +107,8 @@ impl Hints {
             context_item_template,
             context_header,
             context_footer,
-            joiner
+            joiner,
+            offload
         );
         out
     }
@@ -126,7 +132,11 @@ impl Hints {
         {
             return Err(format!("hint {name:?} is longer than {MAX_TEXT} bytes"));
         }
-        serde_json::from_value(body).map_err(|e| e.to_string())
+        let hints: Hints = serde_json::from_value(body).map_err(|e| e.to_string())?;
+        if hints.offload.as_deref().is_some_and(|o| !["never", "auto", "prefer"].contains(&o)) {
+            return Err("offload must be never, auto or prefer".into());
+        }
+        Ok(hints)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod events;
 pub mod governor;
 pub mod hierarchy;
 pub mod identity;
+pub mod jobs;
 pub mod limit;
 pub mod membership;
 pub mod node;

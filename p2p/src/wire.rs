@@ -246,15 +246,16 @@ fn framed(domain: &[u8], context: &str, payload: &[u8]) -> Vec<u8> {
     bytes
 }
 
-fn signed_bytes(workspace: &str, payload: &[u8]) -> Vec<u8> {
-    framed(DOMAIN, workspace, payload)
-}
-
 /// Signs `message` for `workspace`.
 pub fn seal(key: &NodeKey, workspace: &str, message: &Message) -> Vec<u8> {
     // Serialising our own types cannot fail.
     let payload = serde_json::to_string(message).unwrap_or_default();
-    let sig = key.sign(&signed_bytes(workspace, payload.as_bytes()));
+    seal_payload(DOMAIN, key, workspace, &payload)
+}
+
+/// Signs a JSON `payload` under `domain` for `context`, in the envelope format.
+pub(crate) fn seal_payload(domain: &[u8], key: &NodeKey, context: &str, payload: &str) -> Vec<u8> {
+    let sig = key.sign(&framed(domain, context, payload.as_bytes()));
     let envelope = format!(
         r#"{{"v":1,"payload":{payload},"key":"{}","sig":"{}"}}"#,
         key.public_b64(),
@@ -263,12 +264,18 @@ pub fn seal(key: &NodeKey, workspace: &str, message: &Message) -> Vec<u8> {
     envelope.into_bytes()
 }
 
-/// Checks an envelope's signature for `workspace`, then decodes its payload.
-pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
-    if bytes.len() > MAX_ENVELOPE {
+/// Checks an envelope of at most `max` bytes signed under `domain` for `context`; returns the
+/// signer and the payload exactly as sent (not yet decoded).
+pub(crate) fn open_payload<'a>(
+    domain: &[u8],
+    bytes: &'a [u8],
+    context: &str,
+    max: usize,
+) -> Result<(VerifyingKey, &'a str), Reason> {
+    if bytes.len() > max {
         return Err(Reason::TooLarge);
     }
-    let envelope: Envelope<'_> = serde_json::from_slice(bytes).map_err(|_| Reason::Malformed)?;
+    let envelope: Envelope<'a> = serde_json::from_slice(bytes).map_err(|_| Reason::Malformed)?;
     if envelope.v != 1 {
         return Err(Reason::UnsupportedVersion);
     }
@@ -280,13 +287,19 @@ pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
         .ok()
         .and_then(|s| s.try_into().ok())
         .ok_or(Reason::BadSignature)?;
-    let payload = envelope.payload.get().as_bytes();
-    key.verify_strict(&signed_bytes(workspace, payload), &Signature::from_bytes(&sig))
+    let payload = envelope.payload.get();
+    key.verify_strict(&framed(domain, context, payload.as_bytes()), &Signature::from_bytes(&sig))
         .map_err(|_| Reason::BadSignature)?;
+    Ok((key, payload))
+}
+
+/// Checks an envelope's signature for `workspace`, then decodes its payload.
+pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
+    let (key, payload) = open_payload(DOMAIN, bytes, workspace, MAX_ENVELOPE)?;
     if payload.len() > MAX_POLICY_PAYLOAD {
         return Err(Reason::TooLarge);
     }
-    let message: Message = serde_json::from_slice(payload).map_err(|_| Reason::Malformed)?;
+    let message: Message = serde_json::from_str(payload).map_err(|_| Reason::Malformed)?;
     if payload.len() > MAX_PAYLOAD && !matches!(message, Message::Policy(_)) {
         return Err(Reason::TooLarge);
     }

@@ -117,6 +117,7 @@ struct Disk {
     policy: StoredPolicy,
     governor: Governor,
     capsules: serde_json::Value,
+    jobs: BTreeMap<String, arw_p2p::jobs::JobRecord>,
 }
 
 impl Disk {
@@ -139,6 +140,9 @@ impl Disk {
             Write::Policy(p) => self.policy = p,
             Write::Capsules(c) => self.capsules = c,
             Write::Governor(g) => self.governor = g,
+            Write::Job(record) => {
+                self.jobs.insert(record.id.clone(), *record);
+            }
         }
     }
 
@@ -155,6 +159,11 @@ impl Disk {
             governor: self.governor.clone(),
             capsules,
             trust: Default::default(),
+            jobs: arw_p2p::jobs::StoredJobs {
+                fence: self.jobs.values().map(|j| j.fence).max().unwrap_or(0),
+                rev: self.jobs.values().map(|j| j.rev).max().unwrap_or(0),
+                records: self.jobs.values().cloned().collect(),
+            },
         }
     }
 }
@@ -538,8 +547,14 @@ impl<'a> Trial<'a> {
                     let life = self.nodes[i].life;
                     self.schedule(at, Step::Wake { node: i, life, at });
                 }
-                // Discovery is the fixed overlay here; nobody reads snapshots or replies.
-                Effect::Dial(_) | Effect::Snapshot | Effect::Reply(..) => {}
+                // Discovery is the fixed overlay here; nobody reads snapshots or replies; the
+                // scenarios submit no jobs.
+                Effect::Dial(_)
+                | Effect::Snapshot
+                | Effect::Reply(..)
+                | Effect::SendJob { .. }
+                | Effect::Execute(_)
+                | Effect::Abort { .. } => {}
             }
         }
     }

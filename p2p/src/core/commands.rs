@@ -44,6 +44,26 @@ impl NodeCore {
             Command::SetHints(hints) => self.set_hints(id, *hints, now),
             Command::TrustHome(fingerprint) => self.trust_home(id, fingerprint),
             Command::UntrustHome => self.untrust_home(id),
+            Command::SubmitJob(spec) => {
+                let result = self.submit_job(*spec, now).map(Reply::Submitted);
+                self.publish_snapshot();
+                self.reply(id, result.map_err(NodeError::from));
+            }
+            Command::CancelJob(job) => {
+                let result = self.cancel_job(&job, now).map(|()| Reply::Done);
+                self.publish_snapshot();
+                self.reply(id, result.map_err(NodeError::from));
+            }
+            Command::DrainJobs(on) => {
+                self.drain_jobs(on, now);
+                self.publish_snapshot();
+                self.reply(id, Ok(Reply::Done));
+            }
+            Command::JobFinished(done) => {
+                self.job_finished(*done, now);
+                self.jobs_dirty = true;
+                self.reply(id, Ok(Reply::Done));
+            }
         }
     }
 

@@ -48,6 +48,11 @@ pub struct NodeConfig {
     /// Where to send a record of every input the core handles and what it answered (tests,
     /// and replaying a real node's life in virtual time).
     pub trace: Option<tokio::sync::mpsc::UnboundedSender<super::Traced>>,
+    /// `[jobs]`: slots, the kinds this node executes, what it runs for the Home.
+    pub jobs: crate::jobs::JobsConfig,
+    /// Where [`super::Effect::Execute`] and [`super::Effect::Abort`] go (the daemon's
+    /// executors); without one, nothing runs and every job this node would run fails.
+    pub executor: Option<tokio::sync::mpsc::UnboundedSender<crate::jobs::Exec>>,
 }
 
 impl NodeConfig {
@@ -69,6 +74,8 @@ impl NodeConfig {
             federation: None,
             capsule_trust: None,
             trace: None,
+            jobs: crate::jobs::JobsConfig::default(),
+            executor: None,
         }
     }
 }
@@ -144,4 +151,6 @@ pub struct Restored {
     pub capsules: CapsuleSet,
     /// Issuers whose capsules are accepted.
     pub trust: TrustStore,
+    /// Stored jobs (those not ended, and recent ones for their idempotency keys).
+    pub jobs: crate::jobs::StoredJobs,
 }

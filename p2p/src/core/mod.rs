@@ -20,6 +20,7 @@
 mod authority;
 mod commands;
 mod config;
+mod jobs;
 mod liveness;
 mod newcomers;
 #[cfg(test)]
@@ -35,8 +36,8 @@ use serde_json::{Map, Value, json};
 pub use crate::cluster::{HomeClaim, PendingHome};
 pub use config::{BusConfig, ClusterStore, FederationConfig, NodeConfig, Restored};
 pub use types::{
-    AdmissionChange, CapsuleRequest, Command, Counters, NodeError, PolicyView, Reply, Snapshot,
-    TeardownRequest,
+    AdmissionChange, CapsuleRequest, Command, Counters, JobsStatus, NodeError, PolicyView, Reply,
+    Snapshot, TeardownRequest,
 };
 
 use crate::{
@@ -145,6 +146,15 @@ pub enum Input {
     },
     /// The listen addresses changed.
     Addresses(Vec<String>),
+    /// A dispatch envelope (jobs) arrived.
+    JobMessage {
+        /// The envelope as received.
+        bytes: Vec<u8>,
+        /// The sending peer (libp2p; the transport authenticated it).
+        from: Option<PeerId>,
+    },
+    /// A dispatch envelope to this peer could not be delivered (no route, no answer).
+    JobUndelivered(PeerId),
     /// An operator's command.
     Command(CommandId, Command),
     /// A write asked for by [`Effect::Persist`] finished.
@@ -212,6 +222,22 @@ pub enum Effect {
         /// Which answer the core waits for.
         ticket: Ticket,
     },
+    /// Send a dispatch envelope (jobs) to one node.
+    SendJob {
+        /// The node's libp2p identity (its NATS subject too).
+        peer: PeerId,
+        /// The envelope.
+        bytes: Vec<u8>,
+    },
+    /// Start running a job's attempt here; report with [`Command::JobFinished`].
+    Execute(crate::jobs::Run),
+    /// Stop a run started by [`Effect::Execute`] (its result, if any, is ignored).
+    Abort {
+        /// Job id.
+        job_id: String,
+        /// The run's fence.
+        fence: u64,
+    },
     /// Publish an event.
     Emit(Event),
     /// Answer a command.
@@ -245,6 +271,8 @@ pub enum Write {
     Capsules(Value),
     /// `governor.json`.
     Governor(Governor),
+    /// One job, in the jobs store.
+    Job(Box<crate::jobs::JobRecord>),
 }
 
 /// What to do once a write finished.
@@ -330,6 +358,13 @@ pub struct NodeCore {
     wake: Option<u64>,
     /// How late this node's own timers have been firing.
     lateness: Lateness,
+    /// The jobs this node owns.
+    ledger: crate::jobs::Ledger,
+    /// The attempts it runs for its Home.
+    worker: crate::jobs::Worker,
+    jobs_config: crate::jobs::JobsConfig,
+    /// A job changed since the last snapshot.
+    jobs_dirty: bool,
     pending: BTreeMap<Ticket, Then>,
     next_ticket: u64,
     /// Effects of the input being handled.
@@ -350,7 +385,8 @@ impl NodeCore {
     /// A node configured by `config` with the state it restored. Nothing happens until
     /// [`Input::Start`].
     pub fn new(config: &NodeConfig, restored: Restored) -> Self {
-        let Restored { hierarchy, registry, roster, policy, governor, capsules, trust } = restored;
+        let Restored { hierarchy, registry, roster, policy, governor, capsules, trust, jobs } =
+            restored;
         let (env_id, config_id) = match &config.explicit_id {
             Some((id, IdSource::Env)) => (Some(id.clone()), None),
             Some((id, _)) => (None, Some(id.clone())),
@@ -431,6 +467,10 @@ impl NodeCore {
             timers: Timers::default(),
             wake: None,
             lateness: Lateness::default(),
+            ledger: crate::jobs::Ledger::new(config.jobs.clone(), jobs),
+            worker: crate::jobs::Worker::new(config.jobs.clone()),
+            jobs_config: config.jobs.clone(),
+            jobs_dirty: false,
             pending: BTreeMap::new(),
             next_ticket: 0,
             out: Vec::new(),
@@ -451,6 +491,8 @@ impl NodeCore {
             }
             Input::SyncResponse { from, response } => self.on_answer(from, response, now_ms),
             Input::Addresses(addresses) => self.on_addresses(addresses, now_ms),
+            Input::JobMessage { bytes, from } => self.on_job_message(&bytes, from, now_ms),
+            Input::JobUndelivered(peer) => self.on_job_undelivered(peer, now_ms),
             Input::Command(id, command) => self.command(id, command, now_ms),
             Input::Persisted(ticket, result) => {
                 if let Some(then) = self.pending.remove(&ticket) {
@@ -558,6 +600,14 @@ impl NodeCore {
             governor: self.governor.clone(),
             counters: self.counters(),
             slowdown: 1 + self.lateness.score,
+            jobs: JobsStatus {
+                rev: self.ledger.rev(),
+                live: self.ledger.live(),
+                queued: self.ledger.counts().0,
+                running: self.ledger.counts().1,
+                hosted: self.worker.hosted(),
+                draining: self.worker.advert().is_some_and(|a| a.draining),
+            },
         }
     }
 
@@ -575,6 +625,7 @@ impl NodeCore {
             sync: now + SYNC_FIRST_MS,
         };
         self.reapply_home_capsules(now);
+        self.resume_jobs(now);
         self.advertise("boot", now, |_, _| {});
         self.want_policy("boot", now);
         if self.bus.is_some() {
@@ -639,6 +690,10 @@ impl NodeCore {
             self.newcomers.expire(now);
             self.redial(now);
             self.authority_tick(now);
+            self.jobs_tick(now);
+            if std::mem::take(&mut self.jobs_dirty) {
+                self.snapshot_dirty = true;
+            }
             if self.protocol.membership().has_changes()
                 && now.saturating_sub(self.last_flush_ms) >= FLUSH_EVERY_MS
             {
@@ -794,6 +849,7 @@ impl NodeCore {
             addrs: self.addresses.clone(),
             bus: self.bus_name.clone(),
             queue: self.queue.clone(),
+            jobs: self.jobs_advert(),
         }
     }
 

@@ -54,6 +54,14 @@ pub enum Command {
     TrustHome(String),
     /// Take back the trust in the pinned Home (not a configured `home_key`).
     UntrustHome,
+    /// Admits a job (`POST /actions`).
+    SubmitJob(Box<crate::jobs::JobSpec>),
+    /// Cancels a job this node owns.
+    CancelJob(String),
+    /// Stops (`true`) or resumes taking jobs from the Home.
+    DrainJobs(bool),
+    /// An executor finished a run.
+    JobFinished(Box<crate::jobs::Finished>),
 }
 
 /// What a command did, when it succeeded.
@@ -73,7 +81,9 @@ pub enum Reply {
     Teardown(Teardown),
     /// [`Command::SetTrust`]: the issuers now trusted.
     Issuers(Vec<IssuerInfo>),
-    /// [`Command::SetProfile`], [`Command::SetHints`].
+    /// [`Command::SubmitJob`].
+    Submitted(crate::jobs::Submitted),
+    /// [`Command::SetProfile`], [`Command::SetHints`] and the job commands.
     Done,
 }
 
@@ -133,6 +143,9 @@ pub enum NodeError {
         /// What peers accept.
         limit: usize,
     },
+    /// A job submission or cancel was refused.
+    #[error(transparent)]
+    Job(#[from] crate::jobs::SubmitError),
 }
 
 /// What an admission did.
@@ -215,6 +228,25 @@ pub struct Snapshot {
     /// How many times longer than configured this node now waits before it judges a silence:
     /// 1 while its own timers fire on time, more while it is slow (see docs/protocol.md).
     pub slowdown: u64,
+    /// Jobs here.
+    pub jobs: JobsStatus,
+}
+
+/// The jobs of a node, as readers see them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobsStatus {
+    /// Change counter of this node's jobs (the `/state/actions` ETag).
+    pub rev: u64,
+    /// Jobs it owns that have not ended.
+    pub live: usize,
+    /// Of those, queued.
+    pub queued: usize,
+    /// Attempts running here for itself.
+    pub running: u32,
+    /// Attempts running here for the Home.
+    pub hosted: u32,
+    /// It takes no new attempts from the Home.
+    pub draining: bool,
 }
 
 /// How many protocol decisions a node has made since it started: the same counts whichever

@@ -16,8 +16,11 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::registry::RegistryStore;
 use super::{BusConfig, Call, FederationConfig, NodeConfig, NodeError, Request, Snapshot};
+use super::{
+    jobs_store::{JobReader, JobStore},
+    registry::RegistryStore,
+};
 use crate::{
     capsule::{CapsuleSet, TrustStore},
     core::{
@@ -50,6 +53,11 @@ pub(super) struct Actor {
     events: EventTx,
     state_dir: PathBuf,
     registry: RegistryStore,
+    jobs: JobStore,
+    /// Where runs go.
+    executor: Option<mpsc::UnboundedSender<crate::jobs::Exec>>,
+    /// Runs that could not be handed to an executor, to report as failed.
+    unrun: Vec<crate::jobs::Finished>,
     capsule_trust: Option<PathBuf>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     /// Where the core asked to be woken.
@@ -69,9 +77,11 @@ impl Actor {
     pub(super) async fn start(
         config: NodeConfig,
         events: EventTx,
-    ) -> std::io::Result<(Self, watch::Receiver<Arc<Snapshot>>)> {
+    ) -> std::io::Result<(Self, watch::Receiver<Arc<Snapshot>>, JobReader)> {
         let (registry, stored) = RegistryStore::open(&config.state_dir)?;
-        let restored = restore(&config, stored)?;
+        let (jobs, reader, stored_jobs) = JobStore::open(&config.state_dir, now_ms())?;
+        let mut restored = restore(&config, stored)?;
+        restored.jobs = stored_jobs;
         let core = NodeCore::new(&config, restored);
         let transport = match &config.federation {
             Some(federation) => Some(start_transport(&config, federation).await?),
@@ -85,6 +95,9 @@ impl Actor {
             events,
             state_dir: config.state_dir,
             registry,
+            jobs,
+            executor: config.executor,
+            unrun: Vec::new(),
             capsule_trust: config.capsule_trust,
             snapshot,
             wake: None,
@@ -97,7 +110,7 @@ impl Actor {
         let addresses = actor.transport.as_ref().map(Transport::addresses).unwrap_or_default();
         actor.input(Input::Start { addresses }).await;
         actor.publish_snapshot();
-        Ok((actor, rx))
+        Ok((actor, rx, reader))
     }
 
     pub(super) async fn run(
@@ -171,6 +184,8 @@ impl Actor {
             TransportEvent::SyncResponse { from, response } => {
                 Input::SyncResponse { from, response }
             }
+            TransportEvent::JobMessage { bytes, from } => Input::JobMessage { bytes, from },
+            TransportEvent::JobUndelivered(peer) => Input::JobUndelivered(peer),
             TransportEvent::Listening => {
                 let addresses =
                     self.transport.as_ref().map(Transport::addresses).unwrap_or_default();
@@ -184,13 +199,21 @@ impl Actor {
     /// Hands `input` to the core and carries out the effects, in order. A write's outcome goes
     /// back to the core at once, and what that brings is carried out before the rest.
     async fn input(&mut self, input: Input) {
-        let mut queue: VecDeque<Effect> = self.handle(input).into();
-        while let Some(effect) = queue.pop_front() {
-            if let Some((ticket, result)) = self.execute(effect).await {
-                let follow = self.handle(Input::Persisted(ticket, result));
-                for effect in follow.into_iter().rev() {
-                    queue.push_front(effect);
+        let mut next = Some(input);
+        while let Some(input) = next.take() {
+            let mut queue: VecDeque<Effect> = self.handle(input).into();
+            while let Some(effect) = queue.pop_front() {
+                if let Some((ticket, result)) = self.execute(effect).await {
+                    let follow = self.handle(Input::Persisted(ticket, result));
+                    for effect in follow.into_iter().rev() {
+                        queue.push_front(effect);
+                    }
                 }
+            }
+            // A run no executor took fails at once (its reply goes nowhere).
+            if let Some(done) = self.unrun.pop() {
+                let id = CommandId(u64::MAX);
+                next = Some(Input::Command(id, Command::JobFinished(Box::new(done))));
             }
         }
     }
@@ -254,9 +277,38 @@ impl Actor {
                     Write::Registry { self_seq, upsert, remove } => {
                         self.registry.write(self_seq, upsert, remove).await
                     }
+                    Write::Job(record) => self.jobs.write(record).await,
                     other => write_state(self.state_dir.clone(), other).await,
                 };
                 return Some((ticket, result.map_err(|e| e.to_string())));
+            }
+            Effect::SendJob { peer, bytes } => {
+                if let Some(transport) = &mut self.transport {
+                    transport.send_job(peer, bytes).await;
+                }
+            }
+            Effect::Execute(run) => {
+                let now = now_ms();
+                let failed = crate::jobs::Finished {
+                    job_id: run.job_id.clone(),
+                    fence: run.fence,
+                    ok: false,
+                    output: serde_json::json!({"error": "this node has no executor"}),
+                    started_ms: now,
+                    finished_ms: now,
+                };
+                let sent = self
+                    .executor
+                    .as_ref()
+                    .is_some_and(|e| e.send(crate::jobs::Exec::Run(run)).is_ok());
+                if !sent {
+                    self.unrun.push(failed);
+                }
+            }
+            Effect::Abort { job_id, fence } => {
+                if let Some(executor) = &self.executor {
+                    let _ = executor.send(crate::jobs::Exec::Abort { job_id, fence });
+                }
             }
             Effect::Emit(event) => self.events.emit(event).await,
             Effect::Reply(id, result) => {
@@ -295,8 +347,8 @@ async fn read_trust(path: Option<PathBuf>) -> Result<TrustStore, String> {
 async fn write_state(dir: PathBuf, write: Write) -> std::io::Result<()> {
     match write {
         Write::Hierarchy(h) => persist::save_json_off_thread(dir.join(HIERARCHY_FILE), h).await,
-        // Written by the registry store.
-        Write::Registry { .. } => Ok(()),
+        // Written by the registry and jobs stores.
+        Write::Registry { .. } | Write::Job(_) => Ok(()),
         Write::Roster(r) => persist::save_json_off_thread(dir.join(ROSTER_FILE), r).await,
         Write::Policy(p) => persist::save_json_off_thread(dir.join(POLICY_FILE), p).await,
         Write::Capsules(c) => persist::save_json_off_thread(dir.join(CAPSULES_FILE), c).await,
@@ -331,6 +383,7 @@ fn restore(config: &NodeConfig, registry: ClusterStore) -> std::io::Result<Resto
         governor: load_file(dir, GOVERNOR_FILE)?,
         capsules,
         trust,
+        jobs: Default::default(),
     })
 }
 
@@ -375,7 +428,7 @@ async fn start_transport(
             let (client, links) =
                 nats::connect(nats_config).await.map_err(std::io::Error::other)?;
             let url = nats_config.effective_url();
-            let bus = NatsBus::start(client, links, &url, &config.workspace)
+            let bus = NatsBus::start(client, links, &url, &config.workspace, config.key.peer_id())
                 .await
                 .map_err(std::io::Error::other)?;
             Transport::Nats(Box::new(bus))

@@ -3,7 +3,10 @@
 //! `Arc<Snapshot>` from a watch channel, never a lock.
 
 mod actor;
+mod jobs_store;
 mod registry;
+
+pub use jobs_store::{JobList, JobReader, MAX_LIST};
 
 pub use crate::core::{
     AdmissionChange, BusConfig, CapsuleRequest, FederationConfig, HomeClaim, NodeConfig, NodeError,
@@ -25,6 +28,7 @@ use crate::{
     events::EventTx,
     governor::Hints,
     hierarchy::{CoreAccept, CoreHello, CoreOffer, HelloOutcome, RoleChange},
+    jobs::{Finished, JobSpec, Submitted},
 };
 
 /// What a handle asks of the actor.
@@ -44,6 +48,7 @@ type Call = (Request, oneshot::Sender<Result<Reply, NodeError>>);
 pub struct NodeHandle {
     commands: mpsc::Sender<Call>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
+    jobs: JobReader,
 }
 
 impl NodeHandle {
@@ -137,6 +142,34 @@ impl NodeHandle {
         self.done(Command::SetHints(Box::new(hints))).await
     }
 
+    /// Admits a job (`POST /actions`).
+    pub async fn submit_job(&self, spec: JobSpec) -> Result<Submitted, NodeError> {
+        match self.call(Command::SubmitJob(Box::new(spec))).await? {
+            Reply::Submitted(submitted) => Ok(submitted),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Cancels a job this node owns.
+    pub async fn cancel_job(&self, id: &str) -> Result<(), NodeError> {
+        self.done(Command::CancelJob(id.to_owned())).await
+    }
+
+    /// Stops (`true`) or resumes taking jobs from the Home.
+    pub async fn drain_jobs(&self, on: bool) -> Result<(), NodeError> {
+        self.done(Command::DrainJobs(on)).await
+    }
+
+    /// Reports a finished run.
+    pub async fn job_finished(&self, done: Finished) -> Result<(), NodeError> {
+        self.done(Command::JobFinished(Box::new(done))).await
+    }
+
+    /// Reads the jobs this node owns.
+    pub fn jobs(&self) -> &JobReader {
+        &self.jobs
+    }
+
     async fn changed(&self, command: Command) -> Result<bool, NodeError> {
         match self.call(command).await? {
             Reply::Changed(changed) => Ok(changed),
@@ -184,7 +217,7 @@ pub async fn spawn(
     cancel: CancellationToken,
 ) -> std::io::Result<(NodeHandle, JoinHandle<()>)> {
     let (commands, rx) = mpsc::channel(actor::COMMAND_QUEUE);
-    let (actor, snapshot) = actor::Actor::start(config, events).await?;
+    let (actor, snapshot, jobs) = actor::Actor::start(config, events).await?;
     let task = tokio::spawn(actor.run(rx, cancel));
-    Ok((NodeHandle { commands, snapshot }, task))
+    Ok((NodeHandle { commands, snapshot, jobs }, task))
 }

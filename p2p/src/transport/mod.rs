@@ -62,6 +62,14 @@ impl Transport {
         }
     }
 
+    /// Sends a dispatch envelope to one node.
+    pub async fn send_job(&mut self, peer: PeerId, bytes: Vec<u8>) {
+        match self {
+            Transport::Libp2p(net) => net.send_job(&peer, bytes),
+            Transport::Nats(bus) => bus.send_job(peer, bytes),
+        }
+    }
+
     /// Answers a sync request.
     pub async fn respond(&mut self, reply: SyncReply, response: SyncResponse) {
         match (self, reply) {

@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use libp2p::PeerId;
+
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -179,9 +181,22 @@ pub struct NatsBus {
     messages: mpsc::Receiver<Checked>,
     requests: async_nats::Subscriber,
     answers: async_nats::Subscriber,
+    /// Dispatch envelopes (jobs) for this node.
+    jobs: async_nats::Subscriber,
+    workspace: String,
+    /// Dispatch envelopes nobody took.
+    undelivered: (mpsc::UnboundedSender<PeerId>, mpsc::UnboundedReceiver<PeerId>),
     links: mpsc::UnboundedReceiver<bool>,
     connected: bool,
 }
+
+/// The subject a node's dispatch envelopes (jobs) go to.
+pub fn jobs_subject(workspace: &str, peer: &PeerId) -> String {
+    format!("arw.jobs.{workspace}.{peer}")
+}
+
+/// A dispatch envelope not answered within this long counts as undelivered.
+const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl NatsBus {
     /// Subscribes to the workspace's subjects on an existing connection.
@@ -190,6 +205,7 @@ impl NatsBus {
         links: mpsc::UnboundedReceiver<bool>,
         url: &str,
         workspace: &str,
+        peer: PeerId,
     ) -> Result<Self, String> {
         let msg_subject = msg_subject(workspace);
         let sync_subject = format!("arw.cluster.{workspace}.sync");
@@ -208,6 +224,7 @@ impl NatsBus {
         tokio::spawn(check_messages(raw, workspace.to_owned(), checked));
         let requests = subscribe(sync_subject.clone()).await?;
         let answers = subscribe(inbox.clone()).await?;
+        let jobs = subscribe(jobs_subject(workspace, &peer)).await?;
         let connected = client.connection_state() == async_nats::connection::State::Connected;
         Ok(Self {
             client,
@@ -218,6 +235,9 @@ impl NatsBus {
             messages,
             requests,
             answers,
+            jobs,
+            workspace: workspace.to_owned(),
+            undelivered: mpsc::unbounded_channel(),
             links,
             connected,
         })
@@ -257,6 +277,21 @@ impl NatsBus {
         }
     }
 
+    /// Sends a dispatch envelope to the node behind `peer` (request-reply: no responder, or no
+    /// answer in time, reports it undelivered).
+    pub fn send_job(&mut self, peer: PeerId, bytes: Vec<u8>) {
+        let client = self.client.clone();
+        let subject = jobs_subject(&self.workspace, &peer);
+        let undelivered = self.undelivered.0.clone();
+        tokio::spawn(async move {
+            let sent =
+                tokio::time::timeout(JOB_REQUEST_TIMEOUT, client.request(subject, bytes.into()));
+            if !matches!(sent.await, Ok(Ok(_))) {
+                let _ = undelivered.send(peer);
+            }
+        });
+    }
+
     /// Answers a sync request on its reply subject.
     pub async fn respond(&mut self, subject: String, response: &SyncResponse) {
         let body = serde_json::to_vec(response).unwrap_or_default();
@@ -287,6 +322,14 @@ impl NatsBus {
                     _ => TransportEvent::Internal,
                 }
             }
+            Some(message) = self.jobs.next() => {
+                // Acknowledged on receipt: what it means is the core's to decide.
+                if let Some(reply) = message.reply {
+                    let _ = self.client.publish(reply, Vec::new().into()).await;
+                }
+                TransportEvent::JobMessage { bytes: message.payload.to_vec(), from: None }
+            }
+            Some(peer) = self.undelivered.1.recv() => TransportEvent::JobUndelivered(peer),
             Some(message) = self.answers.next() => {
                 match serde_json::from_slice::<SyncResponse>(&message.payload) {
                     Ok(response) => TransportEvent::SyncResponse { from: None, response },

@@ -45,6 +45,7 @@ struct Behaviour {
     limits: connection_limits::Behaviour,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::json::Behaviour<SyncRequest, SyncResponse>,
+    jobs: request_response::json::Behaviour<String, ()>,
     kad: kad::Behaviour<kad::store::MemoryStore>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -90,6 +91,8 @@ const KAD_BUCKET: std::num::NonZeroUsize = std::num::NonZeroUsize::new(2).expect
 /// A connection no protocol needs (not a gossip mesh link, no request in flight, no Kademlia
 /// query) is closed after this long: discovery leaves no full mesh behind.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A dispatch message not acknowledged within this long counts as undelivered.
+const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Retry bootstrap dials at most this often while no peer is connected.
 const REDIAL_EVERY: Duration = Duration::from_secs(2);
 /// At most this many dials in flight to one peer being redialled. A connect to an unreachable
@@ -123,6 +126,14 @@ impl Net {
                     [(StreamProtocol::new("/arw/sync/1.0.0"), ProtocolSupport::Full)],
                     request_response::Config::default()
                         .with_request_timeout(Duration::from_secs(10)),
+                );
+                // Dispatch messages (jobs): one signed envelope each way, acknowledged empty;
+                // the answer is a message of its own, so no stream lasts as long as a job.
+                let jobs = request_response::json::Behaviour::new(
+                    [(StreamProtocol::new("/arw/job/1"), ProtocolSupport::Full)],
+                    request_response::Config::default()
+                        .with_request_timeout(JOB_REQUEST_TIMEOUT)
+                        .with_max_concurrent_streams(256),
                 );
                 // Kademlia keeps the addresses this node was given (bootstrap peers, mDNS) and
                 // answers lookups; it does not enter every connected peer in its table, which
@@ -162,6 +173,7 @@ impl Net {
                     limits: connection_limits::Behaviour::new(limits),
                     gossipsub,
                     sync,
+                    jobs,
                     kad,
                     identify,
                     ping: ping::Behaviour::new(ping::Config::new()),
@@ -246,6 +258,12 @@ impl Net {
     /// Asks `peer` for adverts newer than `request`.
     pub fn request_sync(&mut self, peer: &PeerId, request: SyncRequest) {
         self.swarm.behaviour_mut().sync.send_request(peer, request);
+    }
+
+    /// Sends a dispatch envelope to `peer` (dialling it if need be).
+    pub fn send_job(&mut self, peer: &PeerId, bytes: Vec<u8>) {
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        self.swarm.behaviour_mut().jobs.send_request(peer, text);
     }
 
     /// Answers a sync request.
@@ -456,6 +474,22 @@ impl Net {
             BehaviourEvent::Kad(kad::Event::RoutingUpdated { peer, addresses, .. }) => {
                 self.dial_peer(peer, addresses.into_vec());
                 TransportEvent::Internal
+            }
+            BehaviourEvent::Jobs(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        // Acknowledged on receipt: what it means is the core's to decide.
+                        let _ = self.swarm.behaviour_mut().jobs.send_response(channel, ());
+                        TransportEvent::JobMessage { bytes: request.into_bytes(), from: Some(peer) }
+                    }
+                    request_response::Message::Response { .. } => TransportEvent::Internal,
+                }
+            }
+            BehaviourEvent::Jobs(request_response::Event::OutboundFailure {
+                peer, error, ..
+            }) => {
+                tracing::debug!(%peer, %error, "dispatch message undelivered");
+                TransportEvent::JobUndelivered(peer)
             }
             BehaviourEvent::Sync(request_response::Event::Message { peer, message, .. }) => {
                 match message {

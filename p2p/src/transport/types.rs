@@ -70,6 +70,15 @@ pub enum TransportEvent {
         /// The adverts.
         response: SyncResponse,
     },
+    /// A dispatch envelope (jobs) arrived.
+    JobMessage {
+        /// The envelope.
+        bytes: Vec<u8>,
+        /// The sending peer (libp2p).
+        from: Option<PeerId>,
+    },
+    /// A dispatch envelope to this peer was not delivered.
+    JobUndelivered(PeerId),
     /// Listen addresses changed.
     Listening,
     /// Handled inside the transport.

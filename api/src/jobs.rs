@@ -1,0 +1,143 @@
+//! `/actions`: jobs. A submission is admitted by the node core (queue cap, idempotency) and
+//! placed there; these handlers translate HTTP, check policy, and read the jobs store.
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use arw_p2p::{
+    events::{Event, PolicyDecision},
+    jobs::JobSpec,
+    node::MAX_LIST,
+};
+
+use crate::{
+    AppState,
+    capsules::gate,
+    dto,
+    problem::{Json, Problem},
+};
+
+/// `POST /actions`: 202 `{id, ok, staged: false, reused}`. Gated by policy (`task:<kind>`), not
+/// by the admin token, as in the reference.
+pub async fn submit(
+    State(state): State<AppState>,
+    Json(spec): Json<JobSpec>,
+) -> Result<Response, Problem> {
+    let action = format!("task:{}", spec.kind);
+    if let Err(problem) = gate(&state.node.snapshot(), &action) {
+        let mut explain = Map::new();
+        explain.insert("detail".into(), json!(problem.detail));
+        let decision = PolicyDecision {
+            action: "actions.submit".to_owned(),
+            allow: false,
+            explain,
+            context: Map::from_iter([("kind".to_owned(), json!(spec.kind))]),
+        };
+        state.events.emit(Event::PolicyDecision(decision)).await;
+        return Err(problem);
+    }
+    let submitted = state.node.submit_job(spec).await?;
+    let body = json!({"id": submitted.id, "ok": true, "staged": false, "reused": submitted.reused});
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// `GET /state/actions` query.
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    state: Option<String>,
+    node_id: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /state/actions`: `{version, items}`, newest change first, with an ETag that changes
+/// whenever a job does (its state or its owner).
+pub async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    if let Some(s) = &query.state {
+        if !["queued", "running", "completed", "failed"].contains(&s.as_str()) {
+            let detail = "state must be queued, running, completed or failed";
+            return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail));
+        }
+    }
+    let limit = query.limit.unwrap_or(200);
+    if limit == 0 || limit > MAX_LIST {
+        let detail = format!("limit must be between 1 and {MAX_LIST}");
+        return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail));
+    }
+    let page = state
+        .node
+        .jobs()
+        .list(query.state, query.node_id, limit)
+        .await
+        .map_err(|e| Problem::internal(format!("jobs store: {e}")))?;
+    let etag = format!("\"state-actions-v{}\"", page.rev);
+    let cached =
+        headers.get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes());
+    let mut response = if cached {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let items: Vec<Value> = page.jobs.iter().map(|j| j.summary()).collect();
+        Json(json!({"version": page.rev, "items": items})).into_response()
+    };
+    let h = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, value);
+    }
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=2"));
+    Ok(response)
+}
+
+/// `GET /actions/{id}`: the job with its attempts (admin).
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    let job = state
+        .node
+        .jobs()
+        .get(id.clone())
+        .await
+        .map_err(|e| Problem::internal(format!("jobs store: {e}")))?;
+    match job {
+        Some(job) => Ok(Json(json!(job))),
+        None => Err(Problem::new(StatusCode::NOT_FOUND, "not_found", format!("no job {id}"))),
+    }
+}
+
+/// `POST /actions/{id}/cancel` (admin).
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<dto::Ok>, Problem> {
+    state.node.cancel_job(&id).await?;
+    Ok(Json(dto::Ok::YES))
+}
+
+/// `POST /admin/jobs/drain` body.
+#[derive(Debug, Deserialize)]
+pub struct DrainRequest {
+    /// `true`: take no new jobs from the Home; `false`: take them again.
+    #[serde(default = "yes")]
+    on: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /admin/jobs/drain`: running jobs finish, no new ones are taken (advertised at once).
+pub async fn drain(
+    State(state): State<AppState>,
+    Json(body): Json<DrainRequest>,
+) -> Result<Json<dto::Ok>, Problem> {
+    state.node.drain_jobs(body.on).await?;
+    Ok(Json(dto::Ok::YES))
+}

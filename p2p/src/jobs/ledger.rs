@@ -1,0 +1,976 @@
+//! The jobs a node owns: what `POST /actions` admitted there. Every node queues and runs its own
+//! jobs; the Home also places them on workers. The ledger is the one writer of their state: it
+//! admits (queue cap, idempotency), decides where each attempt runs (local first, then the best
+//! worker), issues a rising fence with every attempt, holds the leases of remote attempts, and
+//! accepts exactly one result per job: the one that names its current fence.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{
+    ASSIGN_TIMEOUT_MS, Attempt, DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT_MS, Finished, IDEM_KEEP_MS,
+    IDEM_MAX, JobRecord, JobSpec, JobState, JobsConfig, LEASE_MARGIN_MS, MAX_HOPS, MAX_INPUT,
+    MAX_TIMEOUT_MS, Prefer, Run, Site, SubmitError, input_sha256,
+    message::{Assign, Complete, JobMessage, JobRef, Rejection, Renew, RenewAck},
+    place::{self, Candidate, Decision, Explain, Want},
+};
+use crate::{cluster::Advert, events::Event, events::JobEvent, node_id::NodeId};
+
+/// Jobs looked at for placement per pass over the queue, so a long queue costs a bounded
+/// amount per change.
+const PUMP_SCAN: usize = 64;
+
+/// Something the node must do for its jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Out {
+    /// Store this job (before the events about it go out).
+    Persist(Box<JobRecord>),
+    /// Publish an event.
+    Emit(Box<Event>),
+    /// Send a dispatch message to a node.
+    Send {
+        /// The node.
+        to: NodeId,
+        /// The message.
+        body: JobMessage,
+    },
+    /// Start an attempt here.
+    Execute(Run),
+    /// Stop an attempt running here.
+    Abort {
+        /// Job id.
+        job_id: String,
+        /// Its fence.
+        fence: u64,
+    },
+}
+
+/// What a submission got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    /// Job id.
+    pub id: String,
+    /// An earlier job with the same `idem_key`.
+    pub reused: bool,
+}
+
+/// What the ledger needs to know about the node and its cluster for one decision.
+#[derive(Clone, Copy)]
+pub struct Env<'a> {
+    /// Now (ms).
+    pub now: u64,
+    /// This node.
+    pub me: &'a NodeId,
+    /// This node's capabilities and tags (for local feasibility).
+    pub caps: &'a Map<String, Value>,
+    /// See `caps`.
+    pub tags: &'a [String],
+    /// Local slots (`max_concurrency`, else `[jobs] slots`).
+    pub slots: u32,
+    /// Attempts running here for the Home (they share the slots).
+    pub hosted: u32,
+    /// Whether this node places jobs on workers (it is the Home), and how eagerly.
+    pub offload: Offload,
+    /// The policy epoch in force (sent with assignments).
+    pub policy_epoch: u64,
+    /// The workers.
+    pub workers: &'a dyn Workers,
+}
+
+impl std::fmt::Debug for Env<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env").field("now", &self.now).field("me", &self.me).finish_non_exhaustive()
+    }
+}
+
+/// `offload` (governor hint): whether the Home gives jobs to workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offload {
+    /// Never (also: this node is not the Home).
+    Never,
+    /// When the local slots are taken.
+    Auto,
+    /// Whenever a worker can.
+    Prefer,
+}
+
+/// The workers a Home may place on.
+pub trait Workers {
+    /// Calls `f` with each remote node's advert, whether it is `ok`, and whether it is admitted.
+    fn each(&self, f: &mut dyn FnMut(&Advert, bool, bool));
+}
+
+/// No workers (a node that is not the Home).
+#[derive(Debug)]
+pub struct NoWorkers;
+
+impl Workers for NoWorkers {
+    fn each(&self, _: &mut dyn FnMut(&Advert, bool, bool)) {}
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    /// Waiting for a slot here or a worker.
+    Queued,
+    /// Running here.
+    Local,
+    /// Offered to a worker, no answer yet.
+    Assigning { node: NodeId, until: u64 },
+    /// Running on a worker, leased until.
+    Remote { node: NodeId, lease_until: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    rec: JobRecord,
+    phase: Phase,
+    /// Workers that refused or lost it.
+    tried: Vec<NodeId>,
+    /// Refusals in a row.
+    hops: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Idem {
+    id: String,
+    kind: String,
+    sha: String,
+    ended_ms: Option<u64>,
+}
+
+/// The jobs a node owns. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    config: JobsConfig,
+    /// Jobs not yet ended.
+    live: BTreeMap<String, Live>,
+    /// Queued jobs in arrival order.
+    queue: VecDeque<String>,
+    running_local: u32,
+    /// Attempts assigned or running per worker.
+    inflight: BTreeMap<NodeId, u32>,
+    idem: HashMap<String, Idem>,
+    /// Ended jobs' keys, oldest first, for forgetting.
+    idem_ended: VecDeque<(u64, String)>,
+    /// The last fence issued.
+    fence: u64,
+    /// The last change number.
+    rev: u64,
+    /// Jobs created (makes ids unique).
+    created: u64,
+    /// Moving average of local run time (ms), for the local-first rule.
+    ewma_ms: f64,
+    out: Vec<Out>,
+}
+
+impl Ledger {
+    /// A ledger with what was stored: jobs not yet ended, and the idempotency keys of recent
+    /// ones. Running attempts are taken up again at [`Ledger::resume`].
+    pub fn new(config: JobsConfig, stored: super::StoredJobs) -> Self {
+        let mut ledger = Self {
+            config,
+            live: BTreeMap::new(),
+            queue: VecDeque::new(),
+            running_local: 0,
+            inflight: BTreeMap::new(),
+            idem: HashMap::new(),
+            idem_ended: VecDeque::new(),
+            fence: stored.fence,
+            rev: stored.rev,
+            created: 0,
+            ewma_ms: 100.0,
+            out: Vec::new(),
+        };
+        for rec in stored.records {
+            ledger.fence = ledger.fence.max(rec.fence);
+            ledger.rev = ledger.rev.max(rec.rev);
+            if let Some(key) = &rec.idem_key {
+                ledger.remember(key, &rec);
+            }
+            if !rec.state.is_terminal() {
+                let live = Live { rec, phase: Phase::Queued, tried: Vec::new(), hops: 0 };
+                ledger.live.insert(live.rec.id.clone(), live);
+            }
+        }
+        ledger
+    }
+
+    /// The change counter (the `/state/actions` ETag).
+    pub fn rev(&self) -> u64 {
+        self.rev
+    }
+
+    /// Jobs queued and running here.
+    pub fn counts(&self) -> (usize, u32) {
+        (self.queue.len(), self.running_local)
+    }
+
+    /// Jobs not yet ended.
+    pub fn live(&self) -> usize {
+        self.live.len()
+    }
+
+    /// The attempt of `job_id` holding a live lease, as `(node, fence, lease_until)`: for
+    /// checks of the fencing invariants.
+    pub fn lease(&self, job_id: &str) -> Option<(NodeId, u64, u64)> {
+        let live = self.live.get(job_id)?;
+        match &live.phase {
+            Phase::Remote { node, lease_until } => {
+                Some((node.clone(), live.rec.fence, *lease_until))
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes the effects of the last calls.
+    pub fn take(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push(Out::Emit(Box::new(event)));
+    }
+
+    /// After a restart: queued jobs queue again; an attempt that ran here died with the process
+    /// (retried when it may be, else `lost`); one on a worker gets a fresh lease, so a worker
+    /// that still runs it keeps it (its renewals confirm it) and one that does not loses it
+    /// when the lease ends.
+    pub fn resume(&mut self, env: &Env<'_>) {
+        let ids: Vec<String> = self.live.keys().cloned().collect();
+        for id in ids {
+            let Some(live) = self.live.get_mut(&id) else { continue };
+            let node = live.rec.node_id.clone().and_then(|n| NodeId::parse(&n).ok());
+            match (live.rec.state, live.rec.placement, node) {
+                (JobState::Running, Some(Site::Remote), Some(node))
+                | (JobState::Queued, Some(Site::Remote), Some(node)) => {
+                    let lease_until = env.now + self.config.lease_ms + LEASE_MARGIN_MS;
+                    *self.inflight.entry(node.clone()).or_default() += 1;
+                    live.phase = Phase::Remote { node, lease_until };
+                }
+                (JobState::Running, _, _) => {
+                    self.lost(&id, env.me.clone(), "node_restarted", env);
+                }
+                _ => self.queue.push_back(id),
+            }
+        }
+        self.pump(env);
+    }
+
+    /// Admits a job.
+    pub fn submit(&mut self, spec: JobSpec, env: &Env<'_>) -> Result<Submitted, SubmitError> {
+        validate(&spec)?;
+        let sha = input_sha256(&spec.input);
+        if let Some(key) = &spec.idem_key {
+            if let Some(seen) = self.idem.get(key) {
+                if seen.kind != spec.kind || seen.sha != sha {
+                    return Err(SubmitError::IdempotencyConflict(key.clone()));
+                }
+                return Ok(Submitted { id: seen.id.clone(), reused: true });
+            }
+        }
+        let queued = self.queue.len();
+        if queued >= self.config.queue_max {
+            return Err(SubmitError::QueueFull { limit: self.config.queue_max, queued });
+        }
+        let retryable = spec.idem_key.is_some() || self.config.idempotent(&spec.kind);
+        let max_attempts = match (retryable, spec.retry) {
+            (false, _) => 1,
+            (true, Some(r)) => r.max_attempts.clamp(1, 10),
+            (true, None) => DEFAULT_ATTEMPTS,
+        };
+        let id = self.new_id(env);
+        let rec = JobRecord {
+            id: id.clone(),
+            kind: spec.kind,
+            input: spec.input,
+            idem_key: spec.idem_key,
+            input_sha256: sha,
+            spec: spec.placement,
+            timeout_ms: spec.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS),
+            max_attempts,
+            state: JobState::Queued,
+            node_id: None,
+            attempt: 0,
+            fence: 0,
+            placement: None,
+            created: env.now,
+            updated: env.now,
+            rev: 0,
+            attempts: Vec::new(),
+            output: None,
+            error: None,
+        };
+        if let Some(key) = &rec.idem_key {
+            self.remember(key, &rec);
+        }
+        self.live
+            .insert(id.clone(), Live { rec, phase: Phase::Queued, tried: Vec::new(), hops: 0 });
+        self.queue.push_back(id.clone());
+        let event = {
+            let rec = &self.live[&id].rec;
+            JobEvent {
+                id: id.clone(),
+                kind: Some(rec.kind.clone()),
+                status: Some("queued".into()),
+                node_id: Some(env.me.to_string()),
+                ..JobEvent::default()
+            }
+        };
+        self.save(&id, env.now);
+        self.emit(Event::ActionSubmitted(event));
+        self.pump(env);
+        Ok(Submitted { id, reused: false })
+    }
+
+    /// Cancels a job that has not ended.
+    pub fn cancel(&mut self, id: &str, env: &Env<'_>) -> Result<(), SubmitError> {
+        let Some(live) = self.live.get(id) else {
+            return Err(SubmitError::NotFound(id.to_owned()));
+        };
+        let fence = live.rec.fence;
+        match live.phase.clone() {
+            Phase::Queued => self.queue.retain(|q| q != id),
+            Phase::Local => {
+                self.running_local = self.running_local.saturating_sub(1);
+                self.out.push(Out::Abort { job_id: id.to_owned(), fence });
+            }
+            Phase::Assigning { node, .. } | Phase::Remote { node, .. } => {
+                self.release(&node);
+                let body = JobMessage::Cancel(JobRef { job_id: id.to_owned(), fence });
+                self.out.push(Out::Send { to: node, body });
+            }
+        }
+        self.end_attempt(id, "cancelled", Some("cancelled"), env.now);
+        self.fail(id, "cancelled", json!({"code": "cancelled"}), None, env);
+        self.pump(env);
+        Ok(())
+    }
+
+    /// A local attempt finished.
+    pub fn finished(&mut self, done: Finished, env: &Env<'_>) {
+        let current = self
+            .live
+            .get(&done.job_id)
+            .is_some_and(|l| matches!(l.phase, Phase::Local) && l.rec.fence == done.fence);
+        if !current {
+            return;
+        }
+        self.running_local = self.running_local.saturating_sub(1);
+        let took = done.finished_ms.saturating_sub(done.started_ms);
+        self.ewma_ms = 0.8 * self.ewma_ms + 0.2 * took as f64;
+        if let Some(live) = self.live.get(&done.job_id) {
+            self.emit(Event::TaskCompleted(crate::events::TaskCompleted {
+                id: json!(done.job_id),
+                ok: done.ok,
+                output: done.output.clone(),
+                node_id: env.me.to_string(),
+                kind: Some(live.rec.kind.clone()),
+                attempt: Some(live.rec.attempt),
+                duration_ms: Some(took),
+            }));
+        }
+        self.conclude(&done.job_id, done.ok, done.output, Some(took), env);
+        self.pump(env);
+    }
+
+    /// A dispatch message from worker `from`.
+    pub fn on_message(&mut self, from: &NodeId, sent_ms: u64, body: JobMessage, env: &Env<'_>) {
+        match body {
+            JobMessage::Accepted(r) => self.accepted(from, &r, env),
+            JobMessage::Rejected(r) => self.rejected(from, &r, env),
+            JobMessage::Renew(r) => self.renew(from, sent_ms, r, env),
+            JobMessage::Complete(c) => self.complete(from, c, env),
+            // Home → worker messages: not for the ledger.
+            JobMessage::Assign(_)
+            | JobMessage::RenewAck(_)
+            | JobMessage::CompleteAck(_)
+            | JobMessage::Cancel(_) => {}
+        }
+    }
+
+    /// Worker `node` could not be reached: what was being offered to it goes elsewhere.
+    pub fn unreachable(&mut self, node: &NodeId, env: &Env<'_>) {
+        let offered: Vec<(String, u64)> = self
+            .live
+            .iter()
+            .filter(|(_, l)| matches!(&l.phase, Phase::Assigning { node: n, .. } if n == node))
+            .map(|(id, l)| (id.clone(), l.rec.fence))
+            .collect();
+        for (job_id, fence) in offered {
+            let r = Rejection { job_id, fence, code: "unreachable".into() };
+            self.rejected(node, &r, env);
+        }
+    }
+
+    /// Timers: unanswered offers and ended leases; then the queue.
+    pub fn tick(&mut self, env: &Env<'_>) {
+        let now = env.now;
+        let mut timed_out = Vec::new();
+        let mut expired = Vec::new();
+        for (id, live) in &self.live {
+            match &live.phase {
+                Phase::Assigning { node, until } if *until <= now => {
+                    timed_out.push((node.clone(), id.clone(), live.rec.fence));
+                }
+                Phase::Remote { node, lease_until } if *lease_until <= now => {
+                    expired.push((node.clone(), id.clone()));
+                }
+                _ => {}
+            }
+        }
+        for (node, job_id, fence) in timed_out {
+            self.rejected(&node, &Rejection { job_id, fence, code: "timeout".into() }, env);
+        }
+        for (node, id) in expired {
+            self.release(&node);
+            self.lost(&id, node, "lease_expired", env);
+        }
+        while let Some((at, key)) = self.idem_ended.front() {
+            if now.saturating_sub(*at) < IDEM_KEEP_MS && self.idem.len() <= IDEM_MAX {
+                break;
+            }
+            let (at, key) = (*at, key.clone());
+            self.idem_ended.pop_front();
+            if self.idem.get(&key).is_some_and(|i| i.ended_ms == Some(at)) {
+                self.idem.remove(&key);
+            }
+        }
+        self.pump(env);
+    }
+
+    /// The earliest time a lease or an offer runs out.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.live
+            .values()
+            .filter_map(|l| match &l.phase {
+                Phase::Assigning { until, .. } => Some(*until),
+                Phase::Remote { lease_until, .. } => Some(*lease_until),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn accepted(&mut self, from: &NodeId, r: &JobRef, env: &Env<'_>) {
+        let Some(live) = self.live.get_mut(&r.job_id) else { return };
+        let offered = matches!(&live.phase, Phase::Assigning { node, .. } if node == from);
+        if !offered || live.rec.fence != r.fence {
+            return;
+        }
+        let lease_until = env.now + self.config.lease_ms + LEASE_MARGIN_MS;
+        live.phase = Phase::Remote { node: from.clone(), lease_until };
+        live.hops = 0;
+        live.rec.state = JobState::Running;
+        if let Some(a) = live.rec.attempts.last_mut() {
+            a.state = "running".into();
+        }
+        let event = JobEvent {
+            id: r.job_id.clone(),
+            node_id: Some(from.to_string()),
+            attempt: Some(live.rec.attempt),
+            placement: Some(Site::Remote),
+            ..JobEvent::default()
+        };
+        self.save(&r.job_id, env.now);
+        self.emit(Event::ActionRunning(event));
+    }
+
+    fn rejected(&mut self, from: &NodeId, r: &Rejection, env: &Env<'_>) {
+        let Some(live) = self.live.get_mut(&r.job_id) else { return };
+        let offered = matches!(&live.phase, Phase::Assigning { node, .. } if node == from);
+        if !offered || live.rec.fence != r.fence {
+            return;
+        }
+        live.phase = Phase::Queued;
+        live.tried.push(from.clone());
+        live.hops += 1;
+        live.rec.state = JobState::Queued;
+        let attempt = live.rec.attempt;
+        self.release(from);
+        self.end_attempt(&r.job_id, "rejected", Some(&r.code), env.now);
+        self.emit(Event::JobError(JobEvent {
+            id: r.job_id.clone(),
+            node_id: Some(from.to_string()),
+            attempt: Some(attempt),
+            fence: Some(r.fence),
+            code: Some(r.code.clone()),
+            ..JobEvent::default()
+        }));
+        self.emit(Event::JobReassigned(JobEvent {
+            id: r.job_id.clone(),
+            node_id: Some(from.to_string()),
+            attempt: Some(attempt),
+            reason: Some("rejected".into()),
+            code: Some(r.code.clone()),
+            ..JobEvent::default()
+        }));
+        self.queue.push_front(r.job_id.clone());
+        self.save(&r.job_id, env.now);
+        self.pump(env);
+    }
+
+    fn renew(&mut self, from: &NodeId, sent_ms: u64, r: Renew, env: &Env<'_>) {
+        let mut renewed = Vec::new();
+        let mut cancel = Vec::new();
+        let lease_until = env.now + self.config.lease_ms + LEASE_MARGIN_MS;
+        let mut promoted = Vec::new();
+        for job in r.jobs.into_iter().take(super::SEEN_MAX) {
+            let current = self.live.get_mut(&job.job_id).filter(|l| l.rec.fence == job.fence);
+            match current.map(|l| (&mut l.phase, &l.rec.id)) {
+                Some((Phase::Remote { node, lease_until: until }, _)) if node == from => {
+                    *until = lease_until;
+                    renewed.push(job);
+                }
+                // Its acceptance was lost on the way: the renewal says it runs.
+                Some((Phase::Assigning { node, .. }, id)) if node == from => {
+                    promoted.push(JobRef { job_id: id.clone(), fence: job.fence });
+                    renewed.push(job);
+                }
+                _ => cancel.push(job),
+            }
+        }
+        for job in promoted {
+            self.accepted(from, &job, env);
+        }
+        let ack = RenewAck { echo_ms: sent_ms, renewed, cancel };
+        self.out.push(Out::Send { to: from.clone(), body: JobMessage::RenewAck(ack) });
+    }
+
+    fn complete(&mut self, from: &NodeId, c: Complete, env: &Env<'_>) {
+        let r = JobRef { job_id: c.job_id.clone(), fence: c.fence };
+        self.out.push(Out::Send { to: from.clone(), body: JobMessage::CompleteAck(r) });
+        let Some(live) = self.live.get(&c.job_id) else { return };
+        let owner = match &live.phase {
+            Phase::Remote { node, .. } | Phase::Assigning { node, .. } => Some(node),
+            _ => None,
+        };
+        if live.rec.fence != c.fence || owner != Some(from) {
+            // A result of an attempt the Home already gave up on: never accepted.
+            self.emit(Event::JobError(JobEvent {
+                id: c.job_id.clone(),
+                node_id: Some(from.to_string()),
+                fence: Some(c.fence),
+                code: Some("stale_fence".into()),
+                ..JobEvent::default()
+            }));
+            return;
+        }
+        self.release(from);
+        let took = c.finished_ms.saturating_sub(c.started_ms);
+        self.conclude(&c.job_id, c.ok, c.output, Some(took), env);
+        self.pump(env);
+    }
+
+    /// Starts what may start: local slots first, then workers for the rest.
+    fn pump(&mut self, env: &Env<'_>) {
+        let mut scanned = 0;
+        let mut i = 0;
+        while i < self.queue.len() && scanned < PUMP_SCAN {
+            scanned += 1;
+            let id = self.queue[i].clone();
+            match self.decide(&id, env) {
+                Step::Wait => i += 1,
+                Step::Local => {
+                    self.queue.remove(i);
+                    self.start_local(&id, env);
+                }
+                Step::Remote(node, feasible) => {
+                    self.queue.remove(i);
+                    self.assign(&id, node, feasible, env);
+                }
+                Step::Fail(code, explain) => {
+                    self.queue.remove(i);
+                    self.fail(&id, code, json!({"code": code}), explain, env);
+                }
+            }
+        }
+    }
+
+    /// Where a queued job goes now.
+    fn decide(&self, id: &str, env: &Env<'_>) -> Step {
+        let Some(live) = self.live.get(id) else { return Step::Wait };
+        let rec = &live.rec;
+        let spec = rec.spec.clone().unwrap_or_default();
+        let local = self.local_fit(rec, &spec, env);
+        let free_here = self.running_local + env.hosted < env.slots;
+        let prefer = match (spec.prefer, env.offload) {
+            (_, Offload::Never) => Prefer::Local,
+            (Prefer::Auto, Offload::Prefer) => Prefer::Remote,
+            (p, _) => p,
+        };
+        // Local first (Ray's hybrid policy): here while a slot is free or the queue ahead
+        // clears within the offload wait.
+        let short_queue = {
+            let ahead = self.queue.iter().position(|q| q == id).unwrap_or(0) as f64;
+            ahead * self.ewma_ms / f64::from(env.slots.max(1)) <= OFFLOAD_QUEUE_MS
+        };
+        if local.is_ok() && prefer != Prefer::Remote && (free_here || prefer == Prefer::Local) {
+            return if free_here { Step::Local } else { Step::Wait };
+        }
+        if env.offload == Offload::Never || live.hops >= MAX_HOPS {
+            return match local {
+                Ok(()) if free_here => Step::Local,
+                Ok(()) => Step::Wait,
+                Err(filter) => {
+                    let mut explain = Explain { evaluated: 1, ..Explain::default() };
+                    explain.filtered.insert(format!("local.{filter}"), 1);
+                    if live.hops >= MAX_HOPS {
+                        explain.filtered.insert("rejected".into(), live.hops as usize);
+                    }
+                    Step::Fail("infeasible", Some(explain))
+                }
+            };
+        }
+        if local.is_ok() && short_queue && prefer == Prefer::Auto {
+            return Step::Wait;
+        }
+        let want = Want {
+            job_id: id,
+            kind: &rec.kind,
+            require: &spec.require,
+            node: spec.node.as_deref(),
+            avoid: &spec.avoid,
+            tried: &live.tried,
+        };
+        let mut candidates = Vec::new();
+        env.workers.each(&mut |advert, ok, admitted| {
+            let inflight = self.inflight.get(&advert.id).copied().unwrap_or(0);
+            candidates.push((advert.clone(), ok, admitted, inflight));
+        });
+        let decision = place::place(
+            &want,
+            candidates.iter().map(|(advert, ok, admitted, inflight)| Candidate {
+                advert,
+                ok: *ok,
+                admitted: *admitted,
+                inflight: *inflight,
+            }),
+        );
+        match decision {
+            Decision::Remote { node, feasible, .. } => Step::Remote(node, feasible),
+            Decision::Infeasible(mut explain) => {
+                // Busy workers, or a slot here soon: wait. Nothing could ever take it: fail.
+                let busy = explain.filtered.contains_key("slots_full");
+                if local.is_ok() {
+                    return if free_here { Step::Local } else { Step::Wait };
+                }
+                if busy {
+                    return Step::Wait;
+                }
+                if let Err(filter) = local {
+                    explain.evaluated += 1;
+                    *explain.filtered.entry(format!("local.{filter}")).or_default() += 1;
+                }
+                Step::Fail("infeasible", Some(explain))
+            }
+        }
+    }
+
+    /// Whether this node can run `rec` itself.
+    fn local_fit(
+        &self,
+        rec: &JobRecord,
+        spec: &super::PlacementSpec,
+        env: &Env<'_>,
+    ) -> Result<(), &'static str> {
+        if !self.config.kinds.iter().any(|k| k == &rec.kind) {
+            return Err("kind_unknown");
+        }
+        if spec.node.as_deref().is_some_and(|n| n != env.me.as_str()) {
+            return Err("node");
+        }
+        if spec.avoid.iter().any(|a| a == env.me.as_str()) {
+            return Err("avoid");
+        }
+        if live_tried(self.live.get(&rec.id), env.me) {
+            return Err("tried");
+        }
+        place::fits(&spec.require, env.caps, env.tags)
+    }
+
+    fn start_local(&mut self, id: &str, env: &Env<'_>) {
+        self.running_local += 1;
+        let fence = self.next_fence();
+        let Some(live) = self.live.get_mut(id) else { return };
+        live.phase = Phase::Local;
+        let rec = &mut live.rec;
+        rec.attempt += 1;
+        rec.fence = fence;
+        rec.state = JobState::Running;
+        rec.node_id = Some(env.me.to_string());
+        rec.placement = Some(Site::Local);
+        rec.attempts.push(Attempt {
+            attempt: rec.attempt,
+            fence,
+            node_id: env.me.to_string(),
+            state: "running".into(),
+            started: env.now,
+            ended: None,
+            reason: None,
+        });
+        let run = Run {
+            job_id: id.to_owned(),
+            fence,
+            attempt: rec.attempt,
+            kind: rec.kind.clone(),
+            input: rec.input.clone(),
+            idem_key: rec.idem_key.clone(),
+            deadline_ms: env.now.saturating_add(rec.timeout_ms),
+        };
+        let event = JobEvent {
+            id: id.to_owned(),
+            node_id: Some(env.me.to_string()),
+            attempt: Some(rec.attempt),
+            placement: Some(Site::Local),
+            ..JobEvent::default()
+        };
+        self.save(id, env.now);
+        self.emit(Event::ActionRunning(event));
+        self.out.push(Out::Execute(run));
+    }
+
+    fn assign(&mut self, id: &str, node: NodeId, feasible: usize, env: &Env<'_>) {
+        let fence = self.next_fence();
+        *self.inflight.entry(node.clone()).or_default() += 1;
+        let Some(live) = self.live.get_mut(id) else { return };
+        live.phase = Phase::Assigning { node: node.clone(), until: env.now + ASSIGN_TIMEOUT_MS };
+        let rec = &mut live.rec;
+        rec.attempt += 1;
+        rec.fence = fence;
+        rec.node_id = Some(node.to_string());
+        rec.placement = Some(Site::Remote);
+        rec.attempts.push(Attempt {
+            attempt: rec.attempt,
+            fence,
+            node_id: node.to_string(),
+            state: "assigned".into(),
+            started: env.now,
+            ended: None,
+            reason: None,
+        });
+        let assign = Assign {
+            job_id: id.to_owned(),
+            attempt: rec.attempt,
+            fence,
+            kind: rec.kind.clone(),
+            input: rec.input.clone(),
+            idem_key: rec.idem_key.clone(),
+            policy_epoch: env.policy_epoch,
+            timeout_ms: rec.timeout_ms,
+            lease_ms: self.config.lease_ms,
+        };
+        let event = JobEvent {
+            id: id.to_owned(),
+            kind: Some(rec.kind.clone()),
+            node_id: Some(node.to_string()),
+            attempt: Some(rec.attempt),
+            fence: Some(fence),
+            placement: Some(Site::Remote),
+            candidates: Some(feasible),
+            ..JobEvent::default()
+        };
+        self.save(id, env.now);
+        self.emit(Event::JobAssigned(event));
+        self.out.push(Out::Send { to: node, body: JobMessage::Assign(assign) });
+    }
+
+    /// An attempt is gone (its worker's lease ended, or this node restarted under it): the job
+    /// runs again when it may, else fails `lost`.
+    fn lost(&mut self, id: &str, node: NodeId, reason: &str, env: &Env<'_>) {
+        let Some(live) = self.live.get_mut(id) else { return };
+        live.tried.push(node.clone());
+        let (attempt, max) = (live.rec.attempt, live.rec.max_attempts);
+        self.end_attempt(id, "lost", Some(reason), env.now);
+        if attempt < max {
+            if let Some(live) = self.live.get_mut(id) {
+                live.phase = Phase::Queued;
+                live.rec.state = JobState::Queued;
+            }
+            self.emit(Event::JobReassigned(JobEvent {
+                id: id.to_owned(),
+                node_id: Some(node.to_string()),
+                attempt: Some(attempt),
+                reason: Some(reason.to_owned()),
+                ..JobEvent::default()
+            }));
+            self.queue.push_front(id.to_owned());
+            self.save(id, env.now);
+        } else {
+            let error = json!({"code": "lost", "reason": reason, "node_id": node.to_string()});
+            self.fail(id, "lost", error, None, env);
+        }
+    }
+
+    /// The current attempt ended with a result.
+    fn conclude(&mut self, id: &str, ok: bool, output: Value, took: Option<u64>, env: &Env<'_>) {
+        self.end_attempt(id, if ok { "completed" } else { "failed" }, None, env.now);
+        let Some(mut live) = self.live.remove(id) else { return };
+        let rec = &mut live.rec;
+        let mut event = JobEvent {
+            id: id.to_owned(),
+            kind: Some(rec.kind.clone()),
+            node_id: rec.node_id.clone(),
+            attempt: Some(rec.attempt),
+            duration_ms: took,
+            ..JobEvent::default()
+        };
+        let event = if ok {
+            rec.state = JobState::Completed;
+            rec.output = Some(output.clone());
+            event.output = Some(output);
+            Event::ActionCompleted(event)
+        } else {
+            rec.state = JobState::Failed;
+            rec.error = Some(output.clone());
+            event.code = Some("failed".into());
+            event.error = Some(output);
+            Event::ActionFailed(event)
+        };
+        self.ended(live, env.now);
+        self.emit(event);
+    }
+
+    /// The job ends without a result.
+    fn fail(
+        &mut self,
+        id: &str,
+        code: &str,
+        error: Value,
+        explain: Option<Explain>,
+        env: &Env<'_>,
+    ) {
+        let Some(mut live) = self.live.remove(id) else { return };
+        let rec = &mut live.rec;
+        rec.state = JobState::Failed;
+        let mut error = error;
+        if let (Some(explain), Value::Object(map)) = (&explain, &mut error) {
+            map.insert("explain".into(), json!(explain));
+        }
+        rec.error = Some(error.clone());
+        let event = JobEvent {
+            id: id.to_owned(),
+            kind: Some(rec.kind.clone()),
+            node_id: rec.node_id.clone(),
+            attempt: Some(rec.attempt),
+            code: Some(code.to_owned()),
+            error: Some(error),
+            explain,
+            ..JobEvent::default()
+        };
+        self.ended(live, env.now);
+        self.emit(Event::ActionFailed(event));
+    }
+
+    fn ended(&mut self, live: Live, now: u64) {
+        let mut rec = live.rec;
+        self.rev += 1;
+        rec.rev = self.rev;
+        rec.updated = now;
+        if let Some(key) = &rec.idem_key {
+            if let Some(idem) = self.idem.get_mut(key) {
+                idem.ended_ms = Some(now);
+                self.idem_ended.push_back((now, key.clone()));
+            }
+        }
+        self.out.push(Out::Persist(Box::new(rec)));
+    }
+
+    fn end_attempt(&mut self, id: &str, state: &str, reason: Option<&str>, now: u64) {
+        let Some(live) = self.live.get_mut(id) else { return };
+        if let Some(a) = live.rec.attempts.last_mut().filter(|a| a.ended.is_none()) {
+            a.state = state.to_owned();
+            a.ended = Some(now);
+            a.reason = reason.map(str::to_owned);
+        }
+    }
+
+    fn release(&mut self, node: &NodeId) {
+        if let Some(n) = self.inflight.get_mut(node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.inflight.remove(node);
+            }
+        }
+    }
+
+    fn save(&mut self, id: &str, now: u64) {
+        self.rev += 1;
+        let rev = self.rev;
+        if let Some(live) = self.live.get_mut(id) {
+            live.rec.rev = rev;
+            live.rec.updated = now;
+            self.out.push(Out::Persist(Box::new(live.rec.clone())));
+        }
+    }
+
+    fn next_fence(&mut self) -> u64 {
+        self.fence += 1;
+        self.fence
+    }
+
+    fn remember(&mut self, key: &str, rec: &JobRecord) {
+        let ended_ms = rec.state.is_terminal().then_some(rec.updated);
+        let idem = Idem {
+            id: rec.id.clone(),
+            kind: rec.kind.clone(),
+            sha: rec.input_sha256.clone(),
+            ended_ms,
+        };
+        self.idem.insert(key.to_owned(), idem);
+        if let Some(at) = ended_ms {
+            self.idem_ended.push_back((at, key.to_owned()));
+        }
+    }
+
+    /// A fresh job id, UUID-shaped, drawn from this node, a counter and the time (unique and
+    /// the same on replay).
+    fn new_id(&mut self, env: &Env<'_>) -> String {
+        self.created += 1;
+        let digest = Sha256::new()
+            .chain_update(env.me.as_str().as_bytes())
+            .chain_update(self.created.to_be_bytes())
+            .chain_update(self.rev.to_be_bytes())
+            .chain_update(env.now.to_be_bytes())
+            .finalize();
+        let h = hex::encode(&digest[..16]);
+        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    }
+}
+
+/// The wait, behind a busy local queue, after which a job goes to a worker instead (ms).
+const OFFLOAD_QUEUE_MS: f64 = 250.0;
+
+enum Step {
+    Wait,
+    Local,
+    Remote(NodeId, usize),
+    Fail(&'static str, Option<Explain>),
+}
+
+fn live_tried(live: Option<&Live>, me: &NodeId) -> bool {
+    live.is_some_and(|l| l.tried.contains(me))
+}
+
+fn validate(spec: &JobSpec) -> Result<(), SubmitError> {
+    let invalid = |m: &str| Err(SubmitError::Invalid(m.to_owned()));
+    let kind_ok = !spec.kind.is_empty()
+        && spec.kind.len() <= 128
+        && spec.kind.chars().all(|c| c.is_ascii_alphanumeric() || "._-:/".contains(c));
+    if !kind_ok {
+        return invalid("kind must be 1 to 128 characters of letters, digits and . _ - : /");
+    }
+    if spec.input.to_string().len() > MAX_INPUT {
+        return invalid("input is larger than 256 KiB");
+    }
+    if spec.idem_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
+        return invalid("idem_key must be 1 to 256 bytes");
+    }
+    if spec.timeout_ms.is_some_and(|t| t == 0 || t > MAX_TIMEOUT_MS) {
+        return invalid("timeout_ms must be between 1 and 86400000");
+    }
+    if spec.retry.is_some_and(|r| r.max_attempts == 0 || r.max_attempts > 10) {
+        return invalid("retry.max_attempts must be between 1 and 10");
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! Placement: filter the workers that can run a job, then rank those left (Nomad's
+//! filter → rank, with Ray's spread among near-equals). Pure: the same inputs give the same
+//! choice, so simulations replay exactly.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::{Require, glob};
+use crate::{cluster::Advert, node_id::NodeId};
+
+/// A worker as the Home sees it when placing.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    /// Its advert.
+    pub advert: &'a Advert,
+    /// Health `ok` now.
+    pub ok: bool,
+    /// Admitted by this Home under the key it uses.
+    pub admitted: bool,
+    /// Attempts of this Home's running or being assigned there.
+    pub inflight: u32,
+}
+
+/// What is being placed.
+#[derive(Debug, Clone, Copy)]
+pub struct Want<'a> {
+    /// Job id (spreads equal candidates differently per job).
+    pub job_id: &'a str,
+    /// Kind.
+    pub kind: &'a str,
+    /// Hard constraints.
+    pub require: &'a Require,
+    /// Only this node.
+    pub node: Option<&'a str>,
+    /// Never these.
+    pub avoid: &'a [String],
+    /// Nodes that refused or lost this job already.
+    pub tried: &'a [NodeId],
+}
+
+/// Why no worker was chosen: how many were looked at and how many each filter removed
+/// (`{"evaluated": 5, "filtered": {"kind_not_allowed": 3, "gpu.count": 2}}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explain {
+    /// Candidates looked at.
+    pub evaluated: usize,
+    /// Candidates removed, by the first filter that removed them.
+    pub filtered: BTreeMap<String, usize>,
+}
+
+/// The outcome of a placement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Run it there.
+    Remote {
+        /// The worker.
+        node: NodeId,
+        /// Its score.
+        score: f64,
+        /// Feasible candidates.
+        feasible: usize,
+    },
+    /// No worker can.
+    Infeasible(Explain),
+}
+
+/// Chooses a worker for `want` among `candidates`. O(n): each candidate is filtered, cheapest
+/// test first, then the feasible ones are scored on spare capacity, with a per-job spread.
+pub fn place<'a>(want: &Want<'_>, candidates: impl IntoIterator<Item = Candidate<'a>>) -> Decision {
+    let mut explain = Explain::default();
+    let mut best: Option<(f64, &NodeId)> = None;
+    let mut feasible = 0;
+    for c in candidates {
+        explain.evaluated += 1;
+        if let Err(filter) = filter(want, &c) {
+            *explain.filtered.entry(filter.to_owned()).or_default() += 1;
+            continue;
+        }
+        feasible += 1;
+        let score = score(want.job_id, &c);
+        if best.is_none_or(|(s, id)| score > s || (score == s && c.advert.id < *id)) {
+            best = Some((score, &c.advert.id));
+        }
+    }
+    match best {
+        Some((score, node)) => Decision::Remote { node: node.clone(), score, feasible },
+        None => Decision::Infeasible(explain),
+    }
+}
+
+/// The first filter `c` fails, if any.
+fn filter(want: &Want<'_>, c: &Candidate<'_>) -> Result<(), &'static str> {
+    let advert = c.advert;
+    if !c.ok {
+        return Err("health");
+    }
+    if !c.admitted {
+        return Err("admission");
+    }
+    let Some(jobs) = &advert.jobs else { return Err("takes_no_jobs") };
+    if jobs.draining {
+        return Err("draining");
+    }
+    if !jobs.accepts.iter().any(|g| glob(g, want.kind)) {
+        return Err("kind_not_allowed");
+    }
+    if want.node.is_some_and(|n| n != advert.id.as_str()) {
+        return Err("node");
+    }
+    if want.avoid.iter().any(|a| a == advert.id.as_str()) {
+        return Err("avoid");
+    }
+    if want.tried.contains(&advert.id) {
+        return Err("tried");
+    }
+    fits(want.require, &advert.capabilities, &advert.tags)?;
+    if c.inflight >= jobs.slots {
+        return Err("slots_full");
+    }
+    Ok(())
+}
+
+/// Whether a node with `caps` and `tags` meets `require`; otherwise the constraint it misses.
+pub fn fits(
+    require: &Require,
+    caps: &Map<String, Value>,
+    tags: &[String],
+) -> Result<(), &'static str> {
+    let text = |key: &str| caps.get(key).and_then(Value::as_str);
+    if require.os.as_deref().is_some_and(|os| text("os") != Some(os)) {
+        return Err("os");
+    }
+    if require.arch.as_deref().is_some_and(|arch| text("arch") != Some(arch)) {
+        return Err("arch");
+    }
+    if !require.tags_all.iter().all(|t| tags.contains(t)) {
+        return Err("tags");
+    }
+    if let Some(gpu) = &require.gpu {
+        let gpus = gpus(caps);
+        let vendor = gpu.vendor.as_deref().map(str::to_lowercase);
+        let matching: Vec<&Gpu> =
+            gpus.iter().filter(|g| vendor.as_deref().is_none_or(|v| g.name.contains(v))).collect();
+        if (matching.len() as u64) < u64::from(gpu.count) {
+            return Err(if vendor.is_some() && gpus.len() >= gpu.count as usize {
+                "gpu.vendor"
+            } else {
+                "gpu.count"
+            });
+        }
+        if let Some(min) = gpu.min_memory_mib {
+            let big = matching.iter().filter(|g| g.memory_mib.is_some_and(|m| m >= min)).count();
+            if (big as u64) < u64::from(gpu.count) {
+                return Err("gpu.memory");
+            }
+        }
+    }
+    if let Some(min) = require.memory_min_mib {
+        let total = caps.get("memory").and_then(|m| m["total_bytes"].as_u64()).unwrap_or(0);
+        if total / (1024 * 1024) < min {
+            return Err("memory");
+        }
+    }
+    if let Some(min) = require.cpu_min {
+        let cores = caps.get("cpu").and_then(|c| c["cores"].as_u64()).unwrap_or(0);
+        if cores < min {
+            return Err("cpu");
+        }
+    }
+    Ok(())
+}
+
+struct Gpu {
+    /// Lower case.
+    name: String,
+    memory_mib: Option<u64>,
+}
+
+/// The GPUs a node offers: those its probe found (`capabilities.gpus`), else those its
+/// operator declared (`gpu:<name>` in `capabilities.declared`, memory unknown).
+fn gpus(caps: &Map<String, Value>) -> Vec<Gpu> {
+    let probed: Vec<Gpu> = caps
+        .get("gpus")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|g| Gpu {
+            name: g["name"].as_str().unwrap_or_default().to_lowercase(),
+            memory_mib: g["memory_total_bytes"].as_u64().map(|b| b / (1024 * 1024)),
+        })
+        .collect();
+    if !probed.is_empty() {
+        return probed;
+    }
+    caps.get("declared")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str()?.strip_prefix("gpu:"))
+        .map(|name| Gpu { name: name.to_lowercase(), memory_mib: None })
+        .collect()
+}
+
+/// Spare capacity (a node under half full counts as empty, so near-equals tie), plus a spread
+/// drawn from the job and node ids so equal nodes share the work.
+fn score(job_id: &str, c: &Candidate<'_>) -> f64 {
+    let slots = c.advert.jobs.as_ref().map_or(1, |j| j.slots.max(1));
+    let util = f64::from(c.inflight) / f64::from(slots);
+    let util = if util < 0.5 { 0.0 } else { util };
+    let digest = Sha256::new()
+        .chain_update(job_id.as_bytes())
+        .chain_update(c.advert.id.as_str().as_bytes())
+        .finalize();
+    let spread = f64::from(u16::from_be_bytes([digest[0], digest[1]])) / f64::from(u16::MAX);
+    0.5 * (1.0 - util) + 0.1 * spread
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::jobs::{GpuRequire, JobsAdvert};
+
+    fn worker(id: &str, accepts: &[&str], caps: Value) -> Advert {
+        let mut a = Advert::basic(NodeId::parse(id).expect("id"), "lab", 1, 0);
+        a.capabilities = caps.as_object().cloned().unwrap_or_default();
+        a.jobs = Some(JobsAdvert {
+            slots: 2,
+            accepts: accepts.iter().map(|s| (*s).to_owned()).collect(),
+            draining: false,
+        });
+        a
+    }
+
+    fn want<'a>(require: &'a Require, tried: &'a [NodeId]) -> Want<'a> {
+        Want { job_id: "j1", kind: "math.add", require, node: None, avoid: &[], tried }
+    }
+
+    #[test]
+    fn filters_count_in_explain_and_capability_decides() {
+        let gpu = worker(
+            "gpu",
+            &["math.*"],
+            json!({"gpus":[{"name":"NVIDIA H200","memory_total_bytes": 150_000u64 << 20}]}),
+        );
+        let cpu = worker("cpu", &["math.add"], json!({"gpus": []}));
+        let closed = worker("closed", &[], json!({}));
+        let require = Require {
+            gpu: Some(GpuRequire { count: 1, min_memory_mib: Some(80_000), vendor: None }),
+            ..Require::default()
+        };
+        let cands = |ok: bool| {
+            [&gpu, &cpu, &closed].map(|a| Candidate { advert: a, ok, admitted: true, inflight: 0 })
+        };
+        match place(&want(&require, &[]), cands(true)) {
+            Decision::Remote { node, feasible, .. } => {
+                assert_eq!(node.as_str(), "gpu");
+                assert_eq!(feasible, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        let Decision::Infeasible(explain) = place(&want(&require, &[]), cands(false)) else {
+            panic!("placed on unhealthy nodes")
+        };
+        assert_eq!(explain.evaluated, 3);
+        assert_eq!(explain.filtered["health"], 3);
+        let tried = [NodeId::parse("gpu").expect("id")];
+        let Decision::Infeasible(explain) = place(&want(&require, &tried), cands(true)) else {
+            panic!("placed twice on a node that refused")
+        };
+        assert_eq!(explain.filtered["tried"], 1);
+        assert_eq!(explain.filtered["gpu.count"], 1);
+        assert_eq!(explain.filtered["kind_not_allowed"], 1);
+    }
+
+    #[test]
+    fn declared_gpus_count_and_full_nodes_are_skipped() {
+        let declared = worker("d", &["*"], json!({"declared": ["gpu:nvidia-test"]}));
+        let require = Require {
+            gpu: Some(GpuRequire { count: 1, min_memory_mib: None, vendor: Some("NVIDIA".into()) }),
+            ..Require::default()
+        };
+        let free = Candidate { advert: &declared, ok: true, admitted: true, inflight: 0 };
+        assert!(matches!(place(&want(&require, &[]), [free]), Decision::Remote { .. }));
+        let full = Candidate { inflight: 2, ..free };
+        let Decision::Infeasible(explain) = place(&want(&require, &[]), [full]) else {
+            panic!("placed on a full node")
+        };
+        assert_eq!(explain.filtered["slots_full"], 1);
+    }
+
+    #[test]
+    fn equal_nodes_share_the_work() {
+        let adverts: Vec<Advert> =
+            (0..20).map(|i| worker(&format!("w{i}"), &["*"], json!({}))).collect();
+        let require = Require::default();
+        let mut chosen = std::collections::BTreeSet::new();
+        for j in 0..200 {
+            let job = format!("job-{j}");
+            let want = Want { job_id: &job, ..want(&require, &[]) };
+            let cands = adverts.iter().map(|a| Candidate {
+                advert: a,
+                ok: true,
+                admitted: true,
+                inflight: 0,
+            });
+            if let Decision::Remote { node, .. } = place(&want, cands) {
+                chosen.insert(node);
+            }
+        }
+        assert!(chosen.len() >= 15, "only {} of 20 nodes chosen", chosen.len());
+    }
+}

@@ -1,0 +1,329 @@
+//! Jobs this node runs for its Home. Admission is decided here, where the work runs, and denies
+//! by default: only kinds this node can execute and its operator allowed (`[jobs.remote]
+//! allow`). A held attempt stops by itself when its lease is not renewed in time (before the
+//! Home gives up on it), and its result is sent until the Home acknowledges it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde_json::json;
+
+use super::{
+    COMPLETE_RETRY_MS, Finished, JobsConfig, LEASE_MARGIN_MS, OUTBOX_MAX, Run, SEEN_MAX, glob,
+    ledger::Out,
+    message::{Assign, Complete, JobMessage, JobRef, Rejection, Renew, RenewAck},
+};
+use crate::{
+    events::{Event, JobEvent, TaskCompleted},
+    node_id::NodeId,
+};
+
+/// A result is given up after this long unacknowledged (the Home reassigned the job long ago).
+const OUTBOX_FOR_MS: u64 = 10 * 60 * 1_000;
+
+/// What the worker needs to know about the node for one decision.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerEnv<'a> {
+    /// Now (ms).
+    pub now: u64,
+    /// This node.
+    pub me: &'a NodeId,
+    /// The policy epoch applied here.
+    pub policy_epoch: u64,
+    /// Slots (shared with this node's own jobs).
+    pub slots: u32,
+    /// This node's own jobs running now.
+    pub own: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    fence: u64,
+    attempt: u32,
+    kind: String,
+    home: NodeId,
+    /// Stop by then unless renewed (ms).
+    deadline: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    home: NodeId,
+    complete: Complete,
+    first_sent: u64,
+    last_sent: u64,
+}
+
+/// The attempts this node runs for its Home. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    config: JobsConfig,
+    accepts: Vec<String>,
+    held: BTreeMap<String, Held>,
+    /// The highest fence seen per job.
+    seen: HashMap<String, u64>,
+    seen_order: VecDeque<String>,
+    outbox: BTreeMap<String, Pending>,
+    draining: bool,
+    next_renew: u64,
+    out: Vec<Out>,
+}
+
+impl Worker {
+    /// A worker with these settings.
+    pub fn new(config: JobsConfig) -> Self {
+        Self {
+            accepts: config.accepts(),
+            config,
+            held: BTreeMap::new(),
+            seen: HashMap::new(),
+            seen_order: VecDeque::new(),
+            outbox: BTreeMap::new(),
+            draining: false,
+            next_renew: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Takes the effects of the last calls.
+    pub fn take(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out.push(Out::Emit(Box::new(event)));
+    }
+
+    /// What this node advertises (none when it runs no kind for the Home).
+    pub fn advert(&self) -> Option<super::JobsAdvert> {
+        (!self.accepts.is_empty()).then(|| super::JobsAdvert {
+            slots: self.config.slots,
+            accepts: self.accepts.clone(),
+            draining: self.draining,
+        })
+    }
+
+    /// Stops (or resumes) taking new attempts; returns whether that changed.
+    pub fn drain(&mut self, on: bool) -> bool {
+        std::mem::replace(&mut self.draining, on) != on
+    }
+
+    /// Attempts running here.
+    pub fn hosted(&self) -> u32 {
+        u32::try_from(self.held.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Whether `job_id` at `fence` runs here for the Home.
+    pub fn holds(&self, job_id: &str, fence: u64) -> bool {
+        self.held.get(job_id).is_some_and(|h| h.fence == fence)
+    }
+
+    /// An assignment from the Home (its signer already checked).
+    pub fn assign(&mut self, home: &NodeId, a: Assign, env: &WorkerEnv<'_>) {
+        let seen = self.seen.get(&a.job_id).copied().unwrap_or(0);
+        if a.fence == seen
+            && (self.holds(&a.job_id, a.fence) || self.outbox.contains_key(&a.job_id))
+        {
+            // A repeat of what runs (or ran) here: the answer was lost.
+            let body = JobMessage::Accepted(JobRef { job_id: a.job_id, fence: a.fence });
+            self.out.push(Out::Send { to: home.clone(), body });
+            return;
+        }
+        let code = if a.fence <= seen {
+            Some("replay")
+        } else if a.policy_epoch < env.policy_epoch {
+            Some("stale_policy")
+        } else if !self.accepts.iter().any(|g| glob(g, &a.kind)) {
+            Some("kind_not_allowed")
+        } else if self.draining {
+            Some("draining")
+        } else if self.hosted() + env.own >= env.slots.max(1) {
+            Some("busy")
+        } else {
+            None
+        };
+        if let Some(code) = code {
+            self.emit(Event::JobError(JobEvent {
+                id: a.job_id.clone(),
+                kind: Some(a.kind.clone()),
+                node_id: Some(env.me.to_string()),
+                attempt: Some(a.attempt),
+                fence: Some(a.fence),
+                code: Some(code.to_owned()),
+                ..JobEvent::default()
+            }));
+            let body = JobMessage::Rejected(Rejection {
+                job_id: a.job_id,
+                fence: a.fence,
+                code: code.into(),
+            });
+            self.out.push(Out::Send { to: home.clone(), body });
+            return;
+        }
+        self.see(&a.job_id, a.fence);
+        // A newer attempt of a job held here replaces the older one.
+        if let Some(old) = self.held.remove(&a.job_id) {
+            self.out.push(Out::Abort { job_id: a.job_id.clone(), fence: old.fence });
+        }
+        self.outbox.remove(&a.job_id);
+        let lease = a.lease_ms.clamp(3 * self.config.renew_ms, 10 * 60 * 1_000);
+        self.held.insert(
+            a.job_id.clone(),
+            Held {
+                fence: a.fence,
+                attempt: a.attempt,
+                kind: a.kind.clone(),
+                home: home.clone(),
+                deadline: env.now + lease.saturating_sub(LEASE_MARGIN_MS),
+            },
+        );
+        self.out.push(Out::Execute(Run {
+            job_id: a.job_id.clone(),
+            fence: a.fence,
+            attempt: a.attempt,
+            kind: a.kind,
+            input: a.input,
+            idem_key: a.idem_key,
+            deadline_ms: env.now.saturating_add(a.timeout_ms),
+        }));
+        let body = JobMessage::Accepted(JobRef { job_id: a.job_id, fence: a.fence });
+        self.out.push(Out::Send { to: home.clone(), body });
+    }
+
+    /// A message from the Home other than an assignment.
+    pub fn on_message(&mut self, body: JobMessage, env: &WorkerEnv<'_>) {
+        match body {
+            JobMessage::RenewAck(ack) => self.renewed(ack),
+            JobMessage::CompleteAck(r) => {
+                self.outbox.retain(|id, p| *id != r.job_id || p.complete.fence != r.fence);
+            }
+            JobMessage::Cancel(r) => self.stop(&r, "cancelled", env),
+            _ => {}
+        }
+    }
+
+    /// An attempt held here finished.
+    pub fn finished(&mut self, done: Finished, env: &WorkerEnv<'_>) {
+        let Some(held) = self.held.remove(&done.job_id).filter(|h| h.fence == done.fence) else {
+            return;
+        };
+        let took = done.finished_ms.saturating_sub(done.started_ms);
+        self.emit(Event::TaskCompleted(TaskCompleted {
+            id: json!(done.job_id),
+            ok: done.ok,
+            output: done.output.clone(),
+            node_id: env.me.to_string(),
+            kind: Some(held.kind),
+            attempt: Some(held.attempt),
+            duration_ms: Some(took),
+        }));
+        let complete = Complete {
+            job_id: done.job_id.clone(),
+            fence: done.fence,
+            ok: done.ok,
+            output: done.output,
+            started_ms: done.started_ms,
+            finished_ms: done.finished_ms,
+        };
+        if self.outbox.len() >= OUTBOX_MAX {
+            // Full: the oldest result goes (the Home has long reassigned its job).
+            let oldest =
+                self.outbox.iter().min_by_key(|(_, p)| p.first_sent).map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.outbox.remove(&k);
+            }
+        }
+        let body = JobMessage::Complete(complete.clone());
+        self.out.push(Out::Send { to: held.home.clone(), body });
+        self.outbox.insert(
+            done.job_id,
+            Pending { home: held.home, complete, first_sent: env.now, last_sent: env.now },
+        );
+    }
+
+    /// Timers: attempts whose lease ran out stop; renewals and unacknowledged results go out.
+    pub fn tick(&mut self, env: &WorkerEnv<'_>) {
+        let now = env.now;
+        let lapsed: Vec<JobRef> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.deadline <= now)
+            .map(|(id, h)| JobRef { job_id: id.clone(), fence: h.fence })
+            .collect();
+        for r in lapsed {
+            self.stop(&r, "lease_lost", env);
+        }
+        if now >= self.next_renew {
+            self.next_renew = now + self.config.renew_ms;
+            let mut by_home: BTreeMap<&NodeId, Vec<JobRef>> = BTreeMap::new();
+            for (id, h) in &self.held {
+                by_home
+                    .entry(&h.home)
+                    .or_default()
+                    .push(JobRef { job_id: id.clone(), fence: h.fence });
+            }
+            for (home, jobs) in by_home {
+                let body = JobMessage::Renew(Renew { jobs });
+                self.out.push(Out::Send { to: home.clone(), body });
+            }
+        }
+        self.outbox.retain(|_, p| now.saturating_sub(p.first_sent) < OUTBOX_FOR_MS);
+        for p in self.outbox.values_mut() {
+            if now.saturating_sub(p.last_sent) >= COMPLETE_RETRY_MS {
+                p.last_sent = now;
+                let body = JobMessage::Complete(p.complete.clone());
+                self.out.push(Out::Send { to: p.home.clone(), body });
+            }
+        }
+    }
+
+    /// The earliest time something is due.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let lapse = self.held.values().map(|h| h.deadline).min();
+        let renew = (!self.held.is_empty()).then_some(self.next_renew);
+        let resend = self.outbox.values().map(|p| p.last_sent + COMPLETE_RETRY_MS).min();
+        [lapse, renew, resend].into_iter().flatten().min()
+    }
+
+    fn renewed(&mut self, ack: RenewAck) {
+        // Renewed from when the renewal left this node: the Home's lease started no earlier.
+        let deadline = ack.echo_ms + self.config.lease_ms.saturating_sub(LEASE_MARGIN_MS);
+        for r in &ack.renewed {
+            if let Some(h) = self.held.get_mut(&r.job_id).filter(|h| h.fence == r.fence) {
+                h.deadline = h.deadline.max(deadline);
+            }
+        }
+        for r in &ack.cancel {
+            if let Some(h) = self.held.get(&r.job_id).filter(|h| h.fence == r.fence) {
+                let _ = h;
+                self.held.remove(&r.job_id);
+                self.out.push(Out::Abort { job_id: r.job_id.clone(), fence: r.fence });
+            }
+        }
+    }
+
+    fn stop(&mut self, r: &JobRef, code: &str, env: &WorkerEnv<'_>) {
+        let Some(held) = self.held.get(&r.job_id).filter(|h| h.fence == r.fence) else { return };
+        let attempt = held.attempt;
+        self.held.remove(&r.job_id);
+        self.out.push(Out::Abort { job_id: r.job_id.clone(), fence: r.fence });
+        self.emit(Event::JobError(JobEvent {
+            id: r.job_id.clone(),
+            node_id: Some(env.me.to_string()),
+            attempt: Some(attempt),
+            fence: Some(r.fence),
+            code: Some(code.to_owned()),
+            ..JobEvent::default()
+        }));
+    }
+
+    fn see(&mut self, job_id: &str, fence: u64) {
+        if self.seen.insert(job_id.to_owned(), fence).is_none() {
+            self.seen_order.push_back(job_id.to_owned());
+            while self.seen_order.len() > SEEN_MAX {
+                if let Some(old) = self.seen_order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
+}
