@@ -11,8 +11,8 @@ use serde_json::{Map, Value, json};
 
 use arw_p2p::{
     events::{Event, PolicyDecision},
-    jobs::JobSpec,
-    node::MAX_LIST,
+    jobs::{JobSpec, SubmitError},
+    node::{MAX_LIST, NodeError},
 };
 
 use crate::{
@@ -21,6 +21,9 @@ use crate::{
     dto,
     problem::{Json, Problem},
 };
+
+/// Largest `POST /actions` body: an input of the largest size jobs carry, and the rest.
+pub const BODY_LIMIT: usize = arw_p2p::jobs::MAX_INPUT + 16 * 1024;
 
 /// `POST /actions`: 202 `{id, ok, staged: false, reused}`. Gated by policy (`task:<kind>`), not
 /// by the admin token, as in the reference.
@@ -117,8 +120,18 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<dto::Ok>, Problem> {
-    state.node.cancel_job(&id).await?;
-    Ok(Json(dto::Ok::YES))
+    match state.node.cancel_job(&id).await {
+        Ok(()) => Ok(Json(dto::Ok::YES)),
+        // Not live: ended already, or never existed.
+        Err(NodeError::Job(SubmitError::NotFound(_))) => {
+            let stored = state.node.jobs().get(id.clone()).await.ok().flatten();
+            Err(match stored {
+                Some(_) => SubmitError::Ended(id).into(),
+                None => SubmitError::NotFound(id).into(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `POST /admin/jobs/drain` body.

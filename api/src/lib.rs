@@ -86,7 +86,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/policy/capsules/audit", get(capsules::audit))
         .route("/admin/rpu/trust", get(capsules::trust))
         .route("/admin/rpu/reload", post(capsules::reload))
-        .route("/actions", post(jobs::submit))
+        .route("/actions", post(jobs::submit).layer(DefaultBodyLimit::max(jobs::BODY_LIMIT)))
         .route("/actions/{id}", get(jobs::show))
         .route("/actions/{id}/cancel", post(jobs::cancel))
         .route("/state/actions", get(jobs::list))

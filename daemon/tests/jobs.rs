@@ -171,3 +171,63 @@ fn the_home_places_jobs_by_capability_and_reassigns_a_killed_worker_s_job() {
     assert_eq!(listing["items"], json!([]), "the pending worker got nothing");
     drop((survivor, pending));
 }
+
+fn cli_ok(args: &[&str], server: &common::Server) -> String {
+    let base = server.base();
+    let mut all = args.to_vec();
+    all.extend(["--base", &base]);
+    let out = common::cli(&all, &[("ARW_ADMIN_TOKEN", server.token.as_str())]);
+    assert!(out.status.success(), "arw-cli {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_cli_submits_lists_shows_cancels_and_drains() {
+    let node = common::Launch::new().config(&config(None, &["sleep"])).start();
+    let done =
+        cli_ok(&["actions", "submit", "math.add", "--input", r#"{"a":2,"b":3}"#, "--wait"], &node);
+    assert!(done.contains("State     : completed") && done.contains(r#"{"sum":5.0}"#), "{done}");
+
+    let id = cli_ok(&["actions", "submit", "sleep", "--input", r#"{"ms":60000}"#], &node);
+    let id = id.trim();
+    common::eventually(Duration::from_secs(10), "the sleep running", || {
+        let listed = cli_ok(&["actions", "list", "--state", "running"], &node);
+        listed.contains(&id[..30]).then_some(()).ok_or(listed)
+    });
+    assert_eq!(cli_ok(&["actions", "cancel", id], &node), format!("cancelled {id}\n"));
+    let shown = cli_ok(&["actions", "show", id], &node);
+    assert!(shown.contains("State     : failed") && shown.contains("cancelled"), "{shown}");
+
+    // A job nobody can run fails at once, and --wait says why (exit status 1).
+    let out = common::cli(
+        &["actions", "submit", "gpu.train", "--wait", "--base", &node.base()],
+        &[("ARW_ADMIN_TOKEN", node.token.as_str())],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("infeasible"), "{stderr}");
+
+    assert_eq!(cli_ok(&["jobs", "drain"], &node), "draining: no new jobs from the Home\n");
+    common::eventually(Duration::from_secs(10), "the drain advertised", || {
+        let (_, view) = node.get("/state/cluster");
+        let jobs = view["nodes"][0]["jobs"].clone();
+        (jobs["draining"] == true && jobs["accepts"] == json!(["sleep"]))
+            .then_some(())
+            .ok_or(view.to_string())
+    });
+}
+
+#[test]
+fn large_inputs_fit_and_ended_jobs_cannot_be_cancelled() {
+    let node = common::Launch::new().start();
+    let big = "x".repeat(200 * 1024);
+    let id = submit(&node, &json!({"kind": "echo", "input": {"blob": big}}));
+    let job = ended(&node, &id, Duration::from_secs(10));
+    assert_eq!(job["output"]["blob"].as_str().map(str::len), Some(200 * 1024));
+    let (status, problem) = node.post(&format!("/actions/{id}/cancel"), &json!({}));
+    assert_eq!((status, problem["code"].as_str()), (409, Some("job_ended")));
+    let (status, _) = node.post("/actions/no-such-job/cancel", &json!({}));
+    assert_eq!(status, 404);
+    let too_big = "x".repeat(300 * 1024);
+    let (status, problem) = node.post("/actions", &json!({"kind": "echo", "input": too_big}));
+    assert_eq!((status, problem["code"].as_str()), (413, Some("payload_too_large")));
+}

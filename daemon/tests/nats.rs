@@ -674,3 +674,56 @@ async fn a_flood_of_new_node_ids_is_capped_and_honest_nodes_stay_ok() {
     .await
     .expect("checks");
 }
+
+#[test]
+fn jobs_run_on_a_worker_over_nats_and_move_when_it_is_killed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let home = node("home-1", &dir.path().join("home"), &broker, "");
+    assert_eq!(home.post("/admin/hierarchy/role", &json!({"role": "home"})).0, 200);
+    let home_key = home.get("/admin/hierarchy/state").1["home"]["home_key"].clone();
+    let extra = format!("home_key = {home_key}\n[jobs.remote]\nallow = [\"sleep\", \"math.*\"]\n");
+    let worker = node("w1", &dir.path().join("w1"), &broker, &extra);
+    common::eventually(Duration::from_secs(20), "w1 admitted and applying", || {
+        let (status, body) = home.post("/admin/cluster/admit", &json!({"id": "w1"}));
+        let applied = worker.get("/admin/hierarchy/state").1["home"]["takes_work"] == true;
+        (status == 200 && applied).then_some(()).ok_or(format!("{status} {body}"))
+    });
+    let submit = |body: Value| {
+        let (status, reply) = home.post("/actions", &body);
+        assert_eq!(status, 202, "{reply}");
+        reply["id"].as_str().expect("id").to_owned()
+    };
+    let job_of = |id: &str| home.get(&format!("/actions/{id}")).1;
+    let quick = submit(json!({"kind": "math.add", "input": {"a": 1, "b": 1},
+        "placement": {"prefer": "remote"}}));
+    let job = common::eventually(Duration::from_secs(20), "the job done on w1", || {
+        let job = job_of(&quick);
+        (job["state"] == "completed").then_some(job.clone()).ok_or(job.to_string())
+    });
+    assert_eq!(job["node_id"], "w1", "{job}");
+    // The worker's own journal has the run, with its node id (relayed on NATS as the reference).
+    let ran = journal(&worker, "task.completed");
+    assert!(
+        ran.iter().any(|e| e["payload"]["id"] == quick.as_str() && e["payload"]["node_id"] == "w1")
+    );
+
+    let slow = submit(json!({"kind": "sleep", "input": {"ms": 3000}, "idem_key": "s1",
+        "placement": {"prefer": "remote"}}));
+    common::eventually(Duration::from_secs(10), "the slow job running on w1", || {
+        let job = job_of(&slow);
+        (job["state"] == "running" && job["node_id"] == "w1").then_some(()).ok_or(job.to_string())
+    });
+    worker.kill();
+    // No other worker: the Home runs it itself, as attempt 2, once the lease has run out.
+    let job = common::eventually(Duration::from_secs(30), "the slow job done elsewhere", || {
+        let job = job_of(&slow);
+        (job["state"] == "completed").then_some(job.clone()).ok_or(job.to_string())
+    });
+    assert_eq!(
+        (job["node_id"].as_str(), job["attempt"].as_u64()),
+        (Some("home-1"), Some(2)),
+        "{job}"
+    );
+    assert_eq!(job["attempts"][0]["state"], "lost", "{job}");
+}

@@ -1,5 +1,6 @@
 //! `arw-cli`: drive a node's admin API from the shell.
 
+mod actions;
 mod capsule;
 mod client;
 pub mod cluster;
@@ -61,6 +62,12 @@ enum Command {
     /// Gating capsules: status, adopt, teardown, and offline keygen, signing and verification.
     #[command(subcommand)]
     Capsule(capsule::CapsuleCommand),
+    /// Jobs (POST /actions): submit, list, show, cancel.
+    #[command(subcommand)]
+    Actions(actions::ActionsCommand),
+    /// This node as a worker for its Home: drain.
+    #[command(subcommand)]
+    Jobs(actions::JobsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -218,6 +225,12 @@ impl Cli {
                     None
                 };
                 capsule::run(command, client).await
+            }
+            Command::Actions(command) => {
+                actions::actions(&Client::new(base, token, timeout)?, command).await
+            }
+            Command::Jobs(command) => {
+                actions::jobs(&Client::new(base, token, timeout)?, command).await
             }
             Command::Events(EventsCommand::Tail { prefix, after, json }) => {
                 // A stream has no overall deadline: the timeout bounds connecting, and a read

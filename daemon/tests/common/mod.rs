@@ -180,10 +180,21 @@ pub fn request(method: &str, url: &str, token: Option<&str>, body: Option<&Value
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
-    if let Some(b) = body {
-        cmd.args(["-H", "Content-Type: application/json", "-d", &b.to_string()]);
+    if body.is_some() {
+        // From stdin: a body may be larger than an argument may.
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary", "@-"]);
     }
-    let out = cmd.output().expect("curl");
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    if let (Some(b), Some(mut stdin)) = (body, child.stdin.take()) {
+        use std::io::Write;
+        stdin.write_all(b.to_string().as_bytes()).expect("body to curl");
+    }
+    let out = child.wait_with_output().expect("curl");
     assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let (body, code) = text.rsplit_once('\n').expect("status line");

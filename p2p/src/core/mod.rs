@@ -499,7 +499,12 @@ impl NodeCore {
                     then(self, result, now_ms);
                 }
             }
-            Input::Timer => self.on_timer(now_ms),
+            Input::Timer => {
+                // The executor's wake is spent: ask again even for the same time (a deadline
+                // the timer fired a millisecond short of is still due).
+                let asked = self.wake.take();
+                self.on_timer(asked, now_ms);
+            }
             Input::Stop => self.stop(now_ms),
         }
         let generation = self.protocol.membership().generation();
@@ -671,8 +676,8 @@ impl NodeCore {
     /// The periodic duties that are due. First, how late this timer is: a node that is itself
     /// slow (a busy machine, a stalled process) must not take its own slowness for the others'
     /// silence.
-    fn on_timer(&mut self, now: u64) {
-        if let Some(asked) = self.wake {
+    fn on_timer(&mut self, asked: Option<u64>, now: u64) {
+        if let Some(asked) = asked {
             let late = now.saturating_sub(asked);
             if late >= STALL_MS {
                 tracing::warn!(
@@ -685,15 +690,16 @@ impl NodeCore {
             self.protocol.membership_mut().set_slowdown(slowdown);
         }
         self.judge(now);
+        // Leases and offers run out on time, not at the next tick.
+        self.jobs_tick(now);
+        if std::mem::take(&mut self.jobs_dirty) {
+            self.snapshot_dirty = true;
+        }
         if now >= self.timers.tick {
             self.timers.tick = now + TICK_MS;
             self.newcomers.expire(now);
             self.redial(now);
             self.authority_tick(now);
-            self.jobs_tick(now);
-            if std::mem::take(&mut self.jobs_dirty) {
-                self.snapshot_dirty = true;
-            }
             if self.protocol.membership().has_changes()
                 && now.saturating_sub(self.last_flush_ms) >= FLUSH_EVERY_MS
             {
@@ -729,7 +735,14 @@ impl NodeCore {
         if self.bus.is_some() {
             wake = wake.min(t.beat);
         }
-        if let Some(due) = self.protocol.next_deadline() {
+        for due in [
+            self.protocol.next_deadline(),
+            self.ledger.next_deadline(),
+            self.worker.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             wake = wake.min(due);
         }
         Some(wake)

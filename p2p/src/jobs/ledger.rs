@@ -128,6 +128,8 @@ struct Live {
     phase: Phase,
     /// Workers that refused or lost it.
     tried: Vec<NodeId>,
+    /// Workers that refused it for now, until when.
+    resting: Vec<(NodeId, u64)>,
     /// Refusals in a row.
     hops: u32,
 }
@@ -190,7 +192,13 @@ impl Ledger {
                 ledger.remember(key, &rec);
             }
             if !rec.state.is_terminal() {
-                let live = Live { rec, phase: Phase::Queued, tried: Vec::new(), hops: 0 };
+                let live = Live {
+                    rec,
+                    phase: Phase::Queued,
+                    tried: Vec::new(),
+                    resting: Vec::new(),
+                    hops: 0,
+                };
                 ledger.live.insert(live.rec.id.clone(), live);
             }
         }
@@ -241,18 +249,23 @@ impl Ledger {
         let ids: Vec<String> = self.live.keys().cloned().collect();
         for id in ids {
             let Some(live) = self.live.get_mut(&id) else { continue };
-            let node = live.rec.node_id.clone().and_then(|n| NodeId::parse(&n).ok());
-            match (live.rec.state, live.rec.placement, node) {
-                (JobState::Running, Some(Site::Remote), Some(node))
-                | (JobState::Queued, Some(Site::Remote), Some(node)) => {
-                    let lease_until = env.now + self.config.lease_ms + LEASE_MARGIN_MS;
+            // The attempt in progress when the node stopped, if any.
+            let open = live.rec.attempts.last().filter(|a| a.ended.is_none()).cloned();
+            let remote = live.rec.placement == Some(Site::Remote);
+            match open.and_then(|a| Some((NodeId::parse(&a.node_id).ok()?, a.state))) {
+                Some((node, state)) if remote => {
                     *self.inflight.entry(node.clone()).or_default() += 1;
-                    live.phase = Phase::Remote { node, lease_until };
+                    live.phase = if state == "assigned" {
+                        // Its answer may have been lost with the restart: a renewal from the
+                        // worker confirms it, else it goes elsewhere.
+                        Phase::Assigning { node, until: env.now + ASSIGN_TIMEOUT_MS }
+                    } else {
+                        let lease_until = env.now + self.config.lease_ms + LEASE_MARGIN_MS;
+                        Phase::Remote { node, lease_until }
+                    };
                 }
-                (JobState::Running, _, _) => {
-                    self.lost(&id, env.me.clone(), "node_restarted", env);
-                }
-                _ => self.queue.push_back(id),
+                Some((node, _)) => self.lost(&id, node, false, "node_restarted", env),
+                None => self.queue.push_back(id),
             }
         }
         self.pump(env);
@@ -305,8 +318,10 @@ impl Ledger {
         if let Some(key) = &rec.idem_key {
             self.remember(key, &rec);
         }
-        self.live
-            .insert(id.clone(), Live { rec, phase: Phase::Queued, tried: Vec::new(), hops: 0 });
+        self.live.insert(
+            id.clone(),
+            Live { rec, phase: Phase::Queued, tried: Vec::new(), resting: Vec::new(), hops: 0 },
+        );
         self.queue.push_back(id.clone());
         let event = {
             let rec = &self.live[&id].rec;
@@ -378,7 +393,7 @@ impl Ledger {
     /// A dispatch message from worker `from`.
     pub fn on_message(&mut self, from: &NodeId, sent_ms: u64, body: JobMessage, env: &Env<'_>) {
         match body {
-            JobMessage::Accepted(r) => self.accepted(from, &r, env),
+            JobMessage::Accepted(r) => self.accepted(from, &r, Some(sent_ms), env),
             JobMessage::Rejected(r) => self.rejected(from, &r, env),
             JobMessage::Renew(r) => self.renew(from, sent_ms, r, env),
             JobMessage::Complete(c) => self.complete(from, c, env),
@@ -425,7 +440,7 @@ impl Ledger {
         }
         for (node, id) in expired {
             self.release(&node);
-            self.lost(&id, node, "lease_expired", env);
+            self.lost(&id, node, true, "lease_expired", env);
         }
         while let Some((at, key)) = self.idem_ended.front() {
             if now.saturating_sub(*at) < IDEM_KEEP_MS && self.idem.len() <= IDEM_MAX {
@@ -452,7 +467,9 @@ impl Ledger {
             .min()
     }
 
-    fn accepted(&mut self, from: &NodeId, r: &JobRef, env: &Env<'_>) {
+    /// Worker `from` took the current attempt: it runs from now, leased. `confirm` (the sender's
+    /// time of its acceptance) has the worker start it; a renewal confirms on its own.
+    fn accepted(&mut self, from: &NodeId, r: &JobRef, confirm: Option<u64>, env: &Env<'_>) {
         let Some(live) = self.live.get_mut(&r.job_id) else { return };
         let offered = matches!(&live.phase, Phase::Assigning { node, .. } if node == from);
         if !offered || live.rec.fence != r.fence {
@@ -474,6 +491,10 @@ impl Ledger {
         };
         self.save(&r.job_id, env.now);
         self.emit(Event::ActionRunning(event));
+        if let Some(echo_ms) = confirm {
+            let ack = RenewAck { echo_ms, renewed: vec![r.clone()], cancel: Vec::new() };
+            self.out.push(Out::Send { to: from.clone(), body: JobMessage::RenewAck(ack) });
+        }
     }
 
     fn rejected(&mut self, from: &NodeId, r: &Rejection, env: &Env<'_>) {
@@ -483,8 +504,13 @@ impl Ledger {
             return;
         }
         live.phase = Phase::Queued;
-        live.tried.push(from.clone());
-        live.hops += 1;
+        if TRANSIENT.contains(&r.code.as_str()) {
+            live.resting.retain(|(n, _)| n != from);
+            live.resting.push((from.clone(), env.now + REST_MS));
+        } else {
+            live.tried.push(from.clone());
+            live.hops += 1;
+        }
         live.rec.state = JobState::Queued;
         let attempt = live.rec.attempt;
         self.release(from);
@@ -531,7 +557,7 @@ impl Ledger {
             }
         }
         for job in promoted {
-            self.accepted(from, &job, env);
+            self.accepted(from, &job, None, env);
         }
         let ack = RenewAck { echo_ms: sent_ms, renewed, cancel };
         self.out.push(Out::Send { to: from.clone(), body: JobMessage::RenewAck(ack) });
@@ -625,6 +651,12 @@ impl Ledger {
         if local.is_ok() && short_queue && prefer == Prefer::Auto {
             return Step::Wait;
         }
+        let resting: Vec<NodeId> = live
+            .resting
+            .iter()
+            .filter(|(_, until)| *until > env.now)
+            .map(|(n, _)| n.clone())
+            .collect();
         let want = Want {
             job_id: id,
             kind: &rec.kind,
@@ -632,6 +664,7 @@ impl Ledger {
             node: spec.node.as_deref(),
             avoid: &spec.avoid,
             tried: &live.tried,
+            resting: &resting,
         };
         let mut candidates = Vec::new();
         env.workers.each(&mut |advert, ok, admitted| {
@@ -651,7 +684,8 @@ impl Ledger {
             Decision::Remote { node, feasible, .. } => Step::Remote(node, feasible),
             Decision::Infeasible(mut explain) => {
                 // Busy workers, or a slot here soon: wait. Nothing could ever take it: fail.
-                let busy = explain.filtered.contains_key("slots_full");
+                let busy = explain.filtered.contains_key("slots_full")
+                    || explain.filtered.contains_key("resting");
                 if local.is_ok() {
                     return if free_here { Step::Local } else { Step::Wait };
                 }
@@ -777,16 +811,19 @@ impl Ledger {
 
     /// An attempt is gone (its worker's lease ended, or this node restarted under it): the job
     /// runs again when it may, else fails `lost`.
-    fn lost(&mut self, id: &str, node: NodeId, reason: &str, env: &Env<'_>) {
+    fn lost(&mut self, id: &str, node: NodeId, blame: bool, reason: &str, env: &Env<'_>) {
         let Some(live) = self.live.get_mut(id) else { return };
-        live.tried.push(node.clone());
-        let (attempt, max) = (live.rec.attempt, live.rec.max_attempts);
+        if blame {
+            live.tried.push(node.clone());
+        }
+        let attempt = live.rec.attempt;
         self.end_attempt(id, "lost", Some(reason), env.now);
-        if attempt < max {
-            if let Some(live) = self.live.get_mut(id) {
-                live.phase = Phase::Queued;
-                live.rec.state = JobState::Queued;
-            }
+        let Some(live) = self.live.get_mut(id) else { return };
+        // Offers refused are not runs: only runs that started count against max_attempts.
+        let runs = live.rec.attempts.iter().filter(|a| a.state != "rejected").count();
+        if runs < live.rec.max_attempts as usize {
+            live.phase = Phase::Queued;
+            live.rec.state = JobState::Queued;
             self.emit(Event::JobReassigned(JobEvent {
                 id: id.to_owned(),
                 node_id: Some(node.to_string()),
@@ -938,6 +975,12 @@ impl Ledger {
     }
 }
 
+/// Refusals that say "not now" rather than "never": the worker is skipped for [`REST_MS`] and
+/// the job waits for it (or another) instead of failing.
+const TRANSIENT: [&str; 5] = ["busy", "draining", "stale_policy", "timeout", "unreachable"];
+/// How long a worker that refused a job for now is skipped for it.
+const REST_MS: u64 = 1_000;
+
 /// The wait, behind a busy local queue, after which a job goes to a worker instead (ms).
 const OFFLOAD_QUEUE_MS: f64 = 250.0;
 
@@ -973,4 +1016,120 @@ fn validate(spec: &JobSpec) -> Result<(), SubmitError> {
         return invalid("retry.max_attempts must be between 1 and 10");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{JobsAdvert, message::Rejection};
+
+    struct One(Advert);
+
+    impl Workers for One {
+        fn each(&self, f: &mut dyn FnMut(&Advert, bool, bool)) {
+            f(&self.0, true, true);
+        }
+    }
+
+    fn worker() -> One {
+        let mut advert = Advert::basic(NodeId::parse("w1").expect("id"), "lab", 1, 0);
+        advert.jobs = Some(JobsAdvert { slots: 2, accepts: vec!["work".into()], draining: false });
+        One(advert)
+    }
+
+    fn config() -> JobsConfig {
+        JobsConfig { kinds: vec!["work".into()], ..JobsConfig::default() }
+    }
+
+    fn env<'a>(
+        now: u64,
+        me: &'a NodeId,
+        caps: &'a Map<String, Value>,
+        w: &'a dyn Workers,
+    ) -> Env<'a> {
+        Env {
+            now,
+            me,
+            caps,
+            tags: &[],
+            slots: 1,
+            hosted: 0,
+            offload: Offload::Prefer,
+            policy_epoch: 1,
+            workers: w,
+        }
+    }
+
+    fn spec(key: Option<&str>) -> JobSpec {
+        JobSpec {
+            kind: "work".into(),
+            input: Value::Null,
+            idem_key: key.map(str::to_owned),
+            placement: None,
+            timeout_ms: None,
+            retry: None,
+        }
+    }
+
+    /// The records the ledger last wrote, as a store would hold them.
+    fn stored(outs: &[Out]) -> super::super::StoredJobs {
+        let mut records: BTreeMap<String, JobRecord> = BTreeMap::new();
+        for out in outs {
+            if let Out::Persist(rec) = out {
+                records.insert(rec.id.clone(), (**rec).clone());
+            }
+        }
+        let fence = records.values().map(|r| r.fence).max().unwrap_or(0);
+        let rev = records.values().map(|r| r.rev).max().unwrap_or(0);
+        super::super::StoredJobs { records: records.into_values().collect(), fence, rev }
+    }
+
+    #[test]
+    fn a_local_run_cut_by_a_restart_runs_again_here() {
+        let (me, caps, none) = (NodeId::parse("home").expect("id"), Map::new(), NoWorkers);
+        let mut ledger = Ledger::new(config(), Default::default());
+        ledger.submit(spec(Some("k")), &env(10, &me, &caps, &none)).expect("admitted");
+        let outs = ledger.take();
+        assert!(outs.iter().any(|o| matches!(o, Out::Execute(_))));
+        let mut restarted = Ledger::new(config(), stored(&outs));
+        restarted.resume(&env(20, &me, &caps, &none));
+        let outs = restarted.take();
+        let run = outs.iter().find_map(|o| match o {
+            Out::Execute(run) => Some(run.clone()),
+            _ => None,
+        });
+        let run = run.expect("run again after the restart");
+        assert_eq!((run.attempt, run.fence), (2, 2), "a new attempt with a higher fence");
+    }
+
+    #[test]
+    fn refused_offers_neither_survive_a_restart_nor_count_as_runs() {
+        let (me, caps, w) = (NodeId::parse("home").expect("id"), Map::new(), worker());
+        let no_local = JobsConfig { kinds: Vec::new(), ..config() };
+        let mut ledger = Ledger::new(no_local.clone(), Default::default());
+        let id = ledger.submit(spec(None), &env(10, &me, &caps, &w)).expect("admitted").id;
+        let w1 = NodeId::parse("w1").expect("id");
+        assert_eq!(ledger.lease(&id), None);
+        let rejection = Rejection { job_id: id.clone(), fence: 1, code: "busy".into() };
+        ledger.on_message(&w1, 11, JobMessage::Rejected(rejection), &env(11, &me, &caps, &w));
+        let outs = ledger.take();
+        // Nobody else: it waits queued (w1 refused; it may take it later), still live.
+        assert_eq!(ledger.live(), 1);
+        let mut restarted = Ledger::new(no_local, stored(&outs));
+        restarted.resume(&env(20, &me, &caps, &w));
+        let outs = restarted.take();
+        let assign = outs.iter().find_map(|o| match o {
+            Out::Send { body: JobMessage::Assign(a), .. } => Some(a.clone()),
+            _ => None,
+        });
+        let assign = assign.expect("offered again after the restart, not waiting on a lease");
+        assert_eq!(assign.fence, 2);
+        // The refusal did not use the job's only run: it is accepted, then lost, and only then
+        // does it fail.
+        let accepted = JobRef { job_id: id.clone(), fence: 2 };
+        restarted.on_message(&w1, 21, JobMessage::Accepted(accepted), &env(21, &me, &caps, &w));
+        restarted.tick(&env(21 + 10_000, &me, &caps, &w));
+        let outs = restarted.take();
+        assert!(outs.iter().any(|o| matches!(o, Out::Emit(e) if matches!(**e, Event::ActionFailed(ref f) if f.code.as_deref() == Some("lost")))), "{outs:?}");
+    }
 }

@@ -113,7 +113,8 @@ pub struct Rejection {
     pub job_id: String,
     /// Fence.
     pub fence: u64,
-    /// `not_home`, `replay`, `stale_policy`, `kind_not_allowed`, `busy`, `draining`, `too_large`.
+    /// `not_home`, `not_admitted`, `replay`, `stale_policy`, `kind_not_allowed`, `draining`,
+    /// `busy`, or (from the Home's own transport) `unreachable` and `timeout`.
     pub code: String,
 }
 

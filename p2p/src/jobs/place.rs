@@ -39,6 +39,8 @@ pub struct Want<'a> {
     pub avoid: &'a [String],
     /// Nodes that refused or lost this job already.
     pub tried: &'a [NodeId],
+    /// Nodes that refused it for now (busy, draining, unanswered): skipped, and the job waits.
+    pub resting: &'a [NodeId],
 }
 
 /// Why no worker was chosen: how many were looked at and how many each filter removed
@@ -115,6 +117,9 @@ fn filter(want: &Want<'_>, c: &Candidate<'_>) -> Result<(), &'static str> {
     }
     if want.tried.contains(&advert.id) {
         return Err("tried");
+    }
+    if want.resting.contains(&advert.id) {
+        return Err("resting");
     }
     fits(want.require, &advert.capabilities, &advert.tags)?;
     if c.inflight >= jobs.slots {
@@ -237,7 +242,15 @@ mod tests {
     }
 
     fn want<'a>(require: &'a Require, tried: &'a [NodeId]) -> Want<'a> {
-        Want { job_id: "j1", kind: "math.add", require, node: None, avoid: &[], tried }
+        Want {
+            job_id: "j1",
+            kind: "math.add",
+            require,
+            node: None,
+            avoid: &[],
+            tried,
+            resting: &[],
+        }
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! Jobs this node runs for its Home. Admission is decided here, where the work runs, and denies
 //! by default: only kinds this node can execute and its operator allowed (`[jobs.remote]
-//! allow`). A held attempt stops by itself when its lease is not renewed in time (before the
-//! Home gives up on it), and its result is sent until the Home acknowledges it.
+//! allow`).
+//!
+//! An accepted assignment only reserves a slot: the attempt starts when the Home confirms it
+//! (a `renew_ack` naming it), and from then on it holds a lease counted from this node's own
+//! send time of the message the Home confirmed. It stops by itself when the lease is not
+//! renewed in time, before the Home gives up on it, so two attempts of one job never run at
+//! once whatever the message delays. Its result is sent until the Home acknowledges it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
@@ -17,6 +22,8 @@ use crate::{
     node_id::NodeId,
 };
 
+/// The longest lease a Home may grant.
+const MAX_LEASE_MS: u64 = 10 * 60 * 1_000;
 /// A result is given up after this long unacknowledged (the Home reassigned the job long ago).
 const OUTBOX_FOR_MS: u64 = 10 * 60 * 1_000;
 
@@ -41,7 +48,13 @@ struct Held {
     attempt: u32,
     kind: String,
     home: NodeId,
-    /// Stop by then unless renewed (ms).
+    /// Reserved, not started: what to run once the Home confirms.
+    run: Option<Run>,
+    /// The lease the Home grants this attempt (ms).
+    lease_ms: u64,
+    /// When this node said it accepted (the lease counts from there once confirmed).
+    accepted_ms: u64,
+    /// Stop by then unless renewed; for a reservation, drop it by then (ms).
     deadline: u64,
 }
 
@@ -112,9 +125,17 @@ impl Worker {
         u32::try_from(self.held.len()).unwrap_or(u32::MAX)
     }
 
-    /// Whether `job_id` at `fence` runs here for the Home.
+    /// Whether `job_id` at `fence` runs (or is reserved) here for the Home.
     pub fn holds(&self, job_id: &str, fence: u64) -> bool {
         self.held.get(job_id).is_some_and(|h| h.fence == fence)
+    }
+
+    /// The attempts running here (started, not reserved) with the time each must stop by.
+    pub fn running(&self) -> impl Iterator<Item = (&str, u64, u64)> {
+        self.held
+            .iter()
+            .filter(|(_, h)| h.run.is_none())
+            .map(|(id, h)| (id.as_str(), h.fence, h.deadline))
     }
 
     /// An assignment from the Home (its signer already checked).
@@ -165,26 +186,28 @@ impl Worker {
             self.out.push(Out::Abort { job_id: a.job_id.clone(), fence: old.fence });
         }
         self.outbox.remove(&a.job_id);
-        let lease = a.lease_ms.clamp(3 * self.config.renew_ms, 10 * 60 * 1_000);
+        let run = Run {
+            job_id: a.job_id.clone(),
+            fence: a.fence,
+            attempt: a.attempt,
+            kind: a.kind.clone(),
+            input: a.input,
+            idem_key: a.idem_key,
+            deadline_ms: a.timeout_ms,
+        };
         self.held.insert(
             a.job_id.clone(),
             Held {
                 fence: a.fence,
                 attempt: a.attempt,
-                kind: a.kind.clone(),
+                kind: a.kind,
                 home: home.clone(),
-                deadline: env.now + lease.saturating_sub(LEASE_MARGIN_MS),
+                run: Some(run),
+                lease_ms: a.lease_ms.clamp(3 * self.config.renew_ms, MAX_LEASE_MS),
+                accepted_ms: env.now,
+                deadline: env.now + a.lease_ms.clamp(3 * self.config.renew_ms, MAX_LEASE_MS),
             },
         );
-        self.out.push(Out::Execute(Run {
-            job_id: a.job_id.clone(),
-            fence: a.fence,
-            attempt: a.attempt,
-            kind: a.kind,
-            input: a.input,
-            idem_key: a.idem_key,
-            deadline_ms: env.now.saturating_add(a.timeout_ms),
-        }));
         let body = JobMessage::Accepted(JobRef { job_id: a.job_id, fence: a.fence });
         self.out.push(Out::Send { to: home.clone(), body });
     }
@@ -192,7 +215,7 @@ impl Worker {
     /// A message from the Home other than an assignment.
     pub fn on_message(&mut self, body: JobMessage, env: &WorkerEnv<'_>) {
         match body {
-            JobMessage::RenewAck(ack) => self.renewed(ack),
+            JobMessage::RenewAck(ack) => self.renewed(ack, env),
             JobMessage::CompleteAck(r) => {
                 self.outbox.retain(|id, p| *id != r.job_id || p.complete.fence != r.fence);
             }
@@ -203,9 +226,10 @@ impl Worker {
 
     /// An attempt held here finished.
     pub fn finished(&mut self, done: Finished, env: &WorkerEnv<'_>) {
-        let Some(held) = self.held.remove(&done.job_id).filter(|h| h.fence == done.fence) else {
+        if !self.holds(&done.job_id, done.fence) {
             return;
-        };
+        }
+        let Some(held) = self.held.remove(&done.job_id) else { return };
         let took = done.finished_ms.saturating_sub(done.started_ms);
         self.emit(Event::TaskCompleted(TaskCompleted {
             id: json!(done.job_id),
@@ -284,27 +308,49 @@ impl Worker {
         [lapse, renew, resend].into_iter().flatten().min()
     }
 
-    fn renewed(&mut self, ack: RenewAck) {
-        // Renewed from when the renewal left this node: the Home's lease started no earlier.
-        let deadline = ack.echo_ms + self.config.lease_ms.saturating_sub(LEASE_MARGIN_MS);
+    fn renewed(&mut self, ack: RenewAck, env: &WorkerEnv<'_>) {
+        // Renewed from when the confirmed message left this node: the Home's lease started no
+        // earlier.
         for r in &ack.renewed {
-            if let Some(h) = self.held.get_mut(&r.job_id).filter(|h| h.fence == r.fence) {
-                h.deadline = h.deadline.max(deadline);
+            let Some(h) = self.held.get_mut(&r.job_id).filter(|h| h.fence == r.fence) else {
+                continue;
+            };
+            let lease = h.lease_ms.saturating_sub(LEASE_MARGIN_MS);
+            match h.run.take() {
+                // Confirmed: it starts, leased from its acceptance or the renewal echoed.
+                Some(mut run) => {
+                    let anchor = ack.echo_ms.max(h.accepted_ms).min(env.now);
+                    if anchor + lease <= env.now {
+                        // A confirmation too old to lease anything: the next renewal's will do.
+                        h.run = Some(run);
+                        continue;
+                    }
+                    h.deadline = anchor + lease;
+                    run.deadline_ms = env.now.saturating_add(run.deadline_ms);
+                    self.out.push(Out::Execute(run));
+                }
+                None => h.deadline = h.deadline.max(ack.echo_ms + lease),
             }
         }
         for r in &ack.cancel {
-            if let Some(h) = self.held.get(&r.job_id).filter(|h| h.fence == r.fence) {
-                let _ = h;
-                self.held.remove(&r.job_id);
-                self.out.push(Out::Abort { job_id: r.job_id.clone(), fence: r.fence });
+            if let Some(h) = self.held.remove(&r.job_id) {
+                if h.fence != r.fence {
+                    self.held.insert(r.job_id.clone(), h);
+                } else if h.run.is_none() {
+                    self.out.push(Out::Abort { job_id: r.job_id.clone(), fence: r.fence });
+                }
             }
         }
     }
 
     fn stop(&mut self, r: &JobRef, code: &str, env: &WorkerEnv<'_>) {
         let Some(held) = self.held.get(&r.job_id).filter(|h| h.fence == r.fence) else { return };
-        let attempt = held.attempt;
+        let (attempt, started) = (held.attempt, held.run.is_none());
         self.held.remove(&r.job_id);
+        if !started {
+            // A reservation the Home never confirmed: nothing runs.
+            return;
+        }
         self.out.push(Out::Abort { job_id: r.job_id.clone(), fence: r.fence });
         self.emit(Event::JobError(JobEvent {
             id: r.job_id.clone(),

@@ -277,8 +277,9 @@ impl NatsBus {
         }
     }
 
-    /// Sends a dispatch envelope to the node behind `peer` (request-reply: no responder, or no
-    /// answer in time, reports it undelivered).
+    /// Sends a dispatch envelope to the node behind `peer` (request-reply: "no responders"
+    /// reports it undelivered; a missing answer proves nothing and is left to the core's
+    /// timers).
     pub fn send_job(&mut self, peer: PeerId, bytes: Vec<u8>) {
         let client = self.client.clone();
         let subject = jobs_subject(&self.workspace, &peer);
