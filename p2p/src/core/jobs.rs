@@ -27,13 +27,16 @@ struct Members<'a> {
 }
 
 impl Workers for Members<'_> {
-    fn each(&self, f: &mut dyn FnMut(&Advert, bool, bool)) {
-        for (id, m) in self.members {
-            let ok = m.record.health_at(self.now, self.ttl_ms) == Health::Ok;
-            let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, m.key);
-            let admitted = self.roster.status(id, &key) == Admission::Admitted;
-            f(&m.record.advert, ok, admitted);
-        }
+    fn list(&self) -> Vec<(&Advert, bool, bool)> {
+        self.members
+            .iter()
+            .map(|(id, m)| {
+                let ok = m.record.health_at(self.now, self.ttl_ms) == Health::Ok;
+                let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, m.key);
+                let admitted = self.roster.status(id, &key) == Admission::Admitted;
+                (&*m.record.advert, ok, admitted)
+            })
+            .collect()
     }
 }
 
@@ -190,6 +193,7 @@ impl NodeCore {
             slots,
             hosted: self.worker.hosted(),
             offload,
+            queue_ms: hints.hints.slo_ms.unwrap_or(250),
             policy_epoch: self.protocol.policy().epoch(),
             workers: if offload == Offload::Never { &no_workers } else { &members },
         };

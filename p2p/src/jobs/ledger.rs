@@ -73,6 +73,9 @@ pub struct Env<'a> {
     pub hosted: u32,
     /// Whether this node places jobs on workers (it is the Home), and how eagerly.
     pub offload: Offload,
+    /// How long a job may wait behind the local queue before a worker takes it instead (ms;
+    /// the hint `slo_ms`, else 250).
+    pub queue_ms: u64,
     /// The policy epoch in force (sent with assignments).
     pub policy_epoch: u64,
     /// The workers.
@@ -98,8 +101,8 @@ pub enum Offload {
 
 /// The workers a Home may place on.
 pub trait Workers {
-    /// Calls `f` with each remote node's advert, whether it is `ok`, and whether it is admitted.
-    fn each(&self, f: &mut dyn FnMut(&Advert, bool, bool));
+    /// Each remote node's advert, whether it is `ok`, and whether it is admitted.
+    fn list(&self) -> Vec<(&Advert, bool, bool)>;
 }
 
 /// No workers (a node that is not the Home).
@@ -107,7 +110,9 @@ pub trait Workers {
 pub struct NoWorkers;
 
 impl Workers for NoWorkers {
-    fn each(&self, _: &mut dyn FnMut(&Advert, bool, bool)) {}
+    fn list(&self) -> Vec<(&Advert, bool, bool)> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -629,7 +634,7 @@ impl Ledger {
         // clears within the offload wait.
         let short_queue = {
             let ahead = self.queue.iter().position(|q| q == id).unwrap_or(0) as f64;
-            ahead * self.ewma_ms / f64::from(env.slots.max(1)) <= OFFLOAD_QUEUE_MS
+            ahead * self.ewma_ms / f64::from(env.slots.max(1)) <= env.queue_ms as f64
         };
         if local.is_ok() && prefer != Prefer::Remote && (free_here || prefer == Prefer::Local) {
             return if free_here { Step::Local } else { Step::Wait };
@@ -666,20 +671,13 @@ impl Ledger {
             tried: &live.tried,
             resting: &resting,
         };
-        let mut candidates = Vec::new();
-        env.workers.each(&mut |advert, ok, admitted| {
-            let inflight = self.inflight.get(&advert.id).copied().unwrap_or(0);
-            candidates.push((advert.clone(), ok, admitted, inflight));
+        let candidates = env.workers.list().into_iter().map(|(advert, ok, admitted)| Candidate {
+            advert,
+            ok,
+            admitted,
+            inflight: self.inflight.get(&advert.id).copied().unwrap_or(0),
         });
-        let decision = place::place(
-            &want,
-            candidates.iter().map(|(advert, ok, admitted, inflight)| Candidate {
-                advert,
-                ok: *ok,
-                admitted: *admitted,
-                inflight: *inflight,
-            }),
-        );
+        let decision = place::place(&want, candidates);
         match decision {
             Decision::Remote { node, feasible, .. } => Step::Remote(node, feasible),
             Decision::Infeasible(mut explain) => {
@@ -981,9 +979,6 @@ const TRANSIENT: [&str; 5] = ["busy", "draining", "stale_policy", "timeout", "un
 /// How long a worker that refused a job for now is skipped for it.
 const REST_MS: u64 = 1_000;
 
-/// The wait, behind a busy local queue, after which a job goes to a worker instead (ms).
-const OFFLOAD_QUEUE_MS: f64 = 250.0;
-
 enum Step {
     Wait,
     Local,
@@ -1026,8 +1021,8 @@ mod tests {
     struct One(Advert);
 
     impl Workers for One {
-        fn each(&self, f: &mut dyn FnMut(&Advert, bool, bool)) {
-            f(&self.0, true, true);
+        fn list(&self) -> Vec<(&Advert, bool, bool)> {
+            vec![(&self.0, true, true)]
         }
     }
 
@@ -1055,6 +1050,7 @@ mod tests {
             slots: 1,
             hosted: 0,
             offload: Offload::Prefer,
+            queue_ms: 250,
             policy_epoch: 1,
             workers: w,
         }

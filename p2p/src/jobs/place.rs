@@ -73,6 +73,7 @@ pub enum Decision {
 /// test first, then the feasible ones are scored on spare capacity, with a per-job spread.
 pub fn place<'a>(want: &Want<'_>, candidates: impl IntoIterator<Item = Candidate<'a>>) -> Decision {
     let mut explain = Explain::default();
+    let seed = job_seed(want.job_id);
     let mut best: Option<(f64, &NodeId)> = None;
     let mut feasible = 0;
     for c in candidates {
@@ -82,7 +83,7 @@ pub fn place<'a>(want: &Want<'_>, candidates: impl IntoIterator<Item = Candidate
             continue;
         }
         feasible += 1;
-        let score = score(want.job_id, &c);
+        let score = score(seed, &c);
         if best.is_none_or(|(s, id)| score > s || (score == s && c.advert.id < *id)) {
             best = Some((score, &c.advert.id));
         }
@@ -145,22 +146,24 @@ pub fn fits(
         return Err("tags");
     }
     if let Some(gpu) = &require.gpu {
-        let gpus = gpus(caps);
-        let vendor = gpu.vendor.as_deref().map(str::to_lowercase);
-        let matching: Vec<&Gpu> =
-            gpus.iter().filter(|g| vendor.as_deref().is_none_or(|v| g.name.contains(v))).collect();
-        if (matching.len() as u64) < u64::from(gpu.count) {
-            return Err(if vendor.is_some() && gpus.len() >= gpu.count as usize {
-                "gpu.vendor"
-            } else {
-                "gpu.count"
-            });
-        }
-        if let Some(min) = gpu.min_memory_mib {
-            let big = matching.iter().filter(|g| g.memory_mib.is_some_and(|m| m >= min)).count();
-            if (big as u64) < u64::from(gpu.count) {
-                return Err("gpu.memory");
+        let vendor = gpu.vendor.as_deref();
+        let (mut all, mut matching, mut big) = (0u64, 0u64, 0u64);
+        for g in gpus(caps) {
+            all += 1;
+            if vendor.is_some_and(|v| !contains_ignore_case(g.name, v)) {
+                continue;
             }
+            matching += 1;
+            if gpu.min_memory_mib.is_none_or(|min| g.memory_mib.is_some_and(|m| m >= min)) {
+                big += 1;
+            }
+        }
+        let count = u64::from(gpu.count);
+        if matching < count {
+            return Err(if vendor.is_some() && all >= count { "gpu.vendor" } else { "gpu.count" });
+        }
+        if big < count {
+            return Err("gpu.memory");
         }
     }
     if let Some(min) = require.memory_min_mib {
@@ -178,49 +181,62 @@ pub fn fits(
     Ok(())
 }
 
-struct Gpu {
-    /// Lower case.
-    name: String,
+struct Gpu<'a> {
+    name: &'a str,
     memory_mib: Option<u64>,
 }
 
 /// The GPUs a node offers: those its probe found (`capabilities.gpus`), else those its
 /// operator declared (`gpu:<name>` in `capabilities.declared`, memory unknown).
-fn gpus(caps: &Map<String, Value>) -> Vec<Gpu> {
-    let probed: Vec<Gpu> = caps
-        .get("gpus")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|g| Gpu {
-            name: g["name"].as_str().unwrap_or_default().to_lowercase(),
-            memory_mib: g["memory_total_bytes"].as_u64().map(|b| b / (1024 * 1024)),
-        })
-        .collect();
-    if !probed.is_empty() {
-        return probed;
-    }
-    caps.get("declared")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+fn gpus(caps: &Map<String, Value>) -> impl Iterator<Item = Gpu<'_>> {
+    let list = |key: &str| caps.get(key).and_then(Value::as_array).map(Vec::as_slice);
+    let probed = list("gpus").unwrap_or_default();
+    let declared = if probed.is_empty() { list("declared").unwrap_or_default() } else { &[] };
+    let probed = probed.iter().map(|g| Gpu {
+        name: g["name"].as_str().unwrap_or_default(),
+        memory_mib: g["memory_total_bytes"].as_u64().map(|b| b / (1024 * 1024)),
+    });
+    let declared = declared
+        .iter()
         .filter_map(|d| d.as_str()?.strip_prefix("gpu:"))
-        .map(|name| Gpu { name: name.to_lowercase(), memory_mib: None })
-        .collect()
+        .map(|name| Gpu { name, memory_mib: None });
+    probed.chain(declared)
+}
+
+/// Whether `needle` occurs in `hay`, ASCII case ignored.
+fn contains_ignore_case(hay: &str, needle: &str) -> bool {
+    let (hay, needle) = (hay.as_bytes(), needle.as_bytes());
+    needle.is_empty() || hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Spare capacity (a node under half full counts as empty, so near-equals tie), plus a spread
-/// drawn from the job and node ids so equal nodes share the work.
-fn score(job_id: &str, c: &Candidate<'_>) -> f64 {
+/// drawn from the job (`seed`) and the node's id so equal nodes share the work.
+fn score(seed: u64, c: &Candidate<'_>) -> f64 {
     let slots = c.advert.jobs.as_ref().map_or(1, |j| j.slots.max(1));
     let util = f64::from(c.inflight) / f64::from(slots);
     let util = if util < 0.5 { 0.0 } else { util };
-    let digest = Sha256::new()
-        .chain_update(job_id.as_bytes())
-        .chain_update(c.advert.id.as_str().as_bytes())
-        .finalize();
-    let spread = f64::from(u16::from_be_bytes([digest[0], digest[1]])) / f64::from(u16::MAX);
-    0.5 * (1.0 - util) + 0.1 * spread
+    0.5 * (1.0 - util) + 0.1 * spread(seed, c.advert.id.as_str())
+}
+
+/// A number in [0, 1) from `seed` and `id`: the same for the same inputs, every run.
+fn spread(seed: u64, id: &str) -> f64 {
+    let mut h = seed;
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // splitmix64's finaliser, so nearby ids land far apart.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The job's part of the spread.
+fn job_seed(job_id: &str) -> u64 {
+    let digest = Sha256::digest(job_id.as_bytes());
+    let mut first = [0; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 #[cfg(test)]

@@ -22,6 +22,10 @@ use crate::{
     node_id::NodeId,
 };
 
+/// A renewal round not answered is sent again this often...
+const RENEW_RETRY_MS: u64 = 250;
+/// ...at most this many more times.
+const RENEW_RETRIES: u32 = 3;
 /// The longest lease a Home may grant.
 const MAX_LEASE_MS: u64 = 10 * 60 * 1_000;
 /// A result is given up after this long unacknowledged (the Home reassigned the job long ago).
@@ -78,6 +82,10 @@ pub struct Worker {
     outbox: BTreeMap<String, Pending>,
     draining: bool,
     next_renew: u64,
+    /// The current renewal round not yet answered: when it began, retries sent.
+    unanswered: Option<(u64, u32)>,
+    /// When the last renewal went out.
+    last_renew: u64,
     out: Vec<Out>,
 }
 
@@ -93,6 +101,8 @@ impl Worker {
             outbox: BTreeMap::new(),
             draining: false,
             next_renew: 0,
+            unanswered: None,
+            last_renew: 0,
             out: Vec::new(),
         }
     }
@@ -276,8 +286,20 @@ impl Worker {
         for r in lapsed {
             self.stop(&r, "lease_lost", env);
         }
-        if now >= self.next_renew {
-            self.next_renew = now + self.config.renew_ms;
+        // A renewal round: one renewal, then up to RENEW_RETRIES more RENEW_RETRY_MS apart
+        // while none of them is answered, so a lease is lost only when every message of
+        // several rounds in a row is.
+        let round = now >= self.next_renew;
+        let retry = self.unanswered.is_some_and(|(_, retries)| retries < RENEW_RETRIES)
+            && now >= self.last_renew + RENEW_RETRY_MS;
+        if (round || retry) && !self.held.is_empty() {
+            if round {
+                self.next_renew = now + self.config.renew_ms;
+                self.unanswered = Some((now, 0));
+            } else if let Some((_, retries)) = &mut self.unanswered {
+                *retries += 1;
+            }
+            self.last_renew = now;
             let mut by_home: BTreeMap<&NodeId, Vec<JobRef>> = BTreeMap::new();
             for (id, h) in &self.held {
                 by_home
@@ -303,12 +325,20 @@ impl Worker {
     /// The earliest time something is due.
     pub fn next_deadline(&self) -> Option<u64> {
         let lapse = self.held.values().map(|h| h.deadline).min();
-        let renew = (!self.held.is_empty()).then_some(self.next_renew);
+        let retry = self
+            .unanswered
+            .filter(|(_, r)| *r < RENEW_RETRIES)
+            .map(|_| self.last_renew + RENEW_RETRY_MS);
+        let renew = (!self.held.is_empty())
+            .then_some(retry.map_or(self.next_renew, |r| r.min(self.next_renew)));
         let resend = self.outbox.values().map(|p| p.last_sent + COMPLETE_RETRY_MS).min();
         [lapse, renew, resend].into_iter().flatten().min()
     }
 
     fn renewed(&mut self, ack: RenewAck, env: &WorkerEnv<'_>) {
+        if self.unanswered.is_some_and(|(began, _)| ack.echo_ms >= began) {
+            self.unanswered = None;
+        }
         // Renewed from when the confirmed message left this node: the Home's lease started no
         // earlier.
         for r in &ack.renewed {

@@ -277,7 +277,7 @@ impl Actor {
                     Write::Registry { self_seq, upsert, remove } => {
                         self.registry.write(self_seq, upsert, remove).await
                     }
-                    Write::Job(record) => self.jobs.write(record).await,
+                    Write::Job(record) => self.jobs.write(&record),
                     other => write_state(self.state_dir.clone(), other).await,
                 };
                 return Some((ticket, result.map_err(|e| e.to_string())));
