@@ -272,10 +272,12 @@ impl Sim {
         for i in 0..self.nodes.len() {
             let n = &mut self.nodes[i];
             if !n.alive && n.restart_at <= now {
-                // A restarted worker remembers nothing.
+                // A restarted worker remembers nothing, and says it started.
                 n.alive = true;
                 n.restart_at = 0;
                 n.worker = Worker::new(self.config.clone());
+                n.worker.start(now);
+                n.advert.jobs = n.worker.advert();
             }
         }
         if faults && self.faults {

@@ -103,7 +103,12 @@ fn adverts(n: usize) -> Vec<Advert> {
             .as_object()
             .cloned()
             .unwrap_or_default();
-            a.jobs = Some(JobsAdvert { slots: 8, accepts: vec!["work".into()], draining: false });
+            a.jobs = Some(JobsAdvert {
+                slots: 8,
+                accepts: vec!["work".into()],
+                draining: false,
+                boot: 0,
+            });
             a
         })
         .collect()

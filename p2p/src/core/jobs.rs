@@ -38,6 +38,10 @@ impl Workers for Members<'_> {
             })
             .collect()
     }
+
+    fn boot(&self, node: &NodeId) -> Option<u64> {
+        self.members.get(node)?.record.advert.jobs.as_ref().map(|j| j.boot)
+    }
 }
 
 impl NodeCore {
@@ -68,9 +72,19 @@ impl NodeCore {
     }
 
     /// A dispatch envelope arrived (over libp2p from `from`, or from the broker).
-    pub(super) fn on_job_message(&mut self, bytes: &[u8], from: Option<PeerId>, now: u64) {
+    pub(super) fn on_job_message(
+        &mut self,
+        bytes: &[u8],
+        from: Option<PeerId>,
+        opened: Option<Box<message::Opened>>,
+        now: u64,
+    ) {
         self.counters.received += 1;
-        let (key, signed) = match message::open(bytes, &self.workspace) {
+        let opened = match opened {
+            Some(opened) => *opened,
+            None => message::open(bytes, &self.workspace),
+        };
+        let (key, signed) = match opened {
             Ok(opened) => opened,
             Err(reason) => {
                 self.counters.refused += 1;

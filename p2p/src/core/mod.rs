@@ -152,6 +152,8 @@ pub enum Input {
         bytes: Vec<u8>,
         /// The sending peer (libp2p; the transport authenticated it).
         from: Option<PeerId>,
+        /// The envelope already opened by the executor, when it did so.
+        opened: Option<Box<crate::jobs::message::Opened>>,
     },
     /// A dispatch envelope to this peer could not be delivered (no route, no answer).
     JobUndelivered(PeerId),
@@ -491,7 +493,9 @@ impl NodeCore {
             }
             Input::SyncResponse { from, response } => self.on_answer(from, response, now_ms),
             Input::Addresses(addresses) => self.on_addresses(addresses, now_ms),
-            Input::JobMessage { bytes, from } => self.on_job_message(&bytes, from, now_ms),
+            Input::JobMessage { bytes, from, opened } => {
+                self.on_job_message(&bytes, from, opened, now_ms)
+            }
             Input::JobUndelivered(peer) => self.on_job_undelivered(peer, now_ms),
             Input::Command(id, command) => self.command(id, command, now_ms),
             Input::Persisted(ticket, result) => {
@@ -630,6 +634,7 @@ impl NodeCore {
             sync: now + SYNC_FIRST_MS,
         };
         self.reapply_home_capsules(now);
+        self.worker.start(now);
         self.resume_jobs(now);
         self.advertise("boot", now, |_, _| {});
         self.want_policy("boot", now);

@@ -184,3 +184,57 @@ fn a_hello_that_renames_or_demotes_the_home_carries_its_authority_along() {
     let edge = policy(&core);
     assert_eq!((edge.pinned_by, edge.takes_work), (None, true), "no longer the Home: {edge:?}");
 }
+
+/// A dispatch envelope from `key` claiming to be `node`.
+fn job_envelope(key: &NodeKey, node: &str, body: crate::jobs::message::JobMessage) -> Vec<u8> {
+    let signed =
+        crate::jobs::message::Signed { node: NodeId::parse(node).expect("id"), sent_ms: T0, body };
+    crate::jobs::message::seal(key, "lab", &signed)
+}
+
+#[test]
+fn only_the_pinned_home_may_assign_and_no_key_may_speak_for_another() {
+    use crate::jobs::message::{Assign, JobMessage, Signed};
+    let mut config = config("a", 1);
+    config.jobs = crate::jobs::JobsConfig {
+        kinds: vec!["work".into()],
+        allow: vec!["*".into()],
+        ..Default::default()
+    };
+    let mut a = NodeCore::new(&config, Restored::default());
+    drive(&mut a, Input::Start { addresses: Vec::new() }, T0);
+    let b = NodeKey::from_secret([2; 32]);
+    let advert = Advert::basic(NodeId::parse("b").expect("id"), "lab", T0, T0);
+    let bytes = seal(&b, "lab", &Message::Advert(advert));
+    drive(&mut a, Input::Message { bytes, via: Inbound::Broker, opened: None }, T0);
+    let assign = JobMessage::Assign(Assign {
+        job_id: "j1".into(),
+        attempt: 1,
+        fence: 7,
+        kind: "work".into(),
+        input: serde_json::Value::Null,
+        idem_key: None,
+        policy_epoch: 1,
+        timeout_ms: 1_000,
+        lease_ms: 5_000,
+    });
+    // b is a member with a valid signature, but not the Home a pinned: refused, never run.
+    let bytes = job_envelope(&b, "b", assign.clone());
+    let effects = drive(&mut a, Input::JobMessage { bytes, from: None, opened: None }, T0 + 1);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Execute(_))), "{effects:?}");
+    let answer = effects.iter().find_map(|e| match e {
+        Effect::SendJob { bytes, .. } => crate::jobs::message::open(bytes, "lab").ok(),
+        _ => None,
+    });
+    let Some((_, Signed { body: JobMessage::Rejected(r), .. })) = answer else {
+        panic!("no rejection: {effects:?}")
+    };
+    assert_eq!((r.job_id.as_str(), r.fence, r.code.as_str()), ("j1", 7, "not_home"));
+    // A key speaking for b (bound to another key): dropped without an answer.
+    let c = NodeKey::from_secret([3; 32]);
+    let refused = a.counters().refused;
+    let bytes = job_envelope(&c, "b", assign);
+    let effects = drive(&mut a, Input::JobMessage { bytes, from: None, opened: None }, T0 + 2);
+    assert!(!effects.iter().any(|e| matches!(e, Effect::SendJob { .. } | Effect::Execute(_))));
+    assert_eq!(a.counters().refused, refused + 1);
+}

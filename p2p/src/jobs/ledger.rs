@@ -103,6 +103,14 @@ pub enum Offload {
 pub trait Workers {
     /// Each remote node's advert, whether it is `ok`, and whether it is admitted.
     fn list(&self) -> Vec<(&Advert, bool, bool)>;
+
+    /// When `node` last said it started (its advert's `jobs.boot`).
+    fn boot(&self, node: &NodeId) -> Option<u64> {
+        self.list()
+            .into_iter()
+            .find(|(a, _, _)| a.id == *node)
+            .and_then(|(a, _, _)| a.jobs.as_ref().map(|j| j.boot))
+    }
 }
 
 /// No workers (a node that is not the Home).
@@ -137,6 +145,8 @@ struct Live {
     resting: Vec<(NodeId, u64)>,
     /// Refusals in a row.
     hops: u32,
+    /// The worker's start time when the current attempt was offered.
+    boot: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -203,6 +213,7 @@ impl Ledger {
                     tried: Vec::new(),
                     resting: Vec::new(),
                     hops: 0,
+                    boot: None,
                 };
                 ledger.live.insert(live.rec.id.clone(), live);
             }
@@ -325,7 +336,14 @@ impl Ledger {
         }
         self.live.insert(
             id.clone(),
-            Live { rec, phase: Phase::Queued, tried: Vec::new(), resting: Vec::new(), hops: 0 },
+            Live {
+                rec,
+                phase: Phase::Queued,
+                tried: Vec::new(),
+                resting: Vec::new(),
+                hops: 0,
+                boot: None,
+            },
         );
         self.queue.push_back(id.clone());
         let event = {
@@ -429,7 +447,15 @@ impl Ledger {
         let now = env.now;
         let mut timed_out = Vec::new();
         let mut expired = Vec::new();
+        let mut restarted = Vec::new();
         for (id, live) in &self.live {
+            if let (Phase::Assigning { node, .. } | Phase::Remote { node, .. }, Some(boot)) =
+                (&live.phase, live.boot)
+                && env.workers.boot(node).is_some_and(|now_boot| now_boot != boot)
+            {
+                restarted.push((node.clone(), id.clone()));
+                continue;
+            }
             match &live.phase {
                 Phase::Assigning { node, until } if *until <= now => {
                     timed_out.push((node.clone(), id.clone(), live.rec.fence));
@@ -446,6 +472,11 @@ impl Ledger {
         for (node, id) in expired {
             self.release(&node);
             self.lost(&id, node, true, "lease_expired", env);
+        }
+        // The worker restarted: what it held is gone now, no need to wait for the lease.
+        for (node, id) in restarted {
+            self.release(&node);
+            self.lost(&id, node, false, "worker_restarted", env);
         }
         while let Some((at, key)) = self.idem_ended.front() {
             if now.saturating_sub(*at) < IDEM_KEEP_MS && self.idem.len() <= IDEM_MAX {
@@ -767,6 +798,7 @@ impl Ledger {
         *self.inflight.entry(node.clone()).or_default() += 1;
         let Some(live) = self.live.get_mut(id) else { return };
         live.phase = Phase::Assigning { node: node.clone(), until: env.now + ASSIGN_TIMEOUT_MS };
+        live.boot = env.workers.boot(&node);
         let rec = &mut live.rec;
         rec.attempt += 1;
         rec.fence = fence;
@@ -1016,7 +1048,7 @@ fn validate(spec: &JobSpec) -> Result<(), SubmitError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JobsAdvert, message::Rejection};
+    use crate::jobs::{JobsAdvert, LEASE_MS, message::Rejection};
 
     struct One(Advert);
 
@@ -1027,8 +1059,14 @@ mod tests {
     }
 
     fn worker() -> One {
+        started(0)
+    }
+
+    /// The worker `w1`, started at `boot`.
+    fn started(boot: u64) -> One {
         let mut advert = Advert::basic(NodeId::parse("w1").expect("id"), "lab", 1, 0);
-        advert.jobs = Some(JobsAdvert { slots: 2, accepts: vec!["work".into()], draining: false });
+        let jobs = JobsAdvert { slots: 2, accepts: vec!["work".into()], draining: false, boot };
+        advert.jobs = Some(jobs);
         One(advert)
     }
 
@@ -1127,5 +1165,68 @@ mod tests {
         restarted.tick(&env(21 + 10_000, &me, &caps, &w));
         let outs = restarted.take();
         assert!(outs.iter().any(|o| matches!(o, Out::Emit(e) if matches!(**e, Event::ActionFailed(ref f) if f.code.as_deref() == Some("lost")))), "{outs:?}");
+    }
+
+    #[test]
+    fn a_worker_that_restarted_loses_its_attempts_at_once() {
+        let (me, caps) = (NodeId::parse("home").expect("id"), Map::new());
+        let (before, after) = (started(100), started(200));
+        let mut ledger = Ledger::new(config(), Default::default());
+        let id =
+            ledger.submit(spec(Some("k")), &env(10, &me, &caps, &before)).expect("admitted").id;
+        let w1 = NodeId::parse("w1").expect("id");
+        let accepted = JobRef { job_id: id.clone(), fence: 1 };
+        ledger.on_message(&w1, 11, JobMessage::Accepted(accepted), &env(11, &me, &caps, &before));
+        ledger.tick(&env(1_000, &me, &caps, &before));
+        assert!(ledger.lease(&id).is_some(), "still leased while the worker is the same");
+        ledger.take();
+        // Its advert says it started again: the attempt is lost now, not when the lease ends,
+        // and runs again (here: this node may run it, and has a free slot).
+        ledger.tick(&env(1_100, &me, &caps, &after));
+        let outs = ledger.take();
+        let reassigned = outs.iter().any(|o| {
+            matches!(o, Out::Emit(e) if matches!(**e, Event::JobReassigned(ref r) if r.reason.as_deref() == Some("worker_restarted")))
+        });
+        assert!(reassigned, "{outs:?}");
+        assert_eq!(ledger.lease(&id), None);
+    }
+
+    #[test]
+    fn a_worker_lying_with_a_valid_signature_cannot_end_or_keep_another_s_attempt() {
+        let (me, caps, w) = (NodeId::parse("home").expect("id"), Map::new(), worker());
+        let no_local = JobsConfig { kinds: Vec::new(), ..config() };
+        let mut ledger = Ledger::new(no_local, Default::default());
+        let id = ledger.submit(spec(None), &env(10, &me, &caps, &w)).expect("admitted").id;
+        let (w1, liar) = (NodeId::parse("w1").expect("id"), NodeId::parse("w2").expect("id"));
+        let accepted = JobRef { job_id: id.clone(), fence: 1 };
+        ledger.on_message(
+            &w1,
+            11,
+            JobMessage::Accepted(accepted.clone()),
+            &env(11, &me, &caps, &w),
+        );
+        ledger.take();
+        // The liar names the right job and fence: its result is refused, its renewal cancelled.
+        let forged = Complete {
+            job_id: id.clone(),
+            fence: 1,
+            ok: true,
+            output: serde_json::json!("forged"),
+            started_ms: 12,
+            finished_ms: 12,
+        };
+        ledger.on_message(&liar, 12, JobMessage::Complete(forged), &env(12, &me, &caps, &w));
+        let renew = Renew { jobs: vec![accepted.clone()] };
+        ledger.on_message(&liar, 13, JobMessage::Renew(renew), &env(13, &me, &caps, &w));
+        let outs = ledger.take();
+        assert_eq!(ledger.live(), 1, "the job did not end");
+        let cancelled = outs.iter().any(|o| {
+            matches!(o, Out::Send { to, body: JobMessage::RenewAck(a) } if *to == liar && a.cancel == vec![accepted.clone()])
+        });
+        assert!(cancelled, "{outs:?}");
+        assert!(!outs.iter().any(|o| matches!(o, Out::Persist(r) if r.state.is_terminal())));
+        // Nor does the liar's renewal keep the real worker's lease alive.
+        ledger.tick(&env(11 + LEASE_MS + LEASE_MARGIN_MS, &me, &caps, &w));
+        assert_eq!(ledger.lease(&id), None, "the lease ran out on time");
     }
 }

@@ -160,8 +160,11 @@ pub fn seal(key: &NodeKey, workspace: &str, message: &Signed) -> Vec<u8> {
     wire::seal_payload(DOMAIN, key, workspace, &payload)
 }
 
+/// A dispatch envelope checked: its signer and its message, or why it was refused.
+pub type Opened = Result<(VerifyingKey, Signed), Reason>;
+
 /// Checks a dispatch envelope's signature for `workspace`, then decodes it.
-pub fn open(bytes: &[u8], workspace: &str) -> Result<(VerifyingKey, Signed), Reason> {
+pub fn open(bytes: &[u8], workspace: &str) -> Opened {
     let (key, payload) = wire::open_payload(DOMAIN, bytes, workspace, MAX_JOB_ENVELOPE)?;
     let signed = serde_json::from_str(payload).map_err(|_| Reason::Malformed)?;
     Ok((key, signed))

@@ -117,6 +117,14 @@ pub struct JobsAdvert {
     /// It takes no new work.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// When it started (its clock, ms): a new value says it restarted, and every attempt it held
+    /// is gone.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub boot: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `POST /actions`.

@@ -253,6 +253,7 @@ mod tests {
             slots: 2,
             accepts: accepts.iter().map(|s| (*s).to_owned()).collect(),
             draining: false,
+            boot: 0,
         });
         a
     }

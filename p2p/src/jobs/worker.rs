@@ -81,6 +81,8 @@ pub struct Worker {
     seen_order: VecDeque<String>,
     outbox: BTreeMap<String, Pending>,
     draining: bool,
+    /// When this node started.
+    boot: u64,
     next_renew: u64,
     /// The current renewal round not yet answered: when it began, retries sent.
     unanswered: Option<(u64, u32)>,
@@ -100,6 +102,7 @@ impl Worker {
             seen_order: VecDeque::new(),
             outbox: BTreeMap::new(),
             draining: false,
+            boot: 0,
             next_renew: 0,
             unanswered: None,
             last_renew: 0,
@@ -122,7 +125,13 @@ impl Worker {
             slots: self.config.slots,
             accepts: self.accepts.clone(),
             draining: self.draining,
+            boot: self.boot,
         })
+    }
+
+    /// The node started at `now` (advertised, so a Home learns of a restart at once).
+    pub fn start(&mut self, now: u64) {
+        self.boot = now;
     }
 
     /// Stops (or resumes) taking new attempts; returns whether that changed.

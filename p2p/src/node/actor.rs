@@ -184,7 +184,9 @@ impl Actor {
             TransportEvent::SyncResponse { from, response } => {
                 Input::SyncResponse { from, response }
             }
-            TransportEvent::JobMessage { bytes, from } => Input::JobMessage { bytes, from },
+            TransportEvent::JobMessage { bytes, from, opened } => {
+                Input::JobMessage { bytes, from, opened }
+            }
             TransportEvent::JobUndelivered(peer) => Input::JobUndelivered(peer),
             TransportEvent::Listening => {
                 let addresses =

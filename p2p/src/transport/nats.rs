@@ -164,6 +164,52 @@ async fn check_messages(
     }
 }
 
+use crate::jobs::message::Opened as OpenedJob;
+
+/// Dispatch envelopes a proven key may send per second on a node's own subject.
+const JOBS_PER_KEY: u32 = 5_000;
+
+/// Checks the dispatch envelopes sent to this node off its task, as [`check_messages`] does
+/// for the workspace subject: shed by claimed key before the signature check, the invalid ones
+/// passed on only within their budget. A message passed on is acknowledged (the sender learns
+/// it arrived); one shed is not, and its sender's timers take over.
+async fn check_jobs(
+    client: async_nats::Client,
+    mut raw: async_nats::Subscriber,
+    workspace: String,
+    checked: mpsc::Sender<(Vec<u8>, OpenedJob)>,
+) {
+    let mut shedder = Shedder::with_per_key(JOBS_PER_KEY);
+    let mut shed: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    let mut reported = tokio::time::Instant::now();
+    while let Some(message) = raw.next().await {
+        let bytes = message.payload.to_vec();
+        let key = wire::claimed_key(&bytes);
+        let now = crate::time::now_ms();
+        let verdict = shedder.before(key.as_deref(), now).and_then(|()| {
+            let opened = crate::jobs::message::open(&bytes, &workspace);
+            let valid = !opened.as_ref().is_err_and(|r| r.is_invalid());
+            shedder.after(key.as_deref(), valid, now).map(|()| opened)
+        });
+        match verdict {
+            Ok(opened) => {
+                if let Some(reply) = message.reply {
+                    let _ = client.publish(reply, Vec::new().into()).await;
+                }
+                if checked.send((bytes, opened)).await.is_err() {
+                    return;
+                }
+            }
+            Err(why) => *shed.entry(why.as_str()).or_default() += 1,
+        }
+        if !shed.is_empty() && reported.elapsed() >= REPORT_EVERY {
+            tracing::warn!(?shed, "dispatch messages shed before the node");
+            shed.clear();
+            reported = tokio::time::Instant::now();
+        }
+    }
+}
+
 /// The subject a workspace's signed messages travel on.
 pub fn msg_subject(workspace: &str) -> String {
     format!("arw.cluster.{workspace}.msg")
@@ -181,8 +227,8 @@ pub struct NatsBus {
     messages: mpsc::Receiver<Checked>,
     requests: async_nats::Subscriber,
     answers: async_nats::Subscriber,
-    /// Dispatch envelopes (jobs) for this node.
-    jobs: async_nats::Subscriber,
+    /// Dispatch envelopes (jobs) for this node, checked by [`check_jobs`].
+    jobs: mpsc::Receiver<(Vec<u8>, OpenedJob)>,
     workspace: String,
     /// Dispatch envelopes nobody took.
     undelivered: (mpsc::UnboundedSender<PeerId>, mpsc::UnboundedReceiver<PeerId>),
@@ -224,7 +270,9 @@ impl NatsBus {
         tokio::spawn(check_messages(raw, workspace.to_owned(), checked));
         let requests = subscribe(sync_subject.clone()).await?;
         let answers = subscribe(inbox.clone()).await?;
-        let jobs = subscribe(jobs_subject(workspace, &peer)).await?;
+        let raw_jobs = subscribe(jobs_subject(workspace, &peer)).await?;
+        let (checked_jobs, jobs) = mpsc::channel(CHECKED_QUEUE);
+        tokio::spawn(check_jobs(client.clone(), raw_jobs, workspace.to_owned(), checked_jobs));
         let connected = client.connection_state() == async_nats::connection::State::Connected;
         Ok(Self {
             client,
@@ -323,12 +371,8 @@ impl NatsBus {
                     _ => TransportEvent::Internal,
                 }
             }
-            Some(message) = self.jobs.next() => {
-                // Acknowledged on receipt: what it means is the core's to decide.
-                if let Some(reply) = message.reply {
-                    let _ = self.client.publish(reply, Vec::new().into()).await;
-                }
-                TransportEvent::JobMessage { bytes: message.payload.to_vec(), from: None }
+            Some((bytes, opened)) = self.jobs.recv() => {
+                TransportEvent::JobMessage { bytes, from: None, opened: Some(Box::new(opened)) }
             }
             Some(peer) = self.undelivered.1.recv() => TransportEvent::JobUndelivered(peer),
             Some(message) = self.answers.next() => {

@@ -480,7 +480,11 @@ impl Net {
                     request_response::Message::Request { request, channel, .. } => {
                         // Acknowledged on receipt: what it means is the core's to decide.
                         let _ = self.swarm.behaviour_mut().jobs.send_response(channel, ());
-                        TransportEvent::JobMessage { bytes: request.into_bytes(), from: Some(peer) }
+                        TransportEvent::JobMessage {
+                            bytes: request.into_bytes(),
+                            from: Some(peer),
+                            opened: None,
+                        }
                     }
                     request_response::Message::Response { .. } => TransportEvent::Internal,
                 }

@@ -47,6 +47,8 @@ impl Shed {
 /// The shedding state of one node's message subject.
 #[derive(Debug, Default)]
 pub struct Shedder {
+    /// Valid messages a key may send per second ([`PER_KEY`] when 0).
+    per_key_limit: u32,
     known: HashSet<String>,
     order: VecDeque<String>,
     boxed: HashMap<String, u64>,
@@ -60,6 +62,12 @@ pub struct Shedder {
 const SECOND: u64 = 1_000;
 
 impl Shedder {
+    /// A shedder that lets each proven key send `per_key` valid messages a second (a node's own
+    /// dispatch subject carries as many as the jobs it runs or hands out).
+    pub fn with_per_key(per_key: u32) -> Self {
+        Self { per_key_limit: per_key, ..Self::default() }
+    }
+
     /// Whether an envelope claiming `key` is worth checking at `now_ms`.
     pub fn before(&mut self, key: Option<&str>, now_ms: u64) -> Result<(), Shed> {
         let Some(key) = key else { return Ok(()) };
@@ -93,7 +101,8 @@ impl Shedder {
                 self.per_key.remove(&old);
             }
         }
-        if !self.per_key.entry(key.to_owned()).or_default().spend(now_ms, SECOND, PER_KEY) {
+        let limit = if self.per_key_limit == 0 { PER_KEY } else { self.per_key_limit };
+        if !self.per_key.entry(key.to_owned()).or_default().spend(now_ms, SECOND, limit) {
             self.boxed.insert(key.to_owned(), now_ms.saturating_add(BOX_MS));
             self.boxed.retain(|_, until| *until > now_ms);
             return Err(Shed::Boxed);

@@ -76,6 +76,8 @@ pub enum TransportEvent {
         bytes: Vec<u8>,
         /// The sending peer (libp2p).
         from: Option<PeerId>,
+        /// The envelope already checked by the transport, off the node's task (NATS).
+        opened: Option<Box<crate::jobs::message::Opened>>,
     },
     /// A dispatch envelope to this peer was not delivered.
     JobUndelivered(PeerId),
