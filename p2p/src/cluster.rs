@@ -73,7 +73,7 @@ pub struct Advert {
     pub queue: String,
     /// The jobs it takes from the Home (none: it takes none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jobs: Option<crate::jobs::JobsAdvert>,
+    pub jobs: Option<JobsAdvert>,
 }
 
 impl Advert {
@@ -98,6 +98,26 @@ impl Advert {
             jobs: None,
         }
     }
+}
+
+/// What a node advertises about the jobs it takes from the Home.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobsAdvert {
+    /// Jobs it runs at once.
+    pub slots: u32,
+    /// Kinds it runs for the Home.
+    pub accepts: Vec<String>,
+    /// It takes no new work.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+    /// When it started (its clock, ms): a new value says it restarted, and every attempt it held
+    /// is gone.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub boot: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A node claiming to be the Home (advertising role `root`).
@@ -178,7 +198,7 @@ pub struct ClusterNode {
     pub admission: Option<String>,
     /// The jobs the node takes from the Home: `{slots, accepts, draining}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jobs: Option<crate::jobs::JobsAdvert>,
+    pub jobs: Option<JobsAdvert>,
 }
 
 /// `/state/cluster`.

@@ -499,7 +499,7 @@ pub struct JobEvent {
     pub fence: Option<u64>,
     /// `local` or `remote`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub placement: Option<crate::jobs::Site>,
+    pub placement: Option<String>,
     /// Feasible candidates (`job.assigned`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidates: Option<usize>,
@@ -520,7 +520,7 @@ pub struct JobEvent {
     pub duration_ms: Option<u64>,
     /// Why no node could take it (`actions.failed` with code `infeasible`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub explain: Option<crate::jobs::Explain>,
+    pub explain: Option<Value>,
 }
 
 /// An event as produced, before it gets its envelope.

@@ -522,7 +522,7 @@ impl Ledger {
             id: r.job_id.clone(),
             node_id: Some(from.to_string()),
             attempt: Some(live.rec.attempt),
-            placement: Some(Site::Remote),
+            placement: Some(Site::Remote.as_str().to_owned()),
             ..JobEvent::default()
         };
         self.save(&r.job_id, env.now);
@@ -785,7 +785,7 @@ impl Ledger {
             id: id.to_owned(),
             node_id: Some(env.me.to_string()),
             attempt: Some(rec.attempt),
-            placement: Some(Site::Local),
+            placement: Some(Site::Local.as_str().to_owned()),
             ..JobEvent::default()
         };
         self.save(id, env.now);
@@ -830,7 +830,7 @@ impl Ledger {
             node_id: Some(node.to_string()),
             attempt: Some(rec.attempt),
             fence: Some(fence),
-            placement: Some(Site::Remote),
+            placement: Some(Site::Remote.as_str().to_owned()),
             candidates: Some(feasible),
             ..JobEvent::default()
         };
@@ -922,7 +922,7 @@ impl Ledger {
             attempt: Some(rec.attempt),
             code: Some(code.to_owned()),
             error: Some(error),
-            explain,
+            explain: explain.map(|e| json!(e)),
             ..JobEvent::default()
         };
         self.ended(live, env.now);

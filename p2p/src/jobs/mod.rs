@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+pub use crate::cluster::JobsAdvert;
 pub use ledger::{Env, Ledger, NoWorkers, Offload, Out, Submitted, Workers};
 pub use place::{Candidate, Decision, Explain, Want, fits, place};
 pub use worker::{Worker, WorkerEnv};
@@ -105,26 +106,6 @@ impl JobsConfig {
     fn idempotent(&self, kind: &str) -> bool {
         self.idempotent_kinds.iter().any(|g| glob(g, kind))
     }
-}
-
-/// What a node advertises about the jobs it takes from the Home.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobsAdvert {
-    /// Jobs it runs at once.
-    pub slots: u32,
-    /// Kinds it runs for the Home.
-    pub accepts: Vec<String>,
-    /// It takes no new work.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub draining: bool,
-    /// When it started (its clock, ms): a new value says it restarted, and every attempt it held
-    /// is gone.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub boot: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// `POST /actions`.
@@ -295,6 +276,16 @@ pub enum Site {
     Local,
     /// On a worker.
     Remote,
+}
+
+impl Site {
+    /// `local` or `remote`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Site::Local => "local",
+            Site::Remote => "remote",
+        }
+    }
 }
 
 /// One attempt of a job.
