@@ -244,6 +244,30 @@ pub struct JobsSection {
     pub lease_ms: u64,
     /// `[jobs.remote]`.
     pub remote: JobsRemote,
+    /// `[jobs.exec.<kind>]`: external programs, one per kind.
+    #[serde(default)]
+    pub exec: std::collections::BTreeMap<String, ExecSpec>,
+}
+
+/// `[jobs.exec.<kind>]`: how a kind runs as an external program. Never through a shell: `argv`
+/// is the program and its arguments, where `{input.<field>}` becomes that field of the job's
+/// input (a string or number; anything else fails the job) and `{input}` the whole input as
+/// JSON; the input also arrives as JSON on stdin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    /// Absolute path of the program, then its arguments.
+    pub argv: Vec<String>,
+    /// Longest run, ms (the job's own `timeout_ms` may only shorten it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Most bytes of stdout kept; more fails the job (`output_too_large`).
+    #[serde(default = "default_max_output")]
+    pub max_output_bytes: usize,
+}
+
+fn default_max_output() -> usize {
+    1024 * 1024
 }
 
 /// `[jobs.remote]`.
@@ -624,6 +648,28 @@ fn validate(
     if jobs.queue_max == 0 {
         return Err(ConfigError("jobs.queue_max: must be at least 1".into()));
     }
+    for (kind, spec) in &jobs.exec {
+        let key = format!("jobs.exec.{kind}");
+        if crate::executor::BUILTIN.contains(&kind.as_str()) {
+            return Err(ConfigError(format!("{key}: {kind} is a built-in kind")));
+        }
+        let name_ok = !kind.is_empty()
+            && kind.len() <= 128
+            && kind.chars().all(|c| c.is_ascii_alphanumeric() || "._-:/".contains(c));
+        if !name_ok {
+            return Err(ConfigError(format!(
+                "{key}: a kind is 1 to 128 characters of letters, digits and . _ - : /"
+            )));
+        }
+        match spec.argv.first() {
+            Some(program) if std::path::Path::new(program).is_absolute() => {}
+            _ => {
+                return Err(ConfigError(format!(
+                    "{key}.argv: must start with the program's absolute path"
+                )));
+            }
+        }
+    }
     Ok((bind_ip, explicit_node_id))
 }
 
@@ -662,8 +708,10 @@ impl Loaded {
 }
 
 impl JobsSection {
-    /// The node's job settings, given the kinds its executors run.
-    pub fn node_config(&self, kinds: Vec<String>) -> arw_p2p::jobs::JobsConfig {
+    /// The node's job settings: the built-in kinds and the configured programs run here.
+    pub fn node_config(&self) -> arw_p2p::jobs::JobsConfig {
+        let mut kinds: Vec<String> = crate::executor::BUILTIN.map(str::to_owned).to_vec();
+        kinds.extend(self.exec.keys().cloned());
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = match self.slots {
             0 => u32::try_from((2 * threads).clamp(1, 32)).unwrap_or(32),
@@ -720,6 +768,31 @@ mod tests {
             let loaded = load(&e).unwrap_or_else(|err| panic!("{name}: {err}"));
             assert!(loaded.warnings.is_empty(), "{name}: {:?}", loaded.warnings);
         }
+    }
+
+    #[test]
+    fn job_programs_need_an_absolute_path_and_a_kind_of_their_own() {
+        let load_with = |toml: &str| {
+            let (mut e, dir) = env(&[("ARW_JOBS_ALLOW", "math.*, ocr.page")]);
+            let file = dir.path().join("arw.toml");
+            std::fs::write(&file, toml).expect("write");
+            e.vars.insert("ARW_CONFIG".into(), file.display().to_string());
+            load(&e)
+        };
+        let ok = load_with(
+            "[jobs.exec.\"ocr.page\"]\nargv = [\"/usr/bin/tesseract\", \"{input.path}\", \"-\"]\n",
+        )
+        .expect("loads");
+        let jobs = ok.config.jobs.node_config();
+        assert!(
+            jobs.kinds.contains(&"ocr.page".to_owned()) && jobs.kinds.contains(&"echo".to_owned())
+        );
+        assert_eq!(jobs.allow, vec!["math.*".to_owned(), "ocr.page".to_owned()]);
+        assert_eq!(jobs.accepts(), vec!["math.add".to_owned(), "ocr.page".to_owned()]);
+        let err = load_with("[jobs.exec.x]\nargv = [\"tesseract\"]\n").expect_err("relative");
+        assert!(err.to_string().contains("jobs.exec.x.argv"), "{err}");
+        let err = load_with("[jobs.exec.echo]\nargv = [\"/bin/echo\"]\n").expect_err("built-in");
+        assert!(err.to_string().contains("built-in"), "{err}");
     }
 
     #[test]

@@ -120,13 +120,14 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         federation,
         capsule_trust: Some(capsule_trust),
         trace: None,
-        jobs: config.jobs.node_config(executor::BUILTIN.map(str::to_owned).to_vec()),
+        jobs: config.jobs.node_config(),
         executor: Some(runs),
     };
     let (node, node_task) = node::spawn(node_config, events.clone(), cancel.child_token())
         .await
         .map_err(other("cannot load node state"))?;
-    let executors = tokio::spawn(executor::serve(node.clone(), runs_rx));
+    let programs = executor::Programs::new(config.jobs.exec.clone(), state_dir.join("jobs-tmp"));
+    let executors = tokio::spawn(executor::serve(node.clone(), runs_rx, programs));
     let ev = &config.events;
     let journal_config = JournalConfig {
         retention_rows: ev.retention_rows,
