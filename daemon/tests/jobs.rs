@@ -231,3 +231,52 @@ fn large_inputs_fit_and_ended_jobs_cannot_be_cancelled() {
     let (status, problem) = node.post("/actions", &json!({"kind": "echo", "input": too_big}));
     assert_eq!((status, problem["code"].as_str()), (413, Some("payload_too_large")));
 }
+
+#[test]
+fn a_home_killed_and_restarted_mid_run_keeps_the_worker_s_attempt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home_dir = dir.path().join("home");
+    let launch_home = || {
+        common::Launch::new()
+            .state_dir(&home_dir)
+            .env("ARW_NODE_ID", "home")
+            .config(&config(None, &[]))
+            .start()
+    };
+    let home = launch_home();
+    assert_eq!(home.post("/admin/hierarchy/role", &json!({"role": "home"})).0, 200);
+    let home_key = home.get("/admin/hierarchy/state").1["home"]["home_key"]
+        .as_str()
+        .expect("the Home pins itself")
+        .to_owned();
+    let boot = home.endpoints["p2p"][0].as_str().expect("p2p address").to_owned();
+    let worker = common::Launch::new()
+        .state_dir(&dir.path().join("w1"))
+        .env("ARW_NODE_ID", "w1")
+        .env("ARW_HOME_KEY", &home_key)
+        .config(&config(Some(&boot), &["sleep"]))
+        .start();
+    common::eventually(Duration::from_secs(20), "w1 admitted and applying", || {
+        let (status, body) = home.post("/admin/cluster/admit", &json!({"id": "w1"}));
+        let applied = worker.get("/admin/hierarchy/state").1["home"]["takes_work"] == true;
+        (status == 200 && applied).then_some(()).ok_or(format!("{status} {body}"))
+    });
+    let id = submit(
+        &home,
+        &json!({"kind": "sleep", "input": {"ms": 2500}, "idem_key": "h1",
+        "placement": {"prefer": "remote"}}),
+    );
+    common::eventually(Duration::from_secs(10), "the job running on w1", || {
+        let job = home.get(&format!("/actions/{id}")).1;
+        (job["state"] == "running" && job["node_id"] == "w1").then_some(()).ok_or(job.to_string())
+    });
+    home.kill();
+    let home = launch_home();
+    // The restarted Home takes the attempt up again: the worker's renewals keep it, its result
+    // is accepted; nothing runs twice.
+    let job = ended(&home, &id, Duration::from_secs(30));
+    assert_eq!(job["state"], "completed", "{job}");
+    assert_eq!((job["attempt"].as_u64(), job["node_id"].as_str()), (Some(1), Some("w1")), "{job}");
+    assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
+    drop(worker);
+}

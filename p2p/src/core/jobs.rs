@@ -7,6 +7,7 @@ use libp2p::PeerId;
 use super::{Effect, NodeCore, Write};
 use crate::{
     admission::Admission,
+    capsule::{Subject, pattern_matches},
     cluster::{Advert, Health},
     jobs::{
         Env, Finished, JobSpec, Ledger, NoWorkers, Offload, Out, SubmitError, Submitted, Worker,
@@ -123,6 +124,24 @@ impl NodeCore {
                 }
                 match body {
                     JobMessage::Assign(a) if self.policy_view().takes_work => {
+                        if let Some(code) = self.denied_here(&a.kind, now) {
+                            self.emit(crate::events::Event::JobError(crate::events::JobEvent {
+                                id: a.job_id.clone(),
+                                kind: Some(a.kind.clone()),
+                                node_id: Some(self.id.to_string()),
+                                attempt: Some(a.attempt),
+                                fence: Some(a.fence),
+                                code: Some(code.to_owned()),
+                                ..Default::default()
+                            }));
+                            let rejection = message::Rejection {
+                                job_id: a.job_id,
+                                fence: a.fence,
+                                code: code.into(),
+                            };
+                            self.send_job(&node, JobMessage::Rejected(rejection), now);
+                            return;
+                        }
                         self.with_worker(now, |worker, env| worker.assign(&node, a, env));
                     }
                     JobMessage::Assign(a) => {
@@ -268,9 +287,23 @@ impl NodeCore {
         self.out.push(Effect::SendJob { peer, bytes });
     }
 
-    /// What this node advertises about the jobs it takes (nothing on the Home, which hands
-    /// them out).
+    /// What this node advertises about the jobs it takes: nothing on the Home, which hands
+    /// them out, nor on a role that may run no task (observer).
     pub(super) fn jobs_advert(&self) -> Option<crate::jobs::JobsAdvert> {
-        if self.hierarchy.role == Role::Root { None } else { self.worker.advert() }
+        let role = self.hierarchy.role;
+        let no_tasks = role.denies().iter().any(|p| pattern_matches(p, "task:any"));
+        if role == Role::Root || no_tasks { None } else { self.worker.advert() }
+    }
+
+    /// Why this node's own gates refuse to run `kind` for the Home, if they do: its role, or a
+    /// capsule it holds denying `task:<kind>` (as `POST /actions` would be refused here).
+    pub(super) fn denied_here(&self, kind: &str, now: u64) -> Option<&'static str> {
+        let key = format!("task:{kind}");
+        let role = self.hierarchy.role;
+        if role.denies().iter().any(|p| pattern_matches(p, &key)) {
+            return Some("role_denied");
+        }
+        let subject = Subject { role, node: self.id.as_str(), tags: &self.hierarchy.tags };
+        self.capsules.denying(&key, &subject, now).map(|_| "capsule_denied")
     }
 }

@@ -238,3 +238,21 @@ fn only_the_pinned_home_may_assign_and_no_key_may_speak_for_another() {
     assert!(!effects.iter().any(|e| matches!(e, Effect::SendJob { .. } | Effect::Execute(_))));
     assert_eq!(a.counters().refused, refused + 1);
 }
+
+#[test]
+fn an_observer_offers_and_runs_no_jobs() {
+    let mut config = config("a", 1);
+    config.jobs = crate::jobs::JobsConfig {
+        kinds: vec!["work".into()],
+        allow: vec!["*".into()],
+        ..Default::default()
+    };
+    let mut a = NodeCore::new(&config, Restored::default());
+    drive(&mut a, Input::Start { addresses: Vec::new() }, T0);
+    assert!(a.jobs_advert().is_some(), "an edge node that allows kinds offers them");
+    assert_eq!(a.denied_here("work", T0), None);
+    let set = Input::Command(CommandId(1), Command::SetRole("observer".into()));
+    drive(&mut a, set, T0 + 1);
+    assert_eq!(a.jobs_advert(), None, "an observer advertises no jobs");
+    assert_eq!(a.denied_here("work", T0 + 1), Some("role_denied"));
+}
