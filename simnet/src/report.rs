@@ -109,9 +109,35 @@ pub struct Report {
     /// and stack tiers): the same counters whichever executor ran the core.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decisions_per_node_per_s: Option<Decisions>,
+    /// Jobs (scenarios with `[jobs]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<JobsReport>,
     /// Every convergence sample, for the CDF.
     #[serde(skip)]
     pub convergence_samples: Vec<f64>,
+}
+
+/// What happened to the jobs of a run, all trials.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobsReport {
+    /// Admitted by the Home.
+    pub submitted: usize,
+    /// Ended with a result.
+    pub completed: usize,
+    /// Ended without one.
+    pub failed: usize,
+    /// Still running or queued when the trial ended.
+    pub unfinished: usize,
+    /// Attempts lost or refused and placed again.
+    pub reassigned: usize,
+    /// Jobs with more than one accepted result (must be 0).
+    pub duplicate_results: usize,
+    /// Times a job started while another run of it was still in progress (must be 0).
+    pub overlapping_runs: usize,
+    /// Submission → the Home's `actions.running`, ms.
+    pub submit_to_running_ms: Stats,
+    /// A worker's crash → its job's next `actions.running` elsewhere, ms.
+    pub crash_to_running_ms: Stats,
 }
 
 impl Report {
@@ -160,6 +186,27 @@ impl Report {
                 d.adverts,
                 d.refused
             );
+        }
+        if let Some(j) = &self.jobs {
+            let _ = writeln!(
+                out,
+                "  jobs                       {} submitted, {} completed, {} failed, {} unfinished, {} reassigned",
+                j.submitted, j.completed, j.failed, j.unfinished, j.reassigned
+            );
+            let _ = writeln!(
+                out,
+                "  jobs: duplicate results    {:>28}\n  jobs: overlapping runs     {:>28}",
+                j.duplicate_results, j.overlapping_runs
+            );
+            for (name, stats) in [
+                ("submit → running", &j.submit_to_running_ms),
+                ("crash → running elsewhere", &j.crash_to_running_ms),
+            ] {
+                if stats.count > 0 {
+                    let _ =
+                        writeln!(out, "  {:<26} {:>28}  (n={})", name, stats.cell(), stats.count);
+                }
+            }
         }
         if let Some(rss) = self.rss_bytes_per_node {
             let _ = writeln!(
@@ -229,6 +276,45 @@ pub struct Measures {
     pub decisions: Option<Counters>,
     /// Start of the first node → every node sees every node `ok`, ms, per trial (stack tier).
     pub formation: Vec<f64>,
+    /// Jobs (virtual tier, scenarios with `[jobs]`).
+    pub jobs: Option<JobMeasures>,
+}
+
+/// Jobs, counted and timed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobMeasures {
+    /// See [`JobsReport`].
+    pub submitted: usize,
+    /// See [`JobsReport`].
+    pub completed: usize,
+    /// See [`JobsReport`].
+    pub failed: usize,
+    /// See [`JobsReport`].
+    pub unfinished: usize,
+    /// See [`JobsReport`].
+    pub reassigned: usize,
+    /// See [`JobsReport`].
+    pub duplicate_results: usize,
+    /// See [`JobsReport`].
+    pub overlapping_runs: usize,
+    /// Submission → running, ms.
+    pub to_running: Vec<f64>,
+    /// Crash → running elsewhere, ms.
+    pub recovery: Vec<f64>,
+}
+
+impl JobMeasures {
+    fn merge(&mut self, o: JobMeasures) {
+        self.submitted += o.submitted;
+        self.completed += o.completed;
+        self.failed += o.failed;
+        self.unfinished += o.unfinished;
+        self.reassigned += o.reassigned;
+        self.duplicate_results += o.duplicate_results;
+        self.overlapping_runs += o.overlapping_runs;
+        self.to_running.extend(o.to_running);
+        self.recovery.extend(o.recovery);
+    }
 }
 
 impl Measures {
@@ -251,6 +337,9 @@ impl Measures {
         if let Some(theirs) = other.decisions {
             let ours = self.decisions.get_or_insert_default();
             *ours = *ours + theirs;
+        }
+        if let Some(theirs) = other.jobs {
+            self.jobs.get_or_insert_default().merge(theirs);
         }
     }
 
@@ -299,6 +388,17 @@ impl Report {
                 redials: rate(c.redials),
                 adverts: rate(c.adverts),
                 refused: rate(c.refused),
+            }),
+            jobs: m.jobs.map(|j| JobsReport {
+                submitted: j.submitted,
+                completed: j.completed,
+                failed: j.failed,
+                unfinished: j.unfinished,
+                reassigned: j.reassigned,
+                duplicate_results: j.duplicate_results,
+                overlapping_runs: j.overlapping_runs,
+                submit_to_running_ms: Stats::of(&j.to_running),
+                crash_to_running_ms: Stats::of(&j.recovery),
             }),
             convergence_samples: m.convergence,
         }

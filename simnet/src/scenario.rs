@@ -180,6 +180,34 @@ pub struct Scenario {
     /// Faults, in any order.
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Jobs (virtual tier): node 0 is the Home and places them on the others.
+    #[serde(default)]
+    pub jobs: JobsSettings,
+}
+
+/// `[jobs]` (virtual tier): node 0 becomes the Home, admits every other node, and from
+/// `start_secs` is handed `count` jobs of kind `work`, `every_ms` apart, each preferring a
+/// worker and carrying an `idem_key` (so a lost attempt runs again). Every other node runs
+/// `work` for it in `slots` slots; a run takes `run_ms` (uniform in `[min, max]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSettings {
+    /// Jobs submitted (0: none, no Home).
+    pub count: usize,
+    /// The first submission, seconds into a trial.
+    pub start_secs: f64,
+    /// Between submissions, ms.
+    pub every_ms: u64,
+    /// How long a run takes, ms.
+    pub run_ms: [u64; 2],
+    /// Slots per worker.
+    pub slots: u32,
+}
+
+impl Default for JobsSettings {
+    fn default() -> Self {
+        Self { count: 0, start_secs: 10.0, every_ms: 100, run_ms: [500, 5_000], slots: 2 }
+    }
 }
 
 fn default_seed() -> u64 {
@@ -238,6 +266,20 @@ impl Scenario {
                 "protocol: need 0 < heartbeat_interval_ms < suspect_after_ms < down_after_ms"
                     .into(),
             );
+        }
+        let j = &self.jobs;
+        if j.count > 0 {
+            if self.tier != Tier::Virtual {
+                return fail("jobs: the virtual tier only".into());
+            }
+            if j.run_ms[0] == 0 || j.run_ms[0] > j.run_ms[1] || j.slots == 0 || j.every_ms == 0 {
+                return fail(
+                    "jobs: run_ms [min, max] with 0 < min <= max; slots, every_ms > 0".into(),
+                );
+            }
+            if self.faults.iter().any(|f| f.node == Some(0) && f.kind != FaultKind::Advert) {
+                return fail("jobs: node 0 is the Home; fault the workers".into());
+            }
         }
         for f in &self.faults {
             let needs_node = matches!(

@@ -70,15 +70,59 @@ type MsgId = [u8; 32];
 
 #[derive(Debug)]
 enum Step {
-    Deliver { to: usize, from: usize, id: MsgId, bytes: Rc<[u8]> },
-    Request { to: usize, from: usize, request: Rc<SyncRequest> },
-    Answer { to: usize, from: usize, response: Rc<SyncResponse> },
-    Transport { to: usize, about: usize, up: bool },
-    Wake { node: usize, life: u32, at: u64 },
-    Unreachable { node: usize, about: usize },
+    Deliver {
+        to: usize,
+        from: usize,
+        id: MsgId,
+        bytes: Rc<[u8]>,
+    },
+    Request {
+        to: usize,
+        from: usize,
+        request: Rc<SyncRequest>,
+    },
+    Answer {
+        to: usize,
+        from: usize,
+        response: Rc<SyncResponse>,
+    },
+    Transport {
+        to: usize,
+        about: usize,
+        up: bool,
+    },
+    Wake {
+        node: usize,
+        life: u32,
+        at: u64,
+    },
+    Unreachable {
+        node: usize,
+        about: usize,
+    },
     Boot(usize),
     Mark,
     Fault(usize),
+    /// A dispatch envelope (jobs) arrives.
+    JobDeliver {
+        to: usize,
+        from: usize,
+        bytes: Rc<[u8]>,
+    },
+    /// A run ends on `node` (if it is still in progress there).
+    JobDone {
+        node: usize,
+        life: u32,
+        job: String,
+        fence: u64,
+    },
+    /// A dispatch envelope to `about` could not be delivered (nobody listens there).
+    JobUndelivered {
+        node: usize,
+        about: usize,
+    },
+    /// The Home admits its workers, then is handed the next job.
+    JobsTick,
 }
 
 #[derive(Debug)]
@@ -229,6 +273,12 @@ struct Trial<'a> {
     commands: u64,
     /// Decisions of node lives that ended (restarts), while traffic was counted.
     decided: Counters,
+    /// Jobs (scenarios with `[jobs]`).
+    jobs: Option<crate::jobs::JobBook>,
+    /// Jobs handed to the Home so far.
+    jobs_sent: usize,
+    /// Every worker is admitted.
+    admitted: bool,
     m: Measures,
 }
 
@@ -326,16 +376,33 @@ impl<'a> Trial<'a> {
             }
         }
         let mut by_peer = HashMap::new();
+        let secret =
+            |i: usize| -> [u8; 32] { Sha256::digest(format!("{seed}/{i}").as_bytes()).into() };
+        let home_key = NodeKey::from_secret(secret(0)).verifying_key().to_bytes();
+        let with_jobs = s.jobs.count > 0;
         let nodes = neighbours
             .into_iter()
             .enumerate()
             .map(|(i, neighbours)| {
-                let secret: [u8; 32] = Sha256::digest(format!("{seed}/{i}").as_bytes()).into();
-                let key = NodeKey::from_secret(secret);
+                let key = NodeKey::from_secret(secret(i));
                 by_peer.insert(key.peer_id(), i);
                 let id = NodeId::parse(&format!("n{i}"))
                     .unwrap_or_else(|_| unreachable!("n<digits> is a valid id"));
-                let config = node_config(s, key, id.clone());
+                let mut config = node_config(s, key, id.clone());
+                if with_jobs {
+                    // Node 0 is the Home; the others obey it and run `work` for it.
+                    let home = i == 0;
+                    config.jobs = arw_p2p::jobs::JobsConfig {
+                        slots: s.jobs.slots,
+                        kinds: if home { Vec::new() } else { vec!["work".into()] },
+                        allow: if home { Vec::new() } else { vec!["*".into()] },
+                        idempotent_kinds: vec!["work".into()],
+                        ..arw_p2p::jobs::JobsConfig::default()
+                    };
+                    if let Some(f) = config.federation.as_mut().filter(|_| !home) {
+                        f.membership.home_key = Some(home_key);
+                    }
+                }
                 let keep_members = s.faults.iter().any(|f| f.kind == FaultKind::Restart);
                 Node {
                     peer: config.key.peer_id(),
@@ -376,8 +443,15 @@ impl<'a> Trial<'a> {
             cut_before_heal: (None, vec![false; n]),
             commands: 0,
             decided: Counters::default(),
+            jobs: with_jobs.then(crate::jobs::JobBook::default),
+            jobs_sent: 0,
+            admitted: false,
             m: Measures::default(),
         };
+        if with_jobs {
+            // The Home admits once everyone has advertised; jobs start at start_secs.
+            trial.schedule(1_000_000, Step::JobsTick);
+        }
         for i in 0..trial.faults.len() {
             let at = (trial.faults[i].at_secs * 1e6) as u64;
             trial.schedule(at, Step::Fault(i));
@@ -547,14 +621,33 @@ impl<'a> Trial<'a> {
                     let life = self.nodes[i].life;
                     self.schedule(at, Step::Wake { node: i, life, at });
                 }
-                // Discovery is the fixed overlay here; nobody reads snapshots or replies; the
-                // scenarios submit no jobs.
-                Effect::Dial(_)
-                | Effect::Snapshot
-                | Effect::Reply(..)
-                | Effect::SendJob { .. }
-                | Effect::Execute(_)
-                | Effect::Abort { .. } => {}
+                Effect::SendJob { peer, bytes } => {
+                    let Some(&to) = self.by_peer.get(&peer) else { continue };
+                    if !self.nodes[to].alive && !self.cut(i, to) {
+                        // Nobody listens there any more: the dial is refused.
+                        let at = self.now + 2 * self.delay();
+                        self.schedule(at, Step::JobUndelivered { node: i, about: to });
+                        continue;
+                    }
+                    self.send(i, to, Step::JobDeliver { to, from: i, bytes: bytes.into() });
+                }
+                Effect::Execute(run) => {
+                    let [lo, hi] = self.s.jobs.run_ms;
+                    let took = if hi > lo { self.rng.random_range(lo..=hi) } else { lo };
+                    if let Some(book) = &mut self.jobs {
+                        book.start(i, &run.job_id, run.fence);
+                    }
+                    let life = self.nodes[i].life;
+                    let done = Step::JobDone { node: i, life, job: run.job_id, fence: run.fence };
+                    self.schedule(self.now + took * 1000, done);
+                }
+                Effect::Abort { job_id, fence } => {
+                    if let Some(book) = &mut self.jobs {
+                        book.ended(i, &job_id, fence);
+                    }
+                }
+                // Discovery is the fixed overlay here; nobody reads snapshots or replies.
+                Effect::Dial(_) | Effect::Snapshot | Effect::Reply(..) => {}
             }
         }
     }
@@ -609,6 +702,7 @@ impl<'a> Trial<'a> {
             decisions = decisions + node.core.counters().since(node.counted_from);
         }
         self.m.decisions = Some(decisions);
+        self.m.jobs = self.jobs.take().map(crate::jobs::JobBook::finish);
         self.m
     }
 
@@ -692,6 +786,92 @@ impl<'a> Trial<'a> {
                 }
             }
             Step::Fault(i) => self.fault(i),
+            Step::JobDeliver { to, from, bytes } => {
+                if !self.nodes[to].alive {
+                    return;
+                }
+                let peer = (!self.broker).then(|| self.peer(from));
+                let input = Input::JobMessage { bytes: bytes.to_vec(), from: peer, opened: None };
+                self.input(to, input, None);
+            }
+            Step::JobDone { node, life, job, fence } => {
+                let n = &self.nodes[node];
+                let running = self.jobs.as_ref().is_some_and(|b| b.running(node, &job, fence));
+                if n.life != life || !n.alive || !running {
+                    return;
+                }
+                if let Some(book) = &mut self.jobs {
+                    book.ended(node, &job, fence);
+                }
+                let now_ms = self.now_ms();
+                let done = arw_p2p::jobs::Finished {
+                    job_id: job,
+                    fence,
+                    ok: true,
+                    output: serde_json::Value::Null,
+                    started_ms: now_ms,
+                    finished_ms: now_ms,
+                };
+                self.commands += 1;
+                let command = Command::JobFinished(Box::new(done));
+                self.input(node, Input::Command(CommandId(self.commands), command), None);
+            }
+            Step::JobUndelivered { node, about } => {
+                if self.nodes[node].alive {
+                    let peer = self.peer(about);
+                    self.input(node, Input::JobUndelivered(peer), None);
+                }
+            }
+            Step::JobsTick => self.jobs_tick(),
+        }
+    }
+
+    /// The Home's operator: make node 0 the Home, admit every worker it has seen, then hand it
+    /// a job every `every_ms` from `start_secs`.
+    fn jobs_tick(&mut self) {
+        let j = &self.s.jobs;
+        if !self.nodes[0].alive {
+            return;
+        }
+        if self.nodes[0].core.role() != arw_p2p::role::Role::Root {
+            self.commands += 1;
+            let command = Command::SetRole("home".into());
+            self.input(0, Input::Command(CommandId(self.commands), command), None);
+        }
+        if !self.admitted {
+            let admission = self.nodes[0].core.snapshot(Default::default()).admission;
+            let waiting: Vec<NodeId> = (1..self.nodes.len())
+                .map(|w| self.nodes[w].id.clone())
+                .filter(|id| admission.get(id) != Some(&arw_p2p::admission::Admission::Admitted))
+                .collect();
+            self.admitted = waiting.is_empty();
+            for id in waiting {
+                self.commands += 1;
+                let command = Command::Admit { id: id.to_string(), key: None };
+                self.input(0, Input::Command(CommandId(self.commands), command), None);
+            }
+        }
+        let start = (j.start_secs * 1e6) as u64;
+        if self.now >= start && self.jobs_sent < j.count {
+            let spec = arw_p2p::jobs::JobSpec {
+                kind: "work".into(),
+                input: serde_json::json!({ "n": self.jobs_sent }),
+                idem_key: Some(format!("job-{}", self.jobs_sent)),
+                placement: Some(arw_p2p::jobs::PlacementSpec {
+                    prefer: arw_p2p::jobs::Prefer::Remote,
+                    ..Default::default()
+                }),
+                timeout_ms: None,
+                retry: Some(arw_p2p::jobs::RetrySpec { max_attempts: 10 }),
+            };
+            self.jobs_sent += 1;
+            self.commands += 1;
+            let command = Command::SubmitJob(Box::new(spec));
+            self.input(0, Input::Command(CommandId(self.commands), command), None);
+        }
+        let next = if self.now >= start { j.every_ms * 1000 } else { 500_000 };
+        if self.jobs_sent < j.count || !self.admitted {
+            self.schedule(self.now + next, Step::JobsTick);
         }
     }
 
@@ -722,6 +902,9 @@ impl<'a> Trial<'a> {
                 }
             }
             FaultKind::Crash => {
+                if let Some(book) = &mut self.jobs {
+                    book.crash(node, self.now);
+                }
                 self.nodes[node].alive = false;
                 self.nodes[node].life += 1;
                 self.gone.insert(node, self.now);
@@ -784,6 +967,11 @@ impl<'a> Trial<'a> {
 
     /// Records what `observer`'s events mean for the measures.
     fn observe(&mut self, observer: usize, event: Event) {
+        if observer == 0
+            && let Some(book) = &mut self.jobs
+        {
+            book.event(&event, self.now);
+        }
         match event {
             Event::NodeAdvertise(advert) => {
                 let Some(origin) = self.index_of(&advert.advert.id) else { return };
@@ -904,5 +1092,24 @@ mod tests {
         let r = run(&s, 3, &mut |_| {});
         assert_eq!(r.false_positives, 0, "the other side going down is expected, not false");
         assert_eq!(r.heal_ms.count, 2 * 12, "every node sees everyone ok again");
+    }
+
+    #[test]
+    fn jobs_end_once_and_never_run_twice_at_once_through_crashes_and_cuts() {
+        let s = Scenario::parse(
+            "name = \"jobs\"\ntier = \"virtual\"\nnodes = 8\nduration_secs = 60\ntrials = 2\n\
+             [link]\nlatency_ms = [1, 20]\nloss = 0.05\n\
+             [jobs]\ncount = 60\nstart_secs = 5\nevery_ms = 100\nrun_ms = [200, 6000]\n\
+             [[faults]]\nat_secs = 8\nkind = \"crash\"\nnode = 2\n\
+             [[faults]]\nat_secs = 9\nkind = \"isolate\"\nnode = 5\n\
+             [[faults]]\nat_secs = 20\nkind = \"heal\"\n",
+        )
+        .expect("scenario");
+        let r = run(&s, 5, &mut |_| {});
+        let j = r.jobs.expect("jobs measured");
+        assert_eq!((j.submitted, j.completed, j.failed, j.unfinished), (120, 120, 0, 0), "{j:?}");
+        assert_eq!((j.duplicate_results, j.overlapping_runs), (0, 0), "{j:?}");
+        assert!(j.crash_to_running_ms.count >= 1, "{j:?}");
+        assert!(j.crash_to_running_ms.max.is_some_and(|ms| ms <= 6_500.0), "{j:?}");
     }
 }

@@ -521,7 +521,9 @@ impl NodeCore {
         for envelope in self.protocol.take_outbox() {
             self.out.push(Effect::Publish(envelope));
         }
-        let wake = self.next_wake();
+        // Never a time already past: a deadline that handling did not clear (a bug) must cost
+        // a wake a millisecond, not a loop that never lets time move.
+        let wake = self.next_wake().map(|at| at.max(now_ms + 1));
         if wake != self.wake {
             self.wake = wake;
             if let Some(at) = wake {
