@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use arw_p2p::{
     events::{Event, PolicyDecision},
     jobs::{JobSpec, SubmitError},
-    node::{MAX_LIST, NodeError},
+    node::{JobFilter, MAX_LIST, NodeError},
 };
 
 use crate::{
@@ -54,6 +54,8 @@ pub async fn submit(
 pub struct ListQuery {
     state: Option<String>,
     node_id: Option<String>,
+    kind_prefix: Option<String>,
+    updated_since: Option<String>,
     limit: Option<usize>,
 }
 
@@ -75,10 +77,27 @@ pub async fn list(
         let detail = format!("limit must be between 1 and {MAX_LIST}");
         return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail));
     }
+    let updated_since = match &query.updated_since {
+        None => None,
+        Some(text) => match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(t) => Some(u64::try_from(t.timestamp_millis()).unwrap_or(0)),
+            Err(_) => {
+                let detail = "updated_since must be an RFC 3339 time, e.g. 2026-12-01T10:00:00Z";
+                return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail));
+            }
+        },
+    };
+    let filter = JobFilter {
+        state: query.state,
+        node_id: query.node_id,
+        kind_prefix: query.kind_prefix,
+        updated_since,
+        limit,
+    };
     let page = state
         .node
         .jobs()
-        .list(query.state, query.node_id, limit)
+        .list(filter)
         .await
         .map_err(|e| Problem::internal(format!("jobs store: {e}")))?;
     let etag = format!("\"state-actions-v{}\"", page.rev);

@@ -227,6 +227,26 @@ fn large_inputs_fit_and_ended_jobs_cannot_be_cancelled() {
     assert_eq!((status, problem["code"].as_str()), (409, Some("job_ended")));
     let (status, _) = node.post("/actions/no-such-job/cancel", &json!({}));
     assert_eq!(status, 404);
+    // The reference's listing filters.
+    let add = submit(&node, &json!({"kind": "math.add", "input": {"a": 1, "b": 1}}));
+    ended(&node, &add, Duration::from_secs(10));
+    let kinds = |query: &str| {
+        let (status, page) = node.get(&format!("/state/actions?{query}"));
+        assert_eq!(status, 200, "{query}: {page}");
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        items.iter().filter_map(|i| i["kind"].as_str().map(str::to_owned)).collect::<Vec<_>>()
+    };
+    assert_eq!(kinds("kind_prefix=ech"), vec!["echo".to_owned()]);
+    assert_eq!(kinds("kind_prefix=math."), vec!["math.add".to_owned()]);
+    assert_eq!(
+        kinds("kind_prefix=%25"),
+        Vec::<String>::new(),
+        "a prefix is literal, not a pattern"
+    );
+    assert_eq!(kinds("updated_since=2999-01-01T00:00:00Z"), Vec::<String>::new());
+    assert_eq!(kinds("updated_since=2000-01-01T00:00:00Z&limit=2000").len(), 2);
+    assert_eq!(node.get("/state/actions?updated_since=yesterday").0, 400);
+    assert_eq!(node.get("/state/actions?limit=2001").0, 400);
     let too_big = "x".repeat(300 * 1024);
     let (status, problem) = node.post("/actions", &json!({"kind": "echo", "input": too_big}));
     assert_eq!((status, problem["code"].as_str()), (413, Some("payload_too_large")));

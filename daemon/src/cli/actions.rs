@@ -26,7 +26,7 @@ pub(super) enum ActionsCommand {
         /// Only jobs owned by (running on, or last run on) this node.
         #[arg(long)]
         node: Option<String>,
-        /// At most this many (1 to 1000).
+        /// At most this many (1 to 2000).
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// Print the raw JSON body.

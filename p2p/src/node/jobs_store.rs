@@ -13,8 +13,8 @@ const FILE: &str = "jobs.sqlite";
 const KEEP_ENDED: u64 = 100_000;
 /// ...and for at most this long.
 const KEEP_ENDED_MS: u64 = 7 * 24 * 60 * 60 * 1_000;
-/// Most jobs one listing returns.
-pub const MAX_LIST: usize = 1_000;
+/// Most jobs one listing returns (as the reference).
+pub const MAX_LIST: usize = 2_000;
 
 /// The writer, owned by the node actor.
 #[derive(Debug)]
@@ -26,6 +26,21 @@ pub(super) struct JobStore {
 #[derive(Debug, Clone)]
 pub struct JobReader {
     path: PathBuf,
+}
+
+/// Which jobs a listing shows.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Only in this state.
+    pub state: Option<String>,
+    /// Only owned by (running on, or last run on) this node.
+    pub node_id: Option<String>,
+    /// Only kinds starting with this.
+    pub kind_prefix: Option<String>,
+    /// Only changed at or after this time (ms).
+    pub updated_since: Option<u64>,
+    /// At most this many (1 to [`MAX_LIST`]).
+    pub limit: usize,
 }
 
 /// A page of jobs and the change number it reflects.
@@ -147,28 +162,36 @@ fn write_now(conn: &mut Connection, record: &JobRecord) -> std::io::Result<()> {
 }
 
 impl JobReader {
-    /// Jobs by most recent change, filtered by state and owner.
-    pub async fn list(
-        &self,
-        state: Option<String>,
-        node_id: Option<String>,
-        limit: usize,
-    ) -> std::io::Result<JobList> {
+    /// Jobs by most recent change, filtered.
+    pub async fn list(&self, filter: JobFilter) -> std::io::Result<JobList> {
         let path = self.path.clone();
-        let limit = limit.clamp(1, MAX_LIST);
+        let limit = filter.limit.clamp(1, MAX_LIST);
         tokio::task::spawn_blocking(move || {
             let conn = read_only(&path)?;
             let rev: u64 = conn
                 .query_row("SELECT coalesce(max(rev), 0) FROM jobs", [], |r| r.get(0))
                 .map_err(io)?;
+            // The prefix is matched literally (substr), never as a LIKE pattern.
             let mut statement = conn
                 .prepare(
                     "SELECT record FROM jobs WHERE (?1 IS NULL OR state = ?1)
-                     AND (?2 IS NULL OR node_id = ?2) ORDER BY rev DESC LIMIT ?3",
+                     AND (?2 IS NULL OR node_id = ?2)
+                     AND (?3 IS NULL OR substr(json_extract(record, '$.kind'), 1, length(?3)) = ?3)
+                     AND (?4 IS NULL OR updated >= ?4)
+                     ORDER BY rev DESC LIMIT ?5",
                 )
                 .map_err(io)?;
             let rows = statement
-                .query_map(params![state, node_id, limit], |r| r.get::<_, String>(0))
+                .query_map(
+                    params![
+                        filter.state,
+                        filter.node_id,
+                        filter.kind_prefix,
+                        filter.updated_since,
+                        limit
+                    ],
+                    |r| r.get::<_, String>(0),
+                )
                 .map_err(io)?;
             let mut jobs = Vec::new();
             for row in rows {

@@ -6,7 +6,7 @@ mod actor;
 mod jobs_store;
 mod registry;
 
-pub use jobs_store::{JobList, JobReader, MAX_LIST};
+pub use jobs_store::{JobFilter, JobList, JobReader, MAX_LIST};
 
 pub use crate::core::{
     AdmissionChange, BusConfig, CapsuleRequest, FederationConfig, HomeClaim, NodeConfig, NodeError,
