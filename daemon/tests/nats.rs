@@ -727,3 +727,88 @@ fn jobs_run_on_a_worker_over_nats_and_move_when_it_is_killed() {
     );
     assert_eq!(job["attempts"][0]["state"], "lost", "{job}");
 }
+
+/// A server started from one of the shipped configuration files, on `broker`.
+fn shipped(file: &str, state: &Path, broker: &Broker, extra: &[(&str, &str)]) -> common::Server {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs").join(file);
+    let mut launch = common::Launch::new()
+        .state_dir(state)
+        .env("ARW_CONFIG", &path.display().to_string())
+        .env("ARW_NATS_URL", &broker.url());
+    for (k, v) in extra {
+        launch = launch.env(k, v);
+    }
+    launch.start()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_shipped_configs_each_queued_task_runs_once() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(&dir.path().join("broker"));
+    let home = shipped("nats-home.toml", &dir.path().join("home"), &broker, &[]);
+    assert_eq!(home.post("/admin/hierarchy/role", &json!({"role": "home"})).0, 200);
+    let key = home.get("/admin/hierarchy/state").1["home"]["home_key"]
+        .as_str()
+        .expect("home key")
+        .to_owned();
+    let worker =
+        shipped("nats-worker.toml", &dir.path().join("worker"), &broker, &[("ARW_HOME_KEY", &key)]);
+    let (home, worker) = (Arc::new(home), Arc::new(worker));
+    let (h, w) = (home.clone(), worker.clone());
+    tokio::task::spawn_blocking(move || {
+        common::eventually(Duration::from_secs(20), "the worker admitted and taking work", || {
+            let (status, body) = h.post("/admin/cluster/admit", &json!({"id": "worker-gpu-01"}));
+            let takes = w.get("/admin/hierarchy/state").1["home"]["takes_work"] == true;
+            (status == 200 && takes).then_some(()).ok_or(format!("{status} {body}"))
+        });
+    })
+    .await
+    .expect("admission");
+    let client = async_nats::connect(broker.url()).await.expect("connect");
+    let task = |id: &str| -> bytes::Bytes {
+        serde_json::to_vec(&json!({"id": id, "kind": "math.add", "payload": {"a": 1, "b": 2}}))
+            .expect("json")
+            .into()
+    };
+    // Tasks a node ran itself (its journal also holds the other's, relayed), by id prefix.
+    let ran = |server: &common::Server, prefix: &str| {
+        let me = server.endpoints["node_id"].clone();
+        journal(server, "task.completed")
+            .into_iter()
+            .filter(|e| e["origin"] == me)
+            .filter(|e| e["payload"]["id"].as_str().is_some_and(|id| id.starts_with(prefix)))
+            .count()
+    };
+    // Sends `prefix<n>` tasks until both nodes ran one: each node handles its share in order,
+    // so by then it has run every task the broker gave it before.
+    let until_both = |prefix: &'static str| {
+        let (home, worker, client) = (home.clone(), worker.clone(), client.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            for n in 0.. {
+                client.publish("arw.tasks", task(&format!("{prefix}{n}"))).await.expect("publish");
+                client.flush().await.expect("flush");
+                let (h, w) = (home.clone(), worker.clone());
+                let both =
+                    tokio::task::spawn_blocking(move || ran(&h, prefix) > 0 && ran(&w, prefix) > 0)
+                        .await
+                        .expect("journals");
+                if both {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{prefix}: not on both nodes");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until_both("probe-").await;
+    for i in 0..8 {
+        client.publish("arw.tasks", task(&format!("t{i}"))).await.expect("publish");
+    }
+    until_both("sentinel-").await;
+    let total = tokio::task::spawn_blocking(move || ran(&home, "t") + ran(&worker, "t"))
+        .await
+        .expect("journals");
+    assert_eq!(total, 8, "8 tasks, each run once across the workspace");
+}
