@@ -124,7 +124,9 @@ pub struct PresenterLimit(crate::auth::FailureLimiter);
 
 impl Default for PresenterLimit {
     fn default() -> Self {
-        Self(crate::auth::FailureLimiter::new(NEW_PER_CLIENT, NEW_PER_CLIENT_WINDOW))
+        // The limiter blocks once its count exceeds its limit: the last adoption allowed is
+        // the one that brings the count to NEW_PER_CLIENT.
+        Self(crate::auth::FailureLimiter::new(NEW_PER_CLIENT - 1, NEW_PER_CLIENT_WINDOW))
     }
 }
 

@@ -381,3 +381,29 @@ async fn capsules_presented_without_the_token_cannot_take_the_node() {
     let reply = send(&h.app, post("/admin/policy/capsules/adopt", mine)).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
 }
+
+#[tokio::test]
+async fn each_client_address_may_bring_a_limited_number_of_new_capsules() {
+    use axum::extract::ConnectInfo;
+    let h = harness().await;
+    let from = |ip: [u8; 4], c: &Value| {
+        let mut request = with_capsule("/healthz", "X-ARW-Capsule", &header(c));
+        let addr = std::net::SocketAddr::from((ip, 40_000));
+        request.extensions_mut().insert(ConnectInfo(addr));
+        request
+    };
+    let (a, b) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+    let first = signed(capsule("a0"));
+    for i in 0..16 {
+        let c = if i == 0 { first.clone() } else { signed(capsule(&format!("a{i}"))) };
+        let reply = send(&h.app, from(a, &c)).await;
+        assert_eq!(reply.status, StatusCode::OK, "capsule {i}: {}", reply.text);
+    }
+    let reply = send(&h.app, from(a, &signed(capsule("a16")))).await;
+    assert_problem(&reply, StatusCode::TOO_MANY_REQUESTS, "capsule_rate_limited");
+    // Renewing one it already brought is not a new capsule; another address is not limited by
+    // this one.
+    assert_eq!(send(&h.app, from(a, &first)).await.status, StatusCode::OK);
+    let reply = send(&h.app, from(b, &signed(capsule("b0")))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+}
