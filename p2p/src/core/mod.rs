@@ -521,9 +521,9 @@ impl NodeCore {
         for envelope in self.protocol.take_outbox() {
             self.out.push(Effect::Publish(envelope));
         }
-        // Never a time already past: a deadline that handling did not clear (a bug) must cost
-        // a wake a millisecond, not a loop that never lets time move.
-        let wake = self.next_wake().map(|at| at.max(now_ms + 1));
+        // The time asked for is kept as the core wanted it: a timer's lateness is measured from
+        // it, so a stall shows even when a message is handled first.
+        let wake = self.next_wake();
         if wake != self.wake {
             self.wake = wake;
             if let Some(at) = wake {
