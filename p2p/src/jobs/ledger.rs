@@ -149,6 +149,20 @@ struct Live {
     boot: Option<u64>,
 }
 
+impl Live {
+    /// A job waiting for its first (or next) attempt.
+    fn queued(rec: JobRecord) -> Self {
+        Self {
+            rec,
+            phase: Phase::Queued,
+            tried: Vec::new(),
+            resting: Vec::new(),
+            hops: 0,
+            boot: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Idem {
     id: String,
@@ -207,15 +221,7 @@ impl Ledger {
                 ledger.remember(key, &rec);
             }
             if !rec.state.is_terminal() {
-                let live = Live {
-                    rec,
-                    phase: Phase::Queued,
-                    tried: Vec::new(),
-                    resting: Vec::new(),
-                    hops: 0,
-                    boot: None,
-                };
-                ledger.live.insert(live.rec.id.clone(), live);
+                ledger.live.insert(rec.id.clone(), Live::queued(rec));
             }
         }
         ledger
@@ -334,17 +340,7 @@ impl Ledger {
         if let Some(key) = &rec.idem_key {
             self.remember(key, &rec);
         }
-        self.live.insert(
-            id.clone(),
-            Live {
-                rec,
-                phase: Phase::Queued,
-                tried: Vec::new(),
-                resting: Vec::new(),
-                hops: 0,
-                boot: None,
-            },
-        );
+        self.live.insert(id.clone(), Live::queued(rec));
         self.queue.push_back(id.clone());
         let event = {
             let rec = &self.live[&id].rec;

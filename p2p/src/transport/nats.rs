@@ -127,59 +127,48 @@ const CHECKED_QUEUE: usize = 1_024;
 /// What was shed is logged at most this often.
 const REPORT_EVERY: Duration = Duration::from_secs(10);
 
-/// Checks every envelope from the message subject on its own task, so that signature checks
-/// never hold up the node's timers, probes and commands, and sheds what a flood would cost
-/// before it is checked (see [`Shedder`]): valid envelopes go on to the node, waiting for
-/// room; when the node cannot keep up, the broker's slow-consumer limit sheds what is left.
-async fn check_messages(
-    mut raw: async_nats::Subscriber,
-    workspace: String,
-    checked: mpsc::Sender<Checked>,
-) {
-    let mut shedder = Shedder::default();
-    let mut shed: std::collections::BTreeMap<&'static str, u64> = Default::default();
-    let mut reported = tokio::time::Instant::now();
-    while let Some(message) = raw.next().await {
-        let bytes = message.payload.to_vec();
-        let key = wire::claimed_key(&bytes);
-        let now = crate::time::now_ms();
-        let verdict = shedder.before(key.as_deref(), now).and_then(|()| {
-            let opened = wire::open(&bytes, &workspace);
-            let valid = !opened.as_ref().is_err_and(|r| r.is_invalid());
-            shedder.after(key.as_deref(), valid, now).map(|()| opened)
-        });
-        match verdict {
-            Ok(opened) => {
-                if checked.send((bytes, opened)).await.is_err() {
-                    return;
-                }
-            }
-            Err(why) => *shed.entry(why.as_str()).or_default() += 1,
-        }
-        if !shed.is_empty() && reported.elapsed() >= REPORT_EVERY {
-            tracing::warn!(?shed, "messages on the bus shed before the node");
-            shed.clear();
-            reported = tokio::time::Instant::now();
-        }
-    }
-}
-
 use crate::jobs::message::Opened as OpenedJob;
 
 /// Dispatch envelopes a proven key may send per second on a node's own subject.
 const JOBS_PER_KEY: u32 = 5_000;
 
-/// Checks the dispatch envelopes sent to this node off its task, as [`check_messages`] does
-/// for the workspace subject: shed by claimed key before the signature check, the invalid ones
-/// passed on only within their budget. A message passed on is acknowledged (the sender learns
-/// it arrived); one shed is not, and its sender's timers take over.
+/// Checks every envelope from the message subject on its own task, so that signature checks
+/// never hold up the node's timers, probes and commands (see [`check`]).
+async fn check_messages(
+    raw: async_nats::Subscriber,
+    workspace: String,
+    checked: mpsc::Sender<Checked>,
+) {
+    let open = move |bytes: &[u8]| wire::open(bytes, &workspace);
+    check(raw, Shedder::default(), open, None, checked, "messages on the bus").await;
+}
+
+/// Checks the dispatch envelopes sent to this node the same way; one passed on is
+/// acknowledged (the sender learns it arrived), one shed is not, and its sender's timers take
+/// over.
 async fn check_jobs(
     client: async_nats::Client,
-    mut raw: async_nats::Subscriber,
+    raw: async_nats::Subscriber,
     workspace: String,
     checked: mpsc::Sender<(Vec<u8>, OpenedJob)>,
 ) {
-    let mut shedder = Shedder::with_per_key(JOBS_PER_KEY);
+    let open = move |bytes: &[u8]| crate::jobs::message::open(bytes, &workspace);
+    let shedder = Shedder::with_per_key(JOBS_PER_KEY);
+    check(raw, shedder, open, Some(client), checked, "dispatch messages").await;
+}
+
+/// Sheds what a flood would cost before it is checked (see [`Shedder`]), checks the rest with
+/// `open`, and passes valid envelopes (and invalid ones within their budget) on to the node,
+/// waiting for room; when the node cannot keep up, the broker's slow-consumer limit sheds what
+/// is left. With `ack`, answers each envelope passed on.
+async fn check<T>(
+    mut raw: async_nats::Subscriber,
+    mut shedder: Shedder,
+    open: impl Fn(&[u8]) -> Result<T, Reason>,
+    ack: Option<async_nats::Client>,
+    checked: mpsc::Sender<(Vec<u8>, Result<T, Reason>)>,
+    what: &'static str,
+) {
     let mut shed: std::collections::BTreeMap<&'static str, u64> = Default::default();
     let mut reported = tokio::time::Instant::now();
     while let Some(message) = raw.next().await {
@@ -187,13 +176,13 @@ async fn check_jobs(
         let key = wire::claimed_key(&bytes);
         let now = crate::time::now_ms();
         let verdict = shedder.before(key.as_deref(), now).and_then(|()| {
-            let opened = crate::jobs::message::open(&bytes, &workspace);
+            let opened = open(&bytes);
             let valid = !opened.as_ref().is_err_and(|r| r.is_invalid());
             shedder.after(key.as_deref(), valid, now).map(|()| opened)
         });
         match verdict {
             Ok(opened) => {
-                if let Some(reply) = message.reply {
+                if let (Some(client), Some(reply)) = (&ack, message.reply) {
                     let _ = client.publish(reply, Vec::new().into()).await;
                 }
                 if checked.send((bytes, opened)).await.is_err() {
@@ -203,7 +192,7 @@ async fn check_jobs(
             Err(why) => *shed.entry(why.as_str()).or_default() += 1,
         }
         if !shed.is_empty() && reported.elapsed() >= REPORT_EVERY {
-            tracing::warn!(?shed, "dispatch messages shed before the node");
+            tracing::warn!(?shed, "{what} shed before the node");
             shed.clear();
             reported = tokio::time::Instant::now();
         }
