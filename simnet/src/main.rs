@@ -12,7 +12,7 @@ use arw_simnet::{report::Report, run, scenario::Scenario};
 /// 20 to 1,000+ nodes), `stack` (real node actors over loopback libp2p in this process, up to
 /// ~100), `lan` (arw-server processes in network namespaces with mDNS; needs root).
 ///
-/// Example: arw-simnet run simnet/scenarios/crash-detection-100.toml --json out.json
+/// Example: arw-simnet run simnet/scenarios/crash-detection-100-virtual.toml --json out.json
 #[derive(Debug, Parser)]
 #[command(name = "arw-simnet", version, about, long_about)]
 struct Cli {

@@ -130,10 +130,25 @@ pub struct JobsReport {
     pub unfinished: usize,
     /// Attempts lost or refused and placed again.
     pub reassigned: usize,
+    /// Of those, attempts whose lease ran out (the worker crashed, or was cut off longer than
+    /// a lease; with no such fault, a false reassignment).
+    pub lease_expiries: usize,
     /// Jobs with more than one accepted result (must be 0).
     pub duplicate_results: usize,
     /// Times a job started while another run of it was still in progress (must be 0).
     pub overlapping_runs: usize,
+    /// Runs that started with a fence no higher than the job's previous run (must be 0).
+    pub fence_regressions: usize,
+    /// Runs of a job requiring a GPU on a node without one (must be 0).
+    pub misplaced: usize,
+    /// Attempts the Home ran itself (`actions.running` with placement `local`).
+    pub ran_local: usize,
+    /// Attempts that ran on a worker.
+    pub ran_remote: usize,
+    /// Submissions repeated with an earlier job's `idem_key` and input.
+    pub resubmitted: usize,
+    /// Rows beyond one per `idem_key` (must be 0).
+    pub extra_rows: usize,
     /// Submission → the Home's `actions.running`, ms.
     pub submit_to_running_ms: Stats,
     /// A worker's crash → its job's next `actions.running` elsewhere, ms.
@@ -190,14 +205,26 @@ impl Report {
         if let Some(j) = &self.jobs {
             let _ = writeln!(
                 out,
-                "  jobs                       {} submitted, {} completed, {} failed, {} unfinished, {} reassigned",
-                j.submitted, j.completed, j.failed, j.unfinished, j.reassigned
+                "  jobs                       {} submitted, {} completed, {} failed, {} unfinished, {} reassigned ({} lease expiries)",
+                j.submitted, j.completed, j.failed, j.unfinished, j.reassigned, j.lease_expiries
             );
             let _ = writeln!(
                 out,
-                "  jobs: duplicate results    {:>28}\n  jobs: overlapping runs     {:>28}",
-                j.duplicate_results, j.overlapping_runs
+                "  jobs: attempts             {} on the Home, {} on workers",
+                j.ran_local, j.ran_remote
             );
+            for (name, n) in [
+                ("duplicate results", j.duplicate_results),
+                ("overlapping runs", j.overlapping_runs),
+                ("fence regressions", j.fence_regressions),
+                ("GPU jobs without a GPU", j.misplaced),
+                ("rows beyond one per key", j.extra_rows),
+            ] {
+                let _ = writeln!(out, "  jobs: {name:<26} {n:>22}");
+            }
+            if j.resubmitted > 0 {
+                let _ = writeln!(out, "  jobs: resubmitted keys     {:>28}", j.resubmitted);
+            }
             for (name, stats) in [
                 ("submit → running", &j.submit_to_running_ms),
                 ("crash → running elsewhere", &j.crash_to_running_ms),
@@ -276,7 +303,7 @@ pub struct Measures {
     pub decisions: Option<Counters>,
     /// Start of the first node → every node sees every node `ok`, ms, per trial (stack tier).
     pub formation: Vec<f64>,
-    /// Jobs (virtual tier, scenarios with `[jobs]`).
+    /// Jobs (scenarios with `[jobs]`).
     pub jobs: Option<JobMeasures>,
 }
 
@@ -297,6 +324,20 @@ pub struct JobMeasures {
     pub duplicate_results: usize,
     /// See [`JobsReport`].
     pub overlapping_runs: usize,
+    /// See [`JobsReport`].
+    pub lease_expiries: usize,
+    /// See [`JobsReport`].
+    pub fence_regressions: usize,
+    /// See [`JobsReport`].
+    pub misplaced: usize,
+    /// See [`JobsReport`].
+    pub ran_local: usize,
+    /// See [`JobsReport`].
+    pub ran_remote: usize,
+    /// Distinct `idem_key`s submitted.
+    pub keys: usize,
+    /// See [`JobsReport`].
+    pub resubmitted: usize,
     /// Submission → running, ms.
     pub to_running: Vec<f64>,
     /// Crash → running elsewhere, ms.
@@ -312,6 +353,13 @@ impl JobMeasures {
         self.reassigned += o.reassigned;
         self.duplicate_results += o.duplicate_results;
         self.overlapping_runs += o.overlapping_runs;
+        self.lease_expiries += o.lease_expiries;
+        self.fence_regressions += o.fence_regressions;
+        self.misplaced += o.misplaced;
+        self.ran_local += o.ran_local;
+        self.ran_remote += o.ran_remote;
+        self.keys += o.keys;
+        self.resubmitted += o.resubmitted;
         self.to_running.extend(o.to_running);
         self.recovery.extend(o.recovery);
     }
@@ -397,6 +445,13 @@ impl Report {
                 reassigned: j.reassigned,
                 duplicate_results: j.duplicate_results,
                 overlapping_runs: j.overlapping_runs,
+                lease_expiries: j.lease_expiries,
+                fence_regressions: j.fence_regressions,
+                misplaced: j.misplaced,
+                ran_local: j.ran_local,
+                ran_remote: j.ran_remote,
+                resubmitted: j.resubmitted,
+                extra_rows: j.submitted.saturating_sub(j.keys),
                 submit_to_running_ms: Stats::of(&j.to_running),
                 crash_to_running_ms: Stats::of(&j.recovery),
             }),

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use arw_p2p::jobs::Prefer;
 use serde::{Deserialize, Serialize};
 
 /// Where a scenario runs.
@@ -185,10 +186,10 @@ pub struct Scenario {
     pub jobs: JobsSettings,
 }
 
-/// `[jobs]` (virtual tier): node 0 becomes the Home, admits every other node, and from
-/// `start_secs` is handed `count` jobs of kind `work`, `every_ms` apart, each preferring a
-/// worker and carrying an `idem_key` (so a lost attempt runs again). Every other node runs
-/// `work` for it in `slots` slots; a run takes `run_ms` (uniform in `[min, max]`).
+/// `[jobs]`: node 0 becomes the Home, admits every other node, and from `start_secs` is
+/// handed `count` jobs of kind `work`, `every_ms` apart, each carrying an `idem_key` (so a lost
+/// attempt runs again). Every other node runs `work` for it in `slots` slots; a run takes
+/// `run_ms` (uniform in `[min, max]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsSettings {
@@ -202,11 +203,33 @@ pub struct JobsSettings {
     pub run_ms: [u64; 2],
     /// Slots per worker.
     pub slots: u32,
+    /// Each job's `placement.prefer`: `remote` (default), `auto` or `local`.
+    pub prefer: Prefer,
+    /// Slots at the Home, which then runs `work` too (0: it only places).
+    pub home_slots: u32,
+    /// Workers 1..=gpu_workers offer a GPU.
+    pub gpu_workers: usize,
+    /// Every `gpu_every`-th job requires a GPU (0: none does).
+    pub gpu_every: usize,
+    /// With each new job, this many earlier ones are submitted again with the same
+    /// `idem_key` and input (an idempotency storm: each must come back as the one row).
+    pub resubmit: usize,
 }
 
 impl Default for JobsSettings {
     fn default() -> Self {
-        Self { count: 0, start_secs: 10.0, every_ms: 100, run_ms: [500, 5_000], slots: 2 }
+        Self {
+            count: 0,
+            start_secs: 10.0,
+            every_ms: 100,
+            run_ms: [500, 5_000],
+            slots: 2,
+            prefer: Prefer::Remote,
+            home_slots: 0,
+            gpu_workers: 0,
+            gpu_every: 0,
+            resubmit: 0,
+        }
     }
 }
 
@@ -269,16 +292,22 @@ impl Scenario {
         }
         let j = &self.jobs;
         if j.count > 0 {
-            if self.tier != Tier::Virtual {
-                return fail("jobs: the virtual tier only".into());
+            if self.tier == Tier::Lan {
+                return fail("jobs: the virtual and stack tiers only".into());
             }
             if j.run_ms[0] == 0 || j.run_ms[0] > j.run_ms[1] || j.slots == 0 || j.every_ms == 0 {
                 return fail(
                     "jobs: run_ms [min, max] with 0 < min <= max; slots, every_ms > 0".into(),
                 );
             }
-            if self.faults.iter().any(|f| f.node == Some(0) && f.kind != FaultKind::Advert) {
-                return fail("jobs: node 0 is the Home; fault the workers".into());
+            if j.gpu_workers >= self.nodes {
+                return fail("jobs: gpu_workers must leave node 0 (the Home) out".into());
+            }
+            if j.gpu_every > 0 && j.gpu_workers == 0 {
+                return fail("jobs: gpu_every needs gpu_workers".into());
+            }
+            if j.prefer == Prefer::Local && j.home_slots == 0 {
+                return fail("jobs: prefer = \"local\" needs home_slots".into());
             }
         }
         for f in &self.faults {

@@ -115,6 +115,8 @@ enum Step {
         life: u32,
         job: String,
         fence: u64,
+        /// When it started (ms).
+        started_ms: u64,
     },
     /// A dispatch envelope to `about` could not be delivered (nobody listens there).
     JobUndelivered {
@@ -390,18 +392,7 @@ impl<'a> Trial<'a> {
                     .unwrap_or_else(|_| unreachable!("n<digits> is a valid id"));
                 let mut config = node_config(s, key, id.clone());
                 if with_jobs {
-                    // Node 0 is the Home; the others obey it and run `work` for it.
-                    let home = i == 0;
-                    config.jobs = arw_p2p::jobs::JobsConfig {
-                        slots: s.jobs.slots,
-                        kinds: if home { Vec::new() } else { vec!["work".into()] },
-                        allow: if home { Vec::new() } else { vec!["*".into()] },
-                        idempotent_kinds: vec!["work".into()],
-                        ..arw_p2p::jobs::JobsConfig::default()
-                    };
-                    if let Some(f) = config.federation.as_mut().filter(|_| !home) {
-                        f.membership.home_key = Some(home_key);
-                    }
+                    crate::jobs::configure(&mut config, i, &s.jobs, home_key);
                 }
                 let keep_members = s.faults.iter().any(|f| f.kind == FaultKind::Restart);
                 Node {
@@ -443,7 +434,7 @@ impl<'a> Trial<'a> {
             cut_before_heal: (None, vec![false; n]),
             commands: 0,
             decided: Counters::default(),
-            jobs: with_jobs.then(crate::jobs::JobBook::default),
+            jobs: with_jobs.then(|| crate::jobs::JobBook::new(1..=s.jobs.gpu_workers)),
             jobs_sent: 0,
             admitted: false,
             m: Measures::default(),
@@ -635,10 +626,12 @@ impl<'a> Trial<'a> {
                     let [lo, hi] = self.s.jobs.run_ms;
                     let took = if hi > lo { self.rng.random_range(lo..=hi) } else { lo };
                     if let Some(book) = &mut self.jobs {
-                        book.start(i, &run.job_id, run.fence);
+                        book.start(i, &run);
                     }
                     let life = self.nodes[i].life;
-                    let done = Step::JobDone { node: i, life, job: run.job_id, fence: run.fence };
+                    let started_ms = self.now_ms();
+                    let (job, fence) = (run.job_id, run.fence);
+                    let done = Step::JobDone { node: i, life, job, fence, started_ms };
                     self.schedule(self.now + took * 1000, done);
                 }
                 Effect::Abort { job_id, fence } => {
@@ -794,7 +787,7 @@ impl<'a> Trial<'a> {
                 let input = Input::JobMessage { bytes: bytes.to_vec(), from: peer, opened: None };
                 self.input(to, input, None);
             }
-            Step::JobDone { node, life, job, fence } => {
+            Step::JobDone { node, life, job, fence, started_ms } => {
                 let n = &self.nodes[node];
                 let running = self.jobs.as_ref().is_some_and(|b| b.running(node, &job, fence));
                 if n.life != life || !n.alive || !running {
@@ -809,7 +802,7 @@ impl<'a> Trial<'a> {
                     fence,
                     ok: true,
                     output: serde_json::Value::Null,
-                    started_ms: now_ms,
+                    started_ms,
                     finished_ms: now_ms,
                 };
                 self.commands += 1;
@@ -831,6 +824,8 @@ impl<'a> Trial<'a> {
     fn jobs_tick(&mut self) {
         let j = &self.s.jobs;
         if !self.nodes[0].alive {
+            // The operator waits for the Home to come back.
+            self.schedule(self.now + 500_000, Step::JobsTick);
             return;
         }
         if self.nodes[0].core.role() != arw_p2p::role::Role::Root {
@@ -853,21 +848,19 @@ impl<'a> Trial<'a> {
         }
         let start = (j.start_secs * 1e6) as u64;
         if self.now >= start && self.jobs_sent < j.count {
-            let spec = arw_p2p::jobs::JobSpec {
-                kind: "work".into(),
-                input: serde_json::json!({ "n": self.jobs_sent }),
-                idem_key: Some(format!("job-{}", self.jobs_sent)),
-                placement: Some(arw_p2p::jobs::PlacementSpec {
-                    prefer: arw_p2p::jobs::Prefer::Remote,
-                    ..Default::default()
-                }),
-                timeout_ms: None,
-                retry: Some(arw_p2p::jobs::RetrySpec { max_attempts: 10 }),
-            };
+            let mut sends = vec![(self.jobs_sent, false)];
+            for _ in 0..j.resubmit.min(self.jobs_sent) {
+                sends.push((self.rng.random_range(0..self.jobs_sent), true));
+            }
             self.jobs_sent += 1;
-            self.commands += 1;
-            let command = Command::SubmitJob(Box::new(spec));
-            self.input(0, Input::Command(CommandId(self.commands), command), None);
+            for (n, repeat) in sends {
+                if let Some(book) = &mut self.jobs {
+                    book.sent(repeat);
+                }
+                self.commands += 1;
+                let command = Command::SubmitJob(Box::new(crate::jobs::spec(j, n)));
+                self.input(0, Input::Command(CommandId(self.commands), command), None);
+            }
         }
         let next = if self.now >= start { j.every_ms * 1000 } else { 500_000 };
         if self.jobs_sent < j.count || !self.admitted {
@@ -1111,5 +1104,32 @@ mod tests {
         assert_eq!((j.duplicate_results, j.overlapping_runs), (0, 0), "{j:?}");
         assert!(j.crash_to_running_ms.count >= 1, "{j:?}");
         assert!(j.crash_to_running_ms.max.is_some_and(|ms| ms <= 6_500.0), "{j:?}");
+        assert_eq!(j.fence_regressions, 0, "{j:?}");
+    }
+
+    #[test]
+    fn a_restarting_home_under_resubmission_storms_keeps_one_row_per_key_and_places_by_gpu() {
+        let s = Scenario::parse(
+            "name = \"jobs\"\ntier = \"virtual\"\nnodes = 8\nduration_secs = 60\ntrials = 2\n\
+             [link]\nlatency_ms = [1, 20]\nloss = 0.05\n\
+             [jobs]\ncount = 80\nstart_secs = 5\nevery_ms = 100\nrun_ms = [200, 4000]\n\
+             prefer = \"auto\"\nhome_slots = 2\ngpu_workers = 2\ngpu_every = 4\nresubmit = 3\n\
+             [[faults]]\nat_secs = 9\nkind = \"crash\"\nnode = 0\n\
+             [[faults]]\nat_secs = 11\nkind = \"restart\"\nnode = 0\n\
+             [[faults]]\nat_secs = 12\nkind = \"crash\"\nnode = 1\n",
+        )
+        .expect("scenario");
+        let r = run(&s, 5, &mut |_| {});
+        let j = r.jobs.expect("jobs measured");
+        // Every key is one row that ends once, though each was sent up to four times and the
+        // Home restarted under them.
+        assert_eq!((j.submitted, j.completed, j.failed, j.unfinished), (160, 160, 0, 0), "{j:?}");
+        assert!(j.resubmitted > 300, "{j:?}");
+        assert_eq!(j.extra_rows, 0, "{j:?}");
+        assert_eq!((j.duplicate_results, j.overlapping_runs, j.fence_regressions), (0, 0, 0));
+        // GPU jobs ran only where a GPU is, though one of the two GPU workers crashed.
+        assert_eq!(j.misplaced, 0, "{j:?}");
+        // Local first: the Home ran some itself and offloaded the rest.
+        assert!(j.ran_local > 0 && j.ran_remote > j.ran_local, "{j:?}");
     }
 }

@@ -356,8 +356,10 @@ pub struct NodeCore {
     last_flush_ms: u64,
     snapshot_dirty: bool,
     timers: Timers,
-    /// The wake time last asked for.
-    wake: Option<u64>,
+    /// The earliest deadline when the wake was last asked for, and the wake asked for: the
+    /// same, or the time of asking when that deadline had already passed (a timer is late
+    /// only from when it was asked for).
+    wake: Option<(u64, u64)>,
     /// How late this node's own timers have been firing.
     lateness: Lateness,
     /// The jobs this node owns.
@@ -506,7 +508,7 @@ impl NodeCore {
             Input::Timer => {
                 // The executor's wake is spent: ask again even for the same time (a deadline
                 // the timer fired a millisecond short of is still due).
-                let asked = self.wake.take();
+                let asked = self.wake.take().map(|(_, asked)| asked);
                 self.on_timer(asked, now_ms);
             }
             Input::Stop => self.stop(now_ms),
@@ -521,12 +523,14 @@ impl NodeCore {
         for envelope in self.protocol.take_outbox() {
             self.out.push(Effect::Publish(envelope));
         }
-        // The time asked for is kept as the core wanted it: a timer's lateness is measured from
-        // it, so a stall shows even when a message is handled first.
-        let wake = self.next_wake();
-        if wake != self.wake {
-            self.wake = wake;
-            if let Some(at) = wake {
+        // An unchanged deadline is not asked for again: a timer's lateness is measured from
+        // when it was first asked for, so a stall shows even when a message is handled first.
+        // A deadline that had already passed when it first came up (a renewal due since a
+        // worker last held nothing) is asked for now, not taken for a stall.
+        let due = self.next_wake();
+        if due != self.wake.map(|(due, _)| due) {
+            self.wake = due.map(|due| (due, due.max(now_ms)));
+            if let Some((_, at)) = self.wake {
                 self.out.push(Effect::WakeAt(at));
             }
         }

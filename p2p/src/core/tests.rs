@@ -84,7 +84,7 @@ fn tick(
             let from = Some(b.peer_id());
             all.extend(drive(core, Input::SyncResponse { from, response }, now));
         }
-        now = core.wake.unwrap_or(now + TICK_MS).max(now + 1) + late;
+        now = core.wake.map_or(now + TICK_MS, |(_, asked)| asked).max(now + 1) + late;
     }
     all
 }

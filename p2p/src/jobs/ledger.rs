@@ -21,6 +21,10 @@ use crate::{cluster::Advert, events::Event, events::JobEvent, node_id::NodeId};
 /// Jobs looked at for placement per pass over the queue, so a long queue costs a bounded
 /// amount per change.
 const PUMP_SCAN: usize = 64;
+/// How long a job that only a worker not `ok` (or draining) could run waits for it before it
+/// fails `infeasible`: a Home that just restarted has not heard its workers yet, and a worker
+/// may be back within a suspicion.
+pub const UNHEALTHY_WAIT_MS: u64 = 30_000;
 
 /// Something the node must do for its jobs.
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +151,8 @@ struct Live {
     hops: u32,
     /// The worker's start time when the current attempt was offered.
     boot: Option<u64>,
+    /// Since when only workers not `ok` (or draining) could run it.
+    unhealthy_since: Option<u64>,
 }
 
 impl Live {
@@ -159,6 +165,7 @@ impl Live {
             resting: Vec::new(),
             hops: 0,
             boot: None,
+            unhealthy_since: None,
         }
     }
 }
@@ -191,8 +198,9 @@ pub struct Ledger {
     rev: u64,
     /// Jobs created (makes ids unique).
     created: u64,
-    /// Moving average of local run time (ms), for the local-first rule.
-    ewma_ms: f64,
+    /// Moving average of local run time (ms), for the local-first rule; none before the first
+    /// local run ends (until then a job waits here only for a free slot).
+    ewma_ms: Option<f64>,
     out: Vec<Out>,
 }
 
@@ -211,7 +219,7 @@ impl Ledger {
             fence: stored.fence,
             rev: stored.rev,
             created: 0,
-            ewma_ms: 100.0,
+            ewma_ms: None,
             out: Vec::new(),
         };
         for rec in stored.records {
@@ -393,7 +401,8 @@ impl Ledger {
         }
         self.running_local = self.running_local.saturating_sub(1);
         let took = done.finished_ms.saturating_sub(done.started_ms);
-        self.ewma_ms = 0.8 * self.ewma_ms + 0.2 * took as f64;
+        let ms = took as f64;
+        self.ewma_ms = Some(self.ewma_ms.map_or(ms, |ewma| 0.8 * ewma + 0.2 * ms));
         if let Some(live) = self.live.get(&done.job_id) {
             self.emit(Event::TaskCompleted(crate::events::TaskCompleted {
                 id: json!(done.job_id),
@@ -629,6 +638,17 @@ impl Ledger {
             let id = self.queue[i].clone();
             match self.decide(&id, env) {
                 Step::Wait => i += 1,
+                Step::Unhealthy(explain) => {
+                    let Some(live) = self.live.get_mut(&id) else { return };
+                    let since = *live.unhealthy_since.get_or_insert(env.now);
+                    if env.now.saturating_sub(since) < UNHEALTHY_WAIT_MS {
+                        i += 1;
+                        continue;
+                    }
+                    self.queue.remove(i);
+                    let error = json!({"code": "infeasible"});
+                    self.fail(&id, "infeasible", error, Some(explain), env);
+                }
                 Step::Local => {
                     self.queue.remove(i);
                     self.start_local(&id, env);
@@ -657,11 +677,14 @@ impl Ledger {
             (Prefer::Auto, Offload::Prefer) => Prefer::Remote,
             (p, _) => p,
         };
-        // Local first (Ray's hybrid policy): here while a slot is free or the queue ahead
-        // clears within the offload wait.
+        // Local first (Ray's hybrid policy): here while a slot is free or one is expected to
+        // free up for this job (the jobs ahead of it and itself, at the usual run time spread
+        // over the slots) within the offload wait.
         let short_queue = {
             let ahead = self.queue.iter().position(|q| q == id).unwrap_or(0) as f64;
-            ahead * self.ewma_ms / f64::from(env.slots.max(1)) <= env.queue_ms as f64
+            self.ewma_ms.is_some_and(|ewma| {
+                (ahead + 1.0) * ewma / f64::from(env.slots.max(1)) <= env.queue_ms as f64
+            })
         };
         if local.is_ok() && prefer != Prefer::Remote && (free_here || prefer == Prefer::Local) {
             return if free_here { Step::Local } else { Step::Wait };
@@ -708,18 +731,21 @@ impl Ledger {
         match decision {
             Decision::Remote { node, feasible, .. } => Step::Remote(node, feasible),
             Decision::Infeasible(mut explain) => {
-                // Busy workers, or a slot here soon: wait. Nothing could ever take it: fail.
-                let busy = explain.filtered.contains_key("slots_full")
-                    || explain.filtered.contains_key("resting");
+                // Busy workers, or a slot here soon: wait. Workers that would do once they
+                // are back: wait a while. Nothing could ever take it: fail.
+                let has = |explain: &Explain, filter| explain.filtered.contains_key(filter);
                 if local.is_ok() {
                     return if free_here { Step::Local } else { Step::Wait };
                 }
-                if busy {
+                if has(&explain, place::SLOTS_FULL) || has(&explain, place::RESTING) {
                     return Step::Wait;
                 }
                 if let Err(filter) = local {
                     explain.evaluated += 1;
                     *explain.filtered.entry(format!("local.{filter}")).or_default() += 1;
+                }
+                if has(&explain, place::UNHEALTHY) || has(&explain, place::DRAINING) {
+                    return Step::Unhealthy(explain);
                 }
                 Step::Fail("infeasible", Some(explain))
             }
@@ -753,6 +779,7 @@ impl Ledger {
         let fence = self.next_fence();
         let Some(live) = self.live.get_mut(id) else { return };
         live.phase = Phase::Local;
+        live.unhealthy_since = None;
         let rec = &mut live.rec;
         rec.attempt += 1;
         rec.fence = fence;
@@ -794,6 +821,7 @@ impl Ledger {
         *self.inflight.entry(node.clone()).or_default() += 1;
         let Some(live) = self.live.get_mut(id) else { return };
         live.phase = Phase::Assigning { node: node.clone(), until: env.now + ASSIGN_TIMEOUT_MS };
+        live.unhealthy_since = None;
         live.boot = env.workers.boot(&node);
         let rec = &mut live.rec;
         rec.attempt += 1;
@@ -1009,6 +1037,8 @@ const REST_MS: u64 = 1_000;
 
 enum Step {
     Wait,
+    /// Only workers not `ok` (or draining) could run it; the explain if it comes to failing.
+    Unhealthy(Explain),
     Local,
     Remote(NodeId, usize),
     Fail(&'static str, Option<Explain>),
@@ -1112,6 +1142,61 @@ mod tests {
         let fence = records.values().map(|r| r.fence).max().unwrap_or(0);
         let rev = records.values().map(|r| r.rev).max().unwrap_or(0);
         super::super::StoredJobs { records: records.into_values().collect(), fence, rev }
+    }
+
+    /// `w1` as [`worker`], health not `ok`.
+    struct Sick(Advert);
+
+    impl Workers for Sick {
+        fn list(&self) -> Vec<(&Advert, bool, bool)> {
+            vec![(&self.0, false, true)]
+        }
+    }
+
+    fn failed(outs: &[Out]) -> Option<JobEvent> {
+        outs.iter().find_map(|o| match o {
+            Out::Emit(e) => match &**e {
+                Event::ActionFailed(f) => Some(f.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_job_only_an_unhealthy_worker_could_run_waits_for_it_then_fails_with_explain() {
+        let (me, caps) = (NodeId::parse("home").expect("id"), Map::new());
+        let (sick, well) = (Sick(worker().0), worker());
+        let no_local = JobsConfig { kinds: Vec::new(), ..config() };
+        // The worker comes back within the wait: the job runs there.
+        let mut ledger = Ledger::new(no_local.clone(), Default::default());
+        ledger.submit(spec(None), &env(10, &me, &caps, &sick)).expect("admitted");
+        ledger.tick(&env(10 + UNHEALTHY_WAIT_MS / 2, &me, &caps, &sick));
+        assert_eq!(failed(&ledger.take()), None, "failed while its worker might come back");
+        ledger.tick(&env(11 + UNHEALTHY_WAIT_MS / 2, &me, &caps, &well));
+        let outs = ledger.take();
+        assert!(outs.iter().any(|o| matches!(o, Out::Send { body: JobMessage::Assign(_), .. })));
+        // It does not: the job fails once the wait is over, saying why.
+        let mut ledger = Ledger::new(no_local, Default::default());
+        ledger.submit(spec(None), &env(10, &me, &caps, &sick)).expect("admitted");
+        ledger.tick(&env(10 + UNHEALTHY_WAIT_MS, &me, &caps, &sick));
+        let failed = failed(&ledger.take()).expect("failed after the wait");
+        assert_eq!(failed.code.as_deref(), Some("infeasible"));
+        let explain = failed.explain.expect("explain");
+        assert_eq!(explain["filtered"]["health"], 1, "{explain:?}");
+    }
+
+    #[test]
+    fn a_home_that_has_not_timed_a_local_run_yet_offloads_rather_than_queue_behind_it() {
+        let (me, caps, w) = (NodeId::parse("home").expect("id"), Map::new(), worker());
+        let mut ledger = Ledger::new(config(), Default::default());
+        let auto = Env { offload: Offload::Auto, ..env(10, &me, &caps, &w) };
+        ledger.submit(spec(None), &auto).expect("admitted");
+        ledger.submit(spec(None), &auto).expect("admitted");
+        let outs = ledger.take();
+        // The only slot here takes the first; the second goes to the worker at once.
+        assert!(outs.iter().any(|o| matches!(o, Out::Execute(_))), "{outs:?}");
+        assert!(outs.iter().any(|o| matches!(o, Out::Send { body: JobMessage::Assign(_), .. })));
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub fn place<'a>(want: &Want<'_>, candidates: impl IntoIterator<Item = Candidate
             continue;
         }
         feasible += 1;
-        let score = score(seed, &c);
+        let score = score(seed, want.require.gpu.is_some(), &c);
         if best.is_none_or(|(s, id)| score > s || (score == s && c.advert.id < *id)) {
             best = Some((score, &c.advert.id));
         }
@@ -94,19 +94,12 @@ pub fn place<'a>(want: &Want<'_>, candidates: impl IntoIterator<Item = Candidate
     }
 }
 
-/// The first filter `c` fails, if any.
+/// The first filter `c` fails, if any. What the worker is (its kinds, capabilities,
+/// admission) comes first, what it is now (health, draining, resting, full) last: a job only
+/// those last filters removed could run once the worker recovers, so it waits.
 fn filter(want: &Want<'_>, c: &Candidate<'_>) -> Result<(), &'static str> {
     let advert = c.advert;
-    if !c.ok {
-        return Err("health");
-    }
-    if !c.admitted {
-        return Err("admission");
-    }
     let Some(jobs) = &advert.jobs else { return Err("takes_no_jobs") };
-    if jobs.draining {
-        return Err("draining");
-    }
     if !jobs.accepts.iter().any(|g| glob(g, want.kind)) {
         return Err("kind_not_allowed");
     }
@@ -116,18 +109,37 @@ fn filter(want: &Want<'_>, c: &Candidate<'_>) -> Result<(), &'static str> {
     if want.avoid.iter().any(|a| a == advert.id.as_str()) {
         return Err("avoid");
     }
+    fits(want.require, &advert.capabilities, &advert.tags)?;
+    if !c.admitted {
+        return Err("admission");
+    }
     if want.tried.contains(&advert.id) {
         return Err("tried");
     }
-    if want.resting.contains(&advert.id) {
-        return Err("resting");
+    if !c.ok {
+        return Err(UNHEALTHY);
     }
-    fits(want.require, &advert.capabilities, &advert.tags)?;
+    if jobs.draining {
+        return Err(DRAINING);
+    }
+    if want.resting.contains(&advert.id) {
+        return Err(RESTING);
+    }
     if c.inflight >= jobs.slots {
-        return Err("slots_full");
+        return Err(SLOTS_FULL);
     }
     Ok(())
 }
+
+/// Filters that pass of themselves: a worker not `ok` now, draining, resting after a
+/// transient refusal, or with every slot taken.
+pub const UNHEALTHY: &str = "health";
+/// See [`UNHEALTHY`].
+pub const DRAINING: &str = "draining";
+/// See [`UNHEALTHY`].
+pub const RESTING: &str = "resting";
+/// See [`UNHEALTHY`].
+pub const SLOTS_FULL: &str = "slots_full";
 
 /// Whether a node with `caps` and `tags` meets `require`; otherwise the constraint it misses.
 pub fn fits(
@@ -209,14 +221,21 @@ fn contains_ignore_case(hay: &str, needle: &str) -> bool {
     needle.is_empty() || hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
 }
 
-/// Spare capacity (a node under half full counts as empty, so near-equals tie), plus a spread
-/// drawn from the job (`seed`) and the node's id so equal nodes share the work.
-fn score(seed: u64, c: &Candidate<'_>) -> f64 {
+/// Spare capacity (a node under half full counts as empty, so near-equals tie), less a
+/// penalty for GPUs a job that needs none would sit on (they stay free for the jobs that do),
+/// plus a spread drawn from the job (`seed`) and the node's id so equal nodes share the work.
+fn score(seed: u64, wants_gpu: bool, c: &Candidate<'_>) -> f64 {
     let slots = c.advert.jobs.as_ref().map_or(1, |j| j.slots.max(1));
     let util = f64::from(c.inflight) / f64::from(slots);
     let util = if util < 0.5 { 0.0 } else { util };
-    0.5 * (1.0 - util) + 0.1 * spread(seed, c.advert.id.as_str())
+    let idle_gpus = !wants_gpu && gpus(&c.advert.capabilities).next().is_some();
+    0.5 * (1.0 - util) - if idle_gpus { GPU_PENALTY } else { 0.0 }
+        + 0.1 * spread(seed, c.advert.id.as_str())
 }
+
+/// What a GPU costs a job that needs none: an idle GPU node ranks below a half-full one
+/// without (best fit for scarce hardware, as Nomad's device-aware bin packing).
+const GPU_PENALTY: f64 = 0.3;
 
 /// A number in [0, 1) from `seed` and `id`: the same for the same inputs, every run.
 fn spread(seed: u64, id: &str) -> f64 {
@@ -296,8 +315,12 @@ mod tests {
         let Decision::Infeasible(explain) = place(&want(&require, &[]), cands(false)) else {
             panic!("placed on unhealthy nodes")
         };
+        // What a node is comes before what it is now: only the node that would fit counts as
+        // unhealthy, so a job waits for it rather than failing.
         assert_eq!(explain.evaluated, 3);
-        assert_eq!(explain.filtered["health"], 3);
+        assert_eq!(explain.filtered["health"], 1);
+        assert_eq!(explain.filtered["gpu.count"], 1);
+        assert_eq!(explain.filtered["kind_not_allowed"], 1);
         let tried = [NodeId::parse("gpu").expect("id")];
         let Decision::Infeasible(explain) = place(&want(&require, &tried), cands(true)) else {
             panic!("placed twice on a node that refused")
