@@ -144,6 +144,7 @@ fn place_bench(workers: usize, rounds: usize) {
             node: None,
             avoid: &[],
             tried: &[],
+            lost_on: &[],
             resting: &[],
         };
         let started = Instant::now();

@@ -111,3 +111,29 @@ fn lan_tier_discovers_with_mdns_and_never_marks_a_live_node_down_under_loss() {
     );
     assert!(report.heal_ms.count >= 1, "views became whole again after the heal");
 }
+
+/// Jobs on eight real node actors over loopback libp2p: the Home runs some itself and places
+/// the rest (GPU jobs on the GPU worker) while a worker crashes and the Home itself crashes and
+/// restarts, each job sent twice. Every job ends once, with one row per key, never running
+/// twice at once.
+#[test]
+fn jobs_on_real_nodes_end_once_through_worker_and_home_crashes() {
+    let s = Scenario::parse(
+        "name = \"stack-jobs\"\ntier = \"stack\"\nnodes = 8\nduration_secs = 24\n\
+         [jobs]\ncount = 100\nstart_secs = 2\nevery_ms = 100\nrun_ms = [200, 1500]\n\
+         prefer = \"auto\"\nhome_slots = 1\ngpu_workers = 1\ngpu_every = 10\nresubmit = 1\n\
+         [[faults]]\nat_secs = 5\nkind = \"crash\"\nnode = 3\n\
+         [[faults]]\nat_secs = 8\nkind = \"crash\"\nnode = 0\n\
+         [[faults]]\nat_secs = 10\nkind = \"restart\"\nnode = 0\n",
+    )
+    .expect("scenario");
+    let report = arw_simnet::run::run(&s, 1).expect("the 8 nodes form");
+    eprintln!("{}", report.table());
+    let j = report.jobs.expect("jobs measured");
+    assert_eq!((j.submitted, j.completed, j.failed, j.unfinished), (100, 100, 0, 0), "{j:?}");
+    assert!(j.resubmitted >= 90, "{j:?}");
+    assert_eq!(j.extra_rows, 0, "one row per key: {j:?}");
+    assert_eq!((j.duplicate_results, j.overlapping_runs, j.fence_regressions), (0, 0, 0));
+    assert_eq!(j.misplaced, 0, "GPU jobs on the GPU worker: {j:?}");
+    assert!(j.ran_local > 0 && j.ran_remote > 0, "{j:?}");
+}

@@ -143,8 +143,10 @@ enum Phase {
 struct Live {
     rec: JobRecord,
     phase: Phase,
-    /// Workers that refused or lost it.
+    /// Workers that refused it for good: never asked again.
     tried: Vec<NodeId>,
+    /// Workers whose lease on it ran out: asked again only when no other worker will do.
+    lost_on: Vec<NodeId>,
     /// Workers that refused it for now, until when.
     resting: Vec<(NodeId, u64)>,
     /// Refusals in a row.
@@ -162,6 +164,7 @@ impl Live {
             rec,
             phase: Phase::Queued,
             tried: Vec::new(),
+            lost_on: Vec::new(),
             resting: Vec::new(),
             hops: 0,
             boot: None,
@@ -719,6 +722,7 @@ impl Ledger {
             node: spec.node.as_deref(),
             avoid: &spec.avoid,
             tried: &live.tried,
+            lost_on: &live.lost_on,
             resting: &resting,
         };
         let candidates = env.workers.list().into_iter().map(|(advert, ok, admitted)| Candidate {
@@ -729,6 +733,15 @@ impl Ledger {
         });
         let decision = place::place(&want, candidates);
         match decision {
+            // A worker that lost the job runs it again only when nothing else can, this node
+            // included.
+            Decision::Remote { node, .. } if local.is_ok() && live.lost_on.contains(&node) => {
+                if free_here {
+                    Step::Local
+                } else {
+                    Step::Wait
+                }
+            }
             Decision::Remote { node, feasible, .. } => Step::Remote(node, feasible),
             Decision::Infeasible(mut explain) => {
                 // Busy workers, or a slot here soon: wait. Workers that would do once they
@@ -864,11 +877,13 @@ impl Ledger {
     }
 
     /// An attempt is gone (its worker's lease ended, or this node restarted under it): the job
-    /// runs again when it may, else fails `lost`.
+    /// runs again when it may, else fails `lost`. A worker blamed for it ranks last for the
+    /// job (Nomad's reschedule penalty), but may take it again if no other can: it may only
+    /// have been cut off for a while.
     fn lost(&mut self, id: &str, node: NodeId, blame: bool, reason: &str, env: &Env<'_>) {
         let Some(live) = self.live.get_mut(id) else { return };
-        if blame {
-            live.tried.push(node.clone());
+        if blame && !live.lost_on.contains(&node) {
+            live.lost_on.push(node.clone());
         }
         let attempt = live.rec.attempt;
         self.end_attempt(id, "lost", Some(reason), env.now);
@@ -1030,8 +1045,11 @@ impl Ledger {
 }
 
 /// Refusals that say "not now" rather than "never": the worker is skipped for [`REST_MS`] and
-/// the job waits for it (or another) instead of failing.
-const TRANSIENT: [&str; 5] = ["busy", "draining", "stale_policy", "timeout", "unreachable"];
+/// the job waits for it (or another) instead of failing. `not_admitted` is one: the Home has
+/// admitted the worker (it offers only to those), so the worker has yet to receive the policy
+/// that says so.
+const TRANSIENT: [&str; 6] =
+    ["busy", "draining", "not_admitted", "stale_policy", "timeout", "unreachable"];
 /// How long a worker that refused a job for now is skipped for it.
 const REST_MS: u64 = 1_000;
 

@@ -37,8 +37,10 @@ pub struct Want<'a> {
     pub node: Option<&'a str>,
     /// Never these.
     pub avoid: &'a [String],
-    /// Nodes that refused or lost this job already.
+    /// Nodes that refused this job for good.
     pub tried: &'a [NodeId],
+    /// Nodes that lost an attempt of this job: ranked last.
+    pub lost_on: &'a [NodeId],
     /// Nodes that refused it for now (busy, draining, unanswered): skipped, and the job waits.
     pub resting: &'a [NodeId],
 }
@@ -83,7 +85,17 @@ pub fn place<'a>(want: &Want<'_>, candidates: impl IntoIterator<Item = Candidate
             continue;
         }
         feasible += 1;
-        let score = score(seed, want.require.gpu.is_some(), &c);
+        // The penalties only lower a score: a node already behind the best needs no more.
+        let mut score = score(seed, &c);
+        if best.is_some_and(|(s, _)| score < s) {
+            continue;
+        }
+        if want.require.gpu.is_none() && has_gpu(&c.advert.capabilities) {
+            score -= GPU_PENALTY;
+        }
+        if want.lost_on.contains(&c.advert.id) {
+            score -= LOST_PENALTY;
+        }
         if best.is_none_or(|(s, id)| score > s || (score == s && c.advert.id < *id)) {
             best = Some((score, &c.advert.id));
         }
@@ -215,23 +227,36 @@ fn gpus(caps: &Map<String, Value>) -> impl Iterator<Item = Gpu<'_>> {
     probed.chain(declared)
 }
 
+/// Whether a node offers any GPU (as [`gpus`] would list one, without reading them).
+fn has_gpu(caps: &Map<String, Value>) -> bool {
+    let list = |key: &str| caps.get(key).and_then(Value::as_array);
+    match list("gpus") {
+        Some(probed) if !probed.is_empty() => true,
+        _ => list("declared")
+            .is_some_and(|d| d.iter().any(|d| d.as_str().is_some_and(|d| d.starts_with("gpu:")))),
+    }
+}
+
 /// Whether `needle` occurs in `hay`, ASCII case ignored.
 fn contains_ignore_case(hay: &str, needle: &str) -> bool {
     let (hay, needle) = (hay.as_bytes(), needle.as_bytes());
     needle.is_empty() || hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
 }
 
-/// Spare capacity (a node under half full counts as empty, so near-equals tie), less a
-/// penalty for GPUs a job that needs none would sit on (they stay free for the jobs that do),
-/// plus a spread drawn from the job (`seed`) and the node's id so equal nodes share the work.
-fn score(seed: u64, wants_gpu: bool, c: &Candidate<'_>) -> f64 {
+/// Spare capacity (a node under half full counts as empty, so near-equals tie), plus a spread
+/// drawn from the job (`seed`) and the node's id so equal nodes share the work. [`place`]
+/// subtracts the penalties: [`GPU_PENALTY`] for GPUs a job that needs none would sit on (they
+/// stay free for the jobs that do), [`LOST_PENALTY`] for a node that lost the job.
+fn score(seed: u64, c: &Candidate<'_>) -> f64 {
     let slots = c.advert.jobs.as_ref().map_or(1, |j| j.slots.max(1));
     let util = f64::from(c.inflight) / f64::from(slots);
     let util = if util < 0.5 { 0.0 } else { util };
-    let idle_gpus = !wants_gpu && gpus(&c.advert.capabilities).next().is_some();
-    0.5 * (1.0 - util) - if idle_gpus { GPU_PENALTY } else { 0.0 }
-        + 0.1 * spread(seed, c.advert.id.as_str())
+    0.5 * (1.0 - util) + 0.1 * spread(seed, c.advert.id.as_str())
 }
+
+/// What losing an attempt of a job costs a node when placing that job again: more than any
+/// other term, so it is chosen only when no other node will do.
+const LOST_PENALTY: f64 = 1.0;
 
 /// What a GPU costs a job that needs none: an idle GPU node ranks below a half-full one
 /// without (best fit for scarce hardware, as Nomad's device-aware bin packing).
@@ -285,6 +310,7 @@ mod tests {
             node: None,
             avoid: &[],
             tried,
+            lost_on: &[],
             resting: &[],
         }
     }
@@ -328,6 +354,28 @@ mod tests {
         assert_eq!(explain.filtered["tried"], 1);
         assert_eq!(explain.filtered["gpu.count"], 1);
         assert_eq!(explain.filtered["kind_not_allowed"], 1);
+    }
+
+    #[test]
+    fn a_node_that_lost_the_job_is_chosen_again_only_when_no_other_will_do() {
+        let a = worker("a", &["*"], json!({}));
+        let b = worker("b", &["*"], json!({}));
+        let require = Require::default();
+        let lost = [NodeId::parse("a").expect("id")];
+        let want = Want { lost_on: &lost, ..want(&require, &[]) };
+        let cand = |advert| Candidate { advert, ok: true, admitted: true, inflight: 0 };
+        for job in 0..20 {
+            let id = format!("job-{job}");
+            let want = Want { job_id: &id, ..want };
+            let Decision::Remote { node, .. } = place(&want, [cand(&a), cand(&b)]) else {
+                panic!("b was free")
+            };
+            assert_eq!(node.as_str(), "b");
+            let Decision::Remote { node, .. } = place(&want, [cand(&a)]) else {
+                panic!("a lease lost is no refusal: a may run it again")
+            };
+            assert_eq!(node.as_str(), "a");
+        }
     }
 
     #[test]
