@@ -373,7 +373,8 @@ pub struct Loaded {
     pub explicit_node_id: Option<(NodeId, arw_p2p::node_id::IdSource)>,
     /// Things worth a warning (unknown keys, ignored settings).
     pub warnings: Vec<String>,
-    /// Directory of the config file read (relative paths in it resolve here), else the CWD.
+    /// Directory of the config file read (relative paths in it resolve here); with none (the
+    /// embedded defaults), relative paths resolve in the state directory.
     pub config_dir: Option<PathBuf>,
     /// Start under a new key even though the state directory holds another identity's state
     /// (`arw-server --new-identity`).
@@ -700,10 +701,10 @@ impl Loaded {
 
     /// `path` as written in the config: relative paths resolve against the config file's directory.
     pub fn resolve(&self, path: &Path) -> PathBuf {
-        match &self.config_dir {
-            Some(dir) if path.is_relative() => dir.join(path),
-            _ => path.to_path_buf(),
+        if path.is_absolute() {
+            return path.to_path_buf();
         }
+        self.config_dir.as_deref().unwrap_or(&self.state_dir).join(path)
     }
 }
 

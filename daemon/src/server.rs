@@ -329,7 +329,7 @@ fn federation(loaded: &Loaded) -> Result<Option<FederationConfig>, StartError> {
     let bus = match c.bus {
         Transport::Local => BusConfig::Libp2p(NetConfig {
             workspace: c.workspace.clone(),
-            listen: addrs("cluster.listen", &c.listen)?,
+            listen: unshared(addrs("cluster.listen", &c.listen)?)?,
             bootstrap: addrs("cluster.bootstrap", &c.bootstrap)?,
             mdns: c.mdns,
         }),
@@ -340,6 +340,32 @@ fn federation(loaded: &Loaded) -> Result<Option<FederationConfig>, StartError> {
         heartbeat_interval: Duration::from_millis(c.heartbeat_interval_ms),
         membership,
     }))
+}
+
+/// The listen addresses, once none of their TCP ports is already taken. libp2p listens with
+/// SO_REUSEPORT, so a second node on the host would share the first one's port (the kernel
+/// splitting connections between them) without a word; a plain bind finds it first.
+fn unshared(listen: Vec<Multiaddr>) -> Result<Vec<Multiaddr>, StartError> {
+    use arw_p2p::multiaddr::Protocol;
+    for addr in &listen {
+        let mut ip = None;
+        let mut port = None;
+        for p in addr {
+            match p {
+                Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+                Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+                Protocol::Tcp(p) => port = Some(p),
+                _ => {}
+            }
+        }
+        let (Some(ip), Some(port)) = (ip, port.filter(|p| *p != 0)) else { continue };
+        if let Err(e) = std::net::TcpListener::bind((ip, port)) {
+            return Err(StartError::Other(format!(
+                "cannot listen for peers on {addr}: {e} (another arw-server on this host? give each node its own port: cluster.listen in its config, e.g. [\"/ip4/0.0.0.0/tcp/0\"] for any free one)"
+            )));
+        }
+    }
+    Ok(listen)
 }
 
 fn admin_auth(

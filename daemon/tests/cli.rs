@@ -212,3 +212,52 @@ fn capsules_signed_by_the_cli_verify_and_one_flipped_byte_does_not() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("signature does not match"), "{bad:?}");
 }
+
+/// Each binary names itself in `--version`.
+#[test]
+fn every_binary_names_itself_in_version() {
+    for (name, path) in [
+        ("arw-server", env!("CARGO_BIN_EXE_arw-server")),
+        ("arw-cli", env!("CARGO_BIN_EXE_arw-cli")),
+        ("arw-connector", env!("CARGO_BIN_EXE_arw-connector")),
+    ] {
+        let out = std::process::Command::new(path).arg("--version").output().expect("run");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim(), format!("{name} {}", env!("CARGO_PKG_VERSION")));
+    }
+}
+
+/// `arw-cli events tail | head -n 1`: when the reader goes, the tail ends quietly (exit 0,
+/// no panic), at its next event.
+#[test]
+fn events_tail_into_a_reader_that_stops_early_exits_quietly() {
+    use std::io::{BufRead, BufReader};
+    let server = common::Launch::new().start();
+    let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_arw-cli"))
+        .args(["events", "tail", "--base", &server.base(), "--admin-token", &server.token])
+        .env("HOME", "/nonexistent")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("arw-cli");
+    let stdout = tail.stdout.take().expect("stdout");
+    let role = |role: &str| {
+        let body = serde_json::json!({ "role": role });
+        assert_eq!(server.post("/admin/hierarchy/role", &body).0, 200);
+    };
+    role("regional");
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).expect("a first event");
+    assert!(!first.is_empty());
+    // The reader closes its end (as `head` does after its line); more events follow.
+    for r in ["edge", "regional", "edge"] {
+        role(r);
+    }
+    let status = common::wait_exit(&mut tail, std::time::Duration::from_secs(10));
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut tail.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

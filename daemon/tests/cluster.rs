@@ -462,3 +462,31 @@ fn admitted_workers_obey_the_home_s_policy_and_refuse_a_rogue_home() {
     assert_eq!(w1.get("/state/policy/capsules").1["count"], 0);
     assert_eq!(w1.post("/admin/hierarchy/role", &role).0, 200, "the lockout went with its Home");
 }
+
+/// A second node given a p2p port the first already listens on refuses to start, saying why,
+/// rather than sharing the port (libp2p listens with SO_REUSEPORT).
+#[test]
+fn a_second_node_on_a_taken_p2p_port_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = start("node-a", &dir.path().join("a"), None);
+    let taken = a.endpoints["p2p"][0].as_str().expect("p2p address");
+    let taken = taken.split("/p2p/").next().expect("address").to_owned();
+    let b_state = dir.path().join("b");
+    std::fs::create_dir_all(&b_state).expect("state dir");
+    let config = format!("[cluster]\nenabled = true\nmdns = false\nlisten = [\"{taken}\"]\n");
+    std::fs::write(b_state.join("config.toml"), config).expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_arw-server"))
+        .env_clear()
+        .env("ARW_STATE_DIR", &b_state)
+        .env("ARW_CONFIG_DIR", b_state.join("none"))
+        .env("ARW_PORT", "0")
+        .env("ARW_NODE_ID", "node-b")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen for peers on {taken}")), "{err}");
+    assert!(err.contains("another arw-server on this host?"), "{err}");
+    // The first node is unharmed.
+    assert_eq!(a.get("/healthz").0, 200);
+}

@@ -22,5 +22,5 @@ pub mod time;
 pub mod transport;
 pub mod wire;
 
-pub use libp2p::{Multiaddr, PeerId};
+pub use libp2p::{Multiaddr, PeerId, multiaddr};
 pub use transport::{nats, net};

@@ -20,7 +20,7 @@ use arw_p2p::{nats::NatsConfig, node_id::NodeId};
 ///
 /// Example: ARW_NODE_ID=connector-01 ARW_NATS_URL=nats://broker:4222 ARW_GROUP=workers arw-connector
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(name = "arw-connector", version, about, long_about)]
 struct Args {
     /// Node id used in completions and subjects.
     #[arg(long, env = "ARW_NODE_ID", default_value = "connector")]

@@ -18,7 +18,7 @@ use arw_daemon::{config, server};
 ///
 /// Example: ARW_PORT=0 ARW_STATE_DIR=/tmp/arw-a arw-server
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(name = "arw-server", version, about, long_about)]
 struct Args {
     /// Print the effective configuration (secrets redacted) and exit.
     #[arg(long)]

@@ -121,7 +121,12 @@ fn human_span(secs: u64) -> String {
     format!("{secs}s")
 }
 
+/// `yes` past the TTL, as the reference computes it client-side, and also when the node itself
+/// judged the row `stale` (the reference ignored that, so a row could read `stale` and `no`).
 fn stale(node: &ClusterNode, ttl: u64, now_ms: i64) -> &'static str {
+    if node.health.as_deref() == Some("stale") {
+        return "yes";
+    }
     let ms = seen_ms(node);
     if ttl == 0 || ms == 0 {
         return "no";
@@ -217,6 +222,7 @@ worker-gpu-01        edge       ok         2025-10-16 13:58:01 +00:00 (2m … no
                 {"id": "old", "role": "edge", "last_seen_ms": NOW - 361_000},
                 {"id": "ahead", "role": "edge", "last_seen_ms": NOW + 7_200_000},
                 {"id": "never", "role": "edge"},
+                {"id": "judged", "role": "edge", "health": "stale", "last_seen_ms": NOW - 1_000},
             ],
             "ttl_seconds": 360,
         });
@@ -227,6 +233,8 @@ worker-gpu-01        edge       ok         2025-10-16 13:58:01 +00:00 (2m … no
         assert!(lines[6].contains("13:54:04 +00:00 (6m …") && lines[6].contains(" yes "), "{text}");
         assert!(lines[7].contains("16:00:05 +00:00 (in …") && lines[7].contains(" no "), "{text}");
         assert!(lines[8].contains(" —  ") && lines[8].contains(" no "), "{text}");
+        // The node's own verdict counts: never `stale` and `no` in one row.
+        assert!(lines[9].contains(" stale ") && lines[9].contains(" yes "), "{text}");
     }
 
     #[test]

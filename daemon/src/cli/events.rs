@@ -1,6 +1,6 @@
 //! `arw-cli events tail`: follow `/events`, resuming with `Last-Event-ID` after any drop.
 
-use std::time::Duration;
+use std::{io::Write, time::Duration};
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
@@ -68,7 +68,14 @@ pub async fn tail(client: &Client, tail: Tail) -> Result<String, CliError> {
                         }
                         _ => {
                             last_id = row.or(last_id);
-                            println!("{}", render(&event.data, last_id, tail.json));
+                            let line = render(&event.data, last_id, tail.json);
+                            if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+                                // The reader went away (`| head`): done, quietly.
+                                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                                    return Ok(String::new());
+                                }
+                                return Err(CliError(format!("cannot write: {e}")));
+                            }
                         }
                     }
                 }

@@ -375,7 +375,13 @@ fn restore(config: &NodeConfig, registry: ClusterStore) -> std::io::Result<Resto
         None => TrustStore::default(),
     };
     if let Some(path) = config.capsule_trust.as_ref().filter(|_| trust.is_empty()) {
-        tracing::warn!(path = %path.display(), "the capsule trust store is missing or lists no issuer: every capsule will be refused");
+        // No file is the usual state of a node that uses no capsules; an empty one is a
+        // mistake worth a warning.
+        if path.exists() {
+            tracing::warn!(path = %path.display(), "the capsule trust store lists no issuer: every capsule will be refused");
+        } else {
+            tracing::info!(path = %path.display(), "no capsule trust store: capsules will be refused");
+        }
     }
     Ok(Restored {
         hierarchy: load_file(dir, HIERARCHY_FILE)?,
