@@ -3,7 +3,8 @@
 # node-b and node-c bootstrapping to it. Each picks free ports and keeps its state in DIR/<name>.
 #
 #   scripts/local-cluster.sh start  [DIR]   start the three nodes (default DIR /tmp/arw-local-cluster)
-#   scripts/local-cluster.sh status [DIR]   every node's view of the cluster (arw-cli state cluster)
+#   scripts/local-cluster.sh status [DIR]   every node's view of the cluster (arw-cli state cluster,
+#                                           with that node's own admin token from DIR/<n>/admin-token)
 #   scripts/local-cluster.sh stop   [DIR]   stop them gracefully (SIGTERM)
 #
 # Binaries come from ARW_BIN (default: target/release, built with `cargo build --release`).
@@ -32,7 +33,9 @@ start_node() { # start_node <n> [bootstrap multiaddr]
     printf '[cluster]\nenabled = true\nmdns = false\nlisten = ["/ip4/127.0.0.1/tcp/0"]\n'
     [ -z "$boot" ] || printf 'bootstrap = ["%s"]\n' "$boot"
   } >"$dir/$n/config.toml"
-  ARW_NODE_ID=node-$n ARW_STATE_DIR=$dir/$n ARW_PORT=0 ARW_CONFIG_DIR=$dir/$n \
+  # Each node generates its own admin token into DIR/<n>/admin-token, whatever the shell exports.
+  env -u ARW_ADMIN_TOKEN -u ARW_ADMIN_TOKEN_SHA256 \
+    ARW_NODE_ID=node-$n ARW_STATE_DIR=$dir/$n ARW_PORT=0 ARW_CONFIG_DIR=$dir/$n \
     nohup "$bin/arw-server" >"$dir/$n/server.log" 2>&1 &
   ready "$n" $!
 }
@@ -49,10 +52,21 @@ start)
   echo "see the cluster: $0 status $dir"
   ;;
 status)
+  # Each node has its own admin token (DIR/<n>/admin-token), whatever ARW_ADMIN_TOKEN says.
+  failed=0
   for n in "${nodes[@]}"; do
     echo "== node-$n"
-    ARW_STATE_DIR=$dir/$n "$bin/arw-cli" state cluster --base "$(base "$n")"
+    if [ ! -f "$dir/$n/endpoints.json" ]; then
+      echo "not started (no $dir/$n/endpoints.json): $0 start $dir"; failed=1; continue
+    fi
+    pid=$(jq -r .pid "$dir/$n/endpoints.json")
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "not running: pid $pid in $dir/$n/endpoints.json is gone (crashed or killed; see $dir/$n/server.log)"
+      failed=1; continue
+    fi
+    "$bin/arw-cli" state cluster --base "$(base "$n")" --admin-token "$(cat "$dir/$n/admin-token")" || failed=1
   done
+  exit "$failed"
   ;;
 stop)
   for n in "${nodes[@]}"; do
@@ -60,7 +74,7 @@ stop)
   done
   ;;
 *)
-  sed -n '2,9p' "$0" >&2
+  sed -n '2,10p' "$0" >&2
   exit 64
   ;;
 esac

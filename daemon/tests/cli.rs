@@ -261,3 +261,41 @@ fn events_tail_into_a_reader_that_stops_early_exits_quietly() {
     assert!(status.success(), "{status}: {err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A node that is not there (stopped, or a stale endpoints.json) is named, with what to check.
+#[test]
+fn an_unreachable_node_is_named_with_a_hint() {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let out = common::cli(&["state", "cluster", "--base", &base, "--admin-token", "t"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with(&format!("cannot reach {base}/state/cluster: Connection refused")),
+        "{err}"
+    );
+    assert!(
+        err.contains("is arw-server running there?") && err.contains("endpoints.json"),
+        "{err}"
+    );
+    assert!(!err.contains("error sending request"), "{err}");
+}
+
+/// Every command group teaches by example in its --help.
+#[test]
+fn every_command_group_has_help_examples() {
+    for group in ["state", "hierarchy", "events", "cluster"] {
+        let out = common::cli(&[group, "--help"], &[]);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        let examples = text.split("Examples:\n").nth(1).unwrap_or_default();
+        assert!(
+            examples.lines().any(|l| l.trim_start().starts_with(&format!("arw-cli {group} "))),
+            "{group} --help has no example of itself: {text}"
+        );
+    }
+}

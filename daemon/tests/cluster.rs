@@ -191,7 +191,9 @@ fn a_stalled_process_does_not_mark_its_peers_down_when_it_resumes() {
     wait_for(&a, Duration::from_secs(10), "node-a to see all five ok", all);
 }
 
-/// README's three-node walk-through, as written: start, status on every node, stop.
+/// README's three-node walk-through, as written: start, status on every node (with another
+/// node's token exported, as after the single-node walk-through), a crashed node named as
+/// such, stop.
 #[test]
 fn the_local_cluster_script_starts_three_nodes_that_see_each_other() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -201,6 +203,7 @@ fn the_local_cluster_script_starts_three_nodes_that_see_each_other() {
         std::process::Command::new(script)
             .args([cmd, &dir.path().display().to_string()])
             .env("ARW_BIN", &bin)
+            .env("ARW_ADMIN_TOKEN", "the-token-of-some-other-node")
             .output()
             .expect("run scripts/local-cluster.sh")
     };
@@ -218,8 +221,28 @@ fn the_local_cluster_script_starts_three_nodes_that_see_each_other() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(text.matches("Nodes     : 3").count(), 3, "{text}");
+    // kill -9 node-c: its endpoints.json stays behind, and status says what happened.
+    let c_endpoints = dir.path().join("c").join("endpoints.json");
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&c_endpoints).expect("endpoints")).expect("json");
+    let pid = c["pid"].as_u64().expect("pid").to_string();
+    assert!(
+        std::process::Command::new("kill").args(["-9", &pid]).status().expect("kill").success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let status = run("status");
+        let text = String::from_utf8_lossy(&status.stdout).into_owned();
+        if text.contains(&format!("not running: pid {pid} in ")) {
+            assert_eq!(status.status.code(), Some(1), "{text}");
+            break text;
+        }
+        assert!(Instant::now() < deadline, "node-c's crash not reported: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(text.matches("Nodes     : 3").count(), 2, "a and b still answer: {text}");
     assert!(run("stop").status.success());
-    for n in ["a", "b", "c"] {
+    for n in ["a", "b"] {
         let ready = dir.path().join(n).join("endpoints.json");
         let deadline = Instant::now() + Duration::from_secs(20);
         while ready.exists() {

@@ -87,8 +87,7 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response =
-            request.send().await.map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
+        let response = request.send().await.map_err(|e| unreachable(&url, &e))?;
         let status = response.status();
         let text =
             response.text().await.map_err(|e| CliError(format!("request to {url} failed: {e}")))?;
@@ -114,4 +113,24 @@ pub fn check_status(url: &str, status: StatusCode, body: &str) -> Result<(), Cli
         return Err(CliError(format!("request to {url} failed ({status}): {}", body.trim())));
     }
     Ok(())
+}
+
+/// A request that never got an answer, with what to check. reqwest's own message ("error
+/// sending request for url") hides the cause in its source chain.
+pub fn unreachable(url: &str, e: &reqwest::Error) -> CliError {
+    let mut cause = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        cause = inner.to_string();
+        source = inner.source();
+    }
+    let hint = if e.is_connect() {
+        "is arw-server running there? Its address is in endpoints.json in its state directory \
+         (a crashed node leaves a stale one); --base or ARW_BASE selects the node"
+    } else if e.is_timeout() {
+        "the node did not answer in time; is it overloaded or stopped (SIGSTOP)?"
+    } else {
+        "check --base or ARW_BASE"
+    };
+    CliError(format!("cannot reach {url}: {cause}; {hint}"))
 }

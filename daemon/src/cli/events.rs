@@ -90,7 +90,9 @@ pub async fn tail(client: &Client, tail: Tail) -> Result<String, CliError> {
                 super::client::check_status(&url, status, &body)?;
             }
             Ok(response) => eprintln!("request to {url} failed ({}); retrying", response.status()),
-            Err(e) => eprintln!("request to {url} failed: {e}; retrying in {backoff:?}"),
+            Err(e) => {
+                eprintln!("{}; retrying in {backoff:?}", super::client::unreachable(&url, &e).0)
+            }
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -48,16 +48,16 @@ struct Connection {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Read-only state views.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = STATE_EXAMPLES)]
     State(StateCommand),
     /// The node's hierarchy role and identity.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = HIERARCHY_EXAMPLES)]
     Hierarchy(HierarchyCommand),
     /// The event stream.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = EVENTS_EXAMPLES)]
     Events(EventsCommand),
     /// Admission at the Home: which nodes may work in the workspace.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = CLUSTER_EXAMPLES)]
     Cluster(ClusterCommand),
     /// Gating capsules: status, adopt, teardown, and offline keygen, signing and verification.
     #[command(subcommand)]
@@ -69,6 +69,27 @@ enum Command {
     #[command(subcommand)]
     Jobs(actions::JobsCommand),
 }
+
+const STATE_EXAMPLES: &str = "Examples:
+  arw-cli state cluster                          every node this node knows, as a table
+  arw-cli state cluster --json | jq '.nodes[] | {id, health}'
+  arw-cli state cluster --base http://10.0.0.5:8091 --admin-token \"$TOKEN\"";
+
+const HIERARCHY_EXAMPLES: &str = "Examples:
+  arw-cli hierarchy role home                    make this node the Home of its workspace
+  arw-cli hierarchy state                        role, epoch, peers, the Home it obeys
+  arw-cli hierarchy hello --id worker-gpu-01 --role worker --capability gpu:rtx-4090";
+
+const EVENTS_EXAMPLES: &str = "Examples:
+  arw-cli events tail                            new events, one line each, until Ctrl-C
+  arw-cli events tail --prefix cluster.,actions. --after 0    everything kept, then live
+  arw-cli events tail --json | jq -c 'select(.kind == \"cluster.node.changed\")'";
+
+const CLUSTER_EXAMPLES: &str = "Examples:
+  arw-cli cluster pending                        at the Home: who asks to be admitted
+  arw-cli cluster admit worker-gpu-01            at the Home: admit it with its advertised key
+  arw-cli cluster homes                          at the worker: Homes that admitted it
+  arw-cli cluster trust-home 3f9a0c5e7b21d4aa    at the worker: obey that Home";
 
 #[derive(Debug, Subcommand)]
 enum ClusterCommand {
