@@ -17,6 +17,7 @@ use arw_p2p::{events::EventTx, node::NodeHandle};
 
 pub mod auth;
 pub mod capsules;
+pub mod correlate;
 pub mod dto;
 pub mod events;
 pub mod jobs;
@@ -102,5 +103,6 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), metrics::count_requests))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(CatchPanicLayer::custom(routes::panic_response))
+        .layer(middleware::from_fn(correlate::correlate))
         .with_state(state)
 }

@@ -429,3 +429,47 @@ async fn governor_hints_merge_and_at_the_home_become_routing_hints() {
     assert_eq!(changed[2]["profile"], "balanced");
     assert_eq!(changed[0]["params"], json!({"slo_ms": 200, "mode": "fast"}));
 }
+
+/// X-Request-Id and X-ARW-Corr come back as sent; without them every response gets new ones,
+/// a refused request too.
+#[tokio::test]
+async fn correlation_headers_are_echoed_or_made() {
+    let h = harness().await;
+    let ask = |headers: &[(&str, &str)], token: Option<&str>| {
+        let mut request = get("/state/cluster", token);
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).expect("name"),
+                value.parse().expect("value"),
+            );
+        }
+        let app = h.app.clone();
+        async move {
+            let response = tower::ServiceExt::oneshot(app, request).await.expect("infallible");
+            let header = |name: &str| {
+                response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+            };
+            (header("x-request-id"), header("x-arw-corr"), header("x-arw-corr-source"))
+        }
+    };
+    let (id, corr, source) = ask(&[("x-request-id", "req-42")], Some(TOKEN)).await;
+    assert_eq!(
+        (id.as_deref(), corr.as_deref(), source.as_deref()),
+        (Some("req-42"), Some("req-42"), Some("x-request-id"))
+    );
+    let (id, corr, source) =
+        ask(&[("x-request-id", "req-43"), ("x-arw-corr", "flow-7")], None).await;
+    assert_eq!(
+        (id.as_deref(), corr.as_deref(), source.as_deref()),
+        (Some("req-43"), Some("flow-7"), Some("x-arw-corr")),
+        "on a 401 too"
+    );
+    let (id, corr, source) = ask(&[], Some(TOKEN)).await;
+    let (id, corr) = (id.expect("a request id"), corr.expect("a correlation id"));
+    assert_eq!((id.len(), source.as_deref()), (36, Some("generated")));
+    assert_eq!(id, corr);
+    // An id that is not a short printable token is replaced, not echoed.
+    let long = "x".repeat(200);
+    let (id, _, _) = ask(&[("x-request-id", long.as_str())], Some(TOKEN)).await;
+    assert_ne!(id.as_deref(), Some(long.as_str()));
+}

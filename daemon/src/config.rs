@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Open HTTP connections held at most.
     pub max_connections: usize,
+    /// Requests handled at once; more wait their turn.
+    pub max_concurrent_requests: usize,
     /// A connection must send a request's headers within this many seconds.
     pub header_timeout_secs: u64,
     /// A client that takes nothing we send for this many seconds is disconnected.
@@ -62,6 +64,7 @@ impl fmt::Debug for ServerConfig {
             .field("admin_rate_window_secs", &self.admin_rate_window_secs)
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
             .field("max_connections", &self.max_connections)
+            .field("max_concurrent_requests", &self.max_concurrent_requests)
             .field("header_timeout_secs", &self.header_timeout_secs)
             .field("send_timeout_secs", &self.send_timeout_secs)
             .finish()
@@ -315,6 +318,30 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("ARW_WORKERS", "jobs.slots", Kind::Number),
     ("ARW_ACTIONS_QUEUE_MAX", "jobs.queue_max", Kind::Number),
     ("ARW_JOBS_ALLOW", "jobs.remote.allow", Kind::List),
+    ("ARW_HTTP_MAX_CONC", "server.max_concurrent_requests", Kind::Number),
+];
+
+/// The reference server's environment variables this one does not implement: each set one is
+/// warned about at start, rather than silently ignored.
+const NOT_IMPLEMENTED: [&str; 18] = [
+    "ARW_API_ENVELOPE",
+    "ARW_CAPSULE_REFRESH_MS",
+    "ARW_CAPSULE_REFRESH_SECS",
+    "ARW_CAPSULE_REQUEST_REFRESH_MS",
+    "ARW_EGRESS_LEDGER_ENABLE",
+    "ARW_EGRESS_PROXY_ENABLE",
+    "ARW_EGRESS_PROXY_PORT",
+    "ARW_EVENTS_SSE_DECORATE",
+    "ARW_EVENTS_SSE_MODE",
+    "ARW_EVENT_SOURCE",
+    "ARW_GATING_DENY",
+    "ARW_GATING_FILE",
+    "ARW_IDLE_PUBLISH_MS",
+    "ARW_KERNEL_ENABLE",
+    "ARW_RUNTIME_BUNDLE_SIGNERS",
+    "ARW_RUNTIME_MATRIX_TTL_SEC",
+    "ARW_SMOKE_MODE",
+    "ARW_TRUST_FORWARD_HEADERS",
 ];
 
 /// How an environment variable's text becomes a configuration value.
@@ -415,9 +442,9 @@ impl Environment {
 pub fn load(env: &Environment) -> Result<Loaded, ConfigError> {
     let mut sources = vec!["built-in defaults".to_owned()];
     let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
-    let mut config_dir = env.cwd.clone();
+    let mut config_dir = None;
     if let Some(file) = discover(env)? {
-        config_dir = file.parent().map(Path::to_path_buf).or(config_dir);
+        config_dir = file.parent().map(Path::to_path_buf).or_else(|| env.cwd.clone());
         sources.push(file.display().to_string());
         figment = figment.merge(Toml::file_exact(&file));
     }
@@ -446,6 +473,11 @@ pub fn load(env: &Environment) -> Result<Loaded, ConfigError> {
 
     let config: Config = figment.extract().map_err(|e| describe(e, env))?;
     let mut warnings = unknown_keys(&figment)?;
+    for var in NOT_IMPLEMENTED.iter().filter(|v| env.var(v).is_some()) {
+        warnings.push(format!(
+            "{var} is set, but this server has no such setting and ignores it (docs/configuration.md, \"Reference settings not implemented\")"
+        ));
+    }
     let (bind_ip, explicit_node_id) = validate(&config, env, &mut warnings)?;
     Ok(Loaded {
         config,
@@ -545,6 +577,7 @@ fn validate(
     let sv = &config.server;
     for (key, value) in [
         ("server.max_connections", sv.max_connections as u64),
+        ("server.max_concurrent_requests", sv.max_concurrent_requests as u64),
         ("server.header_timeout_secs", sv.header_timeout_secs),
         ("server.send_timeout_secs", sv.send_timeout_secs),
         ("events.retention_rows", ev.retention_rows),

@@ -178,8 +178,11 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         header_timeout: Duration::from_secs(config.server.header_timeout_secs),
         send_timeout: Duration::from_secs(config.server.send_timeout_secs),
     };
-    let http =
-        tokio::spawn(crate::http::serve(listener, arw_api::router(state), limits, cancel.clone()));
+    // One limit for the whole router (a per-route layer would give each route its own).
+    let router = arw_api::router(state).layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+        config.server.max_concurrent_requests,
+    ));
+    let http = tokio::spawn(crate::http::serve(listener, router, limits, cancel.clone()));
 
     let snapshot = node.snapshot();
     let endpoints = Endpoints {

@@ -233,3 +233,28 @@ fn silent_excess_and_stalled_connections_are_closed() {
         }
     });
 }
+
+/// The reference's ARW_HTTP_MAX_CONC is a setting here; its variables this server lacks are
+/// named at start instead of silently ignored.
+#[test]
+fn reference_variables_are_honoured_or_named_as_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = server_cmd(dir.path())
+        .args(["--check-config"])
+        .env("ARW_HTTP_MAX_CONC", "7")
+        .env("ARW_KERNEL_ENABLE", "1")
+        .env("ARW_EGRESS_PROXY_ENABLE", "1")
+        .output()
+        .expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_concurrent_requests = 7"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for var in ["ARW_KERNEL_ENABLE", "ARW_EGRESS_PROXY_ENABLE"] {
+        assert!(
+            err.contains(&format!("{var} is set, but this server has no such setting")),
+            "{err}"
+        );
+    }
+    assert!(!err.contains("ARW_HTTP_MAX_CONC is set"), "{err}");
+}
