@@ -3,7 +3,7 @@
 # Installs the system packages the tests need when they are missing (Debian/Ubuntu, as root or
 # with sudo): curl and jq drive the runbook test; iproute2 and nftables build the network
 # namespaces of the LAN test (which runs only as root); the NATS tests start their own
-# nats-server on a free port.
+# nats-server on a free port; chromium (headless) drives the cluster page's test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,7 @@ command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v nats-server >/dev/null 2>&1 || need+=(nats-server)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 if ((${#need[@]})); then
   echo "test.sh: installing ${need[*]}" >&2

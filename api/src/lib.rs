@@ -24,6 +24,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod problem;
 mod routes;
+pub mod ui;
 
 pub use auth::{AdminAuth, AuthConfig};
 pub use metrics::Metrics;
@@ -93,6 +94,9 @@ pub fn router(state: AppState) -> Router {
         .route("/state/actions", get(jobs::list))
         .route("/admin/jobs/drain", post(jobs::drain))
         .route("/events", get(events::stream))
+        .route("/", get(ui::root))
+        .route("/ui", get(ui::page))
+        .route("/ui/app.js", get(ui::script))
         .route("/admin/events/journal", get(events::journal))
         .route("/admin/events/test", post(events::test_event))
         .fallback(routes::not_found)
