@@ -2,6 +2,7 @@
 
 use std::{fmt, sync::Arc};
 
+use arw_p2p::{cluster::Health, node::NodeHandle};
 use axum::{
     extract::{MatchedPath, Request, State},
     http::{HeaderValue, header},
@@ -9,8 +10,14 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use prometheus_client::{
-    encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
@@ -49,6 +56,12 @@ pub struct Metrics {
     pub events_published: Counter,
     /// Requests refused for the legacy `X-ARW-Gate` header.
     pub capsule_legacy_headers: Counter,
+    /// Time to commit one batch of events to the journal, seconds.
+    pub journal_commit_seconds: Histogram,
+    /// Rows in the journal.
+    pub journal_rows: Gauge,
+    /// Payload bytes in the journal.
+    pub journal_bytes: Gauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -104,8 +117,25 @@ impl Metrics {
             "Requests refused with 410 for the legacy X-ARW-Gate header",
             capsule_legacy_headers.clone(),
         );
+        let journal_commit_seconds = Histogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        registry.register(
+            "journal_commit_seconds",
+            "Time to commit one batch of events to the journal (fsync included when on)",
+            journal_commit_seconds.clone(),
+        );
+        let journal_rows = Gauge::default();
+        registry.register("journal_rows", "Events held in the journal", journal_rows.clone());
+        let journal_bytes = Gauge::default();
+        registry.register(
+            "journal_bytes",
+            "Payload bytes held in the journal (bounded by events.retention_bytes)",
+            journal_bytes.clone(),
+        );
         Self {
             capsule_legacy_headers,
+            journal_commit_seconds,
+            journal_rows,
+            journal_bytes,
             registry,
             requests,
             sse_connections,
@@ -124,6 +154,11 @@ impl Metrics {
     /// Registers further metrics.
     pub fn registry_mut(&mut self) -> &mut Registry {
         &mut self.registry
+    }
+
+    /// Adds the node's own state, read from its latest snapshot at each scrape.
+    pub fn watch_node(&mut self, node: NodeHandle) {
+        self.registry.register_collector(Box::new(NodeCollector(node)));
     }
 
     /// The text exposition.
@@ -171,3 +206,129 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 /// Shared handle.
 pub type SharedMetrics = Arc<Metrics>;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthLabels {
+    health: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    state: &'static str,
+}
+
+/// The node's registry, membership decisions, connections, policy and jobs, as its latest
+/// snapshot has them (no lock, no call into the node).
+#[derive(Debug)]
+struct NodeCollector(NodeHandle);
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let snap = self.0.snapshot();
+        let now = arw_p2p::time::now_ms();
+        let nodes = Family::<HealthLabels, Gauge>::default();
+        for health in [Health::Ok, Health::Suspect, Health::Down, Health::Left, Health::Stale] {
+            nodes.get_or_create(&HealthLabels { health: health.as_str() }).set(0);
+        }
+        for record in snap.nodes.values() {
+            let health = record.health_at(now, snap.ttl_ms).as_str();
+            nodes.get_or_create(&HealthLabels { health }).inc();
+        }
+        let help = "Nodes in this node's registry by health (itself included)";
+        nodes.encode(encoder.encode_descriptor(
+            "cluster_nodes",
+            help,
+            None,
+            nodes.metric_type(),
+        )?)?;
+
+        let c = snap.counters;
+        let counter = |encoder: &mut DescriptorEncoder, name, help, value: u64| {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+        };
+        counter(
+            &mut encoder,
+            "cluster_messages_received",
+            "Federation messages received (gossip, broker, sync and probe answers, dispatch)",
+            c.received,
+        )?;
+        let refused = Family::<ReasonLabels, Counter>::default();
+        for (reason, n) in c.refused_by_reason() {
+            refused.get_or_create(&ReasonLabels { reason: reason.as_str() }).inc_by(n);
+        }
+        let help = "Federation messages refused, by reason (as in cluster.event.rejected)";
+        refused.encode(encoder.encode_descriptor(
+            "cluster_messages_refused",
+            help,
+            None,
+            refused.metric_type(),
+        )?)?;
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        for (decision, n) in [
+            ("sync_requested", c.syncs),
+            ("probe_sent", c.probes),
+            ("suspicion_raised", c.reports),
+            ("suspicion_refuted", c.refutations),
+            ("connection_reset", c.resets),
+            ("redial", c.redials),
+            ("advert_signed", c.adverts),
+        ] {
+            decisions.get_or_create(&DecisionLabels { decision }).inc_by(n);
+        }
+        let help = "Membership decisions this node made: syncs asked, probes, suspicions it raised and refuted, resets, redials, adverts signed";
+        decisions.encode(encoder.encode_descriptor(
+            "cluster_decisions",
+            help,
+            None,
+            decisions.metric_type(),
+        )?)?;
+
+        let gauge = |encoder: &mut DescriptorEncoder, name, help, value: i64| {
+            let metric = ConstGauge::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+        };
+        let peers = i64::try_from(snap.network.connected_peers).unwrap_or(i64::MAX);
+        gauge(
+            &mut encoder,
+            "cluster_connections",
+            "Open connections to peers (libp2p) or 1 with a broker connection (NATS)",
+            peers,
+        )?;
+        let epoch = i64::try_from(snap.policy.policy_epoch).unwrap_or(i64::MAX);
+        gauge(
+            &mut encoder,
+            "policy_epoch",
+            "Epoch of the policy this node obeys or, at a Home, signs",
+            epoch,
+        )?;
+        gauge(
+            &mut encoder,
+            "liveness_slowdown",
+            "How much more lenient this node judges silence because its own timers run late (1 = not at all)",
+            i64::try_from(snap.slowdown).unwrap_or(i64::MAX),
+        )?;
+        let jobs = Family::<JobLabels, Gauge>::default();
+        let j = &snap.jobs;
+        for (state, n) in [
+            ("queued", j.queued as i64),
+            ("running_here", i64::from(j.running)),
+            ("hosted_for_home", i64::from(j.hosted)),
+        ] {
+            jobs.get_or_create(&JobLabels { state }).set(n);
+        }
+        let help = "Jobs on this node: its own queued and running here, and attempts run here for the Home";
+        jobs.encode(encoder.encode_descriptor("jobs", help, None, jobs.metric_type())?)?;
+        Ok(())
+    }
+}

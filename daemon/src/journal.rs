@@ -217,6 +217,7 @@ pub fn spawn_writer(
         let mut writer =
             Writer { journal, conn, config, metrics, last_age_check: Instant::now(), bytes };
         writer.prune_all();
+        writer.count();
         writer.run(rx, &node);
     })
 }
@@ -278,6 +279,7 @@ impl Writer {
                 self.journal.oldest.store(ids[0], Ordering::Release);
             }
         }
+        self.count();
         for ((envelope, ack), id) in stamped.into_iter().zip(ids) {
             if let Some(ack) = ack {
                 let _ = ack.send(id);
@@ -314,9 +316,19 @@ impl Writer {
                 ids.push(tx.last_insert_rowid());
             }
         }
+        let started = Instant::now();
         tx.commit()?;
+        self.metrics.journal_commit_seconds.observe(started.elapsed().as_secs_f64());
         self.bytes += added;
         Ok(ids)
+    }
+
+    /// The journal's size, for the metrics.
+    fn count(&self) {
+        let (oldest, newest) = self.journal.bounds();
+        let rows = if oldest > 0 { newest - oldest + 1 } else { 0 };
+        self.metrics.journal_rows.set(rows);
+        self.metrics.journal_bytes.set(i64::try_from(self.bytes).unwrap_or(i64::MAX));
     }
 
     fn over_size_limit(&self) -> bool {
@@ -377,6 +389,7 @@ impl Writer {
         self.bytes = self.bytes.saturating_sub(freed);
         let new_oldest = bounds(&self.conn).map(|(o, _)| o).unwrap_or(upto + 1);
         self.journal.oldest.store(new_oldest, Ordering::Release);
+        self.count();
         tracing::debug!(upto, "journal pruned");
         upto < target
     }

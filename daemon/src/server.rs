@@ -139,7 +139,9 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     };
     let (log, conn) = Journal::open(&state_dir.join(journal::FILE), &journal_config)
         .map_err(|e| StartError::Other(format!("cannot open the event journal: {e}")))?;
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    metrics.watch_node(node.clone());
+    let metrics = Arc::new(metrics);
     let journal_thread = journal::spawn_writer(
         log.clone(),
         conn,

@@ -211,6 +211,16 @@ async fn forged_messages_on_the_subject_are_refused_and_reported() {
         });
         let conflicts = journal(&w1, "cluster.node.conflict");
         assert!(conflicts.iter().any(|e| e["payload"]["id"] == "w2"), "{conflicts:?}");
+        // And counted for alerting, by the same reasons.
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", &format!("{}/metrics", w1.base())])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for reason in ["bad_signature", "key_conflict"] {
+            let line = format!("arw_cluster_messages_refused_total{{reason=\"{reason}\"}} ");
+            assert!(text.contains(&line), "{reason} not counted: {text}");
+        }
         // w2's real advert (published by w2, so not ordered with the test's forgeries) wins.
         wait_until(Duration::from_secs(10), "w2's genuine advert on w1", || {
             w1.get("/admin/hierarchy/state").1["peers"]["w2"]["role"] == "observer"

@@ -258,3 +258,37 @@ fn reference_variables_are_honoured_or_named_as_ignored() {
     }
     assert!(!err.contains("ARW_HTTP_MAX_CONC is set"), "{err}");
 }
+
+/// Every metric the shipped alert rules and Grafana dashboard use is one a server exports.
+#[test]
+fn the_shipped_alerts_and_dashboard_name_only_exported_metrics() {
+    let server = common::Launch::new().start();
+    // A family with no samples yet is left out: one request first, as any scrape after the
+    // first sees.
+    assert_eq!(server.get("/healthz").0, 200);
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("{}/metrics", server.base())])
+        .output()
+        .expect("curl");
+    let exported = String::from_utf8_lossy(&out.stdout).into_owned();
+    let families: Vec<&str> =
+        exported.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/");
+    let mut named = 0;
+    for file in ["prometheus/arw-alerts.yml", "grafana/arw-federation.json"] {
+        let text = std::fs::read_to_string(format!("{root}{file}")).expect("config file");
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("arw_") {
+            let name: String =
+                rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            rest = &rest[at + name.len()..];
+            let family = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(families.contains(&family), "{file} names {name}, which /metrics lacks");
+            named += 1;
+        }
+    }
+    assert!(named >= 20, "only {named} metric names found in the shipped files");
+}

@@ -175,6 +175,30 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (`reason as usize` indexes it).
+    pub const ALL: [Reason; 20] = [
+        Reason::Malformed,
+        Reason::UnsupportedVersion,
+        Reason::TooLarge,
+        Reason::BadKey,
+        Reason::BadSignature,
+        Reason::WrongWorkspace,
+        Reason::Expired,
+        Reason::Future,
+        Reason::Replayed,
+        Reason::KeyConflict,
+        Reason::UntrustedKey,
+        Reason::UnknownNode,
+        Reason::Duplicate,
+        Reason::Stale,
+        Reason::UntrustedHome,
+        Reason::NotAdmitted,
+        Reason::UnknownHome,
+        Reason::HomeNotTrusted,
+        Reason::RegistryFull,
+        Reason::NewcomerLimit,
+    ];
+
     /// The `reason` in `cluster.event.rejected`.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -88,7 +88,7 @@ impl NodeCore {
         let (key, signed) = match opened {
             Ok(opened) => opened,
             Err(reason) => {
-                self.counters.refused += 1;
+                self.counters.refuse(reason);
                 tracing::debug!(reason = reason.as_str(), "dispatch message refused");
                 return;
             }
@@ -98,7 +98,7 @@ impl NodeCore {
         let bound = member.is_some_and(|m| m.key == key.to_bytes());
         let same_peer = from.is_none_or(|p| member.is_some_and(|m| m.peer_id == Some(p)));
         if !bound || !same_peer {
-            self.counters.refused += 1;
+            self.counters.refuse(crate::wire::Reason::KeyConflict);
             tracing::debug!(%node, "dispatch message from a key not bound to its sender; refused");
             return;
         }
@@ -110,7 +110,7 @@ impl NodeCore {
                 let from_home =
                     self.protocol.policy().pin().is_some_and(|p| p.key == key.to_bytes());
                 if !from_home || self.is_home() {
-                    self.counters.refused += 1;
+                    self.counters.refuse(crate::wire::Reason::UntrustedHome);
                     tracing::debug!(%node, kind = body.kind(), "dispatch message not from the pinned Home; refused");
                     if let JobMessage::Assign(a) = body {
                         let rejection = message::Rejection {

@@ -58,7 +58,7 @@ impl NodeCore {
         self.apply_changes(receipt.changes, now);
 
         let Some(refusal) = receipt.refusal else { return };
-        self.counters.refused += 1;
+        self.counters.refuse(refusal.reason);
         if refusal.reason == Reason::UnknownNode {
             // A heartbeat from a node whose advert never reached us: ask the forwarder (libp2p)
             // or everyone (NATS).

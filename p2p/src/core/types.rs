@@ -18,6 +18,7 @@ use crate::{
     policy::PinSource,
     time::rfc3339_ms,
     transport::NetworkStatus,
+    wire::Reason,
 };
 
 /// An operator's request to the node. Each is answered by one [`super::Effect::Reply`].
@@ -271,6 +272,8 @@ pub struct Counters {
     pub redials: u64,
     /// Adverts signed.
     pub adverts: u64,
+    /// Refused messages by reason, indexed as [`Reason::ALL`].
+    pub refused_by: [u64; Reason::ALL.len()],
 }
 
 impl std::ops::Add for Counters {
@@ -287,6 +290,7 @@ impl std::ops::Add for Counters {
             resets: self.resets + o.resets,
             redials: self.redials + o.redials,
             adverts: self.adverts + o.adverts,
+            refused_by: std::array::from_fn(|i| self.refused_by[i] + o.refused_by[i]),
         }
     }
 }
@@ -304,7 +308,21 @@ impl Counters {
             resets: self.resets.saturating_sub(earlier.resets),
             redials: self.redials.saturating_sub(earlier.redials),
             adverts: self.adverts.saturating_sub(earlier.adverts),
+            refused_by: std::array::from_fn(|i| {
+                self.refused_by[i].saturating_sub(earlier.refused_by[i])
+            }),
         }
+    }
+
+    /// One message refused, for `reason`.
+    pub fn refuse(&mut self, reason: Reason) {
+        self.refused += 1;
+        self.refused_by[reason as usize] += 1;
+    }
+
+    /// Refused messages by reason, those with any.
+    pub fn refused_by_reason(&self) -> impl Iterator<Item = (Reason, u64)> + '_ {
+        Reason::ALL.iter().zip(self.refused_by).filter(|(_, n)| *n > 0).map(|(r, n)| (*r, n))
     }
 }
 
