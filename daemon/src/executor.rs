@@ -6,10 +6,9 @@
 
 use std::{collections::BTreeMap, path::PathBuf, process::Stdio, sync::Arc};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::{io::AsyncReadExt, io::AsyncWriteExt, sync::mpsc, task::JoinSet};
-
-use crate::config::ExecSpec;
 
 use arw_p2p::{
     jobs::{Exec, Finished, Run},
@@ -227,6 +226,27 @@ pub async fn builtin(kind: &str, input: &Value) -> (bool, Value) {
         },
         _ => crate::tasks::run(kind, input),
     }
+}
+
+/// `[jobs.exec.<kind>]`: how a kind runs as an external program. Never through a shell: `argv`
+/// is the program and its arguments, where `{input.<field>}` becomes that field of the job's
+/// input (a string or number; anything else fails the job) and `{input}` the whole input as
+/// JSON; the input also arrives as JSON on stdin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecSpec {
+    /// Absolute path of the program, then its arguments.
+    pub argv: Vec<String>,
+    /// Longest run, ms (the job's own `timeout_ms` may only shorten it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Most bytes of stdout kept; more fails the job (`output_too_large`).
+    #[serde(default = "default_max_output")]
+    pub max_output_bytes: usize,
+}
+
+fn default_max_output() -> usize {
+    1024 * 1024
 }
 
 #[cfg(test)]

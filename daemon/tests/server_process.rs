@@ -292,3 +292,26 @@ fn the_shipped_alerts_and_dashboard_name_only_exported_metrics() {
     }
     assert!(named >= 20, "only {named} metric names found in the shipped files");
 }
+
+/// The shipped systemd unit passes `systemd-analyze verify` (with this build's binary in
+/// place of the installed path). Skipped where systemd-analyze is missing.
+#[test]
+fn the_shipped_systemd_unit_verifies() {
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        eprintln!("skipped: no systemd-analyze");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/systemd/arw-server.service"
+    ))
+    .expect("unit");
+    assert!(unit.contains("ExecStart=/usr/local/bin/arw-server\n"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("arw-server.service");
+    let unit = unit.replace("/usr/local/bin/arw-server", env!("CARGO_BIN_EXE_arw-server"));
+    std::fs::write(&path, unit).expect("write");
+    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "{err}");
+}
