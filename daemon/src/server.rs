@@ -123,9 +123,16 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         jobs: config.jobs.node_config(),
         executor: Some(runs),
     };
-    let (node, node_task) = node::spawn(node_config, events.clone(), cancel.child_token())
-        .await
-        .map_err(other("cannot load node state"))?;
+    // libp2p's own metrics (arw_libp2p_*) join the registry while the swarm is built.
+    let mut metrics = Metrics::new();
+    let (node, node_task) = node::spawn_with_metrics(
+        node_config,
+        events.clone(),
+        cancel.child_token(),
+        Some(metrics.registry_mut()),
+    )
+    .await
+    .map_err(other("cannot load node state"))?;
     let programs = executor::Programs::new(config.jobs.exec.clone(), state_dir.join("jobs-tmp"));
     let executors = tokio::spawn(executor::serve(node.clone(), runs_rx, programs));
     let ev = &config.events;
@@ -139,7 +146,6 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     };
     let (log, conn) = Journal::open(&state_dir.join(journal::FILE), &journal_config)
         .map_err(|e| StartError::Other(format!("cannot open the event journal: {e}")))?;
-    let mut metrics = Metrics::new();
     metrics.watch_node(node.clone());
     let metrics = Arc::new(metrics);
     let journal_thread = journal::spawn_writer(

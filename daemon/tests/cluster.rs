@@ -89,6 +89,9 @@ fn three_processes_federate_detect_a_crash_a_leave_and_a_restart() {
     assert!(text.contains("\narw_cluster_nodes{health=\"ok\"} 3\n"), "{text}");
     assert!(text.contains("\narw_cluster_connections 2\n"), "{text}");
     assert!(text.contains("\narw_journal_rows "), "{text}");
+    // libp2p's own, in the same registry.
+    assert!(text.contains("\narw_libp2p_swarm_connections_established_total{"), "{text}");
+    assert!(text.contains("\narw_libp2p_gossipsub_mesh_peer_counts{"), "{text}");
 
     // A crash: no leave, so the others must notice on their own.
     c.kill();

@@ -262,7 +262,10 @@ fn reference_variables_are_honoured_or_named_as_ignored() {
 /// Every metric the shipped alert rules and Grafana dashboard use is one a server exports.
 #[test]
 fn the_shipped_alerts_and_dashboard_name_only_exported_metrics() {
-    let server = common::Launch::new().start();
+    // Federating on loopback, so libp2p's own metrics are there too.
+    let server = common::Launch::new()
+        .config("[cluster]\nenabled = true\nmdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n")
+        .start();
     // A family with no samples yet is left out: one request first, as any scrape after the
     // first sees.
     assert_eq!(server.get("/healthz").0, 200);

@@ -77,6 +77,7 @@ impl Actor {
     pub(super) async fn start(
         config: NodeConfig,
         events: EventTx,
+        metrics: Option<&mut prometheus_client::registry::Registry>,
     ) -> std::io::Result<(Self, watch::Receiver<Arc<Snapshot>>, JobReader)> {
         let (registry, stored) = RegistryStore::open(&config.state_dir)?;
         let (jobs, reader, stored_jobs) = JobStore::open(&config.state_dir, now_ms())?;
@@ -84,7 +85,7 @@ impl Actor {
         restored.jobs = stored_jobs;
         let core = NodeCore::new(&config, restored);
         let transport = match &config.federation {
-            Some(federation) => Some(start_transport(&config, federation).await?),
+            Some(federation) => Some(start_transport(&config, federation, metrics).await?),
             None => None,
         };
         let status = network_status(transport.as_ref());
@@ -425,10 +426,12 @@ async fn next_event(transport: &mut Option<Transport>) -> TransportEvent {
 async fn start_transport(
     config: &NodeConfig,
     federation: &FederationConfig,
+    metrics: Option<&mut prometheus_client::registry::Registry>,
 ) -> std::io::Result<Transport> {
     Ok(match &federation.bus {
         BusConfig::Libp2p(net) => {
-            let mut transport = Net::start(&config.key, net).map_err(std::io::Error::other)?;
+            let mut transport =
+                Net::start(&config.key, net, metrics).map_err(std::io::Error::other)?;
             transport.wait_listening(net.listen.len(), Duration::from_secs(5)).await;
             Transport::Libp2p(Box::new(transport))
         }

@@ -216,8 +216,19 @@ pub async fn spawn(
     events: EventTx,
     cancel: CancellationToken,
 ) -> std::io::Result<(NodeHandle, JoinHandle<()>)> {
+    spawn_with_metrics(config, events, cancel, None).await
+}
+
+/// [`spawn`], registering libp2p's own metrics (connections, bandwidth, gossipsub, identify,
+/// Kademlia, ping) in `metrics` when the node federates over libp2p.
+pub async fn spawn_with_metrics(
+    config: NodeConfig,
+    events: EventTx,
+    cancel: CancellationToken,
+    metrics: Option<&mut prometheus_client::registry::Registry>,
+) -> std::io::Result<(NodeHandle, JoinHandle<()>)> {
     let (commands, rx) = mpsc::channel(actor::COMMAND_QUEUE);
-    let (actor, snapshot, jobs) = actor::Actor::start(config, events).await?;
+    let (actor, snapshot, jobs) = actor::Actor::start(config, events, metrics).await?;
     let task = tokio::spawn(actor.run(rx, cancel));
     Ok((NodeHandle { commands, snapshot, jobs }, task))
 }

@@ -68,6 +68,8 @@ pub struct Net {
     closing: BTreeSet<PeerId>,
     /// Peers being redialled (see [`Net::redial`]): dials in flight to each.
     redialling: BTreeMap<PeerId, u8>,
+    /// libp2p's own metrics (connections, bandwidth, identify, Kademlia, ping), when asked for.
+    metrics: Option<libp2p::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Net {
@@ -106,11 +108,18 @@ pub fn topic_name(workspace: &str) -> String {
 }
 
 impl Net {
-    /// Builds the swarm, starts listening and dials the bootstrap peers.
-    pub fn start(key: &NodeKey, config: &NetConfig) -> Result<Self, String> {
+    /// Builds the swarm, starts listening and dials the bootstrap peers. With a `registry`,
+    /// libp2p's metrics (gossipsub's among them) are registered in it.
+    pub fn start(
+        key: &NodeKey,
+        config: &NetConfig,
+        mut registry: Option<&mut prometheus_client::registry::Registry>,
+    ) -> Result<Self, String> {
         let topic = gossipsub::IdentTopic::new(topic_name(&config.workspace));
         let gossip_topic = topic.clone();
         let mdns_enabled = config.mdns;
+        let gossip_registry =
+            registry.as_mut().map(|r| r.sub_registry_with_prefix("libp2p_gossipsub"));
         let mut swarm = SwarmBuilder::with_existing_identity(key.libp2p_keypair())
             .with_tokio()
             .with_tcp(
@@ -121,7 +130,7 @@ impl Net {
             .map_err(|e| format!("tcp transport: {e}"))?
             .with_behaviour(move |keypair| {
                 let peer_id = keypair.public().to_peer_id();
-                let gossipsub = gossip(&gossip_topic)?;
+                let gossipsub = gossip(&gossip_topic, gossip_registry)?;
                 let sync = request_response::json::Behaviour::new(
                     [(StreamProtocol::new("/arw/sync/1.0.0"), ProtocolSupport::Full)],
                     request_response::Config::default()
@@ -198,6 +207,7 @@ impl Net {
             dialling: BTreeSet::new(),
             closing: BTreeSet::new(),
             redialling: BTreeMap::new(),
+            metrics: registry.map(libp2p::metrics::Metrics::new),
         };
         net.dial_bootstrap();
         Ok(net)
@@ -385,6 +395,19 @@ impl Net {
     }
 
     fn handle(&mut self, event: SwarmEvent<BehaviourEvent>) -> TransportEvent {
+        if let Some(metrics) = &self.metrics {
+            use libp2p::metrics::Recorder;
+            metrics.record(&event);
+            if let SwarmEvent::Behaviour(event) = &event {
+                match event {
+                    BehaviourEvent::Gossipsub(e) => metrics.record(e),
+                    BehaviourEvent::Identify(e) => metrics.record(e),
+                    BehaviourEvent::Kad(e) => metrics.record(e),
+                    BehaviourEvent::Ping(e) => metrics.record(e),
+                    _ => {}
+                }
+            }
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "p2p listening");
@@ -516,6 +539,7 @@ impl Net {
 
 fn gossip(
     topic: &gossipsub::IdentTopic,
+    registry: Option<&mut prometheus_client::registry::Registry>,
 ) -> Result<gossipsub::Behaviour, Box<dyn std::error::Error + Send + Sync>> {
     // Our envelope signature is the authenticity: messages travel anonymous with a
     // content-addressed id, and each unique message is verified once, before it is forwarded.
@@ -529,6 +553,9 @@ fn gossip(
         .build()?;
     let mut behaviour =
         gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, config)?;
+    if let Some(registry) = registry {
+        behaviour = behaviour.with_metrics(registry, gossipsub::MetricsConfig::default());
+    }
     let topic_params = gossipsub::TopicScoreParams {
         topic_weight: 1.0,
         invalid_message_deliveries_weight: -10.0,
