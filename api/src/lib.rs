@@ -73,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/cluster/revoke", post(routes::cluster_revoke))
         .route("/admin/cluster/trust-home", post(routes::cluster_trust_home))
         .route("/admin/cluster/untrust-home", post(routes::cluster_untrust_home))
+        .route("/admin/governor", get(routes::governor).post(routes::set_governor))
         .route(
             "/admin/governor/profile",
             get(routes::governor_profile).post(routes::set_governor_profile),

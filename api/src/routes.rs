@@ -154,6 +154,51 @@ pub async fn set_governor_hints(
     Ok(Json(dto::Ok::YES))
 }
 
+/// `GET /admin/governor`: the profile and hints in effect, together (the runbook's route; the
+/// reference has only `/profile` and `/hints`).
+pub async fn governor(State(state): State<AppState>) -> Json<Value> {
+    let governor = state.node.snapshot().effective_governor();
+    Json(json!({ "profile": governor.profile, "hints": governor.hints }))
+}
+
+/// `POST /admin/governor {profile?, hints?}`: both checked before either is applied.
+pub async fn set_governor(
+    State(state): State<AppState>,
+    Json(body): Json<Value>,
+) -> Result<Json<dto::Ok>, Problem> {
+    let invalid =
+        |detail: String| Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", detail);
+    let Value::Object(mut body) = body else {
+        return Err(invalid("a JSON object {profile?, hints?}".into()));
+    };
+    if let Some(key) = body.keys().find(|k| *k != "profile" && *k != "hints") {
+        return Err(invalid(format!("unknown field {key:?}: expected profile, hints")));
+    }
+    let profile = match body.remove("profile") {
+        None => None,
+        Some(Value::String(name)) => {
+            let name = name.trim().to_owned();
+            if name.is_empty() || name.len() > arw_p2p::governor::MAX_TEXT {
+                let max = arw_p2p::governor::MAX_TEXT;
+                return Err(invalid(format!("profile must be 1 to {max} bytes")));
+            }
+            Some(name)
+        }
+        Some(_) => return Err(invalid("profile must be a string".into())),
+    };
+    let hints = body.remove("hints").map(Hints::from_request).transpose().map_err(invalid)?;
+    if profile.is_none() && hints.is_none() {
+        return Err(invalid("nothing to set: give profile, hints or both".into()));
+    }
+    if let Some(name) = profile {
+        state.node.set_profile(&name).await?;
+    }
+    if let Some(hints) = hints {
+        state.node.set_hints(hints).await?;
+    }
+    Ok(Json(dto::Ok::YES))
+}
+
 /// Any path that does not exist.
 pub async fn not_found(uri: Uri) -> Problem {
     Problem::not_found().with("path", json!(uri.path()))

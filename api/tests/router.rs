@@ -473,3 +473,32 @@ async fn correlation_headers_are_echoed_or_made() {
     let (id, _, _) = ask(&[("x-request-id", long.as_str())], Some(TOKEN)).await;
     assert_ne!(id.as_deref(), Some(long.as_str()));
 }
+
+/// `/admin/governor` (the runbook's route) sets and shows profile and hints together; a bad
+/// part refuses the whole request, changing nothing.
+#[tokio::test]
+async fn the_governor_route_sets_profile_and_hints_together_or_not_at_all() {
+    let h = harness().await;
+    let set = |body: Value| post("/admin/governor", body);
+    let reply =
+        send(&h.app, set(json!({"profile": "performance", "hints": {"offload": "prefer"}}))).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let shown = send(&h.app, get("/admin/governor", Some(TOKEN))).await.body;
+    assert_eq!(shown, json!({"profile": "performance", "hints": {"offload": "prefer"}}));
+    for bad in [
+        json!({"profile": "eco", "hints": {"slo_ms": "soon"}}),
+        json!({"profile": "", "hints": {"slo_ms": 10}}),
+        json!({"profile": "eco", "extra": 1}),
+        json!({}),
+        json!(["profile"]),
+    ] {
+        assert_problem(
+            &send(&h.app, set(bad)).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+        );
+    }
+    let shown = send(&h.app, get("/admin/governor", Some(TOKEN))).await.body;
+    assert_eq!(shown, json!({"profile": "performance", "hints": {"offload": "prefer"}}));
+    assert_eq!(send(&h.app, get("/admin/governor", None)).await.status, StatusCode::UNAUTHORIZED);
+}
