@@ -277,14 +277,25 @@ async fn connector_and_server_queue_complete_tasks_with_their_node_ids() {
     let mut per_node = client.subscribe("arw.events.node.*.task.completed").await.expect("sub");
     client.flush().await.expect("flush");
 
-    let mut connector = Command::new(env!("CARGO_BIN_EXE_arw-connector"))
-        .env("ARW_NODE_ID", "connector-01")
-        .env("ARW_NATS_URL", broker.url())
-        .env("ARW_GROUP", "workers")
-        .env("ARW_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("arw-connector");
+    // The connector's library, in this process (the binary, in package arw-connector, only
+    // parses its flags into this configuration).
+    let stop_connector = tokio_util::sync::CancellationToken::new();
+    let connector = tokio::spawn(arw_daemon::connector::run(
+        arw_daemon::connector::ConnectorConfig {
+            node_id: arw_p2p::node_id::NodeId::parse("connector-01").expect("id"),
+            group: "workers".into(),
+            nats: arw_p2p::nats::NatsConfig {
+                url: broker.url(),
+                tls: false,
+                user: None,
+                pass: None,
+                connect_retries: 3,
+                connect_backoff: Duration::from_millis(500),
+                name: "arw-connector".into(),
+            },
+        },
+        stop_connector.clone(),
+    ));
     // The connector is the only worker in the group: wait until it takes a task.
     let task = |id: &str, kind: &str, payload: Value| -> bytes::Bytes {
         serde_json::to_vec(
@@ -387,8 +398,9 @@ async fn connector_and_server_queue_complete_tasks_with_their_node_ids() {
         .expect("journal");
     assert!(journaled.iter().any(|e| e["payload"]["id"] == task_id), "{journaled:?}");
 
-    let _ = connector.kill();
-    let _ = connector.wait();
+    stop_connector.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), connector).await;
+    assert!(matches!(stopped, Ok(Ok(Ok(())))), "the connector did not stop cleanly: {stopped:?}");
     drop(broker);
 }
 
