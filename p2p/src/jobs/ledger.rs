@@ -640,7 +640,14 @@ impl Ledger {
             scanned += 1;
             let id = self.queue[i].clone();
             match self.decide(&id, env) {
-                Step::Wait => i += 1,
+                Step::Wait => {
+                    // Waiting for a slot is not waiting for a worker to recover: that wait
+                    // starts again from its next need.
+                    if let Some(live) = self.live.get_mut(&id) {
+                        live.unhealthy_since = None;
+                    }
+                    i += 1;
+                }
                 Step::Unhealthy(explain) => {
                     let Some(live) = self.live.get_mut(&id) else { return };
                     let since = *live.unhealthy_since.get_or_insert(env.now);
