@@ -234,7 +234,9 @@ fn events_tail_into_a_reader_that_stops_early_exits_quietly() {
     use std::io::{BufRead, BufReader};
     let server = common::Launch::new().start();
     let mut tail = std::process::Command::new(env!("CARGO_BIN_EXE_arw-cli"))
-        .args(["events", "tail", "--base", &server.base(), "--admin-token", &server.token])
+        // From the journal's start: the event below is printed whenever the tail connects.
+        .args(["events", "tail", "--after", "0", "--base", &server.base()])
+        .args(["--admin-token", &server.token])
         .env("HOME", "/nonexistent")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -246,8 +248,14 @@ fn events_tail_into_a_reader_that_stops_early_exits_quietly() {
         assert_eq!(server.post("/admin/hierarchy/role", &body).0, 200);
     };
     role("regional");
-    let mut first = String::new();
-    BufReader::new(stdout).read_line(&mut first).expect("a first event");
+    // One line read, at most 10 s waited for it; then the reader goes.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut first);
+        let _ = tx.send(first);
+    });
+    let first = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("a first event");
     assert!(!first.is_empty());
     // The reader closes its end (as `head` does after its line); more events follow.
     for r in ["edge", "regional", "edge"] {

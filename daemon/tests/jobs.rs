@@ -34,20 +34,31 @@ fn ended(server: &common::Server, id: &str, limit: Duration) -> Value {
     })
 }
 
-#[test]
-fn the_home_places_jobs_by_capability_and_reassigns_a_killed_worker_s_job() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let home = common::Launch::new()
-        .state_dir(&dir.path().join("home"))
+/// A node `home` with its state in `dir`, federating on loopback.
+fn start_home(dir: &std::path::Path) -> common::Server {
+    common::Launch::new()
+        .state_dir(dir)
         .env("ARW_NODE_ID", "home")
         .config(&config(None, &[]))
-        .start();
+        .start()
+}
+
+/// Makes `home` the Home; its key (for workers' ARW_HOME_KEY) and p2p address (to bootstrap).
+fn make_home(home: &common::Server) -> (String, String) {
     assert_eq!(home.post("/admin/hierarchy/role", &json!({"role": "home"})).0, 200);
     let home_key = home.get("/admin/hierarchy/state").1["home"]["home_key"]
         .as_str()
         .expect("the Home pins itself")
         .to_owned();
     let boot = home.endpoints["p2p"][0].as_str().expect("p2p address").to_owned();
+    (home_key, boot)
+}
+
+#[test]
+fn the_home_places_jobs_by_capability_and_reassigns_a_killed_worker_s_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = start_home(&dir.path().join("home"));
+    let (home_key, boot) = make_home(&home);
     let worker = |id: &str, allow: &[&str]| {
         common::Launch::new()
             .state_dir(&dir.path().join(id))
@@ -256,20 +267,8 @@ fn large_inputs_fit_and_ended_jobs_cannot_be_cancelled() {
 fn a_home_killed_and_restarted_mid_run_keeps_the_worker_s_attempt() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home_dir = dir.path().join("home");
-    let launch_home = || {
-        common::Launch::new()
-            .state_dir(&home_dir)
-            .env("ARW_NODE_ID", "home")
-            .config(&config(None, &[]))
-            .start()
-    };
-    let home = launch_home();
-    assert_eq!(home.post("/admin/hierarchy/role", &json!({"role": "home"})).0, 200);
-    let home_key = home.get("/admin/hierarchy/state").1["home"]["home_key"]
-        .as_str()
-        .expect("the Home pins itself")
-        .to_owned();
-    let boot = home.endpoints["p2p"][0].as_str().expect("p2p address").to_owned();
+    let home = start_home(&home_dir);
+    let (home_key, boot) = make_home(&home);
     let worker = common::Launch::new()
         .state_dir(&dir.path().join("w1"))
         .env("ARW_NODE_ID", "w1")
@@ -291,7 +290,7 @@ fn a_home_killed_and_restarted_mid_run_keeps_the_worker_s_attempt() {
         (job["state"] == "running" && job["node_id"] == "w1").then_some(()).ok_or(job.to_string())
     });
     home.kill();
-    let home = launch_home();
+    let home = start_home(&home_dir);
     // The restarted Home takes the attempt up again: the worker's renewals keep it, its result
     // is accepted; nothing runs twice.
     let job = ended(&home, &id, Duration::from_secs(30));

@@ -21,6 +21,9 @@
 #[allow(dead_code, reason = "the broker is the NATS examples' part of the support module")]
 mod support;
 
+#[path = "support/hostile.rs"]
+mod hostile;
+
 use std::{
     sync::{
         Arc,
@@ -30,6 +33,7 @@ use std::{
 };
 
 use futures::StreamExt;
+use hostile::{cpu_secs, id};
 use libp2p::{SwarmBuilder, gossipsub, noise, tcp, yamux};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -40,23 +44,11 @@ use arw_p2p::{
     events::EventTx,
     identity::NodeKey,
     node::{self, FederationConfig, NodeConfig, NodeHandle},
-    node_id::{IdSource, NodeId},
+    node_id::IdSource,
     time::now_ms,
     transport::net::topic_name,
-    wire::{self, Message, Reason, seal},
+    wire::{self, Message, Reason},
 };
-
-fn id(s: &str) -> NodeId {
-    NodeId::parse(s).expect("id")
-}
-
-/// Process CPU time (user + system) in seconds.
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 /// The `n`th flood message of a phase: unique, so gossip does not drop it as a repeat.
 fn flood(kind: &str, n: u64) -> Vec<u8> {
@@ -67,16 +59,9 @@ fn flood(kind: &str, n: u64) -> Vec<u8> {
             noise
         }
         _ => {
-            let rogue = NodeKey::from_secret([77; 32]);
             let mut advert = Advert::basic(id("w0"), "default", n + 1, now_ms());
             advert.tags = (0..40).map(|i| format!("{i:02}{}", "x".repeat(70))).collect();
-            let sealed = seal(&rogue, "default", &Message::Advert(advert));
-            let mut v: serde_json::Value = serde_json::from_slice(&sealed).expect("json");
-            v["sig"] = serde_json::json!(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                [7u8; 64]
-            ));
-            v.to_string().into_bytes()
+            hostile::bad_signature(&Message::Advert(advert))
         }
     }
 }
@@ -102,7 +87,7 @@ async fn main() {
     let dirs: Vec<tempfile::TempDir> =
         (0..n).map(|_| tempfile::tempdir().expect("tempdir")).collect();
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<(u64, Instant)>();
-    let (suspects, downs) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let judged = hostile::Judged::default();
     let mut nodes: Vec<NodeHandle> = Vec::new();
     let mut addrs = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
@@ -120,22 +105,14 @@ async fn main() {
             format!("{}/p2p/{peer}", listen.first().expect("listening")).parse().expect("addr");
         addrs.push(addr);
         nodes.push(handle);
-        let (seen_tx, suspects, downs) = (seen_tx.clone(), suspects.clone(), downs.clone());
+        let (seen_tx, judged) = (seen_tx.clone(), judged.clone());
         tokio::spawn(async move {
             while let Some(emit) = events_rx.recv().await {
                 let p = &emit.payload;
                 if emit.kind == "cluster.node.advertise" && p["id"] == "w1" && i != 1 {
                     let _ = seen_tx.send((p["seq"].as_u64().unwrap_or(0), Instant::now()));
                 }
-                let honest = p["id"].as_str().is_some_and(|s| s.starts_with('w'));
-                if emit.kind == "cluster.node.changed" && honest && p["previous_health"].is_string()
-                {
-                    match p["health"].as_str() {
-                        Some("suspect") => suspects.fetch_add(1, Ordering::Relaxed),
-                        Some("down") => downs.fetch_add(1, Ordering::Relaxed),
-                        _ => 0,
-                    };
-                }
+                judged.count(&emit.kind, p);
             }
         });
     }
@@ -193,7 +170,7 @@ async fn main() {
     let w1 = nodes[1].clone();
     for kind in ["baseline", "garbage", "bad_signature"] {
         while seen.try_recv().is_ok() {}
-        let (s0, d0) = (suspects.load(Ordering::Relaxed), downs.load(Ordering::Relaxed));
+        let (s0, d0) = judged.read();
         let (cpu0, p0, start) = (cpu_secs(), published.load(Ordering::Relaxed), Instant::now());
         let mut sent_at = std::collections::BTreeMap::new();
         let mut per_second = Vec::new();
@@ -241,8 +218,8 @@ async fn main() {
             support::pct(&delivery, 0.99),
             delivery.last().copied().unwrap_or(f64::NAN),
             (sent_at.len() * (n - 1)).saturating_sub(delivery.len()),
-            suspects.load(Ordering::Relaxed) - s0,
-            downs.load(Ordering::Relaxed) - d0,
+            judged.read().0 - s0,
+            judged.read().1 - d0,
             published.load(Ordering::Relaxed) - p0,
             (cpu_secs() - cpu0) / secs_taken,
             per_second,

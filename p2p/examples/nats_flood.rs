@@ -20,14 +20,12 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+#[path = "support/hostile.rs"]
+mod hostile;
 
+use std::time::{Duration, Instant};
+
+use hostile::{cpu_secs, id};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -38,24 +36,12 @@ use arw_p2p::{
     membership::MembershipConfig,
     nats::NatsConfig,
     node::{self, BusConfig, FederationConfig, NodeConfig},
-    node_id::{IdSource, NodeId},
+    node_id::IdSource,
     time::now_ms,
     wire::{Message, Suspicion, seal},
 };
 
 const SUBJECT: &str = "arw.cluster.default.msg";
-
-fn id(s: &str) -> NodeId {
-    NodeId::parse(s).expect("id")
-}
-
-/// Process CPU time (user + system) in seconds.
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn advert(name: &str, seq: u64, tags: usize) -> Message {
     let mut advert = Advert::basic(id(name), "default", seq, now_ms());
@@ -69,15 +55,7 @@ fn flood(kind: &str, count: usize, honest: usize) -> Vec<Vec<u8>> {
     let rogue = NodeKey::from_secret([77; 32]);
     match kind {
         "garbage" => vec![vec![b'#'; 3_300]; 1],
-        "bad_signature" => {
-            let sealed = seal(&rogue, "default", &advert("w0", u64::MAX / 2, 40));
-            let mut v: serde_json::Value = serde_json::from_slice(&sealed).expect("json");
-            v["sig"] = serde_json::json!(base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                [7u8; 64]
-            ));
-            vec![v.to_string().into_bytes()]
-        }
+        "bad_signature" => vec![hostile::bad_signature(&advert("w0", u64::MAX / 2, 40))],
         "forged_suspicion" => {
             let mut out = vec![seal(&rogue, "default", &advert("liar", 1, 0))];
             out.extend((0..count as u64).map(|i| {
@@ -131,7 +109,7 @@ async fn main() {
     let dirs: Vec<tempfile::TempDir> =
         (0..n).map(|_| tempfile::tempdir().expect("tempdir")).collect();
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<(u64, Instant)>();
-    let (suspects, downs) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let judged = hostile::Judged::default();
     for (i, dir) in dirs.iter().enumerate() {
         let (events, mut events_rx) = EventTx::channel(65_536);
         let mut config =
@@ -152,22 +130,14 @@ async fn main() {
             membership: MembershipConfig::new("default"),
         });
         node::spawn(config, events, cancel.child_token()).await.expect("node");
-        let (seen_tx, suspects, downs) = (seen_tx.clone(), suspects.clone(), downs.clone());
+        let (seen_tx, judged) = (seen_tx.clone(), judged.clone());
         tokio::spawn(async move {
             while let Some(emit) = events_rx.recv().await {
                 let p = &emit.payload;
                 if emit.kind == "cluster.node.advertise" && p["id"] == "bench-src" {
                     let _ = seen_tx.send((p["seq"].as_u64().unwrap_or(0), Instant::now()));
                 }
-                let honest = p["id"].as_str().is_some_and(|s| s.starts_with('w'));
-                if emit.kind == "cluster.node.changed" && honest && p["previous_health"].is_string()
-                {
-                    match p["health"].as_str() {
-                        Some("suspect") => suspects.fetch_add(1, Ordering::Relaxed),
-                        Some("down") => downs.fetch_add(1, Ordering::Relaxed),
-                        _ => 0,
-                    };
-                }
+                judged.count(&emit.kind, p);
             }
         });
     }
@@ -187,7 +157,7 @@ async fn main() {
     for kind in ["baseline", "garbage", "bad_signature", "forged_suspicion", "sybil"] {
         let payloads = flood(kind, rate * secs, n);
         while seen.try_recv().is_ok() {}
-        let (s0, d0) = (suspects.load(Ordering::Relaxed), downs.load(Ordering::Relaxed));
+        let (s0, d0) = judged.read();
         let (cpu0, start) = (cpu_secs(), Instant::now());
         let mut sent_at = std::collections::BTreeMap::new();
         let mut sent = 0usize;
@@ -223,8 +193,8 @@ async fn main() {
         let phase = Phase {
             missed: (sent_at.len() * n).saturating_sub(delivery.len()),
             delivery,
-            false_suspect: suspects.load(Ordering::Relaxed) - s0,
-            false_down: downs.load(Ordering::Relaxed) - d0,
+            false_suspect: judged.read().0 - s0,
+            false_down: judged.read().1 - d0,
             sent: if kind == "baseline" { 0 } else { sent },
             cpu: cpu_secs() - cpu0,
             secs: start.elapsed().as_secs_f64(),

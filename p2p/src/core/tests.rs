@@ -192,17 +192,23 @@ fn job_envelope(key: &NodeKey, node: &str, body: crate::jobs::message::JobMessag
     crate::jobs::message::seal(key, "lab", &signed)
 }
 
-#[test]
-fn only_the_pinned_home_may_assign_and_no_key_may_speak_for_another() {
-    use crate::jobs::message::{Assign, JobMessage, Signed};
-    let mut config = config("a", 1);
+/// Node `id`, started, running kind `work` for any Home that may assign it.
+fn started_worker(id: &str) -> NodeCore {
+    let mut config = config(id, 1);
     config.jobs = crate::jobs::JobsConfig {
         kinds: vec!["work".into()],
         allow: vec!["*".into()],
         ..Default::default()
     };
-    let mut a = NodeCore::new(&config, Restored::default());
-    drive(&mut a, Input::Start { addresses: Vec::new() }, T0);
+    let mut core = NodeCore::new(&config, Restored::default());
+    drive(&mut core, Input::Start { addresses: Vec::new() }, T0);
+    core
+}
+
+#[test]
+fn only_the_pinned_home_may_assign_and_no_key_may_speak_for_another() {
+    use crate::jobs::message::{Assign, JobMessage, Signed};
+    let mut a = started_worker("a");
     let b = NodeKey::from_secret([2; 32]);
     let advert = Advert::basic(NodeId::parse("b").expect("id"), "lab", T0, T0);
     let bytes = seal(&b, "lab", &Message::Advert(advert));
@@ -241,14 +247,7 @@ fn only_the_pinned_home_may_assign_and_no_key_may_speak_for_another() {
 
 #[test]
 fn an_observer_offers_and_runs_no_jobs() {
-    let mut config = config("a", 1);
-    config.jobs = crate::jobs::JobsConfig {
-        kinds: vec!["work".into()],
-        allow: vec!["*".into()],
-        ..Default::default()
-    };
-    let mut a = NodeCore::new(&config, Restored::default());
-    drive(&mut a, Input::Start { addresses: Vec::new() }, T0);
+    let mut a = started_worker("a");
     assert!(a.jobs_advert().is_some(), "an edge node that allows kinds offers them");
     assert_eq!(a.denied_here("work", T0), None);
     let set = Input::Command(CommandId(1), Command::SetRole("observer".into()));

@@ -272,7 +272,9 @@ pub struct Counters {
     pub redials: u64,
     /// Adverts signed.
     pub adverts: u64,
-    /// Refused messages by reason, indexed as [`Reason::ALL`].
+    /// Refused messages by reason, indexed as [`Reason::ALL`] (for `/metrics`; not part of the
+    /// JSON views, where an array of bare numbers would mean nothing).
+    #[serde(skip)]
     pub refused_by: [u64; Reason::ALL.len()],
 }
 

@@ -1,0 +1,64 @@
+//! What the flood examples share: ids, the process's CPU time, an envelope whose signature does
+//! not match, and the count of honest nodes judged `suspect` or `down`.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use arw_p2p::{
+    identity::NodeKey,
+    node_id::NodeId,
+    wire::{Message, seal},
+};
+
+/// A node id from a name the example made up.
+pub fn id(s: &str) -> NodeId {
+    NodeId::parse(s).expect("id")
+}
+
+/// Process CPU time (user + system) in seconds.
+pub fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// `message` sealed by a rogue key, then given a signature that matches nothing.
+pub fn bad_signature(message: &Message) -> Vec<u8> {
+    let sealed = seal(&NodeKey::from_secret([77; 32]), "default", message);
+    let mut v: serde_json::Value = serde_json::from_slice(&sealed).expect("json");
+    v["sig"] = serde_json::json!(base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        [7u8; 64]
+    ));
+    v.to_string().into_bytes()
+}
+
+/// Honest nodes (ids `w<n>`) judged `suspect` / `down` by another, counted from events.
+#[derive(Debug, Clone, Default)]
+pub struct Judged {
+    suspects: Arc<AtomicU64>,
+    downs: Arc<AtomicU64>,
+}
+
+impl Judged {
+    /// Counts one event (`kind`, `payload`) of some node's.
+    pub fn count(&self, kind: &str, p: &serde_json::Value) {
+        let honest = p["id"].as_str().is_some_and(|s| s.starts_with('w'));
+        if kind != "cluster.node.changed" || !honest || !p["previous_health"].is_string() {
+            return;
+        }
+        match p["health"].as_str() {
+            Some("suspect") => self.suspects.fetch_add(1, Ordering::Relaxed),
+            Some("down") => self.downs.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    /// `(suspect, down)` so far.
+    pub fn read(&self) -> (u64, u64) {
+        (self.suspects.load(Ordering::Relaxed), self.downs.load(Ordering::Relaxed))
+    }
+}
