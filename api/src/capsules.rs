@@ -26,7 +26,7 @@ use arw_p2p::{
 
 use crate::{
     AppState,
-    dto::{Adopted, CapsulesView, TornDown},
+    dto::{Adopted, CapsulesView, JournalPage, TornDown, TrustView},
     events::{JournalQuery, journal_page, parse_limit, query_prefixes},
     problem::{Json, Problem},
 };
@@ -205,6 +205,7 @@ async fn refused(state: &AppState, id: Option<&str>, detail: &str, context: &Map
 }
 
 /// `GET /state/policy/capsules`: held capsules, newest first.
+#[utoipa::path(get, path = "/state/policy/capsules", tag = "policy", responses((status = 200, body = CapsulesView)))]
 pub async fn state_capsules(State(state): State<AppState>) -> Json<CapsulesView> {
     let now = now_ms();
     let items = state.node.snapshot().capsules.items(now);
@@ -233,6 +234,7 @@ struct PresetItem {
 }
 
 /// `GET /admin/policy/capsules/presets`: the `*.json` capsules in the presets directory.
+#[utoipa::path(get, path = "/admin/policy/capsules/presets", tag = "policy", responses((status = 200, body = Object, description = "The capsule presets: `{count, items}`")))]
 pub async fn presets(State(state): State<AppState>) -> Result<Json<Value>, Problem> {
     let dir = state.capsule_presets.clone();
     let presets =
@@ -283,18 +285,22 @@ fn load_preset_file(path: &Path) -> Result<Capsule, String> {
     Capsule::from_json(json).map_err(|e| e.to_string())
 }
 
-/// `POST /admin/policy/capsules/adopt` body.
-#[derive(Debug, Deserialize)]
+/// `POST /admin/policy/capsules/adopt` body: exactly one of `preset_id` and `capsule`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct AdoptRequest {
+    /// A preset's id (`GET /admin/policy/capsules/presets`).
     #[serde(default)]
     preset_id: Option<String>,
+    /// A signed capsule document.
     #[serde(default)]
     capsule: Option<Value>,
+    /// Why (recorded in the events).
     #[serde(default)]
     reason: Option<String>,
 }
 
 /// `POST /admin/policy/capsules/adopt`: exactly one of `preset_id` and `capsule`.
+#[utoipa::path(post, path = "/admin/policy/capsules/adopt", tag = "policy", request_body = AdoptRequest, responses((status = 200, body = Adopted)))]
 pub async fn adopt(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -358,6 +364,7 @@ fn preset_path(dir: Option<&Path>, id: &str) -> Option<PathBuf> {
 }
 
 /// `POST /admin/policy/capsules/teardown`.
+#[utoipa::path(post, path = "/admin/policy/capsules/teardown", tag = "policy", request_body = TeardownRequest, responses((status = 200, body = TornDown)))]
 pub async fn teardown(
     State(state): State<AppState>,
     Json(mut body): Json<TeardownRequest>,
@@ -384,10 +391,11 @@ pub async fn teardown(
 }
 
 /// `GET /admin/policy/capsules/audit`: the journal's `policy.capsule.*` events, newest last.
+#[utoipa::path(get, path = "/admin/policy/capsules/audit", tag = "policy", params(JournalQuery), responses((status = 200, body = JournalPage)))]
 pub async fn audit(
     State(state): State<AppState>,
     Query(query): Query<JournalQuery>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<JournalPage>, Problem> {
     let limit = parse_limit(query.limit.as_deref(), 50, 500)?;
     let mut prefixes: Vec<String> = query_prefixes(query.prefix.as_deref())?
         .into_iter()
@@ -401,15 +409,17 @@ pub async fn audit(
 }
 
 /// `GET /admin/rpu/trust`: issuer ids and algorithms (never the keys).
-pub async fn trust(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/admin/rpu/trust", tag = "policy", responses((status = 200, body = TrustView)))]
+pub async fn trust(State(state): State<AppState>) -> Json<TrustView> {
     let issuers = state.node.snapshot().trust.issuers();
-    Json(json!({ "count": issuers.len(), "issuers": issuers }))
+    Json(TrustView { ok: None, count: issuers.len(), issuers })
 }
 
 /// `POST /admin/rpu/reload`: reads the trust store file again.
-pub async fn reload(State(state): State<AppState>) -> Result<Json<Value>, Problem> {
+#[utoipa::path(post, path = "/admin/rpu/reload", tag = "policy", responses((status = 200, body = TrustView)))]
+pub async fn reload(State(state): State<AppState>) -> Result<Json<TrustView>, Problem> {
     let issuers = state.node.reload_trust().await?;
-    Ok(Json(json!({ "ok": true, "count": issuers.len(), "issuers": issuers })))
+    Ok(Json(TrustView { ok: Some(true), count: issuers.len(), issuers }))
 }
 
 /// What a capsule may never deny: the admin must always be able to see the node's state (and

@@ -12,7 +12,7 @@ pub use arw_p2p::{
 };
 
 /// `{"ok":true}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Ok {
     /// Always true.
     pub ok: bool,
@@ -24,14 +24,14 @@ impl Ok {
 }
 
 /// `POST /admin/hierarchy/role`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RoleRequest {
     /// Role name or alias, case-insensitive.
     pub role: String,
 }
 
 /// `POST /admin/cluster/admit` and `/admin/cluster/revoke`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdmissionRequest {
     /// Node id.
     pub id: String,
@@ -41,14 +41,14 @@ pub struct AdmissionRequest {
 }
 
 /// `POST /admin/cluster/trust-home`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TrustHomeRequest {
     /// The pending claim's key fingerprint (`pending_homes` in `/state/cluster`), or the key.
     pub fingerprint: String,
 }
 
 /// A node in the hierarchy view (`self_node` and each of `peers`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HierarchyNode {
     /// Node id.
     pub id: String,
@@ -75,7 +75,7 @@ pub struct HierarchyNode {
 }
 
 /// `GET /admin/hierarchy/state`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HierarchyState {
     /// Local change counter.
     pub epoch: u64,
@@ -98,7 +98,7 @@ pub struct HierarchyState {
 }
 
 /// `liveness` in `/admin/hierarchy/state`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Liveness {
     /// How many times longer than configured this node waits before it judges a silence: 1
     /// while its own timers fire on time, more while it is slow or was stalled.
@@ -109,7 +109,7 @@ pub struct Liveness {
 }
 
 /// CloudEvents attributes of a live event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CloudEvent {
     /// Always `1.0`.
     pub specversion: String,
@@ -127,7 +127,7 @@ pub struct CloudEvent {
 }
 
 /// The event envelope (reference §1.3): on the bus, in the journal and in SSE `data`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Envelope {
     /// RFC 3339 UTC with milliseconds.
     pub time: String,
@@ -147,7 +147,7 @@ pub struct Envelope {
 }
 
 /// `GET /state/policy/capsules`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CapsulesView {
     /// How many are held.
     pub count: usize,
@@ -160,7 +160,7 @@ pub struct CapsulesView {
 }
 
 /// `POST /admin/policy/capsules/adopt`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Adopted {
     /// Always true.
     pub ok: bool,
@@ -176,7 +176,7 @@ pub struct Adopted {
 }
 
 /// `POST /admin/policy/capsules/teardown`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TornDown {
     /// Always true.
     pub ok: bool,
@@ -194,7 +194,7 @@ pub struct TornDown {
 }
 
 /// The payload of `service.connected`, the first frame of every `/events` stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Handshake {
     /// This stream's id (also `X-Request-Id`).
     pub request_id: String,
@@ -215,10 +215,91 @@ pub struct Handshake {
 }
 
 /// `replay` in [`Handshake`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Replay {
     /// `live`, `after` or `last`.
     pub mode: String,
     /// Events in the first replay page.
     pub count: usize,
+}
+
+/// `GET /admin/governor`: the profile and hints in effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GovernorView {
+    /// The profile (this node's, else the Home's); `null` when none is set.
+    pub profile: Option<String>,
+    /// The hints (the Home's, with this node's on top).
+    pub hints: arw_p2p::governor::Hints,
+}
+
+/// `GET /admin/governor/profile`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProfileView {
+    /// The profile in effect; `null` when none is set.
+    pub profile: Option<String>,
+}
+
+/// `POST /actions`: 202.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobAccepted {
+    /// The job id (the existing job's when `reused`).
+    pub id: String,
+    /// Always true.
+    pub ok: bool,
+    /// Always false (kept for compatibility).
+    pub staged: bool,
+    /// The `idem_key` named a job already admitted; no new job was made.
+    pub reused: bool,
+}
+
+/// `GET /state/actions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobsPage {
+    /// Change counter across all jobs (the ETag is made from it).
+    pub version: u64,
+    /// Jobs, newest change first.
+    pub items: Vec<arw_p2p::jobs::JobSummary>,
+}
+
+/// `GET /admin/rpu/trust` and `POST /admin/rpu/reload`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TrustView {
+    /// Present (true) on reload only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<bool>,
+    /// How many issuers.
+    pub count: usize,
+    /// Issuer ids and algorithms (never the keys).
+    pub issuers: Vec<arw_p2p::capsule::IssuerInfo>,
+}
+
+/// `POST /admin/governor`: either or both; both are checked before either is applied.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GovernorRequest {
+    /// This node's profile name (1 to 1024 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Any subset of the hint fields, merged into this node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hints: Option<arw_p2p::governor::Hints>,
+}
+
+/// `GET /admin/events/journal` and `GET /admin/policy/capsules/audit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JournalPage {
+    /// Rows asked for (after clamping).
+    pub limit: usize,
+    /// Rows matching the prefixes in the whole journal.
+    pub total_matched: u64,
+    /// More rows match than are returned.
+    pub truncated: bool,
+    /// Always 0 (kept for compatibility).
+    pub skipped_lines: u64,
+    /// Always `["sqlite:events"]`.
+    pub source_files: Vec<String>,
+    /// The rows, oldest first.
+    pub entries: Vec<crate::events::StoredEvent>,
+    /// The kind prefixes applied, when any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefixes: Option<Vec<String>>,
 }

@@ -18,7 +18,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{
     AppState,
-    dto::Envelope,
+    dto::{Envelope, JournalPage},
     problem::{Json, Problem},
 };
 
@@ -26,7 +26,7 @@ use crate::{
 pub const REPLAY_PAGE: usize = 1000;
 
 /// A journaled event: its row id (the SSE id) and envelope.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StoredEvent {
     /// Journal row id; unique and increasing across restarts.
     pub id: i64,
@@ -142,10 +142,14 @@ pub fn kind_matches(kind: &str, prefixes: &[String]) -> bool {
 }
 
 /// `GET /events` query.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct EventsQuery {
+    /// Kind prefixes, comma-separated (at most 64).
     prefix: Option<String>,
+    /// Replay the last N journaled events before live ones.
     replay: Option<String>,
+    /// Replay the events after this id (as `Last-Event-ID` does).
     after: Option<String>,
 }
 
@@ -166,6 +170,7 @@ fn cursor(value: &str, source: &str) -> Result<i64, Problem> {
 }
 
 /// `GET /events`: the SSE stream (reference §2.3).
+#[utoipa::path(get, path = "/events", tag = "events", params(EventsQuery), responses((status = 200, content_type = "text/event-stream", description = "Server-sent events; the first is `service.connected` (a `Handshake`), each `data` an `Envelope`; resume with `Last-Event-ID`")))]
 pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -396,7 +401,8 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// `GET /admin/events/journal` (and `/admin/policy/capsules/audit`) query.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct JournalQuery {
     /// Rows wanted.
     pub limit: Option<String>,
@@ -405,10 +411,11 @@ pub struct JournalQuery {
 }
 
 /// `GET /admin/events/journal`: the most recent rows, oldest first.
+#[utoipa::path(get, path = "/admin/events/journal", tag = "events", params(JournalQuery), responses((status = 200, body = JournalPage)))]
 pub async fn journal(
     State(state): State<AppState>,
     Query(query): Query<JournalQuery>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<JournalPage>, Problem> {
     let limit = parse_limit(query.limit.as_deref(), 200, REPLAY_PAGE)?;
     let prefixes: Vec<String> =
         query_prefixes(query.prefix.as_deref())?.into_iter().map(|p| p.to_lowercase()).collect();
@@ -435,25 +442,23 @@ pub async fn journal_page(
     state: &AppState,
     limit: usize,
     prefixes: Vec<String>,
-) -> Result<Json<Value>, Problem> {
+) -> Result<Json<JournalPage>, Problem> {
     let log = state.log.clone();
     let read_prefixes = prefixes.clone();
     let (entries, total) = blocking(move || log.read_last(limit, &read_prefixes)).await?;
-    let mut page = json!({
-        "limit": limit,
-        "total_matched": total,
-        "truncated": total > entries.len() as u64,
-        "skipped_lines": 0,
-        "source_files": ["sqlite:events"],
-        "entries": entries,
-    });
-    if !prefixes.is_empty() {
-        page["prefixes"] = json!(prefixes);
-    }
-    Ok(Json(page))
+    Ok(Json(JournalPage {
+        limit,
+        total_matched: total,
+        truncated: total > entries.len() as u64,
+        skipped_lines: 0,
+        source_files: vec!["sqlite:events".to_owned()],
+        entries,
+        prefixes: (!prefixes.is_empty()).then_some(prefixes),
+    }))
 }
 
 /// `POST /admin/events/test`: publishes `service.test` and answers once it is journaled.
+#[utoipa::path(post, path = "/admin/events/test", tag = "events", request_body(content = Object, description = "Optional members merged into the payload", content_type = "application/json"), responses((status = 200, body = Object, description = "The `service.test` payload as journaled, with its `id`")))]
 pub async fn test_event(
     State(state): State<AppState>,
     headers: HeaderMap,

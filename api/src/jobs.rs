@@ -27,6 +27,7 @@ pub const BODY_LIMIT: usize = arw_p2p::jobs::MAX_INPUT + 16 * 1024;
 
 /// `POST /actions`: 202 `{id, ok, staged: false, reused}`. Gated by policy (`task:<kind>`), not
 /// by the admin token, as in the reference.
+#[utoipa::path(post, path = "/actions", tag = "jobs", request_body = JobSpec, responses((status = 202, body = dto::JobAccepted, description = "Admitted (or, for a known `idem_key`, the existing job)")))]
 pub async fn submit(
     State(state): State<AppState>,
     Json(spec): Json<JobSpec>,
@@ -45,32 +46,40 @@ pub async fn submit(
         return Err(problem);
     }
     let submitted = state.node.submit_job(spec).await?;
-    let body = json!({"id": submitted.id, "ok": true, "staged": false, "reused": submitted.reused});
+    let body =
+        dto::JobAccepted { id: submitted.id, ok: true, staged: false, reused: submitted.reused };
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
 }
 
 /// `GET /state/actions` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// `queued`, `running`, `completed` or `failed`.
     state: Option<String>,
+    /// Jobs running (or last run) on this node.
     node_id: Option<String>,
+    /// Jobs whose kind starts with this.
     kind_prefix: Option<String>,
+    /// Jobs changed at or after this RFC 3339 time.
     updated_since: Option<String>,
+    /// At most this many (default 200).
     limit: Option<usize>,
 }
 
 /// `GET /state/actions`: `{version, items}`, newest change first, with an ETag that changes
 /// whenever a job does (its state or its owner).
+#[utoipa::path(get, path = "/state/actions", tag = "jobs", params(ListQuery), responses((status = 200, body = dto::JobsPage), (status = 304, description = "Unchanged since the `If-None-Match` ETag")))]
 pub async fn list(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
-    if let Some(s) = &query.state {
-        if !["queued", "running", "completed", "failed"].contains(&s.as_str()) {
-            let detail = "state must be queued, running, completed or failed";
-            return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail));
-        }
+    if let Some(s) = &query.state
+        && !["queued", "running", "completed", "failed"].contains(&s.as_str())
+    {
+        let detail = "state must be queued, running, completed or failed";
+        return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid_query", detail));
     }
     let limit = query.limit.unwrap_or(200);
     if limit == 0 || limit > MAX_LIST {
@@ -106,8 +115,8 @@ pub async fn list(
     let mut response = if cached {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        let items: Vec<Value> = page.jobs.iter().map(|j| j.summary()).collect();
-        Json(json!({"version": page.rev, "items": items})).into_response()
+        let items = page.jobs.iter().map(|j| j.summary()).collect();
+        Json(dto::JobsPage { version: page.rev, items }).into_response()
     };
     let h = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(&etag) {
@@ -118,6 +127,7 @@ pub async fn list(
 }
 
 /// `GET /actions/{id}`: the job with its attempts (admin).
+#[utoipa::path(get, path = "/actions/{id}", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, body = arw_p2p::jobs::JobRecord)))]
 pub async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -135,6 +145,7 @@ pub async fn show(
 }
 
 /// `POST /actions/{id}/cancel` (admin).
+#[utoipa::path(post, path = "/actions/{id}/cancel", tag = "jobs", params(("id" = String, Path, description = "Job id")), responses((status = 200, body = dto::Ok)))]
 pub async fn cancel(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -154,7 +165,7 @@ pub async fn cancel(
 }
 
 /// `POST /admin/jobs/drain` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct DrainRequest {
     /// `true`: take no new jobs from the Home; `false`: take them again.
     #[serde(default = "yes")]
@@ -166,6 +177,7 @@ fn yes() -> bool {
 }
 
 /// `POST /admin/jobs/drain`: running jobs finish, no new ones are taken (advertised at once).
+#[utoipa::path(post, path = "/admin/jobs/drain", tag = "jobs", request_body = DrainRequest, responses((status = 200, body = dto::Ok)))]
 pub async fn drain(
     State(state): State<AppState>,
     Json(body): Json<DrainRequest>,

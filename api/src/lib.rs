@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::{
-    Router,
-    extract::DefaultBodyLimit,
-    middleware,
-    routing::{get, post},
-};
+use axum::{Extension, Router, extract::DefaultBodyLimit, middleware};
 use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::OpenApi;
+use utoipa_axum::{
+    router::{OpenApiRouter, UtoipaMethodRouterExt},
+    routes,
+};
 
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +22,7 @@ pub mod dto;
 pub mod events;
 pub mod jobs;
 pub mod metrics;
+pub mod openapi;
 pub mod problem;
 mod routes;
 pub mod ui;
@@ -58,48 +59,58 @@ pub struct AppState {
     pub capsule_presenters: Arc<capsules::PresenterLimit>,
 }
 
+/// The routes, each with its OpenAPI description.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(routes::healthz))
+        .routes(routes!(metrics::metrics))
+        .routes(routes!(openapi::document))
+        .routes(routes!(routes::state_cluster))
+        .routes(routes!(routes::hierarchy_state))
+        .routes(routes!(routes::hierarchy_role))
+        .routes(routes!(routes::hierarchy_hello))
+        .routes(routes!(routes::hierarchy_offer))
+        .routes(routes!(routes::hierarchy_accept))
+        .routes(routes!(routes::cluster_admit))
+        .routes(routes!(routes::cluster_revoke))
+        .routes(routes!(routes::cluster_trust_home))
+        .routes(routes!(routes::cluster_untrust_home))
+        .routes(routes!(routes::governor, routes::set_governor))
+        .routes(routes!(routes::governor_profile, routes::set_governor_profile))
+        .routes(routes!(routes::governor_hints, routes::set_governor_hints))
+        .routes(routes!(capsules::state_capsules))
+        .routes(routes!(capsules::presets))
+        .routes(routes!(capsules::adopt))
+        .routes(routes!(capsules::teardown))
+        .routes(routes!(capsules::audit))
+        .routes(routes!(capsules::trust))
+        .routes(routes!(capsules::reload))
+        .routes(routes!(jobs::submit).layer(DefaultBodyLimit::max(jobs::BODY_LIMIT)))
+        .routes(routes!(jobs::show))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::list))
+        .routes(routes!(jobs::drain))
+        .routes(routes!(events::stream))
+        .routes(routes!(events::journal))
+        .routes(routes!(events::test_event))
+        .routes(routes!(ui::root))
+        .routes(routes!(ui::page))
+        .routes(routes!(ui::script))
+}
+
+/// The OpenAPI document of [`router`] (also served at `/openapi.json`).
+pub fn openapi_doc() -> utoipa::openapi::OpenApi {
+    openapi::complete(routes().into_openapi())
+}
+
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/healthz", get(routes::healthz))
-        .route("/metrics", get(metrics::metrics))
-        .route("/state/cluster", get(routes::state_cluster))
-        .route("/admin/hierarchy/state", get(routes::hierarchy_state))
-        .route("/admin/hierarchy/role", post(routes::hierarchy_role))
-        .route("/admin/hierarchy/hello", post(routes::hierarchy_hello))
-        .route("/admin/hierarchy/offer", post(routes::hierarchy_offer))
-        .route("/admin/hierarchy/accept", post(routes::hierarchy_accept))
-        .route("/admin/cluster/admit", post(routes::cluster_admit))
-        .route("/admin/cluster/revoke", post(routes::cluster_revoke))
-        .route("/admin/cluster/trust-home", post(routes::cluster_trust_home))
-        .route("/admin/cluster/untrust-home", post(routes::cluster_untrust_home))
-        .route("/admin/governor", get(routes::governor).post(routes::set_governor))
-        .route(
-            "/admin/governor/profile",
-            get(routes::governor_profile).post(routes::set_governor_profile),
-        )
-        .route(
-            "/admin/governor/hints",
-            get(routes::governor_hints).post(routes::set_governor_hints),
-        )
-        .route("/state/policy/capsules", get(capsules::state_capsules))
-        .route("/admin/policy/capsules/presets", get(capsules::presets))
-        .route("/admin/policy/capsules/adopt", post(capsules::adopt))
-        .route("/admin/policy/capsules/teardown", post(capsules::teardown))
-        .route("/admin/policy/capsules/audit", get(capsules::audit))
-        .route("/admin/rpu/trust", get(capsules::trust))
-        .route("/admin/rpu/reload", post(capsules::reload))
-        .route("/actions", post(jobs::submit).layer(DefaultBodyLimit::max(jobs::BODY_LIMIT)))
-        .route("/actions/{id}", get(jobs::show))
-        .route("/actions/{id}/cancel", post(jobs::cancel))
-        .route("/state/actions", get(jobs::list))
-        .route("/admin/jobs/drain", post(jobs::drain))
-        .route("/events", get(events::stream))
-        .route("/", get(ui::root))
-        .route("/ui", get(ui::page))
-        .route("/ui/app.js", get(ui::script))
-        .route("/admin/events/journal", get(events::journal))
-        .route("/admin/events/test", post(events::test_event))
+    let (routes, doc) = routes().split_for_parts();
+    let doc: Arc<str> = match openapi::complete(doc).to_pretty_json() {
+        Ok(json) => json.into(),
+        Err(e) => format!("{{\"error\":\"{e}\"}}").into(),
+    };
+    routes
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth::require_admin))
@@ -109,5 +120,6 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(CatchPanicLayer::custom(routes::panic_response))
         .layer(middleware::from_fn(correlate::correlate))
+        .layer(Extension(doc))
         .with_state(state)
 }

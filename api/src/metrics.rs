@@ -188,6 +188,7 @@ pub async fn count_requests(
 }
 
 /// `GET /metrics`.
+#[utoipa::path(get, path = "/metrics", tag = "node", responses((status = 200, content_type = "text/plain; version=0.0.4", description = "Prometheus text exposition")))]
 pub async fn metrics(State(state): State<AppState>) -> Response {
     match state.metrics.render() {
         Ok(text) => {

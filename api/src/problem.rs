@@ -17,7 +17,7 @@ use arw_p2p::{hierarchy::HierarchyError, jobs::SubmitError, node::NodeError, pol
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// An RFC 9457 problem. Absent members are omitted, never `null`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     /// Always `about:blank`.
     #[serde(rename = "type")]

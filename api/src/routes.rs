@@ -22,16 +22,19 @@ use crate::{
 };
 
 /// `GET /healthz`: never gated.
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "ok": true }))
+#[utoipa::path(get, path = "/healthz", tag = "node", responses((status = 200, body = dto::Ok)))]
+pub async fn healthz() -> Json<dto::Ok> {
+    Json(dto::Ok::YES)
 }
 
 /// `GET /state/cluster`.
+#[utoipa::path(get, path = "/state/cluster", tag = "cluster", responses((status = 200, body = ClusterView)))]
 pub async fn state_cluster(State(state): State<AppState>) -> Json<ClusterView> {
     Json(state.node.snapshot().cluster_view(now_ms()))
 }
 
 /// `GET /admin/hierarchy/state`: read-only, emits nothing.
+#[utoipa::path(get, path = "/admin/hierarchy/state", tag = "hierarchy", responses((status = 200, body = HierarchyState)))]
 pub async fn hierarchy_state(
     State(state): State<AppState>,
 ) -> Result<Json<HierarchyState>, Problem> {
@@ -41,6 +44,7 @@ pub async fn hierarchy_state(
 }
 
 /// `POST /admin/hierarchy/role`.
+#[utoipa::path(post, path = "/admin/hierarchy/role", tag = "hierarchy", request_body = RoleRequest, responses((status = 200, body = dto::Ok)))]
 pub async fn hierarchy_role(
     State(state): State<AppState>,
     Json(body): Json<RoleRequest>,
@@ -51,6 +55,7 @@ pub async fn hierarchy_role(
 }
 
 /// `POST /admin/hierarchy/hello`.
+#[utoipa::path(post, path = "/admin/hierarchy/hello", tag = "hierarchy", request_body = CoreHello, responses((status = 200, body = dto::Ok)))]
 pub async fn hierarchy_hello(
     State(state): State<AppState>,
     Json(body): Json<CoreHello>,
@@ -61,6 +66,7 @@ pub async fn hierarchy_hello(
 }
 
 /// `POST /admin/hierarchy/offer`.
+#[utoipa::path(post, path = "/admin/hierarchy/offer", tag = "hierarchy", request_body = CoreOffer, responses((status = 200, body = dto::Ok)))]
 pub async fn hierarchy_offer(
     State(state): State<AppState>,
     Json(body): Json<CoreOffer>,
@@ -71,6 +77,7 @@ pub async fn hierarchy_offer(
 }
 
 /// `POST /admin/hierarchy/accept`.
+#[utoipa::path(post, path = "/admin/hierarchy/accept", tag = "hierarchy", request_body = CoreAccept, responses((status = 200, body = dto::Ok)))]
 pub async fn hierarchy_accept(
     State(state): State<AppState>,
     Json(body): Json<CoreAccept>,
@@ -81,6 +88,7 @@ pub async fn hierarchy_accept(
 }
 
 /// `POST /admin/cluster/admit` (at the Home).
+#[utoipa::path(post, path = "/admin/cluster/admit", tag = "cluster", request_body = dto::AdmissionRequest, responses((status = 200, body = dto::AdmissionChange)))]
 pub async fn cluster_admit(
     State(state): State<AppState>,
     Json(body): Json<dto::AdmissionRequest>,
@@ -89,6 +97,7 @@ pub async fn cluster_admit(
 }
 
 /// `POST /admin/cluster/revoke` (at the Home).
+#[utoipa::path(post, path = "/admin/cluster/revoke", tag = "cluster", request_body = dto::AdmissionRequest, responses((status = 200, body = dto::AdmissionChange)))]
 pub async fn cluster_revoke(
     State(state): State<AppState>,
     Json(body): Json<dto::AdmissionRequest>,
@@ -98,6 +107,7 @@ pub async fn cluster_revoke(
 
 /// `POST /admin/cluster/trust-home`: obey the Home of a pending claim. Never denied by a
 /// capsule: the admin token alone decides whom this node obeys.
+#[utoipa::path(post, path = "/admin/cluster/trust-home", tag = "cluster", request_body = dto::TrustHomeRequest, responses((status = 200, body = dto::Ok)))]
 pub async fn cluster_trust_home(
     State(state): State<AppState>,
     Json(body): Json<dto::TrustHomeRequest>,
@@ -108,23 +118,27 @@ pub async fn cluster_trust_home(
 
 /// `POST /admin/cluster/untrust-home`: obey no Home (and drop what it handed out). Never denied
 /// by a capsule.
+#[utoipa::path(post, path = "/admin/cluster/untrust-home", tag = "cluster", responses((status = 200, body = dto::Ok)))]
 pub async fn cluster_untrust_home(State(state): State<AppState>) -> Result<Json<dto::Ok>, Problem> {
     state.node.untrust_home().await?;
     Ok(Json(dto::Ok::YES))
 }
 
 /// `POST /admin/governor/profile` body.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 pub struct ProfileRequest {
+    /// The profile name (1 to 1024 bytes).
     name: String,
 }
 
 /// `GET /admin/governor/profile`: the profile in effect (this node's, else the Home's).
-pub async fn governor_profile(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({ "profile": state.node.snapshot().effective_governor().profile }))
+#[utoipa::path(get, path = "/admin/governor/profile", tag = "governor", responses((status = 200, body = dto::ProfileView)))]
+pub async fn governor_profile(State(state): State<AppState>) -> Json<dto::ProfileView> {
+    Json(dto::ProfileView { profile: state.node.snapshot().effective_governor().profile })
 }
 
 /// `POST /admin/governor/profile`.
+#[utoipa::path(post, path = "/admin/governor/profile", tag = "governor", request_body = ProfileRequest, responses((status = 200, body = dto::Ok)))]
 pub async fn set_governor_profile(
     State(state): State<AppState>,
     Json(body): Json<ProfileRequest>,
@@ -139,11 +153,13 @@ pub async fn set_governor_profile(
 }
 
 /// `GET /admin/governor/hints`: the hints in effect (the Home's, with this node's on top).
+#[utoipa::path(get, path = "/admin/governor/hints", tag = "governor", responses((status = 200, body = Hints)))]
 pub async fn governor_hints(State(state): State<AppState>) -> Json<Hints> {
     Json(state.node.snapshot().effective_governor().hints)
 }
 
 /// `POST /admin/governor/hints`: any subset of the hint fields, merged into this node's.
+#[utoipa::path(post, path = "/admin/governor/hints", tag = "governor", request_body = Hints, responses((status = 200, body = dto::Ok)))]
 pub async fn set_governor_hints(
     State(state): State<AppState>,
     Json(body): Json<Value>,
@@ -156,12 +172,14 @@ pub async fn set_governor_hints(
 
 /// `GET /admin/governor`: the profile and hints in effect, together (the runbook's route; the
 /// reference has only `/profile` and `/hints`).
-pub async fn governor(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/admin/governor", tag = "governor", responses((status = 200, body = dto::GovernorView)))]
+pub async fn governor(State(state): State<AppState>) -> Json<dto::GovernorView> {
     let governor = state.node.snapshot().effective_governor();
-    Json(json!({ "profile": governor.profile, "hints": governor.hints }))
+    Json(dto::GovernorView { profile: governor.profile, hints: governor.hints })
 }
 
 /// `POST /admin/governor {profile?, hints?}`: both checked before either is applied.
+#[utoipa::path(post, path = "/admin/governor", tag = "governor", request_body = dto::GovernorRequest, responses((status = 200, body = dto::Ok)))]
 pub async fn set_governor(
     State(state): State<AppState>,
     Json(body): Json<Value>,

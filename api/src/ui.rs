@@ -14,12 +14,14 @@ const SCRIPT: &str = include_str!("../ui/app.js");
 const CSP: &str = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'";
 
 /// `GET /ui`.
+#[utoipa::path(get, path = "/ui", tag = "ui", responses((status = 200, content_type = "text/html", description = "The live cluster page")))]
 pub async fn page() -> Response {
     ([(header::CONTENT_SECURITY_POLICY, CSP), (header::CACHE_CONTROL, "no-cache")], Html(PAGE))
         .into_response()
 }
 
 /// `GET /ui/app.js`.
+#[utoipa::path(get, path = "/ui/app.js", tag = "ui", responses((status = 200, content_type = "text/javascript", description = "The page's script")))]
 pub async fn script() -> Response {
     (
         [
@@ -33,6 +35,7 @@ pub async fn script() -> Response {
 }
 
 /// `GET /`: the page.
+#[utoipa::path(get, path = "/", tag = "ui", responses((status = 303, description = "To `/ui`")))]
 pub async fn root() -> Redirect {
     Redirect::to("/ui")
 }

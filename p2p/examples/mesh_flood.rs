@@ -179,8 +179,8 @@ async fn main() {
         let mut tick = 0u64;
         let mut made = 0u64;
         while start.elapsed() < Duration::from_secs(secs as u64) {
-            if tick % 20 == 0 {
-                let role = if tick % 40 == 0 { "regional" } else { "edge" };
+            if tick.is_multiple_of(20) {
+                let role = if tick.is_multiple_of(40) { "regional" } else { "edge" };
                 let at = Instant::now();
                 if w1.set_role(role).await.is_ok() {
                     let seq = w1.snapshot().nodes.get(&id("w1")).map_or(0, |r| r.advert.seq);
@@ -194,7 +194,7 @@ async fn main() {
                 }
             }
             tick += 1;
-            if tick % 100 == 0 {
+            if tick.is_multiple_of(100) {
                 let now = refused(&nodes);
                 per_second.push(now - last);
                 last = now;

@@ -164,7 +164,7 @@ async fn main() {
         let per_tick = (rate / 100).max(1);
         let mut tick = 0u32;
         while start.elapsed() < Duration::from_secs(secs as u64) {
-            if tick % 20 == 0 {
+            if tick.is_multiple_of(20) {
                 seq += 1;
                 let bytes = seal(&source, "default", &advert("bench-src", seq, 0));
                 sent_at.insert(seq, Instant::now());

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::node_id::NodeId;
 
 /// A node's standing at the Home.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Admission {
     /// Admitted with the key it advertises.

@@ -101,7 +101,7 @@ impl Advert {
 }
 
 /// What a node advertises about the jobs it takes from the Home.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobsAdvert {
     /// Jobs it runs at once.
     pub slots: u32,
@@ -121,7 +121,7 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// A node claiming to be the Home (advertising role `root`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HomeClaim {
     /// Node id.
     pub id: String,
@@ -145,7 +145,7 @@ pub struct NodeRecord {
 
 /// One entry of `/state/cluster` (reference §1.3). Only `id` and `role` are always present, so
 /// the CLI can read any compatible server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterNode {
     /// Node id.
     pub id: String,
@@ -202,7 +202,7 @@ pub struct ClusterNode {
 }
 
 /// `/state/cluster`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ClusterView {
     /// Nodes sorted by id.
     pub nodes: Vec<ClusterNode>,
@@ -222,7 +222,7 @@ pub struct ClusterView {
 }
 
 /// A Home claim awaiting the operator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PendingHome {
     /// The Home's id, as its document says.
     pub home_id: String,

@@ -33,7 +33,7 @@ pub const MAX_TEXT: usize = 1024;
 /// Tuning hints. Every field is optional; setting hints merges the fields given. Unknown fields
 /// are ignored when read (a newer Home may send hints this node does not know); the API refuses
 /// them (see [`Hints::from_request`]).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Hints {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrency: Option<u32>,
@@ -141,7 +141,7 @@ impl Hints {
 }
 
 /// A node's governor settings (`governor.json`), and the Home's routing hints in its policy.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Governor {
     /// The profile name.
     #[serde(default, skip_serializing_if = "Option::is_none")]

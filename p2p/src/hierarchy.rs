@@ -14,7 +14,7 @@ use crate::{
 pub const NONCE_MEMORY: usize = 1024;
 
 /// `POST /admin/hierarchy/hello`: the operator configures this node's identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CoreHello {
     /// The node id to use (must match an explicitly configured id).
     pub id: String,
@@ -31,7 +31,7 @@ pub struct CoreHello {
 }
 
 /// `POST /admin/hierarchy/offer`: a node offers to join under a parent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CoreOffer {
     /// The offering node.
     pub from_id: String,
@@ -48,7 +48,7 @@ pub struct CoreOffer {
 }
 
 /// `POST /admin/hierarchy/accept`: a parent accepts a child.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CoreAccept {
     /// The accepted child.
     pub child_id: String,

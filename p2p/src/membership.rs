@@ -820,15 +820,16 @@ impl Membership {
         let mut changes = Vec::new();
         for (id, key) in &roster {
             let unpinned = !self.config.pinned.contains_key(id);
-            if unpinned && self.members.get(id).is_some_and(|m| m.key != *key) {
-                if let Some(member) = self.remove(id) {
-                    changes.push(Change::Conflict {
-                        id: id.clone(),
-                        known_key: B64.encode(key),
-                        claimed_key: B64.encode(member.key),
-                    });
-                    changes.push(Change::Evicted { record: Box::new(member.record) });
-                }
+            if unpinned
+                && self.members.get(id).is_some_and(|m| m.key != *key)
+                && let Some(member) = self.remove(id)
+            {
+                changes.push(Change::Conflict {
+                    id: id.clone(),
+                    known_key: B64.encode(key),
+                    claimed_key: B64.encode(member.key),
+                });
+                changes.push(Change::Evicted { record: Box::new(member.record) });
             }
         }
         self.roster = roster;

@@ -165,7 +165,7 @@ pub fn configure(config: &mut NodeConfig, i: usize, s: &JobsSettings, home_key: 
 
 /// The `n`th job of a trial (the same spec each time it is submitted).
 pub fn spec(s: &JobsSettings, n: usize) -> JobSpec {
-    let gpu = s.gpu_every > 0 && n % s.gpu_every == 0;
+    let gpu = s.gpu_every > 0 && n.is_multiple_of(s.gpu_every);
     JobSpec {
         kind: "work".into(),
         input: json!({ "n": n, "gpu": gpu }),

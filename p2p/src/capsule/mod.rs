@@ -279,7 +279,7 @@ struct IssuerEntry {
 }
 
 /// One trusted issuer as `/admin/rpu/trust` shows it (never the key).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IssuerInfo {
     /// Issuer id.
     pub id: String,

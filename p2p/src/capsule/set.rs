@@ -93,7 +93,7 @@ pub struct Teardown {
 }
 
 /// A held capsule as `/state/policy/capsules` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CapsuleItem {
     pub id: String,
     pub version: String,

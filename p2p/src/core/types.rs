@@ -150,7 +150,7 @@ pub enum NodeError {
 }
 
 /// What an admission did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdmissionChange {
     /// The node.
     pub id: String,
@@ -173,7 +173,7 @@ pub struct CapsuleRequest {
 }
 
 /// Capsules to remove.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TeardownRequest {
     /// Capsule ids.
     #[serde(default)]
@@ -252,7 +252,7 @@ pub struct JobsStatus {
 
 /// How many protocol decisions a node has made since it started: the same counts whichever
 /// executor runs the core, so a simulation and a real stack can be compared.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Counters {
     /// Messages received (gossip, broker, sync and probe answers).
     pub received: u64,
@@ -356,7 +356,7 @@ impl Snapshot {
 }
 
 /// The Home's authority as this node holds it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PolicyView {
     /// The pinned Home key (base64).
     #[serde(skip_serializing_if = "Option::is_none")]

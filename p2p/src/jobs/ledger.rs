@@ -308,13 +308,13 @@ impl Ledger {
     pub fn submit(&mut self, spec: JobSpec, env: &Env<'_>) -> Result<Submitted, SubmitError> {
         validate(&spec)?;
         let sha = input_sha256(&spec.input);
-        if let Some(key) = &spec.idem_key {
-            if let Some(seen) = self.idem.get(key) {
-                if seen.kind != spec.kind || seen.sha != sha {
-                    return Err(SubmitError::IdempotencyConflict(key.clone()));
-                }
-                return Ok(Submitted { id: seen.id.clone(), reused: true });
+        if let Some(key) = &spec.idem_key
+            && let Some(seen) = self.idem.get(key)
+        {
+            if seen.kind != spec.kind || seen.sha != sha {
+                return Err(SubmitError::IdempotencyConflict(key.clone()));
             }
+            return Ok(Submitted { id: seen.id.clone(), reused: true });
         }
         let queued = self.queue.len();
         if queued >= self.config.queue_max {
@@ -980,11 +980,11 @@ impl Ledger {
         self.rev += 1;
         rec.rev = self.rev;
         rec.updated = now;
-        if let Some(key) = &rec.idem_key {
-            if let Some(idem) = self.idem.get_mut(key) {
-                idem.ended_ms = Some(now);
-                self.idem_ended.push_back((now, key.clone()));
-            }
+        if let Some(key) = &rec.idem_key
+            && let Some(idem) = self.idem.get_mut(key)
+        {
+            idem.ended_ms = Some(now);
+            self.idem_ended.push_back((now, key.clone()));
         }
         self.out.push(Out::Persist(Box::new(rec)));
     }

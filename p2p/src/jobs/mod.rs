@@ -109,7 +109,7 @@ impl JobsConfig {
 }
 
 /// `POST /actions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobSpec {
     /// The job kind, e.g. `math.add`.
     pub kind: String,
@@ -131,7 +131,7 @@ pub struct JobSpec {
 }
 
 /// `retry` of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySpec {
     /// Attempts in all (1: never retried).
@@ -139,7 +139,7 @@ pub struct RetrySpec {
 }
 
 /// `placement` of a job.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlacementSpec {
     /// What the node must offer.
@@ -157,7 +157,7 @@ pub struct PlacementSpec {
 }
 
 /// `placement.prefer`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Prefer {
     /// Here until the local queue is long, then a worker.
@@ -170,7 +170,7 @@ pub enum Prefer {
 }
 
 /// `placement.require`: hard constraints.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Require {
     /// GPUs.
@@ -194,7 +194,7 @@ pub struct Require {
 }
 
 /// `placement.require.gpu`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GpuRequire {
     /// GPUs at least.
@@ -238,7 +238,19 @@ pub enum SubmitError {
 }
 
 /// A job's state, as the reference names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Admitted, not yet running.
@@ -269,7 +281,7 @@ impl JobState {
 }
 
 /// Where an attempt runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Site {
     /// On the node that owns the job.
@@ -289,7 +301,7 @@ impl Site {
 }
 
 /// One attempt of a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
     /// 1, 2, ...
     pub attempt: u32,
@@ -310,7 +322,7 @@ pub struct Attempt {
 }
 
 /// A job as stored and shown by `GET /actions/{id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
     /// Job id.
     pub id: String,
@@ -359,19 +371,40 @@ pub struct JobRecord {
     pub error: Option<Value>,
 }
 
+/// One item of `/state/actions`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JobSummary {
+    /// Job id.
+    pub id: String,
+    /// Kind.
+    pub kind: String,
+    /// State.
+    pub state: JobState,
+    /// The node running it (or that ran it last); `null` before the first attempt.
+    pub node_id: Option<String>,
+    /// The current attempt (0 before the first).
+    pub attempt: u32,
+    /// `local` or `remote` (the current attempt); `null` before the first.
+    pub placement: Option<Site>,
+    /// Created, RFC 3339.
+    pub created: String,
+    /// Last changed, RFC 3339.
+    pub updated: String,
+}
+
 impl JobRecord {
     /// The `/state/actions` item.
-    pub fn summary(&self) -> Value {
-        serde_json::json!({
-            "id": self.id,
-            "kind": self.kind,
-            "state": self.state,
-            "node_id": self.node_id,
-            "attempt": self.attempt,
-            "placement": self.placement,
-            "created": crate::time::rfc3339_ms(self.created),
-            "updated": crate::time::rfc3339_ms(self.updated),
-        })
+    pub fn summary(&self) -> JobSummary {
+        JobSummary {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            state: self.state,
+            node_id: self.node_id.clone(),
+            attempt: self.attempt,
+            placement: self.placement,
+            created: crate::time::rfc3339_ms(self.created),
+            updated: crate::time::rfc3339_ms(self.updated),
+        }
     }
 }
 

@@ -24,7 +24,7 @@ pub mod doc;
 pub use doc::{PolicyCapsule, PolicyContent, PolicyDoc};
 
 /// How the Home key came to be pinned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PinSource {
     /// `[cluster] home_key`.

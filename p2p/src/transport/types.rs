@@ -88,7 +88,7 @@ pub enum TransportEvent {
 }
 
 /// A node whose advertised bus or queue differs from this node's.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Mismatch {
     /// The node.
     pub id: String,
@@ -99,7 +99,7 @@ pub struct Mismatch {
 }
 
 /// The transport as readers see it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NetworkStatus {
     /// `disabled` (single node), `no_peers` (listening, nobody connected yet) or `connected`.
     pub state: String,
