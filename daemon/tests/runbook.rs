@@ -99,3 +99,58 @@ fn runbook_commands_work_as_written_and_survive_a_restart() {
     let (status, body) = again.post("/admin/hierarchy/hello", &replay);
     assert_eq!((status, body["code"].as_str()), (409, Some("nonce_replay")));
 }
+
+/// The first ```sh block after `heading` in README.md.
+fn readme_block(heading: &str) -> String {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let after = text.split_once(heading).expect("README heading").1;
+    let start = after.split_once("```sh\n").expect("a sh block").1;
+    start.split_once("```").expect("block end").0.to_owned()
+}
+
+/// README's walk-through, run as written by a new user: a node started with no configuration
+/// under a fresh `HOME` (so `~/.local/share/arw/admin-token` is the generated one), the commands
+/// in one shell. The only substitutions: the server's free port for 8091, the built `arw-cli`
+/// for `cargo run … --bin arw-cli --`, and a time limit on the two commands that follow events
+/// until Ctrl-C.
+#[test]
+fn the_readme_walk_through_works_as_written() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let server = common::Launch::new().home(home.path()).start();
+    let block = readme_block("## Walk-through");
+    assert!(block.contains("export ARW_ADMIN_TOKEN=$(cat ~/.local/share/arw/admin-token)"));
+    let script = format!(
+        "set -euo pipefail\n\
+         curl() {{ if [[ \" $* \" == *' -N '* ]]; then command curl --max-time 2 \"$@\" || [ $? = 28 ]; \
+         else command curl --fail-with-body --max-time 10 \"$@\"; fi; }}\n\
+         arw-cli() {{ if [ \"$1\" = events ]; then timeout 3 \"$(type -P arw-cli)\" \"$@\" || [ $? = 124 ]; \
+         else command arw-cli \"$@\"; fi; }}\n{}",
+        block
+            .replace("http://127.0.0.1:8091", &server.base())
+            .replace("cargo run -q -p arw-daemon --bin arw-cli --", "arw-cli")
+    );
+    let path =
+        format!("{}:{}", common::bin_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env_clear()
+        .env("PATH", &path)
+        .env("HOME", home.path())
+        .env("ARW_BASE", server.base())
+        .output()
+        .expect("bash");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "walk-through failed:\n{script}\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(stdout.starts_with("{\"ok\":true}"), "healthz: {stdout}");
+    assert!(stdout.contains("\"pinned_by\": \"own\""), "the node is the Home: {stdout}");
+    assert!(stdout.contains("math.add"), "the job is listed: {stdout}");
+    assert!(stdout.contains("event: hierarchy.role.changed"), "live events: {stdout}");
+    let (_, state) = server.get("/admin/hierarchy/state");
+    assert_eq!(state["self_node"]["role"], "root", "the walk-through leaves a Home");
+}

@@ -29,11 +29,20 @@ pub struct Launch {
     pub args: Vec<String>,
     pub state_dir: Option<PathBuf>,
     pub config: Option<String>,
+    /// Run as a fresh user would: this `HOME`, no state dir or token given (the server picks
+    /// `~/.local/share/arw` and generates `admin-token` there).
+    pub home: Option<PathBuf>,
 }
 
 impl Launch {
     pub fn new() -> Self {
-        Self { env: Vec::new(), args: Vec::new(), state_dir: None, config: None }
+        Self { env: Vec::new(), args: Vec::new(), state_dir: None, config: None, home: None }
+    }
+
+    /// Zero configuration under `home` (see [`Launch::home`]).
+    pub fn home(mut self, home: &Path) -> Self {
+        self.home = Some(home.to_path_buf());
+        self
     }
 
     /// A command-line argument for arw-server.
@@ -59,9 +68,10 @@ impl Launch {
     }
 
     pub fn start(self) -> Server {
-        let (dir, state_dir) = match self.state_dir {
-            Some(path) => (None, path),
-            None => {
+        let (dir, state_dir) = match (&self.home, self.state_dir) {
+            (Some(home), _) => (None, home.join(".local/share/arw")),
+            (None, Some(path)) => (None, path),
+            (None, None) => {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let path = dir.path().join("state");
                 (Some(dir), path)
@@ -71,19 +81,21 @@ impl Launch {
             std::fs::create_dir_all(&state_dir).expect("state dir");
             std::fs::write(state_dir.join("config.toml"), toml).expect("config.toml");
         }
-        let token = "test-admin-token".to_owned();
+        let mut token = "test-admin-token".to_owned();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_arw-server"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("ARW_PORT", "0")
-            .env("ARW_STATE_DIR", &state_dir)
-            .env("ARW_ADMIN_TOKEN", &token)
             .env("ARW_CONFIG_DIR", state_dir.join("no-such-config-dir"))
             .env("ARW_LOG", "warn")
-            .current_dir(state_dir.parent().unwrap_or(Path::new("/")))
+            .current_dir(self.home.as_deref().or(state_dir.parent()).unwrap_or(Path::new("/")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        match &self.home {
+            Some(home) => cmd.env("HOME", home),
+            None => cmd.env("ARW_STATE_DIR", &state_dir).env("ARW_ADMIN_TOKEN", &token),
+        };
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -92,6 +104,10 @@ impl Launch {
         let _ = std::fs::remove_file(&ready);
         let mut child = cmd.spawn().expect("spawn arw-server");
         let endpoints = wait_for_ready(&ready, &mut child);
+        if self.home.is_some() {
+            let generated = std::fs::read_to_string(state_dir.join("admin-token"));
+            token = generated.expect("a generated admin-token").trim().to_owned();
+        }
         Server { child: Some(child), state_dir, token, endpoints, _dir: dir }
     }
 }
