@@ -90,6 +90,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::cancel))
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::drain))
+        .routes(routes!(routes::runtime_matrix))
         .routes(routes!(events::stream))
         .routes(routes!(events::journal))
         .routes(routes!(events::test_event))

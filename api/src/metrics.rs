@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc};
 
-use arw_p2p::{cluster::Health, node::NodeHandle};
+use arw_p2p::{cluster::Health, jobs::RuntimeHealth, node::NodeHandle};
 use axum::{
     extract::{MatchedPath, Request, State},
     http::{HeaderValue, header},
@@ -228,6 +228,17 @@ struct JobLabels {
     state: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuntimeLabels {
+    runtime: String,
+    health: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuntimeName {
+    runtime: String,
+}
+
 /// The node's registry, membership decisions, connections, policy and jobs, as its latest
 /// snapshot has them (no lock, no call into the node).
 #[derive(Debug)]
@@ -330,6 +341,31 @@ impl Collector for NodeCollector {
         }
         let help = "Jobs on this node: its own queued and running here, and attempts run here for the Home";
         jobs.encode(encoder.encode_descriptor("jobs", help, None, jobs.metric_type())?)?;
+        let health = Family::<RuntimeLabels, Gauge>::default();
+        let quarantines = Family::<RuntimeName, Counter>::default();
+        for r in &snap.runtimes {
+            for h in [RuntimeHealth::Ready, RuntimeHealth::Degraded, RuntimeHealth::Down] {
+                let labels = RuntimeLabels { runtime: r.id.clone(), health: h.as_str() };
+                health.get_or_create(&labels).set(i64::from(r.health == h));
+            }
+            let labels = RuntimeName { runtime: r.id.clone() };
+            quarantines.get_or_create(&labels).inc_by(u64::from(r.quarantines));
+        }
+        let help = "1 for the health each runtime of this node is in (down: quarantined)";
+        health.encode(encoder.encode_descriptor(
+            "runtime_health",
+            help,
+            None,
+            health.metric_type(),
+        )?)?;
+        let help = "Quarantines of each runtime of this node since it started";
+        let name = "runtime_quarantines";
+        quarantines.encode(encoder.encode_descriptor(
+            name,
+            help,
+            None,
+            quarantines.metric_type(),
+        )?)?;
         Ok(())
     }
 }

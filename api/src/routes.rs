@@ -33,6 +33,24 @@ pub async fn state_cluster(State(state): State<AppState>) -> Json<ClusterView> {
     Json(state.node.snapshot().cluster_view(now_ms()))
 }
 
+/// `GET /state/runtime_matrix` query.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct MatrixQuery {
+    /// Only this node.
+    node_id: Option<String>,
+}
+
+/// `GET /state/runtime_matrix`: every node's runtimes (this node's live, the others' as last
+/// advertised), by node id.
+#[utoipa::path(get, path = "/state/runtime_matrix", tag = "jobs", params(MatrixQuery), responses((status = 200, body = arw_p2p::jobs::runtime::RuntimeMatrix)))]
+pub async fn runtime_matrix(
+    State(state): State<AppState>,
+    axum::extract::Query(query): axum::extract::Query<MatrixQuery>,
+) -> Json<arw_p2p::jobs::runtime::RuntimeMatrix> {
+    Json(state.node.snapshot().runtime_matrix(now_ms(), query.node_id.as_deref()))
+}
+
 /// `GET /admin/hierarchy/state`: read-only, emits nothing.
 #[utoipa::path(get, path = "/admin/hierarchy/state", tag = "hierarchy", responses((status = 200, body = HierarchyState)))]
 pub async fn hierarchy_state(

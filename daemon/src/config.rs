@@ -250,6 +250,9 @@ pub struct JobsSection {
     /// `[jobs.exec.<kind>]`: external programs, one per kind.
     #[serde(default)]
     pub exec: std::collections::BTreeMap<String, crate::executor::ExecSpec>,
+    /// `[jobs.runtime]`: the failure budget of each runtime.
+    #[serde(default)]
+    pub runtime: arw_p2p::jobs::RuntimeBudget,
 }
 
 /// `[jobs.remote]`.
@@ -661,6 +664,13 @@ fn validate(
     if jobs.queue_max == 0 {
         return Err(ConfigError("jobs.queue_max: must be at least 1".into()));
     }
+    let budget = &jobs.runtime;
+    if budget.failures == 0 || budget.window_ms < 1_000 || budget.cooldown_ms < 1_000 {
+        return Err(ConfigError(
+            "jobs.runtime: failures must be at least 1, window_ms and cooldown_ms at least 1000"
+                .into(),
+        ));
+    }
     for (kind, spec) in &jobs.exec {
         let key = format!("jobs.exec.{kind}");
         if crate::executor::BUILTIN.contains(&kind.as_str()) {
@@ -730,9 +740,19 @@ impl JobsSection {
             0 => u32::try_from((2 * threads).clamp(1, 32)).unwrap_or(32),
             n => n,
         };
+        let builtin = arw_p2p::jobs::RuntimeDecl {
+            id: "builtin".to_owned(),
+            kinds: crate::executor::BUILTIN.map(str::to_owned).to_vec(),
+        };
+        let programs = self.exec.keys().map(|kind| arw_p2p::jobs::RuntimeDecl {
+            id: format!("exec:{kind}"),
+            kinds: vec![kind.clone()],
+        });
         arw_p2p::jobs::JobsConfig {
             slots,
             kinds,
+            runtimes: std::iter::once(builtin).chain(programs).collect(),
+            runtime_budget: self.runtime,
             allow: self.remote.allow.clone(),
             idempotent_kinds: self.idempotent_kinds.clone(),
             queue_max: self.queue_max,

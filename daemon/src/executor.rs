@@ -84,7 +84,21 @@ async fn attempt(run: Run, programs: Programs) -> Finished {
         Ok(result) => result,
         Err(_) => (false, json!({"error": "timeout", "timeout_ms": budget_ms})),
     };
-    Finished { job_id: run.job_id, fence: run.fence, ok, output, started_ms, finished_ms: now_ms() }
+    // A built-in kind fails only on its input; a program that fails is the runtime failing,
+    // unless its arguments could not be made from the input.
+    let fault = match (spec, ok, output["error"].as_str()) {
+        (None, _, _) | (_, true, _) | (_, _, Some("bad_input")) => None,
+        (Some(_), false, Some(error)) => {
+            let detail = output["detail"].as_str().map(|d| format!(": {d}")).unwrap_or_default();
+            Some(format!("{error}{detail}"))
+        }
+        (Some(_), false, None) => Some(match output["exit_code"].as_i64() {
+            Some(code) => format!("exit status {code}"),
+            None => "killed by a signal".to_owned(),
+        }),
+    };
+    let finished_ms = now_ms();
+    Finished { job_id: run.job_id, fence: run.fence, ok, output, started_ms, finished_ms, fault }
 }
 
 /// The argument list for `run`: `{input}` and `{input.<field>}` filled in, nothing else

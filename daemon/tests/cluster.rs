@@ -43,16 +43,6 @@ fn wait_for(
     started.elapsed()
 }
 
-/// `GET /metrics` as text.
-fn metrics(server: &common::Server) -> String {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", &format!("{}/metrics", server.base())])
-        .output()
-        .expect("curl");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn state_of(nodes: &[(String, String, u64)], id: &str) -> Option<(String, u64)> {
     nodes.iter().find(|(n, _, _)| n == id).map(|(_, h, s)| (h.clone(), *s))
 }
@@ -85,7 +75,7 @@ fn three_processes_federate_detect_a_crash_a_leave_and_a_restart() {
     }
     let c_seq = state_of(&health(&a), "node-c").map(|(_, s)| s).expect("node-c");
     // What an operator alerts on, from the same view.
-    let text = metrics(&a);
+    let text = common::metrics(&a);
     assert!(text.contains("\narw_cluster_nodes{health=\"ok\"} 3\n"), "{text}");
     assert!(text.contains("\narw_cluster_connections 2\n"), "{text}");
     assert!(text.contains("\narw_journal_rows "), "{text}");
@@ -99,7 +89,7 @@ fn three_processes_federate_detect_a_crash_a_leave_and_a_restart() {
         state_of(nodes, "node-c").is_some_and(|(h, _)| h != "ok")
     });
     eprintln!("crash noticed by node-a after {seen:?}");
-    let text = metrics(&a);
+    let text = common::metrics(&a);
     assert!(text.contains("\narw_cluster_nodes{health=\"ok\"} 2\n"), "{text}");
     wait_for(&b, Duration::from_secs(10), "node-c down on node-b", |nodes| {
         state_of(nodes, "node-c").is_some_and(|(h, _)| h == "down")

@@ -299,3 +299,105 @@ fn a_home_killed_and_restarted_mid_run_keeps_the_worker_s_attempt() {
     assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
     drop(worker);
 }
+
+/// The runtime matrix across processes: a worker's program that keeps failing is quarantined,
+/// the Home's `/state/runtime_matrix` says so and places that kind on the other worker only;
+/// after the cool-down it runs there again, and one good run makes it ready.
+#[test]
+fn a_runtime_failing_past_its_budget_is_quarantined_and_returns_after_its_cool_down() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = start_home(&dir.path().join("home"));
+    let (home_key, boot) = make_home(&home);
+    let worker = |id: &str| {
+        let marker = dir.path().join(format!("{id}-healthy"));
+        let script = format!("test -e {} && echo '{{\"ran\":true}}'", marker.display());
+        let mut config = config(Some(&boot), &["flaky"]);
+        config.push_str(&format!(
+            "[jobs.exec.flaky]\nargv = [\"/bin/sh\", \"-c\", {}]\n\
+             [jobs.runtime]\nfailures = 2\nwindow_ms = 60000\ncooldown_ms = 3000\n",
+            json!(script)
+        ));
+        let server = common::Launch::new()
+            .state_dir(&dir.path().join(id))
+            .env("ARW_NODE_ID", id)
+            .env("ARW_HOME_KEY", &home_key)
+            .config(&config)
+            .start();
+        (server, marker)
+    };
+    let (w1, w1_healthy) = worker("w1");
+    let (w2, w2_healthy) = worker("w2");
+    std::fs::write(&w2_healthy, "").expect("marker");
+    for id in ["w1", "w2"] {
+        common::eventually(Duration::from_secs(20), "the worker seen and admitted", || {
+            let (status, body) = home.post("/admin/cluster/admit", &json!({"id": id}));
+            (status == 200).then_some(()).ok_or(format!("{status} {body}"))
+        });
+    }
+    let runtime = |server: &common::Server, node: &str| {
+        let (_, matrix) = server.get(&format!("/state/runtime_matrix?node_id={node}"));
+        let rows = matrix["items"][node]["runtimes"].as_array().cloned().unwrap_or_default();
+        rows.into_iter().find(|r| r["id"] == "exec:flaky").unwrap_or(Value::Null)
+    };
+    common::eventually(Duration::from_secs(20), "both workers ready, on the Home's matrix", || {
+        let applied = [&w1, &w2]
+            .iter()
+            .all(|w| w.get("/admin/hierarchy/state").1["home"]["takes_work"] == true);
+        let ready = ["w1", "w2"].iter().all(|id| runtime(&home, id)["health"] == "ready");
+        (applied && ready).then_some(()).ok_or(home.get("/state/runtime_matrix").1.to_string())
+    });
+
+    // Two faults on w1 (its program exits 1): the budget is spent.
+    let on_w1 = json!({"kind": "flaky", "placement": {"node": "w1"}, "retry": {"max_attempts": 1}});
+    for _ in 0..2 {
+        let job = ended(&home, &submit(&home, &on_w1), Duration::from_secs(20));
+        assert_eq!((job["state"].as_str(), job["node_id"].as_str()), (Some("failed"), Some("w1")));
+    }
+    let quarantined = runtime(&w1, "w1");
+    assert_eq!(quarantined["health"], "down", "{quarantined}");
+    assert_eq!(quarantined["quarantines"], 1);
+    assert_eq!(quarantined["last_error"], "exit status 1");
+    common::eventually(Duration::from_secs(10), "the Home's matrix to show it", || {
+        let row = runtime(&home, "w1");
+        (row["health"] == "down").then_some(()).ok_or(row.to_string())
+    });
+    let (_, matrix) = home.get("/state/runtime_matrix");
+    assert_eq!(matrix["items"]["w1"]["status"]["code"], "down", "{matrix}");
+    assert_eq!(matrix["items"]["w2"]["status"]["code"], "ok", "{matrix}");
+    let table = cli_ok(&["state", "runtime-matrix"], &home);
+    assert!(table.lines().any(|l| l.starts_with("w1") && l.contains("quarantined")), "{table}");
+
+    // Meanwhile that kind goes to w2 only, and a job only w1 may run waits instead of failing.
+    let ids: Vec<String> = (0..4).map(|_| submit(&home, &json!({"kind": "flaky"}))).collect();
+    let waiting = submit(&home, &on_w1);
+    for id in &ids {
+        let job = ended(&home, id, Duration::from_secs(20));
+        assert_eq!(
+            (job["state"].as_str(), job["node_id"].as_str()),
+            (Some("completed"), Some("w2"))
+        );
+    }
+    let (_, job) = home.get(&format!("/actions/{waiting}"));
+    assert_eq!(job["state"], "queued", "{job}");
+
+    // w1's program is mended; after the cool-down the waiting job runs there, and w1 is ready.
+    std::fs::write(&w1_healthy, "").expect("marker");
+    let job = ended(&home, &waiting, Duration::from_secs(20));
+    assert_eq!((job["state"].as_str(), job["node_id"].as_str()), (Some("completed"), Some("w1")));
+    assert_eq!(runtime(&w1, "w1")["health"], "ready");
+    common::eventually(Duration::from_secs(10), "the Home's matrix to show w1 ready", || {
+        let row = runtime(&home, "w1");
+        (row["health"] == "ready").then_some(()).ok_or(row.to_string())
+    });
+    let (_, journal) = w1.get("/admin/events/journal?prefix=runtime.health");
+    let codes: Vec<&str> = journal["entries"]
+        .as_array()
+        .map(|e| e.iter().filter_map(|x| x["payload"]["status"]["code"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(codes, ["degraded", "down", "degraded", "ok"], "{journal}");
+    let metrics = common::metrics(&w1);
+    let quarantines = "arw_runtime_quarantines_total{runtime=\"exec:flaky\"} 1";
+    assert!(metrics.contains(quarantines), "{metrics}");
+    let ready = "arw_runtime_health{runtime=\"exec:flaky\",health=\"ready\"} 1";
+    assert!(metrics.contains(ready), "{metrics}");
+}

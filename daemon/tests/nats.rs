@@ -212,11 +212,7 @@ async fn forged_messages_on_the_subject_are_refused_and_reported() {
         let conflicts = journal(&w1, "cluster.node.conflict");
         assert!(conflicts.iter().any(|e| e["payload"]["id"] == "w2"), "{conflicts:?}");
         // And counted for alerting, by the same reasons.
-        let out = std::process::Command::new("curl")
-            .args(["-sS", "--max-time", "10", &format!("{}/metrics", w1.base())])
-            .output()
-            .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = common::metrics(&w1);
         for reason in ["bad_signature", "key_conflict"] {
             let line = format!("arw_cluster_messages_refused_total{{reason=\"{reason}\"}} ");
             assert!(text.contains(&line), "{reason} not counted: {text}");

@@ -186,12 +186,8 @@ fn open_stream(addr: &str, token: &str) -> std::net::TcpStream {
 }
 
 fn sse_clients(server: &common::Server) -> Option<u64> {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", &format!("{}/metrics", server.base())])
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.lines()
+    common::metrics(server)
+        .lines()
         .find(|l| l.starts_with("arw_events_sse_clients ") || l.starts_with("events_sse_clients "))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())

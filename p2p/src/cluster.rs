@@ -74,6 +74,9 @@ pub struct Advert {
     /// The jobs it takes from the Home (none: it takes none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<JobsAdvert>,
+    /// Its runtimes and their health (at most 6, see `jobs::runtime`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runtimes: Vec<crate::jobs::RuntimeStatus>,
 }
 
 impl Advert {
@@ -96,6 +99,7 @@ impl Advert {
             bus: "local".into(),
             queue: "local".into(),
             jobs: None,
+            runtimes: Vec::new(),
         }
     }
 }
@@ -286,6 +290,7 @@ impl NodeRecord {
             bus,
             queue,
             jobs,
+            runtimes,
         } = &*self.advert;
         let o = &*other.advert;
         let same = *id == o.id
@@ -300,7 +305,8 @@ impl NodeRecord {
             && *addrs == o.addrs
             && *bus == o.bus
             && *queue == o.queue
-            && *jobs == o.jobs;
+            && *jobs == o.jobs
+            && *runtimes == o.runtimes;
         !same || self.health != other.health || self.local != other.local
     }
 }
@@ -327,6 +333,7 @@ mod tests {
                 bus: "local".into(),
                 queue: "local".into(),
                 jobs: None,
+                runtimes: vec![],
             }),
             last_seen_ms,
             health: Health::Ok,

@@ -118,6 +118,9 @@ pub enum Event {
     /// Something went wrong with an attempt (refused, stale result, lease lost).
     #[serde(rename = "job.error")]
     JobError(JobEvent),
+    /// A runtime of this node changed health (quarantined, on probation, ready again).
+    #[serde(rename = "runtime.health")]
+    RuntimeHealth(Box<crate::jobs::runtime::RuntimeMatrixEntry>),
     /// `POST /admin/events/test`.
     #[serde(rename = "service.test")]
     ServiceTest(Map<String, Value>),
@@ -182,6 +185,7 @@ impl Event {
             Event::JobAssigned(_) => "job.assigned",
             Event::JobReassigned(_) => "job.reassigned",
             Event::JobError(_) => "job.error",
+            Event::RuntimeHealth(_) => "runtime.health",
             Event::ServiceTest(_) => "service.test",
         }
     }

@@ -136,6 +136,7 @@ impl Sim {
             queue_ms: 250,
             policy_epoch: 1,
             workers: &view,
+            quarantined: &[],
         };
         let result = f(&mut self.home, &env);
         let outs = self.home.take();
@@ -257,6 +258,7 @@ impl Sim {
                     output: json!({"done": true}),
                     started_ms: now,
                     finished_ms: now,
+                    fault: None,
                 };
                 self.worker_env(i, |w, env| w.finished(finished, env));
             }

@@ -184,6 +184,7 @@ fn place_bench(workers: usize, rounds: usize) {
             queue_ms: 250,
             policy_epoch: 1,
             workers: &all,
+            quarantined: &[],
         };
         let spec = JobSpec {
             kind: "work".into(),
@@ -288,6 +289,7 @@ async fn start(
                         output: run.input,
                         started_ms,
                         finished_ms: now_ms(),
+                        fault: None,
                     };
                     let _ = executor.job_finished(done).await;
                 });

@@ -804,6 +804,7 @@ impl<'a> Trial<'a> {
                     output: serde_json::Value::Null,
                     started_ms,
                     finished_ms: now_ms,
+                    fault: None,
                 };
                 self.commands += 1;
                 let command = Command::JobFinished(Box::new(done));

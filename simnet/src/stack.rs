@@ -503,6 +503,7 @@ impl Executor {
                             output: serde_json::Value::Null,
                             started_ms,
                             finished_ms: arw_p2p::time::now_ms(),
+                            fault: None,
                         };
                         let _ = handle.job_finished(done).await;
                     });

@@ -245,6 +245,6 @@ fn show(job: &Value) -> String {
 }
 
 /// Percent-encodes a query or path value.
-fn encode(text: &str) -> String {
+pub(super) fn encode(text: &str) -> String {
     percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

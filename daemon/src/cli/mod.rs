@@ -5,6 +5,7 @@ mod capsule;
 mod client;
 pub mod cluster;
 mod events;
+mod matrix;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -73,7 +74,8 @@ enum Command {
 const STATE_EXAMPLES: &str = "Examples:
   arw-cli state cluster                          every node this node knows, as a table
   arw-cli state cluster --json | jq '.nodes[] | {id, health}'
-  arw-cli state cluster --base http://10.0.0.5:8091 --admin-token \"$TOKEN\"";
+  arw-cli state cluster --base http://10.0.0.5:8091 --admin-token \"$TOKEN\"
+  arw-cli state runtime-matrix                   every node's runtimes: ready, degraded, quarantined";
 
 const HIERARCHY_EXAMPLES: &str = "Examples:
   arw-cli hierarchy role home                    make this node the Home of its workspace
@@ -165,6 +167,17 @@ enum StateCommand {
     ///
     /// Example: arw-cli state cluster --base http://127.0.0.1:8091 --json --pretty
     Cluster(JsonOutput),
+    /// Every node's runtimes (built-in kinds, configured programs): health, faults of the
+    /// budget, kinds, and for a quarantined one how long until it runs again.
+    ///
+    /// Example: arw-cli state runtime-matrix --node-id worker-gpu-01
+    RuntimeMatrix {
+        /// Only this node.
+        #[arg(long)]
+        node_id: Option<String>,
+        #[command(flatten)]
+        out: JsonOutput,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +245,17 @@ impl Cli {
                 }
                 let view: ClusterView = client.get("/state/cluster").await?;
                 Ok(cluster::render(&view, chrono::Utc::now().timestamp_millis(), &chrono::Local))
+            }
+            Command::State(StateCommand::RuntimeMatrix { node_id, out }) => {
+                let client = Client::new(base, token, timeout)?;
+                let path = match &node_id {
+                    Some(id) => format!("/state/runtime_matrix?node_id={}", actions::encode(id)),
+                    None => "/state/runtime_matrix".to_owned(),
+                };
+                if out.json {
+                    return Ok(json_text(&client.get(&path).await?, out.pretty));
+                }
+                Ok(matrix::render(&client.get(&path).await?))
             }
             Command::Hierarchy(command) => {
                 hierarchy(&Client::new(base, token, timeout)?, command).await

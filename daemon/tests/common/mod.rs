@@ -247,6 +247,16 @@ pub fn node_rows(view: &Value) -> Vec<(String, String, u64)> {
         .collect()
 }
 
+/// `GET /metrics` as text.
+pub fn metrics(server: &Server) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("{}/metrics", server.base())])
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "GET /metrics: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs `arw-cli` with the given arguments and environment.
 pub fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_arw-cli"));

@@ -65,11 +65,38 @@ impl NodeCore {
 
     /// An executor finished a run: one of this node's jobs, or one it runs for the Home.
     pub(super) fn job_finished(&mut self, done: Finished, now: u64) {
+        let kind = self
+            .worker
+            .running_kind(&done.job_id, done.fence)
+            .or_else(|| self.ledger.running_kind(&done.job_id, done.fence))
+            .map(str::to_owned);
+        let changed = kind.and_then(|k| self.runtimes.finished(&k, done.fault.as_deref(), now));
         if self.worker.holds(&done.job_id, done.fence) {
             self.with_worker(now, |worker, env| worker.finished(done, env));
         } else {
             self.with_ledger(now, |ledger, env| ledger.finished(done, env));
         }
+        if changed.is_some() {
+            self.runtimes_changed(now);
+        }
+    }
+
+    /// A runtime changed health: what this node accepts and advertises follows, readers and
+    /// `runtime.health` say so, and jobs waiting for it are looked at again.
+    fn runtimes_changed(&mut self, now: u64) {
+        self.worker.set_quarantined(self.runtimes.quarantined());
+        let entry = crate::jobs::runtime::RuntimeMatrixEntry::of(
+            self.id.as_str(),
+            &self.runtimes.statuses(),
+            now,
+            now,
+        );
+        for line in &entry.status.detail {
+            tracing::warn!(runtime = %line, "runtime health changed");
+        }
+        self.emit(crate::events::Event::RuntimeHealth(Box::new(entry)));
+        self.advertise("runtime", now, |_, _| {});
+        self.with_ledger(now, |ledger, env| ledger.tick(env));
     }
 
     /// A dispatch envelope arrived (over libp2p from `from`, or from the broker).
@@ -180,6 +207,9 @@ impl NodeCore {
 
     /// Timers of both sides.
     pub(super) fn jobs_tick(&mut self, now: u64) {
+        if !self.runtimes.tick(now).is_empty() {
+            self.runtimes_changed(now);
+        }
         self.with_ledger(now, |ledger, env| ledger.tick(env));
         self.with_worker(now, |worker, env| worker.tick(env));
     }
@@ -214,6 +244,7 @@ impl NodeCore {
             ttl_ms: self.ttl_ms,
         };
         let no_workers = NoWorkers;
+        let quarantined = self.runtimes.quarantined();
         let (caps, tags) = match &self.local {
             Some(local) => (&local.advert.capabilities, local.advert.tags.as_slice()),
             None => (&self.capabilities, self.hierarchy.tags.as_slice()),
@@ -229,6 +260,7 @@ impl NodeCore {
             queue_ms: hints.hints.slo_ms.unwrap_or(250),
             policy_epoch: self.protocol.policy().epoch(),
             workers: if offload == Offload::Never { &no_workers } else { &members },
+            quarantined: &quarantined,
         };
         let result = f(&mut ledger, &env);
         let outs = ledger.take();

@@ -367,6 +367,8 @@ pub struct NodeCore {
     /// The attempts it runs for its Home.
     worker: crate::jobs::Worker,
     jobs_config: crate::jobs::JobsConfig,
+    /// The executors here and their health.
+    runtimes: crate::jobs::Runtimes,
     /// A job changed since the last snapshot.
     jobs_dirty: bool,
     pending: BTreeMap<Ticket, Then>,
@@ -474,6 +476,10 @@ impl NodeCore {
             ledger: crate::jobs::Ledger::new(config.jobs.clone(), jobs),
             worker: crate::jobs::Worker::new(config.jobs.clone()),
             jobs_config: config.jobs.clone(),
+            runtimes: crate::jobs::Runtimes::new(
+                config.jobs.runtimes.clone(),
+                config.jobs.runtime_budget,
+            ),
             jobs_dirty: false,
             pending: BTreeMap::new(),
             next_ticket: 0,
@@ -623,6 +629,7 @@ impl NodeCore {
                 hosted: self.worker.hosted(),
                 draining: self.worker.advert().is_some_and(|a| a.draining),
             },
+            runtimes: self.runtimes.statuses(),
         }
     }
 
@@ -750,6 +757,7 @@ impl NodeCore {
             self.protocol.next_deadline(),
             self.ledger.next_deadline(),
             self.worker.next_deadline(),
+            self.runtimes.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -874,6 +882,7 @@ impl NodeCore {
             bus: self.bus_name.clone(),
             queue: self.queue.clone(),
             jobs: self.jobs_advert(),
+            runtimes: self.runtimes.digests(),
         }
     }
 

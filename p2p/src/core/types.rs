@@ -14,6 +14,7 @@ use crate::{
     hierarchy::{
         CoreAccept, CoreHello, CoreOffer, HelloOutcome, Hierarchy, HierarchyError, RoleChange,
     },
+    jobs::runtime::{RuntimeMatrix, RuntimeMatrixEntry},
     node_id::{IdSource, NodeId},
     policy::PinSource,
     time::rfc3339_ms,
@@ -231,6 +232,8 @@ pub struct Snapshot {
     pub slowdown: u64,
     /// Jobs here.
     pub jobs: JobsStatus,
+    /// This node's runtimes.
+    pub runtimes: Vec<crate::jobs::RuntimeStatus>,
 }
 
 /// The jobs of a node, as readers see them.
@@ -332,6 +335,27 @@ impl Snapshot {
     /// The governor settings in effect: the Home's routing hints with this node's own on top.
     pub fn effective_governor(&self) -> Governor {
         self.governor.effective(self.policy.routing.as_ref())
+    }
+
+    /// The `/state/runtime_matrix` view at `now_ms`: this node, and every node whose advert
+    /// lists runtimes and is not past its TTL; only `node_id` when given.
+    pub fn runtime_matrix(&self, now_ms: u64, node_id: Option<&str>) -> RuntimeMatrix {
+        let wanted = |id: &str| node_id.is_none_or(|n| n == id);
+        let mut items = std::collections::BTreeMap::new();
+        for record in self.nodes.values() {
+            let a = &record.advert;
+            let fresh = record.health_at(now_ms, self.ttl_ms) == crate::cluster::Health::Ok;
+            if record.local || !wanted(a.id.as_str()) || a.runtimes.is_empty() || !fresh {
+                continue;
+            }
+            let entry = RuntimeMatrixEntry::of(a.id.as_str(), &a.runtimes, a.advertised_ms, now_ms);
+            items.insert(a.id.to_string(), entry);
+        }
+        if wanted(self.id.as_str()) {
+            let entry = RuntimeMatrixEntry::of(self.id.as_str(), &self.runtimes, now_ms, now_ms);
+            items.insert(self.id.to_string(), entry);
+        }
+        RuntimeMatrix { items, ttl_seconds: self.ttl_ms / 1000 }
     }
 
     /// The `/state/cluster` view at `now_ms`.

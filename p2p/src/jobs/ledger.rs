@@ -84,6 +84,8 @@ pub struct Env<'a> {
     pub policy_epoch: u64,
     /// The workers.
     pub workers: &'a dyn Workers,
+    /// Kinds whose runtime here is quarantined: they wait (or go to a worker) until it is back.
+    pub quarantined: &'a [String],
 }
 
 impl std::fmt::Debug for Env<'_> {
@@ -391,6 +393,13 @@ impl Ledger {
         self.fail(id, "cancelled", json!({"code": "cancelled"}), None, env);
         self.pump(env);
         Ok(())
+    }
+
+    /// The kind of `job_id` when it runs here at `fence`.
+    pub fn running_kind(&self, job_id: &str, fence: u64) -> Option<&str> {
+        let live = self.live.get(job_id)?;
+        let here = matches!(live.phase, Phase::Local) && live.rec.fence == fence;
+        here.then_some(live.rec.kind.as_str())
     }
 
     /// A local attempt finished.
@@ -703,6 +712,8 @@ impl Ledger {
             return match local {
                 Ok(()) if free_here => Step::Local,
                 Ok(()) => Step::Wait,
+                // Its runtime here is back after the cool-down.
+                Err(QUARANTINED) => Step::Wait,
                 Err(filter) => {
                     let mut explain = Explain { evaluated: 1, ..Explain::default() };
                     explain.filtered.insert(format!("local.{filter}"), 1);
@@ -757,7 +768,11 @@ impl Ledger {
                 if local.is_ok() {
                     return if free_here { Step::Local } else { Step::Wait };
                 }
-                if has(&explain, place::SLOTS_FULL) || has(&explain, place::RESTING) {
+                if has(&explain, place::SLOTS_FULL)
+                    || has(&explain, place::RESTING)
+                    || has(&explain, place::QUARANTINED)
+                    || local == Err(QUARANTINED)
+                {
                     return Step::Wait;
                 }
                 if let Err(filter) = local {
@@ -781,6 +796,9 @@ impl Ledger {
     ) -> Result<(), &'static str> {
         if !self.config.kinds.iter().any(|k| k == &rec.kind) {
             return Err("kind_unknown");
+        }
+        if env.quarantined.iter().any(|k| k == &rec.kind) {
+            return Err(QUARANTINED);
         }
         if spec.node.as_deref().is_some_and(|n| n != env.me.as_str()) {
             return Err("node");
@@ -1055,8 +1073,17 @@ impl Ledger {
 /// the job waits for it (or another) instead of failing. `not_admitted` is one: the Home has
 /// admitted the worker (it offers only to those), so the worker has yet to receive the policy
 /// that says so.
-const TRANSIENT: [&str; 6] =
-    ["busy", "draining", "not_admitted", "stale_policy", "timeout", "unreachable"];
+const TRANSIENT: [&str; 7] = [
+    "busy",
+    "draining",
+    "not_admitted",
+    "runtime_quarantined",
+    "stale_policy",
+    "timeout",
+    "unreachable",
+];
+/// Local feasibility: the kind's runtime here is quarantined (it waits; it does not fail).
+const QUARANTINED: &str = place::QUARANTINED;
 /// How long a worker that refused a job for now is skipped for it.
 const REST_MS: u64 = 1_000;
 
@@ -1142,6 +1169,7 @@ mod tests {
             queue_ms: 250,
             policy_epoch: 1,
             workers: w,
+            quarantined: &[],
         }
     }
 

@@ -17,6 +17,7 @@
 mod ledger;
 pub mod message;
 mod place;
+pub mod runtime;
 mod worker;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,7 @@ use sha2::{Digest, Sha256};
 pub use crate::cluster::JobsAdvert;
 pub use ledger::{Env, Ledger, NoWorkers, Offload, Out, Submitted, Workers};
 pub use place::{Candidate, Decision, Explain, Want, fits, place};
+pub use runtime::{RuntimeBudget, RuntimeDecl, RuntimeHealth, RuntimeStatus, Runtimes};
 pub use worker::{Worker, WorkerEnv};
 
 /// How long an attempt's lease lasts without a renewal.
@@ -66,6 +68,10 @@ pub struct JobsConfig {
     pub slots: u32,
     /// Kinds this node can execute (its built-in and configured executors).
     pub kinds: Vec<String>,
+    /// The executors serving those kinds, each with its own failure budget.
+    pub runtimes: Vec<RuntimeDecl>,
+    /// `[jobs.runtime]`: faults that quarantine a runtime, and for how long.
+    pub runtime_budget: RuntimeBudget,
     /// Kinds this node runs for the Home (`[jobs.remote] allow`, globs): none by default.
     pub allow: Vec<String>,
     /// Kinds safe to run twice, retried after a lost attempt even without an `idem_key`.
@@ -83,6 +89,8 @@ impl Default for JobsConfig {
         Self {
             slots: 2,
             kinds: Vec::new(),
+            runtimes: Vec::new(),
+            runtime_budget: RuntimeBudget::default(),
             allow: Vec::new(),
             idempotent_kinds: Vec::new(),
             queue_max: 1024,
@@ -468,6 +476,10 @@ pub struct Finished {
     pub started_ms: u64,
     /// When it ended (ms).
     pub finished_ms: u64,
+    /// When the runtime itself failed (it could not start the run, crashed, timed out, wrote
+    /// too much): what happened. Counted against the runtime's failure budget; a job that
+    /// failed on its own input has none.
+    pub fault: Option<String>,
 }
 
 /// Whether `kind` matches `pattern`, where `*` stands for any run of characters.

@@ -131,6 +131,12 @@ fn filter(want: &Want<'_>, c: &Candidate<'_>) -> Result<(), &'static str> {
     if !c.ok {
         return Err(UNHEALTHY);
     }
+    let quarantined = |r: &super::RuntimeStatus| {
+        r.health == super::RuntimeHealth::Down && r.kinds.iter().any(|k| k == want.kind)
+    };
+    if advert.runtimes.iter().any(quarantined) {
+        return Err(QUARANTINED);
+    }
     if jobs.draining {
         return Err(DRAINING);
     }
@@ -152,6 +158,8 @@ pub const DRAINING: &str = "draining";
 pub const RESTING: &str = "resting";
 /// See [`UNHEALTHY`].
 pub const SLOTS_FULL: &str = "slots_full";
+/// The worker's runtime for the kind is quarantined (its advert says until when): wait.
+pub const QUARANTINED: &str = "runtime_quarantined";
 
 /// Whether a node with `caps` and `tags` meets `require`; otherwise the constraint it misses.
 pub fn fits(
@@ -376,6 +384,32 @@ mod tests {
             };
             assert_eq!(node.as_str(), "a");
         }
+    }
+
+    #[test]
+    fn a_worker_whose_runtime_for_the_kind_is_quarantined_is_skipped_for_now() {
+        use crate::jobs::{RuntimeBudget, RuntimeDecl, Runtimes};
+        let mut sick = worker("sick", &["*"], json!({}));
+        let decl = RuntimeDecl { id: "builtin".into(), kinds: vec!["math.add".into()] };
+        let mut runtimes = Runtimes::new(vec![decl], RuntimeBudget::default());
+        for t in 0..5 {
+            runtimes.finished("math.add", Some("crashed"), t);
+        }
+        sick.runtimes = runtimes.digests();
+        let well = worker("well", &["*"], json!({}));
+        let require = Require::default();
+        let cand = |advert| Candidate { advert, ok: true, admitted: true, inflight: 0 };
+        let Decision::Remote { node, .. } = place(&want(&require, &[]), [cand(&sick), cand(&well)])
+        else {
+            panic!("well can run it")
+        };
+        assert_eq!(node.as_str(), "well");
+        let Decision::Infeasible(explain) = place(&want(&require, &[]), [cand(&sick)]) else {
+            panic!("sick cannot run it now")
+        };
+        assert_eq!(explain.filtered.get(QUARANTINED), Some(&1));
+        let other = Want { kind: "echo", ..want(&require, &[]) };
+        assert!(matches!(place(&other, [cand(&sick)]), Decision::Remote { .. }));
     }
 
     #[test]

@@ -75,6 +75,8 @@ struct Pending {
 pub struct Worker {
     config: JobsConfig,
     accepts: Vec<String>,
+    /// Kinds whose runtime is quarantined: refused until it is back.
+    quarantined: Vec<String>,
     held: BTreeMap<String, Held>,
     /// The highest fence seen per job.
     seen: HashMap<String, u64>,
@@ -96,6 +98,7 @@ impl Worker {
     pub fn new(config: JobsConfig) -> Self {
         Self {
             accepts: config.accepts(),
+            quarantined: Vec::new(),
             config,
             held: BTreeMap::new(),
             seen: HashMap::new(),
@@ -132,6 +135,17 @@ impl Worker {
     /// The node started at `now` (advertised, so a Home learns of a restart at once).
     pub fn start(&mut self, now: u64) {
         self.boot = now;
+    }
+
+    /// The kinds whose runtime is quarantined now: assignments of them are refused for now
+    /// (the advert's runtimes tell the Home so before it asks).
+    pub fn set_quarantined(&mut self, kinds: Vec<String>) {
+        self.quarantined = kinds;
+    }
+
+    /// The kind of `job_id` when it runs here for the Home at `fence`.
+    pub fn running_kind(&self, job_id: &str, fence: u64) -> Option<&str> {
+        self.held.get(job_id).filter(|h| h.fence == fence).map(|h| h.kind.as_str())
     }
 
     /// Stops (or resumes) taking new attempts; returns whether that changed.
@@ -172,6 +186,8 @@ impl Worker {
             Some("replay")
         } else if a.policy_epoch < env.policy_epoch {
             Some("stale_policy")
+        } else if self.quarantined.contains(&a.kind) {
+            Some("runtime_quarantined")
         } else if !self.accepts.iter().any(|g| glob(g, &a.kind)) {
             Some("kind_not_allowed")
         } else if self.draining {

@@ -299,6 +299,7 @@ impl Actor {
                     output: serde_json::json!({"error": "this node has no executor"}),
                     started_ms: now,
                     finished_ms: now,
+                    fault: Some("no executor".into()),
                 };
                 let sent = self
                     .executor
