@@ -1,7 +1,7 @@
 // The live cluster page: the admin token is kept in sessionStorage (never in a URL), the node
-// list comes from /state/cluster and /admin/hierarchy/state, jobs from /state/actions, and
-// /events (read with fetch, so the token travels in a header) triggers a refresh on every
-// change and resumes with Last-Event-ID after a drop.
+// list comes from /state/cluster and /admin/hierarchy/state, jobs from /state/actions, runtimes
+// from /state/runtime_matrix, and /events (read with fetch, so the token travels in a header)
+// triggers a refresh on every change and resumes with Last-Event-ID after a drop.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
@@ -90,6 +90,25 @@ function renderJobs(list) {
   }
 }
 
+function renderRuntimes(matrix) {
+  const body = $("#runtimes");
+  body.replaceChildren();
+  for (const [node, entry] of Object.entries(matrix.items || {})) {
+    for (const runtime of entry.runtimes || []) {
+      const row = document.createElement("tr");
+      row.dataset.node = node;
+      row.dataset.runtime = runtime.id;
+      row.dataset.health = runtime.health;
+      cell(row, node);
+      cell(row, runtime.id);
+      cell(row, runtime.health, `health health-${runtime.health}`);
+      cell(row, `${runtime.failures}/${runtime.budget}`);
+      cell(row, runtime.status || "—");
+      body.appendChild(row);
+    }
+  }
+}
+
 // One refresh at a time; a change during one asks for another right after.
 async function refresh() {
   if (refreshing) {
@@ -99,14 +118,16 @@ async function refresh() {
   refreshing = (async () => {
     do {
       again = false;
-      const [cluster, hierarchy, jobs] = await Promise.all([
+      const [cluster, hierarchy, jobs, runtimes] = await Promise.all([
         api("/state/cluster"),
         api("/admin/hierarchy/state"),
         api("/state/actions?limit=50"),
+        api("/state/runtime_matrix"),
       ]);
       renderNodes(cluster);
       renderHierarchy(hierarchy);
       renderJobs(jobs);
+      renderRuntimes(runtimes);
     } while (again);
   })().finally(() => { refreshing = null; });
   return refreshing;

@@ -192,6 +192,14 @@ fn the_cluster_page_signs_in_shows_three_nodes_and_a_killed_one_leaving_ok() {
     let mut ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["node-a", "node-b", "node-c"]);
+    // Every node's runtimes, from its adverts: the built-in kinds, ready.
+    let runtimes = page.eval(
+        "JSON.stringify([...document.querySelectorAll('#runtimes tr')].map(r => [r.dataset.node, r.dataset.runtime, r.dataset.health]))",
+    );
+    let runtimes: Vec<(String, String, String)> =
+        serde_json::from_str(runtimes.as_str().unwrap_or("[]")).unwrap_or_default();
+    let builtin = |n: &str| (n.to_owned(), "builtin".to_owned(), "ready".to_owned());
+    assert_eq!(runtimes, [builtin("node-a"), builtin("node-b"), builtin("node-c")]);
     // The token is kept for the tab, never put in the address.
     assert_eq!(page.eval("sessionStorage.getItem('arw-admin-token')"), json!(a.token));
     let href = page.eval("location.href");
