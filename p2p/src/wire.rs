@@ -330,6 +330,11 @@ pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
     if message.workspace() != workspace {
         return Err(Reason::WrongWorkspace);
     }
+    if let Message::Advert(advert) = &message
+        && !crate::jobs::runtime::fits_an_advert(&advert.runtimes)
+    {
+        return Err(Reason::Malformed);
+    }
     Ok(Opened { key, message })
 }
 
@@ -394,6 +399,29 @@ mod tests {
         assert_eq!(opened.message, beat("n1"));
         assert_eq!(opened.key, key.verifying_key());
         assert_eq!(open(&bytes, "other"), Err(Reason::BadSignature));
+    }
+
+    #[test]
+    fn a_signed_advert_listing_more_runtimes_than_a_node_may_is_refused() {
+        use crate::jobs::{RuntimeHealth, RuntimeStatus, runtime::MAX_RUNTIMES};
+        let key = NodeKey::from_secret([4; 32]);
+        let runtime = |i: usize| RuntimeStatus {
+            id: format!("r{i}"),
+            kinds: vec![],
+            health: RuntimeHealth::Down,
+            failures: 0,
+            budget: 1,
+            quarantines: 0,
+            quarantined_until_ms: None,
+            last_error: None,
+        };
+        let mut advert = Advert::basic(NodeId::parse("liar").expect("id"), "lab", 1, 1);
+        advert.runtimes = (0..MAX_RUNTIMES).map(runtime).collect();
+        let bytes = seal(&key, "lab", &Message::Advert(advert.clone()));
+        assert!(open(&bytes, "lab").is_ok(), "as many as a node lists");
+        advert.runtimes.push(runtime(MAX_RUNTIMES));
+        let bytes = seal(&key, "lab", &Message::Advert(advert));
+        assert_eq!(open(&bytes, "lab").map(|_| ()), Err(Reason::Malformed));
     }
 
     #[test]

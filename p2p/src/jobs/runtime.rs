@@ -125,6 +125,18 @@ impl RuntimeStatus {
     }
 }
 
+/// Whether `runtimes`, as received in an advert, keep the limits a node's own digests keep (a
+/// member that lists more, or longer, is refused like any malformed advert).
+pub fn fits_an_advert(runtimes: &[RuntimeStatus]) -> bool {
+    runtimes.len() <= MAX_RUNTIMES
+        && runtimes.iter().all(|r| {
+            r.id.len() <= 140
+                && r.kinds.len() <= MAX_LISTED_KINDS
+                && r.kinds.iter().all(|k| k.len() <= 128)
+                && r.last_error.as_ref().is_none_or(|e| e.len() <= MAX_ERROR)
+        })
+}
+
 fn truncate(text: &mut String, max: usize) {
     if text.len() > max {
         let mut cut = max;
@@ -504,5 +516,10 @@ mod tests {
         assert_eq!(digests.len(), MAX_RUNTIMES);
         assert!(digests.iter().all(|d| d.kinds.len() == MAX_LISTED_KINDS));
         assert!(digests[0].last_error.as_ref().is_some_and(|e| e.len() <= MAX_ERROR));
+        assert!(fits_an_advert(&digests));
+        assert!(!fits_an_advert(&r.statuses()), "nine runtimes of nine kinds do not fit");
+        let mut long = digests.clone();
+        long[0].last_error = Some("x".repeat(MAX_ERROR + 1));
+        assert!(!fits_an_advert(&long));
     }
 }
