@@ -19,6 +19,7 @@ pub mod auth;
 pub mod capsules;
 pub mod correlate;
 pub mod dto;
+pub mod egress;
 pub mod events;
 pub mod jobs;
 pub mod metrics;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub capsule_failures: Arc<capsules::FailureBudget>,
     /// New capsules each client address may have adopted from headers.
     pub capsule_presenters: Arc<capsules::PresenterLimit>,
+    /// The egress ledger, when it is on.
+    pub egress: Option<Arc<dyn egress::EgressLog>>,
 }
 
 /// The routes, each with its OpenAPI description.
@@ -91,6 +94,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(jobs::list))
         .routes(routes!(jobs::drain))
         .routes(routes!(routes::runtime_matrix))
+        .routes(routes!(egress::state_egress))
         .routes(routes!(events::stream))
         .routes(routes!(events::journal))
         .routes(routes!(events::test_event))

@@ -232,6 +232,28 @@ pub struct Config {
     pub policy: PolicySection,
     /// `[jobs]`.
     pub jobs: JobsSection,
+    /// `[egress]`.
+    #[serde(default)]
+    pub egress: EgressSection,
+}
+
+/// `[egress]`: the contribution and egress ledger, and the egress proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EgressSection {
+    /// Record offloads and proxied requests in `egress.sqlite` (`GET /state/egress`).
+    pub ledger: bool,
+    /// Run the egress proxy and point job programs at it.
+    pub proxy: bool,
+    /// The proxy's port on 127.0.0.1 (0: any free port, written to endpoints.json).
+    pub proxy_port: u16,
+    /// Rows kept at most; the oldest go first.
+    pub max_rows: u64,
+}
+
+impl Default for EgressSection {
+    fn default() -> Self {
+        Self { ledger: false, proxy: false, proxy_port: 9080, max_rows: 100_000 }
+    }
 }
 
 /// `[jobs]`: `POST /actions` jobs.
@@ -301,18 +323,18 @@ const ENV_KEYS: &[(&str, &str, Kind)] = &[
     ("ARW_ACTIONS_QUEUE_MAX", "jobs.queue_max", Kind::Number),
     ("ARW_JOBS_ALLOW", "jobs.remote.allow", Kind::List),
     ("ARW_HTTP_MAX_CONC", "server.max_concurrent_requests", Kind::Number),
+    ("ARW_EGRESS_LEDGER_ENABLE", "egress.ledger", Kind::Flag),
+    ("ARW_EGRESS_PROXY_ENABLE", "egress.proxy", Kind::Flag),
+    ("ARW_EGRESS_PROXY_PORT", "egress.proxy_port", Kind::Number),
 ];
 
 /// The reference server's environment variables this one does not implement: each set one is
 /// warned about at start, rather than silently ignored.
-const NOT_IMPLEMENTED: [&str; 18] = [
+const NOT_IMPLEMENTED: [&str; 15] = [
     "ARW_API_ENVELOPE",
     "ARW_CAPSULE_REFRESH_MS",
     "ARW_CAPSULE_REFRESH_SECS",
     "ARW_CAPSULE_REQUEST_REFRESH_MS",
-    "ARW_EGRESS_LEDGER_ENABLE",
-    "ARW_EGRESS_PROXY_ENABLE",
-    "ARW_EGRESS_PROXY_PORT",
     "ARW_EVENTS_SSE_DECORATE",
     "ARW_EVENTS_SSE_MODE",
     "ARW_EVENT_SOURCE",
@@ -663,6 +685,9 @@ fn validate(
     }
     if jobs.queue_max == 0 {
         return Err(ConfigError("jobs.queue_max: must be at least 1".into()));
+    }
+    if config.egress.max_rows == 0 {
+        return Err(ConfigError("egress.max_rows: must be at least 1".into()));
     }
     let budget = &jobs.runtime;
     if budget.failures == 0 || budget.window_ms < 1_000 || budget.cooldown_ms < 1_000 {

@@ -26,12 +26,20 @@ const MAX_SLEEP_MS: u64 = 60 * 60 * 1_000;
 pub struct Programs {
     exec: Arc<BTreeMap<String, ExecSpec>>,
     tmp: PathBuf,
+    proxy: Option<std::net::SocketAddr>,
 }
 
 impl Programs {
     /// `exec` from `[jobs.exec]`; each run works in a fresh directory under `tmp`.
     pub fn new(exec: BTreeMap<String, ExecSpec>, tmp: PathBuf) -> Self {
-        Self { exec: Arc::new(exec), tmp }
+        Self { exec: Arc::new(exec), tmp, proxy: None }
+    }
+
+    /// Points every run at the egress proxy at `addr` (`http_proxy`, `https_proxy` and their
+    /// upper-case forms, with the job's id and fence as credentials).
+    pub fn with_proxy(mut self, addr: std::net::SocketAddr) -> Self {
+        self.proxy = Some(addr);
+        self
     }
 }
 
@@ -76,7 +84,7 @@ async fn attempt(run: Run, programs: Programs) -> Finished {
     let budget = std::time::Duration::from_millis(budget_ms);
     let work = async {
         match spec {
-            Some(spec) => program(spec, &run, &programs.tmp).await,
+            Some(spec) => program(spec, &run, &programs).await,
             None => builtin(&run.kind, &run.input).await,
         }
     };
@@ -145,7 +153,7 @@ impl Drop for Group {
 
 /// Runs an external program for `run`: no shell, an empty environment but the job's ids, a
 /// fresh working directory, its own process group, stdout capped.
-async fn program(spec: &ExecSpec, run: &Run, tmp: &std::path::Path) -> (bool, Value) {
+async fn program(spec: &ExecSpec, run: &Run, programs: &Programs) -> (bool, Value) {
     let fail = |error: &str, detail: String| (false, json!({"error": error, "detail": detail}));
     let args = match arguments(&spec.argv, &run.input) {
         Ok(args) => args,
@@ -154,7 +162,7 @@ async fn program(spec: &ExecSpec, run: &Run, tmp: &std::path::Path) -> (bool, Va
     let Some((program, args)) = args.split_first() else {
         return fail("bad_config", "empty argv".into());
     };
-    let dir = tmp.join(format!("{}-{}", run.job_id, run.fence));
+    let dir = programs.tmp.join(format!("{}-{}", run.job_id, run.fence));
     if let Err(e) = tokio::fs::create_dir_all(&dir).await {
         return fail("spawn_failed", format!("{}: {e}", dir.display()));
     }
@@ -167,6 +175,10 @@ async fn program(spec: &ExecSpec, run: &Run, tmp: &std::path::Path) -> (bool, Va
         .env("ARW_JOB_FENCE", run.fence.to_string())
         .env("ARW_JOB_ATTEMPT", run.attempt.to_string())
         .env("ARW_IDEM_KEY", run.idem_key.as_deref().unwrap_or_default())
+        .envs(programs.proxy.iter().flat_map(|addr| {
+            let url = crate::proxy::url_for(*addr, &run.job_id, run.fence);
+            ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"].map(|k| (k, url.clone()))
+        }))
         .current_dir(&dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

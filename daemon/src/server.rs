@@ -6,7 +6,11 @@ use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc, time::Durat
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use arw_api::{AdminAuth, AppState, AuthConfig, Metrics, events::SseConfig};
+use arw_api::{
+    AdminAuth, AppState, AuthConfig, Metrics,
+    egress::{EgressLog, EgressSettings},
+    events::SseConfig,
+};
 use arw_p2p::{
     Multiaddr,
     events::EventTx,
@@ -17,8 +21,8 @@ use arw_p2p::{
 };
 
 use crate::{
-    config::{EXIT_CONFIG, Loaded, Transport},
-    executor,
+    config::{EXIT_CONFIG, EgressSection, Loaded, Transport},
+    egress, executor,
     journal::{self, Journal, JournalConfig},
     probe,
     state_dir::{self, Endpoints},
@@ -66,8 +70,10 @@ pub struct Running {
     http: JoinHandle<()>,
     node_task: JoinHandle<()>,
     journal_thread: std::thread::JoinHandle<()>,
-    /// The event relay and the queue worker, when NATS is in use.
+    /// The event relay and the queue worker, when NATS is in use; the egress proxy.
     background: Vec<JoinHandle<()>>,
+    /// The egress ledger's writer: it ends once the node and the proxy are gone.
+    egress_writer: Option<JoinHandle<()>>,
 }
 
 /// Runs a node until `shutdown` completes, then stops it gracefully.
@@ -106,6 +112,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let (events, events_rx) = EventTx::channel(EVENT_QUEUE);
     let cluster = &config.cluster;
     let (runs, runs_rx) = tokio::sync::mpsc::unbounded_channel();
+    let egress = Egress::open(&config.egress, &state_dir).await?;
     let node_config = NodeConfig {
         key: key.clone(),
         explicit_id: explicit_node_id,
@@ -122,9 +129,12 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         trace: None,
         jobs: config.jobs.node_config(),
         executor: Some(runs),
+        contributions: egress.ledger.as_ref().map(|l| l.offloads.clone()),
     };
     // libp2p's own metrics (arw_libp2p_*) join the registry while the swarm is built.
     let mut metrics = Metrics::new();
+    let counters =
+        egress.ledger.is_some().then(|| egress::Counters::register(metrics.registry_mut()));
     let (node, node_task) = node::spawn_with_metrics(
         node_config,
         events.clone(),
@@ -133,7 +143,11 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     )
     .await
     .map_err(other("cannot load node state"))?;
-    let programs = executor::Programs::new(config.jobs.exec.clone(), state_dir.join("jobs-tmp"));
+    let mut programs =
+        executor::Programs::new(config.jobs.exec.clone(), state_dir.join("jobs-tmp"));
+    if let Some((_, addr)) = &egress.proxy {
+        programs = programs.with_proxy(*addr);
+    }
     let executors = tokio::spawn(executor::serve(node.clone(), runs_rx, programs));
     let ev = &config.events;
     let journal_config = JournalConfig {
@@ -161,6 +175,8 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
     let mut background =
         start_nats_services(&nats_plan, &key, &log, &events, &node, &cancel).await?;
     background.push(executors);
+    let started =
+        egress.start(&node, &events, counters.unwrap_or_default(), &cancel, &mut background);
 
     let state = AppState {
         node: node.clone(),
@@ -173,6 +189,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         capsule_failures: Arc::default(),
         capsule_presenters: Arc::default(),
         shutdown: cancel.clone(),
+        egress: started.log,
     };
     let listener =
         TcpListener::bind(SocketAddr::new(bind_ip, config.server.port)).await.map_err(|e| {
@@ -199,6 +216,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         http: state_dir::local_http_addr(bound).to_string(),
         peer_id: snapshot.peer_id.clone(),
         p2p: snapshot.network.listen.clone(),
+        egress_proxy: started.proxy.map(|a| a.to_string()),
     };
     state_dir::write_endpoints(&state_dir, &endpoints)
         .map_err(other("cannot write endpoints.json"))?;
@@ -214,6 +232,7 @@ pub async fn start(loaded: Loaded) -> Result<Running, StartError> {
         node_task,
         journal_thread,
         background,
+        egress_writer: started.writer,
     })
 }
 
@@ -235,6 +254,11 @@ impl Running {
         if let Err(e) = self.node_task.await {
             tracing::warn!(error = %e, "node actor failed");
         }
+        if let Some(writer) = self.egress_writer
+            && tokio::time::timeout(Duration::from_secs(5), writer).await.is_err()
+        {
+            tracing::warn!("egress ledger writer did not stop in time");
+        }
         // The journal writer ends once the last event sender (held by the node actor and the
         // router, both gone now) is dropped, after writing what was queued.
         drop(self.node);
@@ -245,6 +269,98 @@ impl Running {
         state_dir::remove_endpoints(&self.state_dir);
         tracing::info!("stopped");
     }
+}
+
+/// The egress ledger and proxy as configured, opened (and bound) before the node starts so that
+/// a port in use or an unreadable ledger stops the start.
+struct Egress {
+    ledger: Option<EgressLedger>,
+    proxy: Option<(TcpListener, SocketAddr)>,
+}
+
+struct EgressLedger {
+    log: Arc<egress::Ledger>,
+    conn: rusqlite::Connection,
+    offloads: tokio::sync::mpsc::UnboundedSender<arw_p2p::jobs::Contribution>,
+    offloads_rx: tokio::sync::mpsc::UnboundedReceiver<arw_p2p::jobs::Contribution>,
+}
+
+impl Egress {
+    async fn open(config: &EgressSection, state_dir: &std::path::Path) -> Result<Self, StartError> {
+        let proxy = if config.proxy {
+            let bind = SocketAddr::from(([127, 0, 0, 1], config.proxy_port));
+            let listener = TcpListener::bind(bind).await.map_err(|e| {
+                StartError::Config(format!(
+                    "cannot listen on {bind} for the egress proxy: {e} (set [egress] proxy_port or ARW_EGRESS_PROXY_PORT; 0 picks a free port)"
+                ))
+            })?;
+            let addr = listener.local_addr().map_err(other("proxy listener has no address"))?;
+            tracing::info!(address = %addr, "egress proxy listening");
+            Some((listener, addr))
+        } else {
+            None
+        };
+        let ledger = if config.ledger {
+            let settings = EgressSettings {
+                ledger: true,
+                proxy: config.proxy,
+                proxy_addr: proxy.as_ref().map(|(_, a)| a.to_string()),
+                max_rows: config.max_rows,
+            };
+            let (log, conn) = egress::Ledger::open(&state_dir.join(egress::FILE), settings)
+                .map_err(|e| StartError::Other(format!("cannot open the egress ledger: {e}")))?;
+            let (offloads, offloads_rx) = tokio::sync::mpsc::unbounded_channel();
+            Some(EgressLedger { log, conn, offloads, offloads_rx })
+        } else {
+            None
+        };
+        Ok(Self { ledger, proxy })
+    }
+
+    /// Starts the ledger's writer and the proxy: the reader side for the API, the writer to
+    /// wait for at shutdown, and where the proxy listens.
+    fn start(
+        self,
+        node: &NodeHandle,
+        events: &EventTx,
+        counters: egress::Counters,
+        cancel: &CancellationToken,
+        background: &mut Vec<JoinHandle<()>>,
+    ) -> Started {
+        let (requests, requests_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (log, writer, requests) = match self.ledger {
+            Some(EgressLedger { log, conn, offloads, offloads_rx }) => {
+                // The node holds its own sender; this one would keep the writer alive.
+                drop(offloads);
+                let writer = egress::spawn_writer(
+                    log.clone(),
+                    conn,
+                    offloads_rx,
+                    requests_rx,
+                    events.clone(),
+                    counters,
+                );
+                (Some(log as Arc<dyn EgressLog>), Some(writer), Some(requests))
+            }
+            None => (None, None, None),
+        };
+        let addr = self.proxy.map(|(listener, addr)| {
+            let serve = crate::proxy::serve(listener, node.clone(), requests, cancel.child_token());
+            background.push(tokio::spawn(serve));
+            addr
+        });
+        Started { log, writer, proxy: addr }
+    }
+}
+
+/// What [`Egress::start`] started.
+struct Started {
+    /// The ledger, for the API.
+    log: Option<Arc<dyn EgressLog>>,
+    /// Its writer, to wait for at shutdown.
+    writer: Option<JoinHandle<()>>,
+    /// Where the proxy listens.
+    proxy: Option<SocketAddr>,
 }
 
 /// Which NATS services this node runs besides the bus: the event relay and the queue worker.

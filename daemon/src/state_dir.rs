@@ -118,6 +118,9 @@ pub struct Endpoints {
     pub peer_id: String,
     /// libp2p listen multiaddrs (empty when federation is off).
     pub p2p: Vec<String>,
+    /// The egress proxy's address, when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<String>,
 }
 
 /// The address local clients should use for a listener bound to `bound`: wildcard binds are

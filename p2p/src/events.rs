@@ -121,6 +121,12 @@ pub enum Event {
     /// A runtime of this node changed health (quarantined, on probation, ready again).
     #[serde(rename = "runtime.health")]
     RuntimeHealth(Box<crate::jobs::runtime::RuntimeMatrixEntry>),
+    /// The Home is about to send a job's input to a worker.
+    #[serde(rename = "egress.preview")]
+    EgressPreview(EgressPreview),
+    /// A row was added to the egress ledger (its stored form, with its `id`).
+    #[serde(rename = "egress.ledger.appended")]
+    EgressAppended(Map<String, Value>),
     /// `POST /admin/events/test`.
     #[serde(rename = "service.test")]
     ServiceTest(Map<String, Value>),
@@ -186,6 +192,8 @@ impl Event {
             Event::JobReassigned(_) => "job.reassigned",
             Event::JobError(_) => "job.error",
             Event::RuntimeHealth(_) => "runtime.health",
+            Event::EgressPreview(_) => "egress.preview",
+            Event::EgressAppended(_) => "egress.ledger.appended",
             Event::ServiceTest(_) => "service.test",
         }
     }
@@ -478,6 +486,23 @@ pub struct TaskCompleted {
     /// How long it ran (jobs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+}
+
+/// The payload of `egress.preview`: what is about to leave the Home, for which node.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressPreview {
+    /// The job.
+    pub id: String,
+    /// Its kind.
+    pub kind: String,
+    /// The worker it goes to.
+    pub node_id: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// Its fence.
+    pub fence: u64,
+    /// Bytes of input sent (the job's input as JSON).
+    pub bytes_out: u64,
 }
 
 /// The payload of `actions.*` and `job.*` events: the job id and whichever facts the kind

@@ -64,6 +64,8 @@ struct Sim {
     jobs: Vec<String>,
     /// Leases the Home let expire.
     expired: u32,
+    /// Attempts on a worker counted as contributions (each at most once).
+    contributed: std::collections::BTreeSet<(String, u64)>,
     /// Whether workers crash and partitions happen.
     faults: bool,
 }
@@ -118,6 +120,7 @@ impl Sim {
             ended: BTreeMap::new(),
             jobs: Vec::new(),
             expired: 0,
+            contributed: Default::default(),
             faults: true,
         }
     }
@@ -203,6 +206,17 @@ impl Sim {
                     if let At::Worker(i) = from {
                         self.nodes[i].runs.remove(&(job_id, fence));
                     }
+                }
+                Out::Contribution(c) => {
+                    assert_eq!(from, At::Home, "only the Home offloads");
+                    let max = self.fences.get(&c.job_id).copied().unwrap_or(0);
+                    assert!(c.fence <= max, "a contribution for an attempt never assigned");
+                    assert!(
+                        self.contributed.insert((c.job_id.clone(), c.fence)),
+                        "attempt {} of {} counted twice",
+                        c.fence,
+                        c.job_id
+                    );
                 }
             }
         }

@@ -639,8 +639,12 @@ impl<'a> Trial<'a> {
                         book.ended(i, &job_id, fence);
                     }
                 }
-                // Discovery is the fixed overlay here; nobody reads snapshots or replies.
-                Effect::Dial(_) | Effect::Snapshot | Effect::Reply(..) => {}
+                // Discovery is the fixed overlay here; nobody reads snapshots or replies, and
+                // no ledger is kept.
+                Effect::Dial(_)
+                | Effect::Snapshot
+                | Effect::Reply(..)
+                | Effect::Contribution(_) => {}
             }
         }
     }

@@ -176,6 +176,7 @@ pub async fn harness_with(explicit_id: Option<&str>, rate_limit: u32) -> Harness
         capsule_presets: Some(presets),
         capsule_failures: Arc::default(),
         capsule_presenters: Arc::default(),
+        egress: None,
     };
     Harness { app: arw_api::router(state), log, dir, _cancel: cancel.drop_guard() }
 }

@@ -4,10 +4,11 @@ mod actions;
 mod capsule;
 mod client;
 pub mod cluster;
+mod egress;
 mod events;
 mod matrix;
 
-use std::{path::PathBuf, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::{Value, json};
@@ -75,7 +76,8 @@ const STATE_EXAMPLES: &str = "Examples:
   arw-cli state cluster                          every node this node knows, as a table
   arw-cli state cluster --json | jq '.nodes[] | {id, health}'
   arw-cli state cluster --base http://10.0.0.5:8091 --admin-token \"$TOKEN\"
-  arw-cli state runtime-matrix                   every node's runtimes: ready, degraded, quarantined";
+  arw-cli state runtime-matrix                   every node's runtimes: ready, degraded, quarantined
+  arw-cli state egress --since 2026-12-01T00:00:00Z   who contributed what since then";
 
 const HIERARCHY_EXAMPLES: &str = "Examples:
   arw-cli hierarchy role home                    make this node the Home of its workspace
@@ -178,6 +180,24 @@ enum StateCommand {
         #[command(flatten)]
         out: JsonOutput,
     },
+    /// The egress ledger (needs [egress] ledger on the node): who contributed what, per node
+    /// (jobs offloaded to it, their run time and bytes; requests its jobs made through the
+    /// egress proxy, allowed and denied), then the newest rows.
+    ///
+    /// Example: arw-cli state egress --since 2026-12-01T00:00:00Z --node-id worker-gpu-01
+    Egress {
+        /// Only rows about this node.
+        #[arg(long)]
+        node_id: Option<String>,
+        /// Only rows at or after this RFC 3339 time (the totals cover the same window).
+        #[arg(long)]
+        since: Option<String>,
+        /// Rows shown at most, 1–2000.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        out: JsonOutput,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -256,6 +276,19 @@ impl Cli {
                     return Ok(json_text(&client.get(&path).await?, out.pretty));
                 }
                 Ok(matrix::render(&client.get(&path).await?))
+            }
+            Command::State(StateCommand::Egress { node_id, since, limit, out }) => {
+                let client = Client::new(base, token, timeout)?;
+                let mut path = format!("/state/egress?limit={limit}");
+                for (key, value) in [("node_id", node_id), ("since", since)] {
+                    if let Some(value) = value {
+                        let _ = write!(path, "&{key}={}", actions::encode(&value));
+                    }
+                }
+                if out.json {
+                    return Ok(json_text(&client.get(&path).await?, out.pretty));
+                }
+                Ok(egress::render(&client.get(&path).await?))
             }
             Command::Hierarchy(command) => {
                 hierarchy(&Client::new(base, token, timeout)?, command).await

@@ -53,6 +53,8 @@ pub struct NodeConfig {
     /// Where [`super::Effect::Execute`] and [`super::Effect::Abort`] go (the daemon's
     /// executors); without one, nothing runs and every job this node would run fails.
     pub executor: Option<tokio::sync::mpsc::UnboundedSender<crate::jobs::Exec>>,
+    /// Where [`super::Effect::Contribution`] goes (the daemon's egress ledger); none: dropped.
+    pub contributions: Option<tokio::sync::mpsc::UnboundedSender<crate::jobs::Contribution>>,
 }
 
 impl NodeConfig {
@@ -76,6 +78,7 @@ impl NodeConfig {
             trace: None,
             jobs: crate::jobs::JobsConfig::default(),
             executor: None,
+            contributions: None,
         }
     }
 }

@@ -303,6 +303,7 @@ impl NodeCore {
                 Out::Send { to, body } => self.send_job(&to, body, now),
                 Out::Execute(run) => self.out.push(Effect::Execute(run)),
                 Out::Abort { job_id, fence } => self.out.push(Effect::Abort { job_id, fence }),
+                Out::Contribution(c) => self.out.push(Effect::Contribution(c)),
             }
         }
     }

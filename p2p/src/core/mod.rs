@@ -240,6 +240,8 @@ pub enum Effect {
         /// The run's fence.
         fence: u64,
     },
+    /// Record what an attempt on a worker cost (the egress ledger, where one is kept).
+    Contribution(Box<crate::jobs::Contribution>),
     /// Publish an event.
     Emit(Event),
     /// Answer a command.

@@ -42,6 +42,8 @@ pub enum Out {
     },
     /// Start an attempt here.
     Execute(Run),
+    /// An attempt on a worker ended: what it cost, for the egress ledger.
+    Contribution(Box<super::Contribution>),
     /// Stop an attempt running here.
     Abort {
         /// Job id.
@@ -896,8 +898,17 @@ impl Ledger {
             candidates: Some(feasible),
             ..JobEvent::default()
         };
+        let preview = crate::events::EgressPreview {
+            id: id.to_owned(),
+            kind: assign.kind.clone(),
+            node_id: node.to_string(),
+            attempt: assign.attempt,
+            fence,
+            bytes_out: json_len(&assign.input),
+        };
         self.save(id, env.now);
         self.emit(Event::JobAssigned(event));
+        self.emit(Event::EgressPreview(preview));
         self.out.push(Out::Send { to: node, body: JobMessage::Assign(assign) });
     }
 
@@ -935,7 +946,8 @@ impl Ledger {
 
     /// The current attempt ended with a result.
     fn conclude(&mut self, id: &str, ok: bool, output: Value, took: Option<u64>, env: &Env<'_>) {
-        self.end_attempt(id, if ok { "completed" } else { "failed" }, None, env.now);
+        let state = if ok { "completed" } else { "failed" };
+        self.end_attempt_with(id, state, None, env.now, Some((json_len(&output), took)));
         let Some(mut live) = self.live.remove(id) else { return };
         let rec = &mut live.rec;
         let mut event = JobEvent {
@@ -1008,12 +1020,44 @@ impl Ledger {
     }
 
     fn end_attempt(&mut self, id: &str, state: &str, reason: Option<&str>, now: u64) {
+        self.end_attempt_with(id, state, reason, now, None);
+    }
+
+    /// Ends the current attempt; one on a worker is counted as a contribution, with the bytes
+    /// of output it `returned` and the run time it reported.
+    fn end_attempt_with(
+        &mut self,
+        id: &str,
+        state: &str,
+        reason: Option<&str>,
+        now: u64,
+        returned: Option<(u64, Option<u64>)>,
+    ) {
         let Some(live) = self.live.get_mut(id) else { return };
-        if let Some(a) = live.rec.attempts.last_mut().filter(|a| a.ended.is_none()) {
-            a.state = state.to_owned();
-            a.ended = Some(now);
-            a.reason = reason.map(str::to_owned);
+        let Some(a) = live.rec.attempts.last_mut().filter(|a| a.ended.is_none()) else { return };
+        a.state = state.to_owned();
+        a.ended = Some(now);
+        a.reason = reason.map(str::to_owned);
+        let a = a.clone();
+        let rec = &live.rec;
+        if rec.placement != Some(Site::Remote) {
+            return;
         }
+        let (bytes_in, took) = returned.unwrap_or((0, None));
+        let contribution = super::Contribution {
+            job_id: id.to_owned(),
+            kind: rec.kind.clone(),
+            node_id: a.node_id.clone(),
+            attempt: a.attempt,
+            fence: a.fence,
+            outcome: state.to_owned(),
+            reason: reason.map(str::to_owned),
+            bytes_out: json_len(&rec.input),
+            bytes_in,
+            duration_ms: took.unwrap_or(now.saturating_sub(a.started)),
+            ended_ms: now,
+        };
+        self.out.push(Out::Contribution(Box::new(contribution)));
     }
 
     fn release(&mut self, node: &NodeId) {
@@ -1067,6 +1111,11 @@ impl Ledger {
         let h = hex::encode(&digest[..16]);
         format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
     }
+}
+
+/// Bytes of `value` as JSON text.
+fn json_len(value: &Value) -> u64 {
+    serde_json::to_vec(value).map_or(0, |v| v.len() as u64)
 }
 
 /// Refusals that say "not now" rather than "never": the worker is skipped for [`REST_MS`] and

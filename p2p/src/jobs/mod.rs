@@ -461,6 +461,34 @@ pub enum Exec {
     },
 }
 
+/// What an offload cost: one attempt on a worker, as the Home saw it end. The daemon keeps
+/// these in its egress ledger (`GET /state/egress`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contribution {
+    /// Job id.
+    pub job_id: String,
+    /// Kind.
+    pub kind: String,
+    /// The worker.
+    pub node_id: String,
+    /// The attempt.
+    pub attempt: u32,
+    /// Its fence.
+    pub fence: u64,
+    /// How it ended: `completed`, `failed`, `lost`, `rejected` or `cancelled`.
+    pub outcome: String,
+    /// Why, when not completed or failed (`lease_expired`, `busy`, ...).
+    pub reason: Option<String>,
+    /// Bytes of input sent to the worker (the job's input as JSON).
+    pub bytes_out: u64,
+    /// Bytes of output it returned (0 without a result).
+    pub bytes_in: u64,
+    /// The run time the worker reported, else from the assignment to the end (ms).
+    pub duration_ms: u64,
+    /// When it ended here (ms).
+    pub ended_ms: u64,
+}
+
 /// What an executor reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finished {

@@ -56,6 +56,8 @@ pub(super) struct Actor {
     jobs: JobStore,
     /// Where runs go.
     executor: Option<mpsc::UnboundedSender<crate::jobs::Exec>>,
+    /// Where contributions go (the daemon's egress ledger).
+    contributions: Option<mpsc::UnboundedSender<crate::jobs::Contribution>>,
     /// Runs that could not be handed to an executor, to report as failed.
     unrun: Vec<crate::jobs::Finished>,
     capsule_trust: Option<PathBuf>,
@@ -98,6 +100,7 @@ impl Actor {
             registry,
             jobs,
             executor: config.executor,
+            contributions: config.contributions,
             unrun: Vec::new(),
             capsule_trust: config.capsule_trust,
             snapshot,
@@ -312,6 +315,11 @@ impl Actor {
             Effect::Abort { job_id, fence } => {
                 if let Some(executor) = &self.executor {
                     let _ = executor.send(crate::jobs::Exec::Abort { job_id, fence });
+                }
+            }
+            Effect::Contribution(c) => {
+                if let Some(ledger) = &self.contributions {
+                    let _ = ledger.send(*c);
                 }
             }
             Effect::Emit(event) => self.events.emit(event).await,
