@@ -1,6 +1,7 @@
 //! docs/runbook.md, executed: every ```bash block runs, in order, against a real arw-server on a
-//! free port, with `curl` failing on HTTP errors. Then the node is restarted on the same state dir
-//! and what the runbook configured must still be there.
+//! free port (with the egress ledger on, as the runbook sets it), with `curl` failing on HTTP
+//! errors. Then the node is restarted on the same state dir and what the runbook configured must
+//! still be there.
 
 mod common;
 
@@ -34,7 +35,10 @@ fn runbook_blocks() -> Vec<String> {
 fn runbook_commands_work_as_written_and_survive_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let state_dir = dir.path().join("state");
-    let server = common::Launch::new().state_dir(&state_dir).start();
+    // As the runbook asks of every federated node (its "Contribution and egress").
+    let launch =
+        || common::Launch::new().state_dir(&state_dir).env("ARW_EGRESS_LEDGER_ENABLE", "1");
+    let server = launch().start();
     let blocks = runbook_blocks();
     assert!(blocks.len() >= 8, "runbook lost its commands: {}", blocks.len());
     let path =
@@ -80,7 +84,7 @@ fn runbook_commands_work_as_written_and_survive_a_restart() {
     assert!(status.success(), "clean shutdown: {status}");
     assert!(!state_dir.join("endpoints.json").exists(), "endpoints.json left after clean shutdown");
 
-    let again = common::Launch::new().state_dir(&state_dir).start();
+    let again = launch().start();
     assert_eq!(again.endpoints["peer_id"], peer_id, "node key changed across restart");
     assert_eq!(std::fs::read_to_string(state_dir.join("node.key")).expect("key"), key);
     assert_eq!(again.endpoints["node_id"], "worker-gpu-01");
