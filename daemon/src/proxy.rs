@@ -30,6 +30,9 @@ const MAX_HEAD: usize = 16 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections proxied at once; more are answered 503.
 const MAX_CONNECTIONS: usize = 256;
+/// The longest a proxied connection lasts (a job's program is killed with its job; this bounds
+/// what any other local client can hold).
+const MAX_TUNNEL: Duration = Duration::from_secs(3_600);
 
 /// Serves proxy connections on `listener` until `cancel`.
 pub async fn serve(
@@ -149,9 +152,12 @@ async fn connection(
             return record(true, Some("connection dropped".into()), (0, sent));
         }
     }
-    let (out, back) =
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await.unwrap_or((0, 0));
-    record(true, None, (back, sent + out));
+    let relay = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let (reason, (out, back)) = match tokio::time::timeout(MAX_TUNNEL, relay).await {
+        Ok(copied) => (None, copied.unwrap_or((0, 0))),
+        Err(_) => (Some("cut after an hour".to_owned()), (0, 0)),
+    };
+    record(true, reason, (back, sent + out));
 }
 
 /// Reads until the end of the request head; returns where it ends in `buf`.

@@ -637,8 +637,11 @@ impl Ledger {
             }));
             return;
         }
+        // The run time the worker reports, but never more than the Home saw pass since it
+        // offered the attempt: a worker cannot claim more work than it had time for.
+        let offered = live.rec.attempts.last().map_or(env.now, |a| a.started);
+        let took = c.finished_ms.saturating_sub(c.started_ms).min(env.now.saturating_sub(offered));
         self.release(from);
-        let took = c.finished_ms.saturating_sub(c.started_ms);
         self.conclude(&c.job_id, c.ok, c.output, Some(took), env);
         self.pump(env);
     }
@@ -1411,5 +1414,54 @@ mod tests {
         // Nor does the liar's renewal keep the real worker's lease alive.
         ledger.tick(&env(11 + LEASE_MS + LEASE_MARGIN_MS, &me, &caps, &w));
         assert_eq!(ledger.lease(&id), None, "the lease ran out on time");
+    }
+
+    #[test]
+    fn an_offload_is_counted_once_with_its_bytes_and_no_more_run_time_than_the_home_saw() {
+        let (me, caps, w) = (NodeId::parse("home").expect("id"), Map::new(), worker());
+        let no_local = JobsConfig { kinds: Vec::new(), ..config() };
+        let mut ledger = Ledger::new(no_local, Default::default());
+        let input = serde_json::json!({"text": "abc"});
+        let job = JobSpec { input: input.clone(), ..spec(None) };
+        let id = ledger.submit(job, &env(10, &me, &caps, &w)).expect("admitted").id;
+        let outs = ledger.take();
+        let preview = outs.iter().find_map(|o| match o {
+            Out::Emit(e) => match &**e {
+                Event::EgressPreview(p) => Some(p.clone()),
+                _ => None,
+            },
+            _ => None,
+        });
+        let preview = preview.expect("the input's leaving is announced");
+        assert_eq!((preview.node_id.as_str(), preview.bytes_out), ("w1", 14));
+        let w1 = NodeId::parse("w1").expect("id");
+        let accepted = JobRef { job_id: id.clone(), fence: 1 };
+        ledger.on_message(&w1, 11, JobMessage::Accepted(accepted), &env(11, &me, &caps, &w));
+        // The worker claims a day's work for an attempt offered 100 ms ago.
+        let done = Complete {
+            job_id: id.clone(),
+            fence: 1,
+            ok: true,
+            output: serde_json::json!({"n": 12345}),
+            started_ms: 0,
+            finished_ms: 86_400_000,
+        };
+        ledger.on_message(&w1, 110, JobMessage::Complete(done), &env(110, &me, &caps, &w));
+        let contributions: Vec<_> = ledger
+            .take()
+            .into_iter()
+            .filter_map(|o| match o {
+                Out::Contribution(c) => Some(*c),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(contributions.len(), 1, "{contributions:?}");
+        let c = &contributions[0];
+        assert_eq!(
+            (c.job_id.as_str(), c.node_id.as_str(), c.outcome.as_str()),
+            (id.as_str(), "w1", "completed")
+        );
+        assert_eq!((c.bytes_out, c.bytes_in, c.fence), (14, 11, 1));
+        assert_eq!(c.duration_ms, 100, "no more than the Home saw pass");
     }
 }
