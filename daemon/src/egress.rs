@@ -150,7 +150,9 @@ impl Ledger {
                  outcome     TEXT
              );
              CREATE INDEX IF NOT EXISTS egress_time ON egress (time_ms);
-             CREATE INDEX IF NOT EXISTS egress_node ON egress (node_id, time_ms);",
+             -- Covers the per-node totals, so they read the index alone.
+             CREATE INDEX IF NOT EXISTS egress_totals ON egress
+                 (node_id, time_ms, decision, outcome, bytes_in, bytes_out, duration_ms);",
         )
         .map_err(err)?;
         let (newest, rows): (i64, i64) = conn

@@ -122,8 +122,31 @@ impl Workers for All {
     }
 }
 
+/// `adverts` as daemons send them: each with its runtimes' health (the built-in kinds, and on
+/// one node in 20 a program quarantined for another kind).
+fn with_runtimes(adverts: &[Advert]) -> Vec<Advert> {
+    use arw_p2p::jobs::{RuntimeBudget, RuntimeDecl, Runtimes};
+    let builtin = RuntimeDecl { id: "builtin".into(), kinds: vec!["work".into(), "echo".into()] };
+    let ocr = RuntimeDecl { id: "exec:ocr".into(), kinds: vec!["ocr".into()] };
+    let mut sick = Runtimes::new(vec![builtin.clone(), ocr], RuntimeBudget::default());
+    for t in 0..5 {
+        sick.finished("ocr", Some("exit status 1"), t);
+    }
+    let well = Runtimes::new(vec![builtin], RuntimeBudget::default());
+    adverts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut a = a.clone();
+            a.runtimes = if i % 20 == 7 { sick.digests() } else { well.digests() };
+            a
+        })
+        .collect()
+}
+
 fn place_bench(workers: usize, rounds: usize) {
-    let adverts = adverts(workers);
+    let plain = adverts(workers);
+    let adverts = with_runtimes(&plain);
     let cpu = Require::default();
     let gpu = Require {
         gpu: Some(arw_p2p::jobs::GpuRequire {
@@ -133,8 +156,14 @@ fn place_bench(workers: usize, rounds: usize) {
         }),
         ..Require::default()
     };
+    // The same rounds over adverts with and without runtime health, alternated, so the two
+    // figures are taken under the same conditions.
     let mut times = Vec::with_capacity(rounds);
-    for r in 0..rounds {
+    let mut times_plain = Vec::with_capacity(rounds);
+    for r in 0..rounds * 2 {
+        let (adverts, times) =
+            if r % 2 == 0 { (&adverts, &mut times) } else { (&plain, &mut times_plain) };
+        let r = r / 2;
         let job = format!("job-{r}");
         let require = if r % 10 == 0 { &gpu } else { &cpu };
         let want = Want {
@@ -161,6 +190,7 @@ fn place_bench(workers: usize, rounds: usize) {
         std::hint::black_box(decision);
     }
     summary(&format!("place() over {workers} workers"), times);
+    summary(&format!("place() over {workers} workers, adverts without runtimes"), times_plain);
 
     // Whole admissions at the Home: each job placed remotely, then completed (not timed) so
     // the workers stay free.
