@@ -26,8 +26,8 @@ use arw_p2p::{
 
 use crate::{
     AppState,
-    dto::{Adopted, CapsulesView, JournalPage, TornDown, TrustView},
-    events::{JournalQuery, journal_page, parse_limit, query_prefixes},
+    dto::{Adopted, CapsulesView, TornDown, TrustView},
+    events::{JournalPage, JournalQuery, journal_page, parse_limit, query_prefixes},
     problem::{Json, Problem},
 };
 

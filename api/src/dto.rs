@@ -283,23 +283,3 @@ pub struct GovernorRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hints: Option<arw_p2p::governor::Hints>,
 }
-
-/// `GET /admin/events/journal` and `GET /admin/policy/capsules/audit`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct JournalPage {
-    /// Rows asked for (after clamping).
-    pub limit: usize,
-    /// Rows matching the prefixes in the whole journal.
-    pub total_matched: u64,
-    /// More rows match than are returned.
-    pub truncated: bool,
-    /// Always 0 (kept for compatibility).
-    pub skipped_lines: u64,
-    /// Always `["sqlite:events"]`.
-    pub source_files: Vec<String>,
-    /// The rows, oldest first.
-    pub entries: Vec<crate::events::StoredEvent>,
-    /// The kind prefixes applied, when any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prefixes: Option<Vec<String>>,
-}

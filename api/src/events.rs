@@ -18,7 +18,7 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{
     AppState,
-    dto::{Envelope, JournalPage},
+    dto::Envelope,
     problem::{Json, Problem},
 };
 
@@ -33,6 +33,26 @@ pub struct StoredEvent {
     /// The envelope.
     #[serde(flatten)]
     pub envelope: Envelope,
+}
+
+/// `GET /admin/events/journal` and `GET /admin/policy/capsules/audit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct JournalPage {
+    /// Rows asked for (after clamping).
+    pub limit: usize,
+    /// Rows matching the prefixes in the whole journal.
+    pub total_matched: u64,
+    /// More rows match than are returned.
+    pub truncated: bool,
+    /// Always 0 (kept for compatibility).
+    pub skipped_lines: u64,
+    /// Always `["sqlite:events"]`.
+    pub source_files: Vec<String>,
+    /// The rows, oldest first.
+    pub entries: Vec<StoredEvent>,
+    /// The kind prefixes applied, when any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefixes: Option<Vec<String>>,
 }
 
 /// A journaled event on its way to live subscribers, its SSE `data` serialised once for all.

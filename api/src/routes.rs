@@ -43,11 +43,11 @@ pub struct MatrixQuery {
 
 /// `GET /state/runtime_matrix`: every node's runtimes (this node's live, the others' as last
 /// advertised), by node id.
-#[utoipa::path(get, path = "/state/runtime_matrix", tag = "jobs", params(MatrixQuery), responses((status = 200, body = arw_p2p::jobs::runtime::RuntimeMatrix)))]
+#[utoipa::path(get, path = "/state/runtime_matrix", tag = "jobs", params(MatrixQuery), responses((status = 200, body = arw_p2p::runtimes::RuntimeMatrix)))]
 pub async fn runtime_matrix(
     State(state): State<AppState>,
     axum::extract::Query(query): axum::extract::Query<MatrixQuery>,
-) -> Json<arw_p2p::jobs::runtime::RuntimeMatrix> {
+) -> Json<arw_p2p::runtimes::RuntimeMatrix> {
     Json(state.node.snapshot().runtime_matrix(now_ms(), query.node_id.as_deref()))
 }
 

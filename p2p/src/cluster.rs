@@ -74,9 +74,9 @@ pub struct Advert {
     /// The jobs it takes from the Home (none: it takes none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<JobsAdvert>,
-    /// Its runtimes and their health (at most 6, see `jobs::runtime`).
+    /// Its runtimes and their health (at most 6, see [`crate::runtimes`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub runtimes: Vec<crate::jobs::RuntimeStatus>,
+    pub runtimes: Vec<crate::runtimes::RuntimeStatus>,
 }
 
 impl Advert {

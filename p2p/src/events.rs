@@ -120,7 +120,7 @@ pub enum Event {
     JobError(JobEvent),
     /// A runtime of this node changed health (quarantined, on probation, ready again).
     #[serde(rename = "runtime.health")]
-    RuntimeHealth(Box<crate::jobs::runtime::RuntimeMatrixEntry>),
+    RuntimeHealth(Box<crate::runtimes::RuntimeMatrixEntry>),
     /// The Home is about to send a job's input to a worker.
     #[serde(rename = "egress.preview")]
     EgressPreview(EgressPreview),

@@ -18,6 +18,7 @@ pub mod persist;
 pub mod policy;
 pub mod protocol;
 pub mod role;
+pub mod runtimes;
 pub mod time;
 pub mod transport;
 pub mod wire;

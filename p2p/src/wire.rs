@@ -331,7 +331,7 @@ pub fn open(bytes: &[u8], workspace: &str) -> Result<Opened, Reason> {
         return Err(Reason::WrongWorkspace);
     }
     if let Message::Advert(advert) = &message
-        && !crate::jobs::runtime::fits_an_advert(&advert.runtimes)
+        && !crate::runtimes::fits_an_advert(&advert.runtimes)
     {
         return Err(Reason::Malformed);
     }
@@ -403,7 +403,7 @@ mod tests {
 
     #[test]
     fn a_signed_advert_listing_more_runtimes_than_a_node_may_is_refused() {
-        use crate::jobs::{RuntimeHealth, RuntimeStatus, runtime::MAX_RUNTIMES};
+        use crate::runtimes::{MAX_RUNTIMES, RuntimeHealth, RuntimeStatus};
         let key = NodeKey::from_secret([4; 32]);
         let runtime = |i: usize| RuntimeStatus {
             id: format!("r{i}"),

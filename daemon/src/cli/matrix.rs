@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use arw_p2p::jobs::runtime::RuntimeMatrix;
+use arw_p2p::runtimes::RuntimeMatrix;
 
 use super::cluster::truncate;
 
@@ -40,7 +40,10 @@ pub fn render(matrix: &RuntimeMatrix) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arw_p2p::jobs::{RuntimeBudget, RuntimeDecl, Runtimes, runtime::RuntimeMatrixEntry};
+    use arw_p2p::{
+        jobs::{RuntimeBudget, RuntimeDecl, Runtimes},
+        runtimes::RuntimeMatrixEntry,
+    };
 
     #[test]
     fn one_row_per_runtime_with_its_status() {

@@ -85,7 +85,7 @@ impl NodeCore {
     /// `runtime.health` say so, and jobs waiting for it are looked at again.
     fn runtimes_changed(&mut self, now: u64) {
         self.worker.set_quarantined(self.runtimes.quarantined());
-        let entry = crate::jobs::runtime::RuntimeMatrixEntry::of(
+        let entry = crate::runtimes::RuntimeMatrixEntry::of(
             self.id.as_str(),
             &self.runtimes.statuses(),
             now,

@@ -14,9 +14,9 @@ use crate::{
     hierarchy::{
         CoreAccept, CoreHello, CoreOffer, HelloOutcome, Hierarchy, HierarchyError, RoleChange,
     },
-    jobs::runtime::{RuntimeMatrix, RuntimeMatrixEntry},
     node_id::{IdSource, NodeId},
     policy::PinSource,
+    runtimes::{RuntimeMatrix, RuntimeMatrixEntry},
     time::rfc3339_ms,
     transport::NetworkStatus,
     wire::Reason,

@@ -25,9 +25,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 pub use crate::cluster::JobsAdvert;
+pub use crate::runtimes::{RuntimeHealth, RuntimeStatus};
 pub use ledger::{Env, Ledger, NoWorkers, Offload, Out, Submitted, Workers};
 pub use place::{Candidate, Decision, Explain, Want, fits, place};
-pub use runtime::{RuntimeBudget, RuntimeDecl, RuntimeHealth, RuntimeStatus, Runtimes};
+pub use runtime::{RuntimeBudget, RuntimeDecl, Runtimes};
 pub use worker::{Worker, WorkerEnv};
 
 /// How long an attempt's lease lasts without a renewal.
