@@ -16,6 +16,10 @@
 //! `cluster.node.advertise` event. Reported per phase: delivery p50 / p99 / max and misses, honest
 //! nodes judged `suspect` / `down` by another, invalid messages that reached the node cores in
 //! each second of the phase (all nodes together), and the CPU of the process (nodes and attacker).
+//! For the flood phases, per 100 ms: the messages the attacker's gossipsub handed to its
+//! connections, those the nodes' gossipsub took in (a graylisted sender's RPCs are dropped before
+//! that point), and those the cores refused; and from when fewer than 10 % of those sent were
+//! taken in (the attacker graylisted).
 
 #[path = "support/mod.rs"]
 #[allow(dead_code, reason = "the broker is the NATS examples' part of the support module")]
@@ -35,6 +39,7 @@ use std::{
 use futures::StreamExt;
 use hostile::{cpu_secs, id};
 use libp2p::{SwarmBuilder, gossipsub, noise, tcp, yamux};
+use prometheus_client::registry::Registry;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +71,18 @@ fn flood(kind: &str, n: u64) -> Vec<u8> {
     }
 }
 
+/// The sum of every sample of the metric families whose name contains `name`.
+fn metric_sum(registry: &Registry, name: &str) -> f64 {
+    let mut text = String::new();
+    if prometheus_client::encoding::text::encode(&mut text, registry).is_err() {
+        return 0.0;
+    }
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.contains(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Invalid messages the node cores refused so far, all nodes.
 fn refused(nodes: &[NodeHandle]) -> u64 {
     let bad = [Reason::Malformed, Reason::BadSignature];
@@ -89,6 +106,7 @@ async fn main() {
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<(u64, Instant)>();
     let judged = hostile::Judged::default();
     let mut nodes: Vec<NodeHandle> = Vec::new();
+    let mut registries: Vec<Registry> = Vec::new();
     let mut addrs = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
         let (events, mut events_rx) = EventTx::channel(65_536);
@@ -98,7 +116,12 @@ async fn main() {
         let bootstrap = addrs.first().cloned().into_iter().collect();
         config.federation =
             Some(FederationConfig::loopback("default", bootstrap, Duration::from_secs(1)));
-        let (handle, _) = node::spawn(config, events, cancel.child_token()).await.expect("node");
+        let mut registry = Registry::default();
+        let (handle, _) =
+            node::spawn_with_metrics(config, events, cancel.child_token(), Some(&mut registry))
+                .await
+                .expect("node");
+        registries.push(registry);
         let listen = handle.snapshot().network.listen.clone();
         let peer = handle.snapshot().peer_id.clone();
         let addr: arw_p2p::Multiaddr =
@@ -116,7 +139,9 @@ async fn main() {
             }
         });
     }
-    // The attacker: gossipsub as the nodes run it (anonymous, content-addressed ids).
+    // The attacker: gossipsub as the nodes run it (anonymous, content-addressed ids), with its
+    // own metrics: the messages it hands to its connections.
+    let mut attacker_metrics = Registry::default();
     let topic = gossipsub::IdentTopic::new(topic_name("default"));
     let mut attacker = SwarmBuilder::with_new_identity()
         .with_tokio()
@@ -136,6 +161,7 @@ async fn main() {
                 gossipsub::AllowAllSubscriptionFilter,
             >::new(gossipsub::MessageAuthenticity::Anonymous, config)
             .expect("gossipsub")
+            .with_metrics(&mut attacker_metrics, gossipsub::MetricsConfig::default())
         })
         .expect("behaviour")
         .build();
@@ -175,6 +201,17 @@ async fn main() {
         let mut sent_at = std::collections::BTreeMap::new();
         let mut per_second = Vec::new();
         let mut last = refused(&nodes);
+        // Per 100 ms: flood messages the attacker handed to its connections, those the nodes'
+        // gossipsub took in (a graylisted sender's are dropped before), those refused by the
+        // cores.
+        let sample = || {
+            let received: f64 =
+                registries.iter().map(|r| metric_sum(r, "topic_msg_recv_counts_unfiltered")).sum();
+            (metric_sum(&attacker_metrics, "topic_msg_sent_counts"), received, refused(&nodes))
+        };
+        let mut timeline = Vec::new();
+        let mut previous = sample();
+        let first = previous;
         let per_tick = (rate / 100).max(1) as u64;
         let mut tick = 0u64;
         let mut made = 0u64;
@@ -194,6 +231,11 @@ async fn main() {
                 }
             }
             tick += 1;
+            if tick.is_multiple_of(10) {
+                let now = sample();
+                timeline.push((now.0 - previous.0, now.1 - previous.1, now.2 - previous.2));
+                previous = now;
+            }
             if tick.is_multiple_of(100) {
                 let now = refused(&nodes);
                 per_second.push(now - last);
@@ -224,6 +266,21 @@ async fn main() {
             (cpu_secs() - cpu0) / secs_taken,
             per_second,
         );
+        if kind != "baseline" {
+            // Sent includes the honest adverts the attacker relays; received, the nodes' own.
+            let cut = timeline.iter().position(|(s, r, _)| *s > 0.0 && *r < 0.1 * s);
+            let shown: Vec<String> =
+                timeline.iter().take(20).map(|(s, r, c)| format!("{s:.0}/{r:.0}/{c}")).collect();
+            let last = sample();
+            println!(
+                "  per 100 ms, sent/received by gossipsub/refused by the cores: {}; received < 10 % of sent from {} ms; whole phase: sent {:.0}, received {:.0}, refused {}",
+                shown.join(" "),
+                cut.map_or("never".to_owned(), |w| format!("{}", (w + 1) * 100)),
+                last.0 - first.0,
+                last.1 - first.1,
+                last.2 - first.2,
+            );
+        }
     }
     cancel.cancel();
 }
