@@ -28,6 +28,9 @@ mod support;
 #[path = "support/hostile.rs"]
 mod hostile;
 
+#[path = "support/mesh.rs"]
+mod mesh;
+
 use std::{
     sync::{
         Arc,
@@ -38,9 +41,7 @@ use std::{
 
 use futures::StreamExt;
 use hostile::{cpu_secs, id};
-use libp2p::{SwarmBuilder, gossipsub, noise, tcp, yamux};
 use prometheus_client::registry::Registry;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -51,8 +52,7 @@ use arw_p2p::{
     node::{self, FederationConfig, NodeConfig, NodeHandle},
     node_id::IdSource,
     time::now_ms,
-    transport::net::topic_name,
-    wire::{self, Message, Reason},
+    wire::{Message, Reason},
 };
 
 /// The `n`th flood message of a phase: unique, so gossip does not drop it as a repeat.
@@ -81,6 +81,40 @@ fn metric_sum(registry: &Registry, name: &str) -> f64 {
         .filter(|l| !l.starts_with('#') && l.contains(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// What one attacker is: where to hand it messages to publish, how many it published, and its
+/// gossipsub's metrics.
+struct Attacker {
+    flood: mpsc::Sender<Vec<u8>>,
+    published: Arc<AtomicU64>,
+    metrics: Registry,
+}
+
+/// A fresh attacker (a new identity, as a banned one would make), dialled to `addrs` and
+/// subscribed to the workspace topic, publishing what it is handed.
+fn attacker(addrs: &[arw_p2p::Multiaddr]) -> Attacker {
+    let mut metrics = Registry::default();
+    let (mut swarm, topic) = mesh::attacker(addrs, "default", Some(&mut metrics));
+    let (flood, mut flood_rx) = mpsc::channel::<Vec<u8>>(1024);
+    let published = Arc::new(AtomicU64::new(0));
+    let counted = published.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = swarm.select_next_some() => {}
+                next = flood_rx.recv() => match next {
+                    Some(bytes) => {
+                        if swarm.behaviour_mut().publish(topic.clone(), bytes).is_ok() {
+                            counted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+    });
+    Attacker { flood, published, metrics }
 }
 
 /// Invalid messages the node cores refused so far, all nodes.
@@ -139,62 +173,22 @@ async fn main() {
             }
         });
     }
-    // The attacker: gossipsub as the nodes run it (anonymous, content-addressed ids), with its
-    // own metrics: the messages it hands to its connections.
-    let mut attacker_metrics = Registry::default();
-    let topic = gossipsub::IdentTopic::new(topic_name("default"));
-    let mut attacker = SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
-        .expect("tcp")
-        .with_behaviour(|_| {
-            let config = gossipsub::ConfigBuilder::default()
-                .validation_mode(gossipsub::ValidationMode::Anonymous)
-                .message_id_fn(|m: &gossipsub::Message| {
-                    gossipsub::MessageId::from(Sha256::digest(&m.data).to_vec())
-                })
-                .max_transmit_size(wire::MAX_ENVELOPE + 1024)
-                .build()
-                .expect("gossipsub config");
-            gossipsub::Behaviour::<
-                gossipsub::IdentityTransform,
-                gossipsub::AllowAllSubscriptionFilter,
-            >::new(gossipsub::MessageAuthenticity::Anonymous, config)
-            .expect("gossipsub")
-            .with_metrics(&mut attacker_metrics, gossipsub::MetricsConfig::default())
-        })
-        .expect("behaviour")
-        .build();
-    attacker.behaviour_mut().subscribe(&topic).expect("subscribe");
-    for addr in &addrs {
-        attacker.dial(addr.clone()).expect("dial");
-    }
-    let (flood_tx, mut flood_rx) = mpsc::channel::<Vec<u8>>(1024);
-    let published = Arc::new(AtomicU64::new(0));
-    let counted = published.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = attacker.select_next_some() => {}
-                Some(bytes) = flood_rx.recv() => {
-                    if attacker.behaviour_mut().publish(topic.clone(), bytes).is_ok() {
-                        counted.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-    });
     tokio::time::sleep(Duration::from_secs(5)).await;
     let peers = nodes.iter().map(|n| n.snapshot().network.connected_peers).min().unwrap_or(0);
     println!(
-        "{n} node actors on loopback libp2p (each with {peers}+ connections), an attacker dialled to all; {rate} flood messages/s for {secs} s per phase; w1 re-advertises every 200 ms"
+        "{n} node actors on loopback libp2p (each with {peers} connections), a fresh attacker dialled to all for each flood; {rate} flood messages/s for {secs} s per phase; w1 re-advertises every 200 ms"
     );
     println!(
         "{:<14} {:>8} {:>8} {:>8} {:>6} {:>7} {:>5} {:>9} {:>6}  invalid messages reaching the cores, per second",
         "phase", "p50 ms", "p99 ms", "max ms", "missed", "suspect", "down", "published", "cores"
     );
     let w1 = nodes[1].clone();
-    for kind in ["baseline", "garbage", "bad_signature"] {
+    for kind in ["baseline", "garbage", "bad_signature", "baseline"] {
+        let attacker = attacker(&addrs);
+        // Connected and subscribed, as an attacker already in the mesh would be.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (attacker_metrics, published, flood_tx) =
+            (&attacker.metrics, &attacker.published, &attacker.flood);
         while seen.try_recv().is_ok() {}
         let (s0, d0) = judged.read();
         let (cpu0, p0, start) = (cpu_secs(), published.load(Ordering::Relaxed), Instant::now());
@@ -207,7 +201,7 @@ async fn main() {
         let sample = || {
             let received: f64 =
                 registries.iter().map(|r| metric_sum(r, "topic_msg_recv_counts_unfiltered")).sum();
-            (metric_sum(&attacker_metrics, "topic_msg_sent_counts"), received, refused(&nodes))
+            (metric_sum(attacker_metrics, "topic_msg_sent_counts"), received, refused(&nodes))
         };
         let mut timeline = Vec::new();
         let mut previous = sample();
@@ -219,9 +213,13 @@ async fn main() {
             if tick.is_multiple_of(20) {
                 let role = if tick.is_multiple_of(40) { "regional" } else { "edge" };
                 let at = Instant::now();
+                let before = w1.snapshot().nodes.get(&id("w1")).map_or(0, |r| r.advert.seq);
                 if w1.set_role(role).await.is_ok() {
+                    // The same role as before (at a phase's start) makes no new advert.
                     let seq = w1.snapshot().nodes.get(&id("w1")).map_or(0, |r| r.advert.seq);
-                    sent_at.insert(seq, at);
+                    if seq > before {
+                        sent_at.insert(seq, at);
+                    }
                 }
             }
             if kind != "baseline" {

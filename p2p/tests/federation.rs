@@ -165,3 +165,81 @@ async fn replaying_a_node_s_inputs_into_a_fresh_core_gives_the_same_effects() {
         assert!(seen.contains(kind), "no {kind} input among {count}: {seen:?}");
     }
 }
+
+#[path = "../examples/support/mesh.rs"]
+mod mesh;
+
+/// A mesh member that sends messages this node rejects (a valid-looking envelope whose signature
+/// matches nothing) is graylisted by gossipsub's scoring after a few, then disconnected and
+/// refused: the flood stops costing the node anything, and honest nodes are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_sends_invalid_messages_is_disconnected_and_refused() {
+    use futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+
+    let cancel = CancellationToken::new();
+    let node = start("target", 1, vec![], &cancel).await;
+    let boot = node.handle.snapshot().network.listen.clone();
+    let honest = start("honest", 2, boot.clone(), &cancel).await;
+    until(&node.handle, "the honest peer", |s| ok_ids(s).contains(&"honest".to_owned())).await;
+    let target = node.handle.snapshot().peer_id.parse::<libp2p::PeerId>().expect("peer id");
+    let addrs: Vec<arw_p2p::Multiaddr> =
+        boot.iter().map(|a| format!("{a}/p2p/{target}").parse().expect("addr")).collect();
+    let (mut attacker, topic) = mesh::attacker(&addrs, "lab", None);
+    let rogue = NodeKey::from_secret([77; 32]);
+    let mut sent = 0u64;
+    let mut cut_at = None;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut flood = tokio::time::interval(Duration::from_millis(5));
+    // Flood until the node closes the connection, then try to come back.
+    while cut_at.is_none() {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => panic!("not cut off after {sent} messages"),
+            _ = flood.tick() => {
+                let advert = arw_p2p::cluster::Advert::basic(
+                    NodeId::parse("rogue").expect("id"), "lab", sent + 1, arw_p2p::time::now_ms());
+                let sealed = arw_p2p::wire::seal(&rogue, "lab", &arw_p2p::wire::Message::Advert(advert));
+                let mut envelope: serde_json::Value = serde_json::from_slice(&sealed).expect("json");
+                // 64 zero bytes: a signature that matches nothing.
+                envelope["sig"] = serde_json::json!("A".repeat(86) + "==");
+                if attacker.behaviour_mut().publish(topic.clone(), envelope.to_string()).is_ok() {
+                    sent += 1;
+                }
+            }
+            event = attacker.select_next_some() => {
+                if let SwarmEvent::ConnectionClosed { peer_id, .. } = event
+                    && peer_id == target
+                    && sent > 0
+                {
+                    cut_at = Some(sent);
+                }
+            }
+        }
+    }
+    let refused = node.handle.snapshot().counters.refused;
+    assert!(refused <= 20, "{refused} rejected before the cut, of {sent} sent");
+    // Refused when it dials again.
+    attacker.dial(addrs[0].clone()).expect("dial");
+    let refused_again = tokio::time::timeout(WAIT, async {
+        loop {
+            match attacker.select_next_some().await {
+                SwarmEvent::ConnectionClosed { peer_id, .. }
+                | SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), .. }
+                    if peer_id == target =>
+                {
+                    break true;
+                }
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == target => {}
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(refused_again, Ok(true), "the node took the peer back");
+    // The honest peer is still there.
+    let s = node.handle.snapshot();
+    assert!(ok_ids(&s).contains(&"honest".to_owned()));
+    assert!(s.network.connected_peers >= 1);
+    drop(honest);
+    cancel.cancel();
+}

@@ -10,8 +10,8 @@ use std::{
 };
 
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, connection_limits, gossipsub, identify,
-    kad, mdns,
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, allow_block_list, connection_limits,
+    gossipsub, identify, kad, mdns,
     multiaddr::Protocol,
     noise, ping,
     request_response::{self, ProtocolSupport},
@@ -43,6 +43,7 @@ pub struct NetConfig {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: connection_limits::Behaviour,
+    banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     gossipsub: gossipsub::Behaviour,
     sync: request_response::json::Behaviour<SyncRequest, SyncResponse>,
     jobs: request_response::json::Behaviour<String, ()>,
@@ -68,6 +69,8 @@ pub struct Net {
     closing: BTreeSet<PeerId>,
     /// Peers being redialled (see [`Net::redial`]): dials in flight to each.
     redialling: BTreeMap<PeerId, u8>,
+    /// Peers cut off for sending what this node rejects, until when (see [`BAN`]).
+    banned: BTreeMap<PeerId, Instant>,
     /// libp2p's own metrics (connections, bandwidth, identify, Kademlia, ping), when asked for.
     metrics: Option<libp2p::metrics::Metrics>,
 }
@@ -97,6 +100,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Retry bootstrap dials at most this often while no peer is connected.
 const REDIAL_EVERY: Duration = Duration::from_secs(2);
+/// How long a peer gossipsub graylisted stays disconnected and refused.
+const BAN: Duration = Duration::from_secs(60);
+/// Peers banned at once at most (a Sybil makes new ones; each is cut off all the same).
+const MAX_BANNED: usize = 4_096;
 /// At most this many dials in flight to one peer being redialled. A connect to an unreachable
 /// host retries its SYN with backoff (1 s, 2 s, 4 s...); a few staggered dials keep a fresh
 /// SYN going out about every time the node core asks for one.
@@ -180,6 +187,7 @@ impl Net {
                     .with_max_established_per_peer(Some(2));
                 Ok(Behaviour {
                     limits: connection_limits::Behaviour::new(limits),
+                    banned: allow_block_list::Behaviour::default(),
                     gossipsub,
                     sync,
                     jobs,
@@ -207,6 +215,7 @@ impl Net {
             dialling: BTreeSet::new(),
             closing: BTreeSet::new(),
             redialling: BTreeMap::new(),
+            banned: BTreeMap::new(),
             metrics: registry.map(libp2p::metrics::Metrics::new),
         };
         net.dial_bootstrap();
@@ -287,10 +296,43 @@ impl Net {
         }
     }
 
-    /// Periodic upkeep: re-dial the bootstrap peers while alone.
+    /// Periodic upkeep: re-dial the bootstrap peers while alone; cut off peers that gossipsub
+    /// graylisted.
     pub fn maintain(&mut self) {
         if self.connected.is_empty() && !self.bootstrap.is_empty() {
             self.dial_bootstrap();
+        }
+        self.ban_graylisted(Instant::now());
+    }
+
+    /// A peer whose gossipsub score fell below the graylist threshold (it sent messages the
+    /// core rejected) has its RPCs ignored, but every one of them is still received, decrypted
+    /// and decoded: it is disconnected and refused for [`BAN`] instead, so a flood costs the
+    /// node nothing once its sender is known.
+    fn ban_graylisted(&mut self, now: Instant) {
+        let expired: Vec<PeerId> =
+            self.banned.iter().filter(|(_, until)| **until <= now).map(|(p, _)| *p).collect();
+        for peer in expired {
+            self.banned.remove(&peer);
+            self.swarm.behaviour_mut().banned.unblock_peer(peer);
+        }
+        let graylist = gossipsub::PeerScoreThresholds::default().graylist_threshold;
+        let gossip = &self.swarm.behaviour().gossipsub;
+        let graylisted: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| gossip.peer_score(p).is_some_and(|score| score < graylist))
+            .copied()
+            .collect();
+        for peer in graylisted {
+            tracing::warn!(%peer, ban = ?BAN, "disconnecting a peer that sent messages this node rejected");
+            if self.banned.len() < MAX_BANNED {
+                self.banned.insert(peer, now + BAN);
+                self.swarm.behaviour_mut().banned.block_peer(peer);
+            } else {
+                // No room to remember it: closed now, refused no longer.
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
         }
     }
 
