@@ -17,9 +17,9 @@
 //! nodes judged `suspect` / `down` by another, invalid messages that reached the node cores in
 //! each second of the phase (all nodes together), and the CPU of the process (nodes and attacker).
 //! For the flood phases, per 100 ms: the messages the attacker's gossipsub handed to its
-//! connections, those the nodes' gossipsub took in (a graylisted sender's RPCs are dropped before
-//! that point), and those the cores refused; and from when fewer than 10 % of those sent were
-//! taken in (the attacker graylisted).
+//! connections, those the nodes' gossipsub took in, and those the cores refused; and from when the
+//! attacker is cut off (fewer than 10 % of its messages taken in, or none sent: a node
+//! disconnects a peer that sent it more than 3 invalid messages within 10 s).
 
 #[path = "support/mod.rs"]
 #[allow(dead_code, reason = "the broker is the NATS examples' part of the support module")]
@@ -266,12 +266,13 @@ async fn main() {
         );
         if kind != "baseline" {
             // Sent includes the honest adverts the attacker relays; received, the nodes' own.
-            let cut = timeline.iter().position(|(s, r, _)| *s > 0.0 && *r < 0.1 * s);
+            // Cut off: nothing the attacker sends is taken in, or it has no one left to send to.
+            let cut = timeline.iter().position(|(s, r, _)| *s == 0.0 || *r < 0.1 * s);
             let shown: Vec<String> =
                 timeline.iter().take(20).map(|(s, r, c)| format!("{s:.0}/{r:.0}/{c}")).collect();
             let last = sample();
             println!(
-                "  per 100 ms, sent/received by gossipsub/refused by the cores: {}; received < 10 % of sent from {} ms; whole phase: sent {:.0}, received {:.0}, refused {}",
+                "  per 100 ms, sent/received by gossipsub/refused by the cores: {}; cut off (< 10 % taken in, or nothing sent) from {} ms; whole phase: sent {:.0}, received {:.0}, refused {}",
                 shown.join(" "),
                 cut.map_or("never".to_owned(), |w| format!("{}", (w + 1) * 100)),
                 last.0 - first.0,

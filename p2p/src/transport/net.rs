@@ -71,6 +71,8 @@ pub struct Net {
     redialling: BTreeMap<PeerId, u8>,
     /// Peers cut off for sending what this node rejects, until when (see [`BAN`]).
     banned: BTreeMap<PeerId, Instant>,
+    /// Invalid gossip messages each peer sent in its current window, and when that began.
+    rejected: BTreeMap<PeerId, (u32, Instant)>,
     /// libp2p's own metrics (connections, bandwidth, identify, Kademlia, ping), when asked for.
     metrics: Option<libp2p::metrics::Metrics>,
 }
@@ -100,7 +102,11 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const JOB_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Retry bootstrap dials at most this often while no peer is connected.
 const REDIAL_EVERY: Duration = Duration::from_secs(2);
-/// How long a peer gossipsub graylisted stays disconnected and refused.
+/// Invalid gossip messages a peer may send within [`REJECT_WINDOW`] before it is cut off.
+const MAX_REJECTED: u32 = 3;
+/// See [`MAX_REJECTED`].
+const REJECT_WINDOW: Duration = Duration::from_secs(10);
+/// How long a peer cut off for invalid messages stays disconnected and refused.
 const BAN: Duration = Duration::from_secs(60);
 /// Peers banned at once at most (a Sybil makes new ones; each is cut off all the same).
 const MAX_BANNED: usize = 4_096;
@@ -216,6 +222,7 @@ impl Net {
             closing: BTreeSet::new(),
             redialling: BTreeMap::new(),
             banned: BTreeMap::new(),
+            rejected: BTreeMap::new(),
             metrics: registry.map(libp2p::metrics::Metrics::new),
         };
         net.dial_bootstrap();
@@ -261,7 +268,9 @@ impl Net {
         }
     }
 
-    /// Reports the validation verdict for a received gossip message.
+    /// Reports the validation verdict for a received gossip message. A peer that sent more
+    /// than [`MAX_REJECTED`] invalid ones within [`REJECT_WINDOW`] is cut off (see
+    /// [`Net::cut_off`]).
     pub fn report(&mut self, id: &gossipsub::MessageId, source: &PeerId, verdict: Verdict) {
         let acceptance = match verdict {
             Verdict::Accept => gossipsub::MessageAcceptance::Accept,
@@ -272,6 +281,36 @@ impl Net {
             .behaviour_mut()
             .gossipsub
             .report_message_validation_result(id, source, acceptance);
+        if verdict == Verdict::Reject {
+            self.rejected_from(*source, Instant::now());
+        }
+    }
+
+    /// Counts an invalid message from `peer`: honest nodes validate before they forward, so a
+    /// peer that keeps sending them is the source. Gossipsub's scoring would only ignore its
+    /// RPCs, each still received, decrypted and decoded; it is disconnected and refused for
+    /// [`BAN`] instead, so its flood stops costing the node anything.
+    fn rejected_from(&mut self, peer: PeerId, now: Instant) {
+        if self.rejected.len() >= MAX_BANNED {
+            self.rejected.retain(|_, (_, since)| now.duration_since(*since) < REJECT_WINDOW);
+        }
+        let (count, since) = self.rejected.entry(peer).or_insert((0, now));
+        if now.duration_since(*since) >= REJECT_WINDOW {
+            (*count, *since) = (0, now);
+        }
+        *count += 1;
+        if *count <= MAX_REJECTED {
+            return;
+        }
+        self.rejected.remove(&peer);
+        tracing::warn!(%peer, ban = ?BAN, "disconnecting a peer that sent messages this node rejected");
+        if self.banned.len() < MAX_BANNED {
+            self.banned.insert(peer, now + BAN);
+            self.swarm.behaviour_mut().banned.block_peer(peer);
+        } else {
+            // No room to remember it: closed now, refused no longer.
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
     }
 
     /// Asks `peer` for adverts newer than `request`.
@@ -296,43 +335,18 @@ impl Net {
         }
     }
 
-    /// Periodic upkeep: re-dial the bootstrap peers while alone; cut off peers that gossipsub
-    /// graylisted.
+    /// Periodic upkeep: re-dial the bootstrap peers while alone; take back peers whose ban ran
+    /// out.
     pub fn maintain(&mut self) {
         if self.connected.is_empty() && !self.bootstrap.is_empty() {
             self.dial_bootstrap();
         }
-        self.ban_graylisted(Instant::now());
-    }
-
-    /// A peer whose gossipsub score fell below the graylist threshold (it sent messages the
-    /// core rejected) has its RPCs ignored, but every one of them is still received, decrypted
-    /// and decoded: it is disconnected and refused for [`BAN`] instead, so a flood costs the
-    /// node nothing once its sender is known.
-    fn ban_graylisted(&mut self, now: Instant) {
+        let now = Instant::now();
         let expired: Vec<PeerId> =
             self.banned.iter().filter(|(_, until)| **until <= now).map(|(p, _)| *p).collect();
         for peer in expired {
             self.banned.remove(&peer);
             self.swarm.behaviour_mut().banned.unblock_peer(peer);
-        }
-        let graylist = gossipsub::PeerScoreThresholds::default().graylist_threshold;
-        let gossip = &self.swarm.behaviour().gossipsub;
-        let graylisted: Vec<PeerId> = self
-            .swarm
-            .connected_peers()
-            .filter(|p| gossip.peer_score(p).is_some_and(|score| score < graylist))
-            .copied()
-            .collect();
-        for peer in graylisted {
-            tracing::warn!(%peer, ban = ?BAN, "disconnecting a peer that sent messages this node rejected");
-            if self.banned.len() < MAX_BANNED {
-                self.banned.insert(peer, now + BAN);
-                self.swarm.behaviour_mut().banned.block_peer(peer);
-            } else {
-                // No room to remember it: closed now, refused no longer.
-                let _ = self.swarm.disconnect_peer_id(peer);
-            }
         }
     }
 
