@@ -60,12 +60,16 @@ fn main() -> Result<(), String> {
                 .map_err(|e| e.to_string())?
                 .block_on(stack_bench(flag("--workers", 20), flag("--jobs", 500), nats))
         }
+        Some("matrix") => {
+            matrix_bench(flag("--workers", 500), flag("--rounds", 200));
+            Ok(())
+        }
         Some("crash") => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?
             .block_on(crash_bench(flag("--workers", 20), flag("--trials", 20))),
-        _ => Err("usage: jobs_bench place [--workers N] [--rounds N] | stack [--workers N] [--jobs N] [--nats URL] | crash [--workers N] [--trials N]".into()),
+        _ => Err("usage: jobs_bench place [--workers N] [--rounds N] | matrix [--workers N] [--rounds N] | stack [--workers N] [--jobs N] [--nats URL] | crash [--workers N] [--trials N]".into()),
     }
 }
 
@@ -142,6 +146,30 @@ fn with_runtimes(adverts: &[Advert]) -> Vec<Advert> {
             a
         })
         .collect()
+}
+
+/// `GET /state/runtime_matrix` at the Home of `workers` workers, without the HTTP: an entry per
+/// advert (as `Snapshot::runtime_matrix` makes them), then the JSON the route sends.
+fn matrix_bench(workers: usize, rounds: usize) {
+    use arw_p2p::runtimes::{RuntimeMatrix, RuntimeMatrixEntry};
+    let adverts = with_runtimes(&adverts(workers));
+    let mut times = Vec::with_capacity(rounds);
+    let mut bytes = 0;
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let items = adverts
+            .iter()
+            .map(|a| {
+                let entry = RuntimeMatrixEntry::of(a.id.as_str(), &a.runtimes, 1_000, 2_000);
+                (a.id.to_string(), entry)
+            })
+            .collect();
+        let json = serde_json::to_vec(&RuntimeMatrix { items, ttl_seconds: 360 }).unwrap_or_default();
+        times.push(started.elapsed());
+        bytes = json.len();
+        std::hint::black_box(json);
+    }
+    summary(&format!("runtime matrix of {workers} workers, built and serialised ({bytes} bytes)"), times);
 }
 
 fn place_bench(workers: usize, rounds: usize) {
