@@ -164,12 +164,16 @@ fn matrix_bench(workers: usize, rounds: usize) {
                 (a.id.to_string(), entry)
             })
             .collect();
-        let json = serde_json::to_vec(&RuntimeMatrix { items, ttl_seconds: 360 }).unwrap_or_default();
+        let json =
+            serde_json::to_vec(&RuntimeMatrix { items, ttl_seconds: 360 }).unwrap_or_default();
         times.push(started.elapsed());
         bytes = json.len();
         std::hint::black_box(json);
     }
-    summary(&format!("runtime matrix of {workers} workers, built and serialised ({bytes} bytes)"), times);
+    summary(
+        &format!("runtime matrix of {workers} workers, built and serialised ({bytes} bytes)"),
+        times,
+    );
 }
 
 fn place_bench(workers: usize, rounds: usize) {
