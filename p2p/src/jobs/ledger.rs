@@ -559,7 +559,15 @@ impl Ledger {
             return;
         }
         live.phase = Phase::Queued;
-        if TRANSIENT.contains(&r.code.as_str()) {
+        // A worker's refusal code is stored with the job and in the ledger: a short word, or
+        // `invalid` (a worker cannot grow the Home's records with long ones).
+        let word = |c: &str| {
+            !c.is_empty()
+                && c.len() <= 64
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        let code = if word(&r.code) { r.code.clone() } else { "invalid".to_owned() };
+        if TRANSIENT.contains(&code.as_str()) {
             live.resting.retain(|(n, _)| n != from);
             live.resting.push((from.clone(), env.now + REST_MS));
         } else {
@@ -569,13 +577,13 @@ impl Ledger {
         live.rec.state = JobState::Queued;
         let attempt = live.rec.attempt;
         self.release(from);
-        self.end_attempt(&r.job_id, "rejected", Some(&r.code), env.now);
+        self.end_attempt(&r.job_id, "rejected", Some(&code), env.now);
         self.emit(Event::JobError(JobEvent {
             id: r.job_id.clone(),
             node_id: Some(from.to_string()),
             attempt: Some(attempt),
             fence: Some(r.fence),
-            code: Some(r.code.clone()),
+            code: Some(code.clone()),
             ..JobEvent::default()
         }));
         self.emit(Event::JobReassigned(JobEvent {
@@ -583,7 +591,7 @@ impl Ledger {
             node_id: Some(from.to_string()),
             attempt: Some(attempt),
             reason: Some("rejected".into()),
-            code: Some(r.code.clone()),
+            code: Some(code),
             ..JobEvent::default()
         }));
         self.queue.push_front(r.job_id.clone());
@@ -1463,5 +1471,28 @@ mod tests {
         );
         assert_eq!((c.bytes_out, c.bytes_in, c.fence), (14, 11, 1));
         assert_eq!(c.duration_ms, 100, "no more than the Home saw pass");
+    }
+
+    #[test]
+    fn a_worker_cannot_grow_the_home_s_records_with_a_long_refusal_code() {
+        let (me, caps, w) = (NodeId::parse("home").expect("id"), Map::new(), worker());
+        let no_local = JobsConfig { kinds: Vec::new(), ..config() };
+        let mut ledger = Ledger::new(no_local, Default::default());
+        let id = ledger.submit(spec(None), &env(10, &me, &caps, &w)).expect("admitted").id;
+        ledger.take();
+        let w1 = NodeId::parse("w1").expect("id");
+        let rejection = Rejection { job_id: id.clone(), fence: 1, code: "busy".repeat(2_500) };
+        ledger.on_message(&w1, 11, JobMessage::Rejected(rejection), &env(11, &me, &caps, &w));
+        let outs = ledger.take();
+        let reasons: Vec<Option<String>> = outs
+            .iter()
+            .filter_map(|o| match o {
+                Out::Contribution(c) => Some(c.reason.clone()),
+                Out::Persist(r) => r.attempts.last().map(|a| a.reason.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(!reasons.is_empty(), "{outs:?}");
+        assert!(reasons.iter().all(|r| r.as_deref() == Some("invalid")), "{reasons:?}");
     }
 }
