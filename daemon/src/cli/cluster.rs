@@ -10,8 +10,17 @@ const WIDTHS: [usize; 6] = [20, 10, 10, 32, 6, 8];
 const CAPS_WIDTH: usize = 40;
 const DASH: &str = "—";
 
-/// Renders a `/state/cluster` body as text at `now_ms`, with times in `tz`.
+/// Renders a `/state/cluster` body as text at `now_ms`, with times in `tz`, in the reference
+/// layout (fixed widths, long cells cut).
 pub fn render<Tz: TimeZone>(view: &ClusterView, now_ms: i64, tz: &Tz) -> String
+where
+    Tz::Offset: Display,
+{
+    render_as(view, now_ms, tz, false)
+}
+
+/// [`render`], or with `wide` every column as wide as its longest cell and nothing cut.
+pub fn render_as<Tz: TimeZone>(view: &ClusterView, now_ms: i64, tz: &Tz, wide: bool) -> String
 where
     Tz::Offset: Display,
 {
@@ -35,32 +44,44 @@ where
         out.push_str("  (no nodes advertised)\n");
         return out;
     }
-    row(
-        &mut out,
-        ["ID", "Role", "Health", "Last Seen", "Stale", "Models"].map(String::from),
-        "Capabilities",
-    );
-    for node in nodes {
-        let cells = [
-            id_cell(node),
-            node.role.to_lowercase(),
-            node.health.clone().unwrap_or_else(|| DASH.to_owned()),
-            last_seen(node, now_ms, tz),
-            stale(node, ttl, now_ms).to_owned(),
-            models(node.models.as_ref()),
-        ];
-        row(&mut out, cells, &capabilities(node.capabilities.as_ref()));
+    let header = ["ID", "Role", "Health", "Last Seen", "Stale", "Models"].map(String::from);
+    let rows: Vec<([String; 6], String)> = nodes
+        .iter()
+        .map(|node| {
+            let cells = [
+                id_cell(node),
+                node.role.to_lowercase(),
+                node.health.clone().unwrap_or_else(|| DASH.to_owned()),
+                last_seen(node, now_ms, tz),
+                stale(node, ttl, now_ms).to_owned(),
+                models(node.models.as_ref()),
+            ];
+            (cells, capabilities_as(node.capabilities.as_ref(), wide))
+        })
+        .collect();
+    let widths = if wide {
+        std::array::from_fn(|i| {
+            let longest = rows.iter().map(|(c, _)| c[i].chars().count()).max().unwrap_or(0);
+            longest.max(header[i].chars().count())
+        })
+    } else {
+        WIDTHS
+    };
+    row(&mut out, &header, "Capabilities", widths, wide);
+    for (cells, caps) in &rows {
+        row(&mut out, cells, caps, widths, wide);
     }
     out
 }
 
-fn row(out: &mut String, cells: [String; 6], last: &str) {
-    for (i, (cell, width)) in cells.iter().zip(WIDTHS).enumerate() {
+fn row(out: &mut String, cells: &[String; 6], last: &str, widths: [usize; 6], wide: bool) {
+    for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
         // The Stale column is never truncated.
-        let cell = if i == 4 { cell.clone() } else { truncate(cell, width) };
+        let cell = if i == 4 || wide { cell.clone() } else { truncate(cell, width) };
         let _ = write!(out, "{cell:<width$} ");
     }
-    let _ = writeln!(out, "{}", truncate(last, CAPS_WIDTH));
+    let last = if wide { last.to_owned() } else { truncate(last, CAPS_WIDTH) };
+    let _ = writeln!(out, "{last}");
 }
 
 /// Cuts `s` to `width` characters, the last one `…`.
@@ -160,7 +181,8 @@ fn models(models: Option<&Value>) -> String {
     }
 }
 
-fn capabilities(caps: Option<&Value>) -> String {
+/// The Capabilities cell: at most three keys or items, or with `all` every one.
+fn capabilities_as(caps: Option<&Value>, all: bool) -> String {
     let Some(caps) = caps else { return DASH.to_owned() };
     let (mut items, total): (Vec<String>, usize) = match caps {
         Value::Object(m) => {
@@ -181,9 +203,11 @@ fn capabilities(caps: Option<&Value>) -> String {
     if total == 0 {
         return DASH.to_owned();
     }
-    items.truncate(3);
-    if total > 3 {
-        items.push("…".into());
+    if !all {
+        items.truncate(3);
+        if total > 3 {
+            items.push("…".into());
+        }
     }
     items.join(",")
 }
@@ -264,5 +288,24 @@ worker-gpu-01        edge       ok         2025-10-16 13:58:01 +00:00 (2m … no
         assert_eq!(cut.chars().count(), 20);
         assert!(cut.ends_with('…'));
         assert_eq!(truncate("short", 20), "short");
+    }
+
+    #[test]
+    fn wide_shows_every_cell_whole() {
+        let utc = chrono::Utc;
+        let view = serde_json::json!({"nodes":[{"id":"worker-gpu-01-with-a-long-name","role":"edge",
+            "health":"ok","last_seen_ms": NOW - 47_000,
+            "capabilities":{"arch":"x","arw_version":"y","cpu":{},"declared":[],"gpus":[]}}],
+            "generated_ms": NOW, "ttl_seconds": 360});
+        let view: ClusterView = serde_json::from_value(view).expect("a cluster view");
+        let narrow = render(&view, NOW, &utc);
+        assert!(
+            !narrow.contains("(47s ago)") && narrow.contains("worker-gpu-01-with-…"),
+            "{narrow}"
+        );
+        let wide = render_as(&view, NOW, &utc, true);
+        assert!(wide.contains("(47s ago)"), "{wide}");
+        assert!(wide.contains("worker-gpu-01-with-a-long-name "), "{wide}");
+        assert!(wide.trim_end().ends_with("arch,arw_version,cpu,declared,gpus"), "{wide}");
     }
 }

@@ -74,6 +74,7 @@ enum Command {
 
 const STATE_EXAMPLES: &str = "Examples:
   arw-cli state cluster                          every node this node knows, as a table
+  arw-cli state cluster --wide                   the same, no cell cut short
   arw-cli state cluster --json | jq '.nodes[] | {id, health}'
   arw-cli state cluster --base http://10.0.0.5:8091 --admin-token \"$TOKEN\"
   arw-cli state runtime-matrix                   every node's runtimes: ready, degraded, quarantined
@@ -168,7 +169,14 @@ enum StateCommand {
     /// Nodes this node knows, with health, last-seen times and stale markers.
     ///
     /// Example: arw-cli state cluster --base http://127.0.0.1:8091 --json --pretty
-    Cluster(JsonOutput),
+    Cluster {
+        /// Every column as wide as its longest cell, nothing cut (the default is the fixed
+        /// reference layout).
+        #[arg(long)]
+        wide: bool,
+        #[command(flatten)]
+        out: JsonOutput,
+    },
     /// Every node's runtimes (built-in kinds, configured programs): health, faults of the
     /// budget, kinds, and for a quarantined one how long until it runs again.
     ///
@@ -258,13 +266,14 @@ impl Cli {
         let timeout = Duration::from_secs(self.conn.timeout);
         let base = &self.conn.base;
         match self.command {
-            Command::State(StateCommand::Cluster(out)) => {
+            Command::State(StateCommand::Cluster { wide, out }) => {
                 let client = Client::new(base, token, timeout)?;
                 if out.json {
                     return Ok(json_text(&client.get("/state/cluster").await?, out.pretty));
                 }
                 let view: ClusterView = client.get("/state/cluster").await?;
-                Ok(cluster::render(&view, chrono::Utc::now().timestamp_millis(), &chrono::Local))
+                let now = chrono::Utc::now().timestamp_millis();
+                Ok(cluster::render_as(&view, now, &chrono::Local, wide))
             }
             Command::State(StateCommand::RuntimeMatrix { node_id, out }) => {
                 let client = Client::new(base, token, timeout)?;
