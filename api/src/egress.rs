@@ -67,6 +67,10 @@ pub struct EgressItem {
     /// Offloads: the worker's run time (ms); proxied requests: how long the connection lasted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// Offloads: the CPU time the worker measured for the run (ms; a program's, not a
+    /// built-in kind's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
     /// The job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<String>,
@@ -92,6 +96,8 @@ pub struct EgressTotals {
     pub completed: u64,
     /// Its run time for them (ms).
     pub run_ms: u64,
+    /// The CPU time it measured for them (ms).
+    pub cpu_ms: u64,
     /// Input bytes sent to it.
     pub job_bytes_out: u64,
     /// Output bytes it returned.

@@ -87,6 +87,7 @@ impl Entry {
                 bytes_in: c.bytes_in,
                 bytes_out: c.bytes_out,
                 duration_ms: Some(c.duration_ms),
+                cpu_ms: c.cpu_ms,
                 job_id: Some(c.job_id.clone()),
                 kind: Some(c.kind.clone()),
                 attempt: Some(c.attempt),
@@ -105,6 +106,7 @@ impl Entry {
                 bytes_in: r.bytes_in,
                 bytes_out: r.bytes_out,
                 duration_ms: Some(r.duration_ms),
+                cpu_ms: None,
                 job_id: r.job_id.clone(),
                 kind: None,
                 attempt: None,
@@ -147,12 +149,24 @@ impl Ledger {
                  job_id      TEXT,
                  kind        TEXT,
                  attempt     INTEGER,
-                 outcome     TEXT
+                 outcome     TEXT,
+                 cpu_ms      INTEGER
              );
-             CREATE INDEX IF NOT EXISTS egress_time ON egress (time_ms);
-             -- Covers the per-node totals, so they read the index alone.
-             CREATE INDEX IF NOT EXISTS egress_totals ON egress
-                 (node_id, time_ms, decision, outcome, bytes_in, bytes_out, duration_ms);",
+             CREATE INDEX IF NOT EXISTS egress_time ON egress (time_ms);",
+        )
+        .map_err(err)?;
+        // A ledger written before runs' CPU time was kept gains the column.
+        let has_cpu = conn.prepare("SELECT cpu_ms FROM egress LIMIT 0").is_ok();
+        if !has_cpu {
+            conn.execute_batch("ALTER TABLE egress ADD COLUMN cpu_ms INTEGER").map_err(err)?;
+        }
+        // Covers the per-node totals, so they read the index alone (replacing the narrower
+        // indexes of earlier ledgers).
+        conn.execute_batch(
+            "DROP INDEX IF EXISTS egress_node;
+             DROP INDEX IF EXISTS egress_totals;
+             CREATE INDEX IF NOT EXISTS egress_node_totals ON egress
+                 (node_id, time_ms, decision, outcome, bytes_in, bytes_out, duration_ms, cpu_ms);",
         )
         .map_err(err)?;
         let (newest, rows): (i64, i64) = conn
@@ -178,7 +192,7 @@ impl Ledger {
 }
 
 const COLUMNS: &str = "id, time_ms, decision, reason, node_id, dest_host, dest_port, protocol, \
-                       bytes_in, bytes_out, duration_ms, job_id, kind, attempt, outcome";
+                       bytes_in, bytes_out, duration_ms, job_id, kind, attempt, outcome, cpu_ms";
 
 fn row_to_item(row: &rusqlite::Row<'_>) -> rusqlite::Result<EgressItem> {
     let time_ms: i64 = row.get(1)?;
@@ -203,6 +217,7 @@ fn row_to_item(row: &rusqlite::Row<'_>) -> rusqlite::Result<EgressItem> {
         kind: row.get(12)?,
         attempt: row.get::<_, Option<i64>>(13)?.and_then(|a| u32::try_from(a).ok()),
         outcome: row.get(14)?,
+        cpu_ms: row.get::<_, Option<i64>>(15)?.and_then(|c| u64::try_from(c).ok()),
     })
 }
 
@@ -222,11 +237,12 @@ impl EgressLog for Ledger {
             .map_err(|e| e.to_string())?;
         let sum = |expr: &str| format!("coalesce(sum({expr}), 0)");
         let sql = format!(
-            "SELECT node_id, {}, {}, {}, {}, {}, {}, {}, {}, {} FROM egress WHERE {wanted} \
+            "SELECT node_id, {}, {}, {}, {}, {}, {}, {}, {}, {}, {} FROM egress WHERE {wanted} \
              GROUP BY node_id ORDER BY node_id",
             sum("decision = 'offload'"),
             sum("decision = 'offload' AND outcome = 'completed'"),
             sum("CASE WHEN decision = 'offload' THEN duration_ms END"),
+            sum("CASE WHEN decision = 'offload' THEN cpu_ms END"),
             sum("CASE WHEN decision = 'offload' THEN bytes_out END"),
             sum("CASE WHEN decision = 'offload' THEN bytes_in END"),
             sum("decision = 'allow'"),
@@ -245,12 +261,13 @@ impl EgressLog for Ledger {
                     offloads: n(1)?,
                     completed: n(2)?,
                     run_ms: n(3)?,
-                    job_bytes_out: n(4)?,
-                    job_bytes_in: n(5)?,
-                    requests: n(6)?,
-                    denied: n(7)?,
-                    net_bytes_out: n(8)?,
-                    net_bytes_in: n(9)?,
+                    cpu_ms: n(4)?,
+                    job_bytes_out: n(5)?,
+                    job_bytes_in: n(6)?,
+                    requests: n(7)?,
+                    denied: n(8)?,
+                    net_bytes_out: n(9)?,
+                    net_bytes_in: n(10)?,
                 })
             })
             .map_err(|e| e.to_string())?
@@ -421,7 +438,7 @@ fn append(
             let mut insert = tx
                 .prepare_cached(&format!(
                     "INSERT INTO egress ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, \
-                     ?11, ?12, ?13, ?14)",
+                     ?11, ?12, ?13, ?14, ?15)",
                     COLUMNS.trim_start_matches("id, ")
                 ))
                 .map_err(|e| e.to_string())?;
@@ -444,6 +461,7 @@ fn append(
                         i.kind,
                         i.attempt,
                         i.outcome,
+                        i.cpu_ms.map(n),
                     ])
                     .map_err(|e| e.to_string())?;
                 appended.push((tx.last_insert_rowid(), entry));

@@ -85,12 +85,15 @@ async fn attempt(run: Run, programs: Programs) -> Finished {
     let work = async {
         match spec {
             Some(spec) => program(spec, &run, &programs).await,
-            None => builtin(&run.kind, &run.input).await,
+            None => {
+                let (ok, output) = builtin(&run.kind, &run.input).await;
+                (ok, output, None)
+            }
         }
     };
-    let (ok, output) = match tokio::time::timeout(budget, work).await {
+    let (ok, output, cpu_ms) = match tokio::time::timeout(budget, work).await {
         Ok(result) => result,
-        Err(_) => (false, json!({"error": "timeout", "timeout_ms": budget_ms})),
+        Err(_) => (false, json!({"error": "timeout", "timeout_ms": budget_ms}), None),
     };
     // A built-in kind fails only on its input; a program that fails is the runtime failing,
     // unless its arguments could not be made from the input.
@@ -106,7 +109,16 @@ async fn attempt(run: Run, programs: Programs) -> Finished {
         }),
     };
     let finished_ms = now_ms();
-    Finished { job_id: run.job_id, fence: run.fence, ok, output, started_ms, finished_ms, fault }
+    Finished {
+        job_id: run.job_id,
+        fence: run.fence,
+        ok,
+        output,
+        started_ms,
+        finished_ms,
+        fault,
+        cpu_ms,
+    }
 }
 
 /// The argument list for `run`: `{input}` and `{input.<field>}` filled in, nothing else
@@ -153,8 +165,9 @@ impl Drop for Group {
 
 /// Runs an external program for `run`: no shell, an empty environment but the job's ids, a
 /// fresh working directory, its own process group, stdout capped.
-async fn program(spec: &ExecSpec, run: &Run, programs: &Programs) -> (bool, Value) {
-    let fail = |error: &str, detail: String| (false, json!({"error": error, "detail": detail}));
+async fn program(spec: &ExecSpec, run: &Run, programs: &Programs) -> (bool, Value, Option<u64>) {
+    let fail =
+        |error: &str, detail: String| (false, json!({"error": error, "detail": detail}), None);
     let args = match arguments(&spec.argv, &run.input) {
         Ok(args) => args,
         Err(e) => return fail("bad_input", e),
@@ -213,6 +226,11 @@ async fn program(spec: &ExecSpec, run: &Run, programs: &Programs) -> (bool, Valu
     if stdout.len() > cap {
         return fail("output_too_large", format!("stdout over {cap} bytes"));
     }
+    // Its CPU time, read once it has exited and before it is reaped.
+    let cpu_ms = match child.id() {
+        Some(pid) => tokio::task::spawn_blocking(move || cpu_at_exit(pid)).await.ok().flatten(),
+        None => None,
+    };
     let status = match child.wait().await {
         Ok(status) => status,
         Err(e) => return fail("wait_failed", e.to_string()),
@@ -224,7 +242,21 @@ async fn program(spec: &ExecSpec, run: &Run, programs: &Programs) -> (bool, Valu
         "stderr": String::from_utf8_lossy(&stderr),
         "exit_code": status.code(),
     });
-    (status.success(), output)
+    (status.success(), output, cpu_ms)
+}
+
+/// Waits for process `pid` (a child of this one) to exit without reaping it, then reads the
+/// CPU time it and the children it waited for used, from `/proc/<pid>/stat` (ms).
+fn cpu_at_exit(pid: u32) -> Option<u64> {
+    use rustix::process::{Pid, WaitId, WaitIdOptions, waitid};
+    let pid = Pid::from_raw(i32::try_from(pid).ok()?)?;
+    waitid(WaitId::Pid(pid), WaitIdOptions::EXITED | WaitIdOptions::NOWAIT).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): utime, stime, cutime, cstime are
+    // the 12th to 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = (11..15).filter_map(|i| fields.get(i)?.parse::<u64>().ok()).sum();
+    Some(ticks * 1000 / rustix::param::clock_ticks_per_second().max(1))
 }
 
 /// Stderr kept per run.
@@ -352,6 +384,22 @@ mod tests {
             0,
             "run directories removed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_program_s_cpu_time_is_measured_a_built_in_kind_s_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // About a tenth of a second of the shell's own CPU.
+        let busy = "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done";
+        let p = programs(dir.path(), "busy", &["/bin/sh", "-c", busy]);
+        let done = attempt(run("busy", json!({}), 60_000), p).await;
+        assert!(done.ok, "{:?}", done.output);
+        let cpu = done.cpu_ms.expect("measured");
+        let wall = done.finished_ms - done.started_ms;
+        assert!(cpu >= 20 && cpu <= wall + 20, "cpu {cpu} ms in {wall} ms");
+        let p = programs(dir.path(), "none", &[]);
+        let done = attempt(run("echo", json!({"a": 1}), 10_000), p).await;
+        assert_eq!((done.ok, done.cpu_ms), (true, None));
     }
 
     #[tokio::test]

@@ -268,6 +268,14 @@ fn a_worker_s_proxy_records_its_jobs_requests_and_refuses_what_the_home_s_policy
     assert_eq!(deny["job_id"], denied, "{deny}");
     assert_eq!(deny["node_id"], "w1");
     assert!(deny["reason"].as_str().is_some_and(|r| r.contains("no-egress")), "{deny}");
+    // The Home's ledger has both offloads, with the CPU time w1 measured for each run.
+    let (_, home_view) = home.get("/state/egress");
+    let offloads: Vec<&Value> = home_view["items"]
+        .as_array()
+        .map(|i| i.iter().filter(|x| x["decision"] == "offload").collect())
+        .unwrap_or_default();
+    assert_eq!(offloads.len(), 2, "{home_view}");
+    assert!(offloads.iter().all(|o| o["node_id"] == "w1" && o["cpu_ms"].is_u64()), "{home_view}");
     let (_, view) = w1.get("/state/egress");
     let totals = &view["totals"][0];
     assert_eq!((&totals["requests"], &totals["denied"]), (&json!(1), &json!(1)), "{view}");

@@ -273,6 +273,7 @@ impl Sim {
                     started_ms: now,
                     finished_ms: now,
                     fault: None,
+                    cpu_ms: None,
                 };
                 self.worker_env(i, |w, env| w.finished(finished, env));
             }

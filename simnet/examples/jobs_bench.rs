@@ -276,6 +276,7 @@ fn place_bench(workers: usize, rounds: usize) {
                 output: json!(null),
                 started_ms: now,
                 finished_ms: now,
+                cpu_ms: None,
             };
             ledger.on_message(&node, now, JobMessage::Complete(done), &env);
             ledger.take();
@@ -352,6 +353,7 @@ async fn start(
                         started_ms,
                         finished_ms: now_ms(),
                         fault: None,
+                        cpu_ms: None,
                     };
                     let _ = executor.job_finished(done).await;
                 });

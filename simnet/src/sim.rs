@@ -809,6 +809,7 @@ impl<'a> Trial<'a> {
                     started_ms,
                     finished_ms: now_ms,
                     fault: None,
+                    cpu_ms: None,
                 };
                 self.commands += 1;
                 let command = Command::JobFinished(Box::new(done));

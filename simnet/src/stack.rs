@@ -504,6 +504,7 @@ impl Executor {
                             started_ms,
                             finished_ms: arw_p2p::time::now_ms(),
                             fault: None,
+                            cpu_ms: None,
                         };
                         let _ = handle.job_finished(done).await;
                     });

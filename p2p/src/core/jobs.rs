@@ -43,6 +43,11 @@ impl Workers for Members<'_> {
     fn boot(&self, node: &NodeId) -> Option<u64> {
         self.members.get(node)?.record.advert.jobs.as_ref().map(|j| j.boot)
     }
+
+    fn cpu_threads(&self, node: &NodeId) -> Option<u64> {
+        let caps = &self.members.get(node)?.record.advert.capabilities;
+        caps.get("cpu")?.get("threads")?.as_u64()
+    }
 }
 
 impl NodeCore {

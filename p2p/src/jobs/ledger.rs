@@ -119,6 +119,14 @@ pub trait Workers {
             .find(|(a, _, _)| a.id == *node)
             .and_then(|(a, _, _)| a.jobs.as_ref().map(|j| j.boot))
     }
+
+    /// The CPU threads `node` advertises (`capabilities.cpu.threads`).
+    fn cpu_threads(&self, node: &NodeId) -> Option<u64> {
+        self.list()
+            .into_iter()
+            .find(|(a, _, _)| a.id == *node)
+            .and_then(|(a, _, _)| a.capabilities.get("cpu")?.get("threads")?.as_u64())
+    }
 }
 
 /// No workers (a node that is not the Home).
@@ -428,7 +436,8 @@ impl Ledger {
                 duration_ms: Some(took),
             }));
         }
-        self.conclude(&done.job_id, done.ok, done.output, Some(took), env);
+        let ran = Ran { took: Some(took), cpu_ms: done.cpu_ms };
+        self.conclude(&done.job_id, done.ok, done.output, ran, env);
         self.pump(env);
     }
 
@@ -650,7 +659,12 @@ impl Ledger {
         let offered = live.rec.attempts.last().map_or(env.now, |a| a.started);
         let took = c.finished_ms.saturating_sub(c.started_ms).min(env.now.saturating_sub(offered));
         self.release(from);
-        self.conclude(&c.job_id, c.ok, c.output, Some(took), env);
+        // And no more CPU time than its advertised threads (64 when it names none) could use
+        // in that time.
+        let threads = env.workers.cpu_threads(from).unwrap_or(64).clamp(1, 4_096);
+        let cpu_ms = c.cpu_ms.map(|cpu| cpu.min(took.saturating_mul(threads)));
+        let ran = Ran { took: Some(took), cpu_ms };
+        self.conclude(&c.job_id, c.ok, c.output, ran, env);
         self.pump(env);
     }
 
@@ -956,9 +970,10 @@ impl Ledger {
     }
 
     /// The current attempt ended with a result.
-    fn conclude(&mut self, id: &str, ok: bool, output: Value, took: Option<u64>, env: &Env<'_>) {
+    fn conclude(&mut self, id: &str, ok: bool, output: Value, ran: Ran, env: &Env<'_>) {
         let state = if ok { "completed" } else { "failed" };
-        self.end_attempt_with(id, state, None, env.now, Some((json_len(&output), took)));
+        self.end_attempt_with(id, state, None, env.now, Some((json_len(&output), ran)));
+        let took = ran.took;
         let Some(mut live) = self.live.remove(id) else { return };
         let rec = &mut live.rec;
         let mut event = JobEvent {
@@ -1042,7 +1057,7 @@ impl Ledger {
         state: &str,
         reason: Option<&str>,
         now: u64,
-        returned: Option<(u64, Option<u64>)>,
+        returned: Option<(u64, Ran)>,
     ) {
         let Some(live) = self.live.get_mut(id) else { return };
         let Some(a) = live.rec.attempts.last_mut().filter(|a| a.ended.is_none()) else { return };
@@ -1054,7 +1069,7 @@ impl Ledger {
         if rec.placement != Some(Site::Remote) {
             return;
         }
-        let (bytes_in, took) = returned.unwrap_or((0, None));
+        let (bytes_in, ran) = returned.unwrap_or((0, Ran::default()));
         let contribution = super::Contribution {
             job_id: id.to_owned(),
             kind: rec.kind.clone(),
@@ -1065,7 +1080,8 @@ impl Ledger {
             reason: reason.map(str::to_owned),
             bytes_out: json_len(&rec.input),
             bytes_in,
-            duration_ms: took.unwrap_or(now.saturating_sub(a.started)),
+            duration_ms: ran.took.unwrap_or(now.saturating_sub(a.started)),
+            cpu_ms: ran.cpu_ms,
             ended_ms: now,
         };
         self.out.push(Out::Contribution(Box::new(contribution)));
@@ -1122,6 +1138,13 @@ impl Ledger {
         let h = hex::encode(&digest[..16]);
         format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
     }
+}
+
+/// What an attempt that ended with a result used: its run time and CPU time, as reported.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ran {
+    took: Option<u64>,
+    cpu_ms: Option<u64>,
 }
 
 /// Bytes of `value` as JSON text.
@@ -1408,6 +1431,7 @@ mod tests {
             output: serde_json::json!("forged"),
             started_ms: 12,
             finished_ms: 12,
+            cpu_ms: None,
         };
         ledger.on_message(&liar, 12, JobMessage::Complete(forged), &env(12, &me, &caps, &w));
         let renew = Renew { jobs: vec![accepted.clone()] };
@@ -1453,6 +1477,7 @@ mod tests {
             output: serde_json::json!({"n": 12345}),
             started_ms: 0,
             finished_ms: 86_400_000,
+            cpu_ms: Some(86_400_000),
         };
         ledger.on_message(&w1, 110, JobMessage::Complete(done), &env(110, &me, &caps, &w));
         let contributions: Vec<_> = ledger
@@ -1471,6 +1496,8 @@ mod tests {
         );
         assert_eq!((c.bytes_out, c.bytes_in, c.fence), (14, 11, 1));
         assert_eq!(c.duration_ms, 100, "no more than the Home saw pass");
+        // Nor more CPU than 64 threads (it names none) could use in that time.
+        assert_eq!(c.cpu_ms, Some(6_400));
     }
 
     #[test]

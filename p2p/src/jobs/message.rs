@@ -151,6 +151,9 @@ pub struct Complete {
     pub started_ms: u64,
     /// Ended (worker's clock).
     pub finished_ms: u64,
+    /// CPU time the run used, where the worker measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
 }
 
 /// Signs `message` from `node` for `workspace`.

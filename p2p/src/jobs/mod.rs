@@ -486,6 +486,8 @@ pub struct Contribution {
     pub bytes_in: u64,
     /// The run time the worker reported, else from the assignment to the end (ms).
     pub duration_ms: u64,
+    /// The CPU time the worker reported for the run (ms); none when it measured none.
+    pub cpu_ms: Option<u64>,
     /// When it ended here (ms).
     pub ended_ms: u64,
 }
@@ -509,6 +511,9 @@ pub struct Finished {
     /// too much): what happened. Counted against the runtime's failure budget; a job that
     /// failed on its own input has none.
     pub fault: Option<String>,
+    /// CPU time the run used (its process and the children it waited for), where the executor
+    /// can measure it (a program; not a built-in kind).
+    pub cpu_ms: Option<u64>,
 }
 
 /// Whether `kind` matches `pattern`, where `*` stands for any run of characters.

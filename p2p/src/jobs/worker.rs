@@ -282,6 +282,7 @@ impl Worker {
             output: done.output,
             started_ms: done.started_ms,
             finished_ms: done.finished_ms,
+            cpu_ms: done.cpu_ms,
         };
         if self.outbox.len() >= OUTBOX_MAX {
             // Full: the oldest result goes (the Home has long reassigned its job).

@@ -303,6 +303,7 @@ impl Actor {
                     started_ms: now,
                     finished_ms: now,
                     fault: Some("no executor".into()),
+                    cpu_ms: None,
                 };
                 let sent = self
                     .executor
