@@ -243,13 +243,7 @@ async fn main() {
                 .await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let mut delivery = Vec::new();
-        while let Ok((s, at)) = seen.try_recv() {
-            if let Some(t) = sent_at.get(&s) {
-                delivery.push(at.duration_since(*t).as_secs_f64() * 1000.0);
-            }
-        }
-        delivery.sort_by(f64::total_cmp);
+        let delivery = hostile::delivery(&mut seen, &sent_at);
         let secs_taken = start.elapsed().as_secs_f64();
         println!(
             "{:<14} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>7} {:>5} {:>9} {:>6.2}  {:?}",

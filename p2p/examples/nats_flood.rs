@@ -183,13 +183,7 @@ async fn main() {
         }
         let _ = tokio::join!(publisher.flush(), flooder.flush());
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let mut delivery = Vec::new();
-        while let Ok((s, at)) = seen.try_recv() {
-            if let Some(t) = sent_at.get(&s) {
-                delivery.push(at.duration_since(*t).as_secs_f64() * 1000.0);
-            }
-        }
-        delivery.sort_by(f64::total_cmp);
+        let delivery = hostile::delivery(&mut seen, &sent_at);
         let phase = Phase {
             missed: (sent_at.len() * n).saturating_sub(delivery.len()),
             delivery,

@@ -36,6 +36,22 @@ pub fn bad_signature(message: &Message) -> Vec<u8> {
     v.to_string().into_bytes()
 }
 
+/// Delivery times (ms, sorted) of the adverts `seen` arriving, each from when its `seq` was
+/// sent (`sent_at`); arrivals of adverts not in `sent_at` are left out.
+pub fn delivery(
+    seen: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, std::time::Instant)>,
+    sent_at: &std::collections::BTreeMap<u64, std::time::Instant>,
+) -> Vec<f64> {
+    let mut delivery = Vec::new();
+    while let Ok((s, at)) = seen.try_recv() {
+        if let Some(t) = sent_at.get(&s) {
+            delivery.push(at.duration_since(*t).as_secs_f64() * 1000.0);
+        }
+    }
+    delivery.sort_by(f64::total_cmp);
+    delivery
+}
+
 /// Honest nodes (ids `w<n>`) judged `suspect` / `down` by another, counted from events.
 #[derive(Debug, Clone, Default)]
 pub struct Judged {
