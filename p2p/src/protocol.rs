@@ -67,6 +67,8 @@ pub struct Protocol {
     policy: PolicyState,
     /// `seq` of the latest advert this node signed.
     seq: u64,
+    /// The highest `seq` handed out for an advert (signed once it is on disk).
+    reserved: u64,
     /// Heartbeats (and leaves) since that advert.
     beat: u64,
     /// The latest advert as sent, for sync answers and re-sends.
@@ -106,6 +108,7 @@ impl Protocol {
             membership,
             policy,
             seq: last_seq,
+            reserved: last_seq,
             beat: 0,
             own_advert: None,
             outbox: Vec::new(),
@@ -205,9 +208,11 @@ impl Protocol {
         self.seq
     }
 
-    /// The seq the next advert must carry at `now_ms`: wall-clock derived, never below the last.
-    pub fn next_seq(&self, now_ms: u64) -> u64 {
-        now_ms.max(self.seq + 1)
+    /// Hands out the seq the next advert must carry at `now_ms`: wall-clock derived, above
+    /// every seq handed out before (an advert waiting for its seq to reach the disk included).
+    pub fn next_seq(&mut self, now_ms: u64) -> u64 {
+        self.reserved = now_ms.max(self.seq.max(self.reserved) + 1);
+        self.reserved
     }
 
     /// The latest advert envelope, as sent.
@@ -563,6 +568,16 @@ mod tests {
     }
 
     #[test]
+    fn adverts_waiting_for_the_disk_never_share_a_seq() {
+        let now = 1_800_000_000_000;
+        let mut a = protocol("a", 1);
+        let (first, second) = (a.next_seq(now), a.next_seq(now));
+        assert!(second > first, "both handed out before either is signed");
+        a.seal_advert(&advert("a", first, now));
+        assert!(a.next_seq(now) > second);
+    }
+
+    #[test]
     fn a_heartbeat_announcing_a_newer_policy_leads_to_it() {
         let now = 1_800_000_000_000;
         let (mut home, mut worker) = (protocol("home", 1), protocol("w1", 2));
@@ -594,7 +609,8 @@ mod tests {
     fn the_policy_s_roster_replaces_a_first_use_binding() {
         let now = 1_800_000_000_000;
         let (mut home, mut worker) = (protocol("home", 1), protocol("w1", 2));
-        let home_advert = home.seal_advert(&home_advert(home.next_seq(now), now));
+        let seq = home.next_seq(now);
+        let home_advert = home.seal_advert(&home_advert(seq, now));
         assert_eq!(worker.receive(&home_advert, now).verdict, Verdict::Accept);
         let (owner, squatter) = (NodeKey::from_secret([3; 32]), NodeKey::from_secret([4; 32]));
         let claim =
@@ -633,7 +649,8 @@ mod tests {
         assert!(worker.policy().pin().is_none());
         assert!(worker.policy().behind(now), "a refused document raises nothing");
         // Once its advert says root, the same key's next document pins it.
-        let advert = pretender.seal_advert(&home_advert(pretender.next_seq(now), now));
+        let seq = pretender.next_seq(now);
+        let advert = pretender.seal_advert(&home_advert(seq, now));
         worker.receive(&advert, now);
         let (doc, _) = pretender.issue_policy(roster_only(roster), now);
         assert!(matches!(&worker.receive(&doc, now).changes[..], [Change::Policy(a)] if a.pinned));

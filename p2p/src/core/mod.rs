@@ -91,7 +91,7 @@ pub struct CommandId(pub u64);
 
 /// Identifies a write the core waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ticket(u64);
+pub struct Ticket(pub u64);
 
 /// Identifies where a sync answer goes (the executor keeps the reply channel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

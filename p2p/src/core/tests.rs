@@ -255,3 +255,96 @@ fn an_observer_offers_and_runs_no_jobs() {
     assert_eq!(a.jobs_advert(), None, "an observer advertises no jobs");
     assert_eq!(a.denied_here("work", T0 + 1), Some("role_denied"));
 }
+
+/// Runs `input` as the node actor does: every write but the registry's succeeds at once; the
+/// registry's wait in `held` until [`finish_held`].
+fn drive_holding_registry(
+    core: &mut NodeCore,
+    input: Input,
+    now: u64,
+    held: &mut Vec<Ticket>,
+) -> Vec<Effect> {
+    let mut all = Vec::new();
+    let mut queue: std::collections::VecDeque<Effect> = core.handle(input, now).into();
+    while let Some(effect) = queue.pop_front() {
+        match &effect {
+            Effect::Persist { ticket, write: Write::Registry { .. } } => held.push(*ticket),
+            Effect::Persist { ticket, .. } => {
+                for follow in core.handle(Input::Persisted(*ticket, Ok(())), now).into_iter().rev()
+                {
+                    queue.push_front(follow);
+                }
+            }
+            _ => {}
+        }
+        all.push(effect);
+    }
+    all
+}
+
+/// The adverts among `effects`, as their seq.
+fn adverts_published(effects: &[Effect]) -> Vec<u64> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Publish(bytes) => match crate::wire::open(bytes, "lab") {
+                Ok(opened) => match opened.message {
+                    Message::Advert(advert) => Some(advert.seq),
+                    _ => None,
+                },
+                Err(_) => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_node_goes_on_while_the_registry_is_written_and_adverts_keep_their_order() {
+    let mut a = NodeCore::new(&config("a", 1), Restored::default());
+    drive(&mut a, Input::Start { addresses: Vec::new() }, T0);
+    let mut held = Vec::new();
+    let mut effects = Vec::new();
+    for (n, profile) in [(1, "performance"), (2, "balanced")] {
+        let command = Command::SetProfile(profile.into());
+        effects.extend(drive_holding_registry(
+            &mut a,
+            Input::Command(CommandId(n), command),
+            T0,
+            &mut held,
+        ));
+    }
+    assert_eq!(held.len(), 2, "each change waits for its advert's seq to be written");
+    assert!(adverts_published(&effects).is_empty(), "no advert before its seq is on disk");
+    assert!(!effects.iter().any(|e| matches!(e, Effect::Reply(..))), "{effects:?}");
+
+    // Meanwhile, a message is handled as usual.
+    let b = NodeKey::from_secret([2; 32]);
+    let advert = Advert::basic(NodeId::parse("b").expect("id"), "lab", T0, T0);
+    let bytes = seal(&b, "lab", &Message::Advert(advert));
+    let input = Input::Message { bytes, via: Inbound::Broker, opened: None };
+    drive_holding_registry(&mut a, input, T0, &mut held);
+    assert!(a.protocol.membership().members().contains_key("b"));
+
+    // The writes finish in order: each advert goes out, then the command is answered.
+    let mut done = Vec::new();
+    for ticket in std::mem::take(&mut held).into_iter().take(2) {
+        done.extend(drive_holding_registry(
+            &mut a,
+            Input::Persisted(ticket, Ok(())),
+            T0,
+            &mut held,
+        ));
+    }
+    let seqs = adverts_published(&done);
+    assert_eq!(seqs.len(), 2, "{done:?}");
+    assert!(seqs[0] < seqs[1], "the same millisecond, still two seqs: {seqs:?}");
+    let replies: Vec<_> = done
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply(id, Ok(_)) => Some(id.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies, [1, 2]);
+}

@@ -19,13 +19,13 @@ use tokio_util::sync::CancellationToken;
 use super::{BusConfig, Call, FederationConfig, NodeConfig, NodeError, Request, Snapshot};
 use super::{
     jobs_store::{JobReader, JobStore},
-    registry::RegistryStore,
+    registry::{RegistryStore, RegistryWrite, Written},
 };
 use crate::{
     capsule::{CapsuleSet, TrustStore},
     core::{
         ClusterStore, Command, CommandId, Effect, Input, NodeCore, Reply, ReplyTo, Restored,
-        Traced, Write,
+        Ticket, Traced, Write,
     },
     events::EventTx,
     persist,
@@ -40,6 +40,8 @@ use crate::{
 pub(super) const COMMAND_QUEUE: usize = 64;
 /// How long a graceful stop keeps the transport running so the leave goes out.
 const LEAVE_FLUSH: Duration = Duration::from_millis(300);
+/// How long a graceful stop waits for the registry writes in flight.
+const WRITES_FLUSH: Duration = Duration::from_secs(5);
 
 const HIERARCHY_FILE: &str = "hierarchy.json";
 const ROSTER_FILE: &str = "roster.json";
@@ -52,7 +54,10 @@ pub(super) struct Actor {
     transport: Option<Transport>,
     events: EventTx,
     state_dir: PathBuf,
-    registry: RegistryStore,
+    /// The registry's writer, and the outcomes of its writes.
+    registry: (mpsc::UnboundedSender<RegistryWrite>, mpsc::UnboundedReceiver<Written>),
+    /// Registry writes in flight.
+    writing: usize,
     jobs: JobStore,
     /// Where runs go.
     executor: Option<mpsc::UnboundedSender<crate::jobs::Exec>>,
@@ -97,7 +102,8 @@ impl Actor {
             transport,
             events,
             state_dir: config.state_dir,
-            registry,
+            registry: registry.writer(),
+            writing: 0,
             jobs,
             executor: config.executor,
             contributions: config.contributions,
@@ -113,6 +119,7 @@ impl Actor {
         };
         let addresses = actor.transport.as_ref().map(Transport::addresses).unwrap_or_default();
         actor.input(Input::Start { addresses }).await;
+        actor.settle().await;
         actor.publish_snapshot();
         Ok((actor, rx, reader))
     }
@@ -127,6 +134,7 @@ impl Actor {
                 biased;
                 () = cancel.cancelled() => break,
                 Some((request, reply)) = commands.recv() => self.request(request, reply).await,
+                Some((ticket, result)) = self.registry.1.recv() => self.written(ticket, result).await,
                 event = next_event(&mut self.transport) => self.on_transport(event).await,
                 () = sleep_until_some(self.wake) => {
                     self.wake = None;
@@ -142,6 +150,12 @@ impl Actor {
 
     async fn stop(&mut self) {
         self.input(Input::Stop).await;
+        if tokio::time::timeout(WRITES_FLUSH, self.settle()).await.is_err() {
+            tracing::warn!(
+                writes = self.writing,
+                "stopped before the registry's last writes finished"
+            );
+        }
         if self.transport.is_some() {
             let deadline = Instant::now() + LEAVE_FLUSH;
             while tokio::time::timeout_at(deadline, next_event(&mut self.transport)).await.is_ok() {
@@ -163,8 +177,32 @@ impl Actor {
         self.next_call += 1;
         self.calls.insert(id, reply);
         self.input(Input::Command(id, command)).await;
-        // A command the core has not answered (it always does) must not wait forever.
-        if let Some(reply) = self.calls.remove(&id) {
+        self.answer_stragglers();
+    }
+
+    /// A registry write finished: the core learns its outcome.
+    async fn written(&mut self, ticket: Ticket, result: Result<(), String>) {
+        self.writing = self.writing.saturating_sub(1);
+        self.input(Input::Persisted(ticket, result)).await;
+        self.answer_stragglers();
+    }
+
+    /// Waits for the registry writes in flight (and those their outcomes lead to).
+    async fn settle(&mut self) {
+        while self.writing > 0 {
+            let Some((ticket, result)) = self.registry.1.recv().await else { return };
+            self.written(ticket, result).await;
+        }
+    }
+
+    /// The core answers every command once the writes it waits for are done; a command still
+    /// unanswered when none is in flight (a bug in the core) must not wait forever.
+    fn answer_stragglers(&mut self) {
+        if self.writing > 0 {
+            return;
+        }
+        for (_, reply) in std::mem::take(&mut self.calls) {
+            tracing::error!("the node core left a command unanswered");
             let _ = reply.send(Err(NodeError::Stopped));
         }
     }
@@ -202,8 +240,10 @@ impl Actor {
         self.input(input).await;
     }
 
-    /// Hands `input` to the core and carries out the effects, in order. A write's outcome goes
-    /// back to the core at once, and what that brings is carried out before the rest.
+    /// Hands `input` to the core and carries out the effects, in order. A registry write goes
+    /// to the registry's writer and its outcome comes back later (see [`Actor::written`]);
+    /// another write's outcome goes back to the core at once, and what that brings is carried
+    /// out before the rest.
     async fn input(&mut self, input: Input) {
         let mut next = Some(input);
         while let Some(input) = next.take() {
@@ -281,7 +321,12 @@ impl Actor {
             Effect::Persist { write, ticket } => {
                 let result = match write {
                     Write::Registry { self_seq, upsert, remove } => {
-                        self.registry.write(self_seq, upsert, remove).await
+                        let write = RegistryWrite { ticket, self_seq, upsert, remove };
+                        if self.registry.0.send(write).is_ok() {
+                            self.writing += 1;
+                            return None;
+                        }
+                        Err(std::io::Error::other("the registry's writer has stopped"))
                     }
                     Write::Job(record) => self.jobs.write(&record),
                     other => write_state(self.state_dir.clone(), other).await,

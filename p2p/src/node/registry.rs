@@ -1,26 +1,43 @@
 //! The registry on disk (`cluster.sqlite`): this node's advert sequence and one row per known
-//! node. Writes are incremental (the members whose advert changed, the ones removed), in one
-//! transaction each, so their cost follows the change, not the size of the cluster. A
-//! `cluster_nodes.json` left by an earlier release is imported once.
+//! node. Writes are incremental (the members whose advert changed, the ones removed), so their
+//! cost follows the change, not the size of the cluster, and they are carried out by a writer
+//! of their own ([`RegistryStore::writer`]): the node goes on handling messages and timers
+//! while a write waits for the disk. A `cluster_nodes.json` left by an earlier release is
+//! imported once.
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-};
+use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::mpsc;
 
-use crate::{core::ClusterStore, membership::StoredMember, node_id::NodeId, persist};
+use crate::{
+    core::{ClusterStore, Ticket},
+    membership::StoredMember,
+    node_id::NodeId,
+    persist,
+};
 
 const FILE: &str = "cluster.sqlite";
 /// The registry file of earlier releases.
 const LEGACY_FILE: &str = "cluster_nodes.json";
 
 /// The open registry database.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct RegistryStore {
-    conn: Arc<Mutex<Connection>>,
+    conn: Connection,
 }
+
+/// One write the core asked for: the advert sequence and the changed members.
+#[derive(Debug)]
+pub(super) struct RegistryWrite {
+    pub ticket: Ticket,
+    pub self_seq: u64,
+    pub upsert: Vec<StoredMember>,
+    pub remove: Vec<NodeId>,
+}
+
+/// A write's outcome, for [`crate::core::Input::Persisted`].
+pub(super) type Written = (Ticket, Result<(), String>);
 
 impl RegistryStore {
     /// Opens (or creates) the registry in `dir` and reads it.
@@ -33,20 +50,26 @@ impl RegistryStore {
              CREATE TABLE IF NOT EXISTS members (id TEXT PRIMARY KEY, stored TEXT NOT NULL);",
         )
         .map_err(io)?;
-        let mut store = Self { conn: Arc::new(Mutex::new(conn)) };
+        let mut store = Self { conn };
         let legacy = dir.join(LEGACY_FILE);
         if let Some(old) = persist::load_json::<ClusterStore>(&legacy)? {
             let ids = old.nodes.iter().map(|m| m.record.advert.id.clone()).collect::<Vec<_>>();
             tracing::info!(nodes = ids.len(), "importing {LEGACY_FILE} into {FILE}");
-            store.write_now(old.self_seq, &old.nodes, &[])?;
+            let import = RegistryWrite {
+                ticket: Ticket(0),
+                self_seq: old.self_seq,
+                upsert: old.nodes,
+                remove: Vec::new(),
+            };
+            store.write_now(&[import])?;
             std::fs::rename(&legacy, dir.join(format!("{LEGACY_FILE}.imported")))?;
         }
         let loaded = store.read()?;
         Ok((store, loaded))
     }
 
-    fn read(&mut self) -> std::io::Result<ClusterStore> {
-        let conn = self.conn.lock().map_err(|_| poisoned())?;
+    fn read(&self) -> std::io::Result<ClusterStore> {
+        let conn = &self.conn;
         let self_seq: u64 = conn
             .query_row("SELECT value FROM meta WHERE key = 'self_seq'", [], |r| r.get(0))
             .optional()
@@ -69,44 +92,69 @@ impl RegistryStore {
         Ok(ClusterStore { self_seq, nodes })
     }
 
-    /// Writes the sequence and the changed members, off the async worker threads.
-    pub(super) async fn write(
-        &self,
-        self_seq: u64,
-        upsert: Vec<StoredMember>,
-        remove: Vec<NodeId>,
-    ) -> std::io::Result<()> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || store.write_now(self_seq, &upsert, &remove))
-            .await
-            .map_err(std::io::Error::other)?
+    /// Starts the writer: writes sent to it are carried out in the order sent, off the async
+    /// worker threads, those that queued up meanwhile together in one transaction; each
+    /// outcome comes back with its ticket. It stops once the sender is dropped and what was
+    /// sent is written.
+    pub(super) fn writer(
+        self,
+    ) -> (mpsc::UnboundedSender<RegistryWrite>, mpsc::UnboundedReceiver<Written>) {
+        let (writes, mut queue) = mpsc::unbounded_channel::<RegistryWrite>();
+        let (done, outcomes) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut store = Some(self);
+            while let Some(first) = queue.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = queue.try_recv() {
+                    batch.push(more);
+                }
+                let tickets: Vec<Ticket> = batch.iter().map(|w| w.ticket).collect();
+                let result = match store.take() {
+                    Some(mut s) => tokio::task::spawn_blocking(move || {
+                        let result = s.write_now(&batch);
+                        (s, result)
+                    })
+                    .await
+                    .map(|(s, result)| {
+                        store = Some(s);
+                        result.map_err(|e| e.to_string())
+                    })
+                    .unwrap_or_else(|e| Err(format!("{FILE}: the write panicked: {e}"))),
+                    None => Err(format!("{FILE}: closed after a write panicked")),
+                };
+                for ticket in tickets {
+                    if done.send((ticket, result.clone())).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (writes, outcomes)
     }
 
-    fn write_now(
-        &self,
-        self_seq: u64,
-        upsert: &[StoredMember],
-        remove: &[NodeId],
-    ) -> std::io::Result<()> {
-        let mut conn = self.conn.lock().map_err(|_| poisoned())?;
-        let tx = conn.transaction().map_err(io)?;
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('self_seq', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-            params![self_seq],
-        )
-        .map_err(io)?;
-        for member in upsert {
-            let stored = serde_json::to_string(member).map_err(std::io::Error::other)?;
+    /// Applies `writes` in order, in one transaction.
+    fn write_now(&mut self, writes: &[RegistryWrite]) -> std::io::Result<()> {
+        let tx = self.conn.transaction().map_err(io)?;
+        for write in writes {
             tx.execute(
-                "INSERT INTO members (id, stored) VALUES (?1, ?2)
-                 ON CONFLICT (id) DO UPDATE SET stored = excluded.stored",
-                params![member.record.advert.id.as_str(), stored],
+                "INSERT INTO meta (key, value) VALUES ('self_seq', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                params![write.self_seq],
             )
             .map_err(io)?;
-        }
-        for id in remove {
-            tx.execute("DELETE FROM members WHERE id = ?1", params![id.as_str()]).map_err(io)?;
+            for member in &write.upsert {
+                let stored = serde_json::to_string(member).map_err(std::io::Error::other)?;
+                tx.execute(
+                    "INSERT INTO members (id, stored) VALUES (?1, ?2)
+                     ON CONFLICT (id) DO UPDATE SET stored = excluded.stored",
+                    params![member.record.advert.id.as_str(), stored],
+                )
+                .map_err(io)?;
+            }
+            for id in &write.remove {
+                tx.execute("DELETE FROM members WHERE id = ?1", params![id.as_str()])
+                    .map_err(io)?;
+            }
         }
         tx.commit().map_err(io)
     }
@@ -114,10 +162,6 @@ impl RegistryStore {
 
 fn io(e: rusqlite::Error) -> std::io::Error {
     std::io::Error::other(format!("{FILE}: {e}"))
-}
-
-fn poisoned() -> std::io::Error {
-    std::io::Error::other(format!("{FILE}: a write panicked earlier"))
 }
 
 #[cfg(test)]
@@ -139,17 +183,41 @@ mod tests {
         }
     }
 
-    #[test]
-    fn writes_are_incremental_and_survive_a_reopen() {
+    fn write(
+        ticket: u64,
+        self_seq: u64,
+        upsert: Vec<StoredMember>,
+        remove: &[&str],
+    ) -> RegistryWrite {
+        let remove = remove.iter().map(|id| NodeId::parse(id).expect("id")).collect();
+        RegistryWrite { ticket: Ticket(ticket), self_seq, upsert, remove }
+    }
+
+    #[tokio::test]
+    async fn writes_are_carried_out_in_order_and_survive_a_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, empty) = RegistryStore::open(dir.path()).expect("open");
         assert_eq!((empty.self_seq, empty.nodes.len()), (0, 0));
-        store.write_now(7, &[member("a", 1), member("b", 1)], &[]).expect("write");
-        store.write_now(5, &[member("a", 2)], &[NodeId::parse("b").expect("id")]).expect("write");
-        drop(store);
+        let (writes, mut outcomes) = store.writer();
+        let sent = [
+            write(1, 7, vec![member("a", 1), member("b", 1)], &[]),
+            write(2, 5, vec![member("a", 2)], &["b"]),
+            write(3, 8, vec![member("b", 3)], &[]),
+            write(4, 9, vec![], &["b"]),
+        ];
+        for w in sent {
+            writes.send(w).expect("writer");
+        }
+        drop(writes);
+        let mut done = Vec::new();
+        while let Some((ticket, result)) = outcomes.recv().await {
+            result.expect("written");
+            done.push(ticket.0);
+        }
+        assert_eq!(done, [1, 2, 3, 4], "every outcome, in order; the writer stops when dropped");
         let (_, loaded) = RegistryStore::open(dir.path()).expect("reopen");
-        assert_eq!(loaded.self_seq, 7, "the sequence never goes back");
-        assert_eq!(loaded.nodes.len(), 1);
+        assert_eq!(loaded.self_seq, 9, "the sequence never goes back");
+        assert_eq!(loaded.nodes.len(), 1, "b removed last");
         assert_eq!(loaded.nodes[0].record.advert.seq, 2);
     }
 
