@@ -66,7 +66,7 @@ fn flood(kind: &str, n: u64) -> Vec<u8> {
         _ => {
             let mut advert = Advert::basic(id("w0"), "default", n + 1, now_ms());
             advert.tags = (0..40).map(|i| format!("{i:02}{}", "x".repeat(70))).collect();
-            hostile::bad_signature(&Message::Advert(advert))
+            hostile::bad_signature(&NodeKey::from_secret([77; 32]), &Message::Advert(advert))
         }
     }
 }

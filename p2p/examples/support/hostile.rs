@@ -17,17 +17,28 @@ pub fn id(s: &str) -> NodeId {
     NodeId::parse(s).expect("id")
 }
 
-/// Process CPU time (user + system) in seconds.
+/// This process's CPU time (user + system) in seconds.
+#[allow(dead_code, reason = "the NATS example measures its nodes' processes instead")]
 pub fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_secs_in("/proc/self/stat")
+}
+
+/// Process `pid`'s CPU time (user + system) in seconds.
+#[allow(dead_code, reason = "the mesh example measures its own process")]
+pub fn cpu_secs_of(pid: u32) -> f64 {
+    cpu_secs_in(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_secs_in(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
 }
 
-/// `message` sealed by a rogue key, then given a signature that matches nothing.
-pub fn bad_signature(message: &Message) -> Vec<u8> {
-    let sealed = seal(&NodeKey::from_secret([77; 32]), "default", message);
+/// `message` sealed under `key`, then given a signature that matches nothing.
+pub fn bad_signature(key: &NodeKey, message: &Message) -> Vec<u8> {
+    let sealed = seal(key, "default", message);
     let mut v: serde_json::Value = serde_json::from_slice(&sealed).expect("json");
     v["sig"] = serde_json::json!(base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
@@ -38,6 +49,7 @@ pub fn bad_signature(message: &Message) -> Vec<u8> {
 
 /// Delivery times (ms, sorted) of the adverts `seen` arriving, each from when its `seq` was
 /// sent (`sent_at`); arrivals of adverts not in `sent_at` are left out.
+#[allow(dead_code, reason = "the NATS example's nodes report from their own processes")]
 pub fn delivery(
     seen: &mut tokio::sync::mpsc::UnboundedReceiver<(u64, std::time::Instant)>,
     sent_at: &std::collections::BTreeMap<u64, std::time::Instant>,
@@ -60,20 +72,22 @@ pub struct Judged {
 }
 
 impl Judged {
-    /// Counts one event (`kind`, `payload`) of some node's.
-    pub fn count(&self, kind: &str, p: &serde_json::Value) {
+    /// Counts one event (`kind`, `payload`) of some node's; returns the health it counted.
+    pub fn count(&self, kind: &str, p: &serde_json::Value) -> Option<&'static str> {
         let honest = p["id"].as_str().is_some_and(|s| s.starts_with('w'));
         if kind != "cluster.node.changed" || !honest || !p["previous_health"].is_string() {
-            return;
+            return None;
         }
         match p["health"].as_str() {
             Some("suspect") => self.suspects.fetch_add(1, Ordering::Relaxed),
             Some("down") => self.downs.fetch_add(1, Ordering::Relaxed),
-            _ => 0,
+            _ => return None,
         };
+        p["health"].as_str().and_then(|h| ["suspect", "down"].into_iter().find(|k| *k == h))
     }
 
     /// `(suspect, down)` so far.
+    #[allow(dead_code, reason = "the NATS example's nodes report each as it comes")]
     pub fn read(&self) -> (u64, u64) {
         (self.suspects.load(Ordering::Relaxed), self.downs.load(Ordering::Relaxed))
     }

@@ -39,6 +39,14 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// The broker's process id.
+    #[allow(dead_code, reason = "only the flood example measures the broker")]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.child.kill();
