@@ -12,6 +12,9 @@ use std::{
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+/// The workspace's signed messages: each node's on `<MSG>.<its peer id>`.
+const MSG: &str = "arw.cluster.default.msg";
+
 /// A nats-server on loopback, killed on drop.
 struct Broker {
     child: Child,
@@ -25,6 +28,13 @@ impl Broker {
         Self::start_on(dir, None)
     }
 
+    /// With `config` (nats-server's configuration format) as its configuration file.
+    fn start_configured(dir: &Path, config: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("dir");
+        std::fs::write(dir.join("nats.conf"), config).expect("config");
+        Self::start_on(dir, None)
+    }
+
     fn start_on(dir: &Path, port: Option<u16>) -> Self {
         std::fs::create_dir_all(dir).expect("dir");
         for entry in std::fs::read_dir(dir).expect("dir").flatten() {
@@ -33,7 +43,12 @@ impl Broker {
             }
         }
         let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
-        let child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        let config = dir.join("nats.conf");
+        if config.exists() {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-a", "127.0.0.1", "-p", &port_arg, "--ports_file_dir"])
             .arg(dir)
             .stdout(Stdio::null())
@@ -172,21 +187,21 @@ async fn forged_messages_on_the_subject_are_refused_and_reported() {
     .expect("wait");
 
     let client = async_nats::connect(broker.url()).await.expect("connect");
-    let subject = "arw.cluster.default.msg";
-    // w2's real advert, captured off the wire, then tampered with.
-    let mut sub = client.subscribe(subject).await.expect("subscribe");
+    // w2's real advert, captured off the wire (on w2's own subject), then tampered with.
+    let mut sub = client.subscribe(format!("{MSG}.*")).await.expect("subscribe");
     assert_eq!(w2.post("/admin/hierarchy/role", &json!({"role": "observer"})).0, 200);
-    let advert = loop {
+    let (subject, advert) = loop {
         let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
             .await
             .expect("advert")
             .expect("open");
         if String::from_utf8_lossy(&m.payload).contains(r#""type":"advert""#) {
-            break m.payload.to_vec();
+            break (m.subject.to_string(), m.payload.to_vec());
         }
     };
+    assert_eq!(subject, format!("{MSG}.{}", w2.endpoints["peer_id"].as_str().expect("peer id")));
     let tampered = String::from_utf8(advert.clone()).expect("utf8").replace("observer", "root");
-    client.publish(subject, tampered.into_bytes().into()).await.expect("publish");
+    client.publish(subject.clone(), tampered.into_bytes().into()).await.expect("publish");
     // A different key claiming w2's id.
     let rogue = arw_p2p::identity::NodeKey::from_secret([42; 32]);
     let mut claim: Value = serde_json::from_slice(&advert).expect("json");
@@ -194,7 +209,7 @@ async fn forged_messages_on_the_subject_are_refused_and_reported() {
     payload["seq"] = json!(payload["seq"].as_u64().unwrap_or(0) + 1);
     let message: arw_p2p::wire::Message = serde_json::from_value(payload).expect("message");
     let forged = arw_p2p::wire::seal(&rogue, "default", &message);
-    client.publish(subject, forged.into()).await.expect("publish");
+    client.publish(format!("{MSG}.{}", rogue.peer_id()), forged.into()).await.expect("publish");
     // The original, replayed.
     client.publish(subject, advert.into()).await.expect("publish");
     client.flush().await.expect("flush");
@@ -221,6 +236,110 @@ async fn forged_messages_on_the_subject_are_refused_and_reported() {
         wait_until(Duration::from_secs(10), "w2's genuine advert on w1", || {
             w1.get("/admin/hierarchy/state").1["peers"]["w2"]["role"] == "observer"
         });
+        drop(w2);
+    })
+    .await
+    .expect("checks");
+}
+
+/// A nats-server user named `name` that may publish its signed messages only on the subject of
+/// `key`'s peer id (as docs/runbook.md's broker configuration).
+fn bound_user(name: &str, key: &arw_p2p::identity::NodeKey) -> String {
+    let publish = [
+        format!("{MSG}.{}", key.peer_id()),
+        "arw.cluster.default.sync".to_owned(),
+        "_INBOX.>".to_owned(),
+        "arw.jobs.default.>".to_owned(),
+        format!("arw.events.node.{name}.>"),
+    ];
+    format!(
+        r#"{{user: "{name}", password: "pw-{name}", permissions: {{publish: {publish:?}, subscribe: [">"]}}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_binds_each_client_to_its_subject_leaves_a_forger_no_way_in() {
+    use arw_p2p::identity::NodeKey;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The keys are made here so that the broker's permissions can name each node's subject.
+    let secrets = [[1u8; 32], [2u8; 32]];
+    let keys = secrets.map(NodeKey::from_secret);
+    let mallory = NodeKey::from_secret([66; 32]);
+    let users = [bound_user("w1", &keys[0]), bound_user("w2", &keys[1]), bound_user("m", &mallory)];
+    let config = format!("authorization {{ users = [\n{}\n] }}\n", users.join(",\n"));
+    let broker = Broker::start_configured(&dir.path().join("broker"), &config);
+    let start = |i: usize| {
+        let (id, state) = (format!("w{}", i + 1), dir.path().join(format!("w{}", i + 1)));
+        std::fs::create_dir_all(&state).expect("state dir");
+        let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, secrets[i]);
+        std::fs::write(state.join("node.key"), format!("{secret}\n")).expect("key");
+        let owner_only = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+        std::fs::set_permissions(state.join("node.key"), owner_only).expect("chmod");
+        let credentials = format!("[nats]\nuser = \"{id}\"\npass = \"pw-{id}\"\n");
+        node(&id, &state, &broker, &credentials)
+    };
+    let (w1, w2) = (start(0), start(1));
+    let (w1, w2) = tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(20), "both ok through the bound broker", || {
+            all_ok(&w1, 2) && all_ok(&w2, 2)
+        });
+        (w1, w2)
+    })
+    .await
+    .expect("wait");
+
+    // Mallory holds credentials of her own: she can read everything, publish on her subject.
+    let client = async_nats::ConnectOptions::with_user_and_password("m".into(), "pw-m".into())
+        .connect(broker.url())
+        .await
+        .expect("connect");
+    let mut sub = client.subscribe(format!("{MSG}.*")).await.expect("subscribe");
+    assert_eq!(w2.post("/admin/hierarchy/role", &json!({"role": "observer"})).0, 200);
+    let advert = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("advert")
+            .expect("open");
+        if String::from_utf8_lossy(&m.payload).contains(r#""type":"advert""#) {
+            break m.payload.to_vec();
+        }
+    };
+    let tampered = String::from_utf8(advert).expect("utf8").replace("observer", "root");
+    // On w2's subject the broker refuses her; on her own, the nodes drop it unchecked: it
+    // claims w2's key there.
+    let w2_subject = format!("{MSG}.{}", keys[1].peer_id());
+    let own = format!("{MSG}.{}", mallory.peer_id());
+    client.publish(w2_subject, tampered.clone().into_bytes().into()).await.expect("publish");
+    client.publish(own.clone(), tampered.into_bytes().into()).await.expect("publish");
+    // Then an honest advert of her own, on her subject: taken in (after the forgeries).
+    let now = arw_p2p::time::now_ms();
+    let id = arw_p2p::node_id::NodeId::parse("mallory").expect("id");
+    let advert = arw_p2p::cluster::Advert::basic(id, "default", now, now);
+    let envelope =
+        arw_p2p::wire::seal(&mallory, "default", &arw_p2p::wire::Message::Advert(advert));
+    client.publish(own, envelope.into()).await.expect("publish");
+    client.flush().await.expect("flush");
+
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(20), "mallory's own advert on w1", || {
+            w1.get("/state/cluster").1.to_string().contains("mallory")
+        });
+        let reasons: Vec<Value> = journal(&w1, "cluster.event.rejected")
+            .iter()
+            .map(|e| e["payload"]["reason"].clone())
+            .collect();
+        assert!(
+            !reasons.contains(&json!("bad_signature")),
+            "a forgery reached the signature check: {reasons:?}"
+        );
+        assert_eq!(
+            w1.get("/admin/hierarchy/state").1["peers"]["w2"]["role"],
+            "observer",
+            "w2's real advert stands"
+        );
+        let rows = common::node_rows(&w1.get("/state/cluster").1);
+        let honest = rows.iter().filter(|(id, h, _)| id.starts_with('w') && h == "ok").count();
+        assert_eq!(honest, 2, "{rows:?}");
         drop(w2);
     })
     .await
@@ -439,8 +558,7 @@ async fn a_worker_pinned_by_home_key_obeys_only_its_home_over_nats() {
     .expect("wait");
 
     let client = async_nats::connect(broker.url()).await.expect("connect");
-    let subject = "arw.cluster.default.msg";
-    let mut sub = client.subscribe(subject).await.expect("subscribe");
+    let mut sub = client.subscribe(format!("{MSG}.*")).await.expect("subscribe");
     let body = json!({"id": "w1"});
     assert_eq!(home.post("/admin/cluster/admit", &body).0, 200);
     let genuine = loop {
@@ -449,9 +567,10 @@ async fn a_worker_pinned_by_home_key_obeys_only_its_home_over_nats() {
             .expect("policy on the wire")
             .expect("open");
         if String::from_utf8_lossy(&m.payload).contains(r#""type":"policy""#) {
-            break m.payload.to_vec();
+            break (m.subject.to_string(), m.payload.to_vec());
         }
     };
+    let (subject, genuine) = genuine;
     let doc: Value = serde_json::from_slice(&genuine).expect("json");
     let epoch = doc["payload"]["policy_epoch"].as_u64().expect("epoch");
     // A forged copy (the roster emptied, the signature kept) and a rogue Home's newer policy.
@@ -462,7 +581,10 @@ async fn a_worker_pinned_by_home_key_obeys_only_its_home_over_nats() {
     let message: arw_p2p::wire::Message = serde_json::from_value(payload).expect("message");
     let rogue = arw_p2p::identity::NodeKey::from_secret([43; 32]);
     client
-        .publish(subject, arw_p2p::wire::seal(&rogue, "default", &message).into())
+        .publish(
+            format!("{MSG}.{}", rogue.peer_id()),
+            arw_p2p::wire::seal(&rogue, "default", &message).into(),
+        )
         .await
         .expect("publish");
     client.flush().await.expect("flush");
@@ -666,7 +788,7 @@ async fn a_flood_of_new_node_ids_is_capped_and_honest_nodes_stay_ok() {
         let advert = arw_p2p::cluster::Advert::basic(id, "default", 1, now);
         let envelope =
             arw_p2p::wire::seal(&key, "default", &arw_p2p::wire::Message::Advert(advert));
-        client.publish("arw.cluster.default.msg", envelope.into()).await.expect("publish");
+        client.publish(format!("{MSG}.{}", key.peer_id()), envelope.into()).await.expect("publish");
     }
     client.flush().await.expect("flush");
 

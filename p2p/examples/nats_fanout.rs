@@ -123,11 +123,12 @@ async fn nodes(url: &str, n: usize) -> Vec<f64> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let key = NodeKey::generate().expect("key");
     let publisher = async_nats::connect(url).await.expect("connect");
+    let subject = arw_p2p::nats::msg_subject("default", &key.peer_id());
     let mut sent = Vec::new();
     for i in 0..MESSAGES {
         let bytes = seal(&key, "default", &advert(i as u64 + 1));
         sent.push(Instant::now());
-        publisher.publish("arw.cluster.default.msg", bytes.into()).await.expect("publish");
+        publisher.publish(subject.clone(), bytes.into()).await.expect("publish");
         publisher.flush().await.expect("flush");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

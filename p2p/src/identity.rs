@@ -92,6 +92,13 @@ fn invalid(path: &Path, why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("{}: {why}", path.display()))
 }
 
+/// The 32 bytes of a base64 ed25519 public key, without checking that they are a point of the
+/// curve (cheap: for comparing a claimed key with a known one).
+pub fn public_key_bytes_from_b64(text: &str) -> Option<[u8; 32]> {
+    use base64::{Engine, engine::general_purpose::STANDARD as B64};
+    <[u8; 32]>::try_from(B64.decode(text.trim()).ok()?).ok()
+}
+
 /// A base64 ed25519 public key (32 bytes), as adverts, rosters and `home_key` carry it.
 pub fn public_key_from_b64(text: &str) -> Option<[u8; 32]> {
     use base64::{Engine, engine::general_purpose::STANDARD as B64};

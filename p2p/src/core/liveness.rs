@@ -80,7 +80,7 @@ impl NodeCore {
     /// The gossip topic or broker subject messages arrive on.
     fn subject(&self) -> String {
         match self.bus {
-            Some(Bus::Broker) => crate::transport::nats::msg_subject(&self.workspace),
+            Some(Bus::Broker) => crate::transport::nats::msg_subjects(&self.workspace),
             _ => topic_name(&self.workspace),
         }
     }

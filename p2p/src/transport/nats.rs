@@ -2,9 +2,12 @@
 //! multicast cannot join. The broker is trusted for nothing but delivery: authenticity, ordering
 //! and freshness are the membership core's job.
 //!
-//! Subjects, scoped by workspace: `arw.cluster.<workspace>.msg` carries adverts, heartbeats and
-//! leaves; `arw.cluster.<workspace>.sync` carries anti-entropy requests, answered on the
-//! requester's inbox with each node's own advert.
+//! Subjects, scoped by workspace: `arw.cluster.<workspace>.msg.<peer id>` carries the adverts,
+//! heartbeats, leaves and suspicion reports of the node with that peer id, and every node
+//! listens to `arw.cluster.<workspace>.msg.*` (a broker that gives each node's credentials
+//! publish rights on its own subject only so tells who sent a message: see [`Senders`]);
+//! `arw.cluster.<workspace>.sync` carries anti-entropy requests, answered on the requester's
+//! inbox with each node's own advert.
 
 use std::time::Duration;
 
@@ -13,7 +16,7 @@ use libp2p::PeerId;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::shed::Shedder;
+use super::shed::{Senders, Shed, Shedder};
 use super::types::{Inbound, SyncReply, SyncRequest, SyncResponse, TransportEvent};
 use crate::wire::{self, Reason};
 
@@ -139,8 +142,9 @@ async fn check_messages(
     workspace: String,
     checked: mpsc::Sender<Checked>,
 ) {
+    let senders = Some((format!("{}.", msg_prefix(&workspace)), Senders::default()));
     let open = move |bytes: &[u8]| wire::open(bytes, &workspace);
-    check(raw, Shedder::default(), open, None, checked, "messages on the bus").await;
+    check(raw, senders, Shedder::default(), open, None, checked, "messages on the bus").await;
 }
 
 /// Checks the dispatch envelopes sent to this node the same way; one passed on is
@@ -154,15 +158,17 @@ async fn check_jobs(
 ) {
     let open = move |bytes: &[u8]| crate::jobs::message::open(bytes, &workspace);
     let shedder = Shedder::with_per_key(JOBS_PER_KEY);
-    check(raw, shedder, open, Some(client), checked, "dispatch messages").await;
+    check(raw, None, shedder, open, Some(client), checked, "dispatch messages").await;
 }
 
-/// Sheds what a flood would cost before it is checked (see [`Shedder`]), checks the rest with
-/// `open`, and passes valid envelopes (and invalid ones within their budget) on to the node,
-/// waiting for room; when the node cannot keep up, the broker's slow-consumer limit sheds what
-/// is left. With `ack`, answers each envelope passed on.
+/// Sheds what a flood would cost before it is checked (see [`Senders`], for subjects
+/// `<prefix><peer id>`, and [`Shedder`]), checks the rest with `open`, and passes valid
+/// envelopes (and invalid ones within their budget) on to the node, waiting for room; when the
+/// node cannot keep up, the broker's slow-consumer limit sheds what is left. With `ack`,
+/// answers each envelope passed on.
 async fn check<T>(
     mut raw: async_nats::Subscriber,
+    mut senders: Option<(String, Senders)>,
     mut shedder: Shedder,
     open: impl Fn(&[u8]) -> Result<T, Reason>,
     ack: Option<async_nats::Client>,
@@ -175,7 +181,15 @@ async fn check<T>(
         let bytes = message.payload.to_vec();
         let key = wire::claimed_key(&bytes);
         let now = crate::time::now_ms();
-        let verdict = shedder.before(key.as_deref(), now).and_then(|()| {
+        let sender = match &mut senders {
+            Some((prefix, senders)) => match message.subject.as_str().strip_prefix(prefix.as_str())
+            {
+                Some(peer) => senders.check(peer, key.as_deref()),
+                None => Err(Shed::Subject),
+            },
+            None => Ok(()),
+        };
+        let verdict = sender.and_then(|()| shedder.before(key.as_deref(), now)).and_then(|()| {
             let opened = open(&bytes);
             let valid = !opened.as_ref().is_err_and(|r| r.is_invalid());
             shedder.after(key.as_deref(), valid, now).map(|()| opened)
@@ -199,8 +213,17 @@ async fn check<T>(
     }
 }
 
-/// The subject a workspace's signed messages travel on.
-pub fn msg_subject(workspace: &str) -> String {
+/// The subject the node with `peer` id publishes its signed messages on.
+pub fn msg_subject(workspace: &str, peer: &PeerId) -> String {
+    format!("{}.{peer}", msg_prefix(workspace))
+}
+
+/// The subjects every node of a workspace listens to.
+pub fn msg_subjects(workspace: &str) -> String {
+    format!("{}.*", msg_prefix(workspace))
+}
+
+fn msg_prefix(workspace: &str) -> String {
     format!("arw.cluster.{workspace}.msg")
 }
 
@@ -242,7 +265,7 @@ impl NatsBus {
         workspace: &str,
         peer: PeerId,
     ) -> Result<Self, String> {
-        let msg_subject = msg_subject(workspace);
+        let msg_subject = msg_subject(workspace, &peer);
         let sync_subject = format!("arw.cluster.{workspace}.sync");
         let inbox = client.new_inbox();
         let subscribe = |subject: String| {
@@ -254,7 +277,7 @@ impl NatsBus {
                     .map_err(|e| format!("subscribe {subject}: {e}"))
             }
         };
-        let raw = subscribe(msg_subject.clone()).await?;
+        let raw = subscribe(msg_subjects(workspace)).await?;
         let (checked, messages) = mpsc::channel(CHECKED_QUEUE);
         tokio::spawn(check_messages(raw, workspace.to_owned(), checked));
         let requests = subscribe(sync_subject.clone()).await?;
@@ -285,7 +308,7 @@ impl NatsBus {
         &self.url
     }
 
-    /// The message subject.
+    /// The subject this node publishes on.
     pub fn subject(&self) -> String {
         self.msg_subject.clone()
     }

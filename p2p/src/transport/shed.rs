@@ -1,24 +1,34 @@
-//! What a broker-fed node checks at all. Over NATS every message reaches every node, and the
-//! broker hides who sent it, so load is shed by the key an envelope claims, before its signature
-//! is checked (the check is the cost): a key that proved itself (a valid signature) and then
-//! sends more than [`PER_KEY`] messages a second is not checked again for [`BOX_MS`]; keys never
-//! seen valid share [`UNKNOWN_PER_SECOND`] checks a second (a Sybil flood of fresh keys); and
-//! of invalid envelopes only [`INVALID_PER_SECOND`] a second go on to be reported. A forger
-//! cannot get an honest key shed: only valid messages count against a key.
+//! What a broker-fed node checks at all. Over NATS every message reaches every node, so load is
+//! shed before an envelope's signature is checked (the check is the cost). First by the subject
+//! it came on ([`Senders`]): each node publishes on a subject of its own, named by its peer id,
+//! and an envelope claiming another node's key there is dropped unchecked; where the broker
+//! lets each node's credentials publish only on its own subject, that is a forgery, and the
+//! broker has told who sent it. Then by the key the envelope claims ([`Shedder`]): a key that
+//! proved itself (a valid signature) and then sends more than [`PER_KEY`] messages a second is
+//! not checked again for [`BOX_MS`]; keys never seen valid share [`UNKNOWN_PER_SECOND`] checks a
+//! second (a Sybil flood of fresh keys); and of invalid envelopes only [`INVALID_PER_SECOND`] a
+//! second go on to be reported. A forger cannot get an honest key shed: only valid messages
+//! count against a key.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::limit::Window;
+use crate::limit::{Pace, Window};
 
 /// Valid messages one key may send per second before it is shed (an honest node sends one
 /// or two: a heartbeat, now and then an advert).
 pub const PER_KEY: u32 = 100;
 /// How long an over-eager key is shed.
 pub const BOX_MS: u64 = 10_000;
-/// Checks per second for envelopes under keys never seen valid.
+/// Checks per second for envelopes under keys never seen valid, paced (at most
+/// [`UNKNOWN_BURST`] at once), so that a flood's checks do not come in one burst a second.
 pub const UNKNOWN_PER_SECOND: u32 = 200;
-/// Invalid envelopes passed on per second (the node reports those; the rest are counted here).
+/// See [`UNKNOWN_PER_SECOND`].
+pub const UNKNOWN_BURST: u32 = 20;
+/// Invalid envelopes passed on per second (the node reports those; the rest are counted here),
+/// at most [`INVALID_BURST`] at once.
 pub const INVALID_PER_SECOND: u32 = 20;
+/// See [`INVALID_PER_SECOND`].
+pub const INVALID_BURST: u32 = 5;
 /// Keys remembered as seen valid.
 const KNOWN: usize = 8_192;
 
@@ -31,6 +41,8 @@ pub enum Shed {
     Unknown,
     /// Invalid, beyond what is reported.
     Invalid,
+    /// Claims a key other than the one its subject names.
+    Subject,
 }
 
 impl Shed {
@@ -40,6 +52,7 @@ impl Shed {
             Shed::Boxed => "flooding_key",
             Shed::Unknown => "unknown_keys",
             Shed::Invalid => "invalid",
+            Shed::Subject => "wrong_subject",
         }
     }
 }
@@ -54,8 +67,8 @@ pub struct Shedder {
     boxed: HashMap<String, u64>,
     /// Valid messages per key this second.
     per_key: HashMap<String, Window>,
-    unknown: Window,
-    invalid: Window,
+    unknown: Pace,
+    invalid: Pace,
 }
 
 /// The windows above.
@@ -77,7 +90,9 @@ impl Shedder {
             }
             self.boxed.remove(key);
         }
-        if !self.known.contains(key) && !self.unknown.spend(now_ms, SECOND, UNKNOWN_PER_SECOND) {
+        if !self.known.contains(key)
+            && !self.unknown.spend(now_ms, UNKNOWN_PER_SECOND, UNKNOWN_BURST)
+        {
             return Err(Shed::Unknown);
         }
         Ok(())
@@ -86,7 +101,7 @@ impl Shedder {
     /// The check of an envelope claiming `key` said `valid`: whether to pass it on.
     pub fn after(&mut self, key: Option<&str>, valid: bool, now_ms: u64) -> Result<(), Shed> {
         let Some(key) = key.filter(|_| valid) else {
-            return if self.invalid.spend(now_ms, SECOND, INVALID_PER_SECOND) {
+            return if self.invalid.spend(now_ms, INVALID_PER_SECOND, INVALID_BURST) {
                 Ok(())
             } else {
                 Err(Shed::Invalid)
@@ -109,6 +124,49 @@ impl Shedder {
         }
         Ok(())
     }
+}
+
+/// Peer ids of subjects remembered with their key (beyond, the memory starts again).
+const SUBJECTS: usize = 8_192;
+
+/// The binding of a sender's subject to its key: the last token of the subject a message came on
+/// is the peer id of the key it must claim (an ed25519 key is inside its peer id).
+#[derive(Debug, Default)]
+pub struct Senders {
+    keys: HashMap<String, Option<[u8; 32]>>,
+}
+
+impl Senders {
+    /// Whether an envelope claiming `key` (base64) may have come from the node whose peer id is
+    /// `peer`.
+    pub fn check(&mut self, peer: &str, key: Option<&str>) -> Result<(), Shed> {
+        let Some(claimed) = key.and_then(crate::identity::public_key_bytes_from_b64) else {
+            // Unreadable: left to the check, which refuses it within the invalid budget.
+            return Ok(());
+        };
+        if !self.keys.contains_key(peer) {
+            if self.keys.len() >= SUBJECTS {
+                self.keys.clear();
+            }
+            self.keys.insert(peer.to_owned(), key_in_peer_id(peer));
+        }
+        match self.keys.get(peer) {
+            Some(Some(bound)) if *bound == claimed => Ok(()),
+            _ => Err(Shed::Subject),
+        }
+    }
+}
+
+/// The ed25519 key a peer id carries (`None` for a peer id that is not one of an ed25519 key),
+/// read without checking that it is a point of the curve: it is only compared.
+fn key_in_peer_id(peer: &str) -> Option<[u8; 32]> {
+    /// The protobuf of an ed25519 public key: type 1 (ed25519), then 32 bytes of data.
+    const ED25519: [u8; 4] = [0x08, 0x01, 0x12, 0x20];
+    let peer: libp2p::PeerId = peer.parse().ok()?;
+    let multihash = peer.as_ref();
+    // 0x00: the identity multihash, in which libp2p inlines keys as short as ed25519's.
+    let inlined = multihash.digest().strip_prefix(&ED25519).filter(|_| multihash.code() == 0)?;
+    inlined.try_into().ok()
 }
 
 #[cfg(test)]
@@ -141,13 +199,46 @@ mod tests {
     }
 
     #[test]
-    fn fresh_keys_share_a_budget_of_checks() {
+    fn a_subject_admits_only_the_key_its_peer_id_names() {
+        use base64::{Engine, engine::general_purpose::STANDARD as B64};
+        let (honest, forger) = (
+            crate::identity::NodeKey::from_secret([1; 32]),
+            crate::identity::NodeKey::from_secret([2; 32]),
+        );
+        let key = |k: &crate::identity::NodeKey| B64.encode(k.verifying_key().to_bytes());
+        let mut senders = Senders::default();
+        let subject = honest.peer_id().to_string();
+        assert_eq!(senders.check(&subject, Some(&key(&honest))), Ok(()));
+        assert_eq!(senders.check(&subject, Some(&key(&forger))), Err(Shed::Subject));
+        let own = forger.peer_id().to_string();
+        assert_eq!(
+            senders.check(&own, Some(&key(&honest))),
+            Err(Shed::Subject),
+            "not on its own subject either"
+        );
+        assert_eq!(senders.check("not-a-peer-id", Some(&key(&honest))), Err(Shed::Subject));
+        assert_eq!(
+            senders.check(&subject, Some("%%%")),
+            Ok(()),
+            "unreadable: the check refuses it"
+        );
+        for i in 0..2 * SUBJECTS {
+            let _ = senders.check(&format!("fake-{i}"), Some(&key(&forger)));
+        }
+        assert!(senders.keys.len() <= SUBJECTS, "bounded");
+        assert_eq!(senders.check(&subject, Some(&key(&honest))), Ok(()));
+    }
+
+    #[test]
+    fn fresh_keys_share_a_paced_budget_of_checks() {
         let mut s = Shedder::default();
-        let checked =
-            (0..1_000).filter(|i| s.before(Some(&format!("sybil-{i}")), 100).is_ok()).count();
-        assert_eq!(checked, UNKNOWN_PER_SECOND as usize);
+        let fresh = |s: &mut Shedder, i: u32, t: u64| s.before(Some(&format!("sybil-{i}")), t);
+        let at_once = (0..1_000).filter(|&i| fresh(&mut s, i, 100).is_ok()).count();
+        assert_eq!(at_once, UNKNOWN_BURST as usize, "a burst, not the second's budget at once");
+        // A flood spread over the next second: its budget, one check per 5 ms.
+        let spread = (0..10_000u32).filter(|&i| fresh(&mut s, i, 101 + u64::from(i) / 10).is_ok());
+        assert_eq!(spread.count(), UNKNOWN_PER_SECOND as usize);
         s.after(Some("old-friend"), true, 0).expect("valid");
-        assert_eq!(s.before(Some("old-friend"), 200), Ok(()), "known keys are always checked");
-        assert_eq!(s.before(Some("sybil-x"), 1_000), Ok(()), "next second");
+        assert_eq!(s.before(Some("old-friend"), 1_100), Ok(()), "known keys are always checked");
     }
 }
