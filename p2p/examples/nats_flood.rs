@@ -13,11 +13,17 @@
 //! runtime, reporting on its stdout the adverts it took in and the honest nodes it judged; for
 //! each flood phase a flooder (`flood <kind> <rate> <secs> <url> <n>`); and this one, which
 //! publishes the honest traffic: four sources outside the nodes, one valid advert every 50 ms in
-//! turn. Delivery is publish → a node's `cluster.node.advertise` event (wall clock, one machine).
+//! turn. Delivery is publish → a node's `cluster.node.advertise` event (wall clock, one machine);
+//! "broker p99" is the same to a plain subscriber in this program (what the broker and the
+//! machine add before any node sees a message). With two CPUs or more, the nodes share CPU 0 and
+//! the rest (broker, flooder, this program) the others: on a WAN they run on machines of their
+//! own. After each phase the next waits until every honest advert is in (at most 10 s).
 //!
 //! Floods: `garbage` (3.3 KB of noise); `bad_signature` (a 3.3 KB envelope under a key nobody
 //! knows, whose signature does not match); `forged_member` (the same under the key of member
-//! w0: a forgery the node cannot shed unchecked without muting w0); `forged_suspicion` (a member
+//! w0, sent on w0's subject as an open broker allows: a forgery the node cannot shed unchecked
+//! without muting w0); `forged_member_bound` (the same sent on the flooder's own subject, all a
+//! broker that binds each client to its subject lets it do); `forged_suspicion` (a member
 //! that advertised once, then signs reports naming the honest nodes at any position); `sybil`
 //! (adverts of fresh keys and ids). Each flood is compared with the baselines either side of it.
 
@@ -53,18 +59,23 @@ use arw_p2p::{
     wire::{Message, Suspicion, seal},
 };
 
-const SUBJECT: &str = "arw.cluster.default.msg";
+/// Where `key`'s messages go.
+fn subject(key: &NodeKey) -> String {
+    arw_p2p::nats::msg_subject("default", &key.peer_id())
+}
 /// Honest sources outside the nodes.
 const SOURCES: usize = 4;
 /// One honest advert this often (from the sources in turn).
 const HONEST_EVERY: Duration = Duration::from_millis(50);
-const PHASES: [&str; 11] = [
+const PHASES: [&str; 13] = [
     "baseline",
     "garbage",
     "baseline",
     "bad_signature",
     "baseline",
     "forged_member",
+    "baseline",
+    "forged_member_bound",
     "baseline",
     "forged_suspicion",
     "baseline",
@@ -88,15 +99,21 @@ fn advert(name: &str, seq: u64, tags: usize) -> Message {
     Message::Advert(advert)
 }
 
-/// The flood of one phase, made before it starts so that sending costs little.
-fn flood(kind: &str, count: usize, honest: usize) -> Vec<Vec<u8>> {
+/// The flood of one phase (subject, envelope), made before it starts so that sending costs
+/// little. The flooder sends on its own subject but for `forged_member`, which it sends on
+/// w0's, as an open broker lets it (a broker that binds each client to its own subject would
+/// refuse: `forged_member_bound` is what it can send there instead).
+fn flood(kind: &str, count: usize, honest: usize) -> Vec<(String, Vec<u8>)> {
     let rogue = NodeKey::from_secret([77; 32]);
+    let own = subject(&rogue);
+    let forged = || hostile::bad_signature(&member_key(0), &advert("w0", u64::MAX / 2, 40));
     match kind {
-        "garbage" => vec![vec![b'#'; 3_300]],
-        "bad_signature" => vec![hostile::bad_signature(&rogue, &advert("w0", u64::MAX / 2, 40))],
-        "forged_member" => {
-            vec![hostile::bad_signature(&member_key(0), &advert("w0", u64::MAX / 2, 40))]
+        "garbage" => vec![(own, vec![b'#'; 3_300])],
+        "bad_signature" => {
+            vec![(own, hostile::bad_signature(&rogue, &advert("w0", u64::MAX / 2, 40)))]
         }
+        "forged_member" => vec![(subject(&member_key(0)), forged())],
+        "forged_member_bound" => vec![(own, forged())],
         "forged_suspicion" => {
             let mut out = vec![seal(&rogue, "default", &advert("liar", 1, 0))];
             out.extend((0..count as u64).map(|i| {
@@ -112,13 +129,14 @@ fn flood(kind: &str, count: usize, honest: usize) -> Vec<Vec<u8>> {
                 };
                 seal(&rogue, "default", &Message::Suspect(report))
             }));
-            out
+            out.into_iter().map(|envelope| (own.clone(), envelope)).collect()
         }
         "sybil" => (0..count as u32)
             .map(|i| {
                 let mut secret = [9u8; 32];
                 secret[..4].copy_from_slice(&i.to_be_bytes());
-                seal(&NodeKey::from_secret(secret), "default", &advert(&format!("s{i}"), 1, 0))
+                let key = NodeKey::from_secret(secret);
+                (subject(&key), seal(&key, "default", &advert(&format!("s{i}"), 1, 0)))
             })
             .collect(),
         _ => Vec::new(),
@@ -191,8 +209,8 @@ async fn run_flooder(kind: &str, rate: usize, secs: usize, url: &str, honest: us
     let (mut sent, mut tick) = (0usize, 0u32);
     while start.elapsed() < Duration::from_secs(secs as u64) && !payloads.is_empty() {
         for _ in 0..per_tick {
-            let bytes = payloads[sent.min(payloads.len() - 1)].clone();
-            client.publish(SUBJECT, bytes.into()).await.expect("publish");
+            let (subject, bytes) = payloads[sent.min(payloads.len() - 1)].clone();
+            client.publish(subject, bytes.into()).await.expect("publish");
             sent += 1;
         }
         tick += 1;
@@ -208,9 +226,18 @@ enum Report {
     Judged(String),
 }
 
-fn spawn_self(args: &[String]) -> Child {
+/// This program with `args`, on `cpus` (a `taskset` list) when given.
+fn spawn_self(args: &[String], cpus: Option<&str>) -> Child {
     let exe = std::env::current_exe().expect("this program");
-    Command::new(exe).args(args).stdout(Stdio::piped()).kill_on_drop(true).spawn().expect("spawn")
+    let mut command = match cpus {
+        Some(cpus) => {
+            let mut taskset = Command::new("taskset");
+            taskset.args(["-c", cpus]).arg(exe);
+            taskset
+        }
+        None => Command::new(exe),
+    };
+    command.args(args).stdout(Stdio::piped()).kill_on_drop(true).spawn().expect("spawn")
 }
 
 /// One phase as measured.
@@ -224,16 +251,33 @@ struct Phase<'a> {
     /// Cores used per node over the phase.
     node_cores: Vec<f64>,
     broker_cores: f64,
+    /// Delivery to a plain subscriber beside this program (ms, sorted).
+    broker_delivery: Vec<f64>,
 }
 
 async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
+    // The nodes on CPU 0; this program, the flooders and the broker (which on a WAN run on
+    // machines of their own) on the others.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let split = cpus >= 2;
+    if split {
+        let others = format!("1-{}", cpus - 1);
+        let own = std::process::id().to_string();
+        let pinned = std::process::Command::new("taskset")
+            .args(["-a", "-p", "-c", &others, &own])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(pinned, "taskset (util-linux) could not pin this program");
+    }
+    let node_cpus = split.then_some("0");
     let broker = support::Broker::start().await;
     let url = broker.url.clone();
     let (report_tx, mut reports) = mpsc::unbounded_channel::<Report>();
     let (ready_tx, mut ready) = mpsc::unbounded_channel::<()>();
     let mut nodes = Vec::new();
     for i in 0..n {
-        let mut child = spawn_self(&["node".into(), i.to_string(), url.clone()]);
+        let mut child = spawn_self(&["node".into(), i.to_string(), url.clone()], node_cpus);
         let stdout = child.stdout.take().expect("stdout");
         let (report_tx, ready_tx) = (report_tx.clone(), ready_tx.clone());
         tokio::spawn(async move {
@@ -264,14 +308,31 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
 
     let sources: Vec<NodeKey> = (0..SOURCES).map(|_| NodeKey::generate().expect("key")).collect();
     let publisher = async_nats::connect(&url).await.expect("connect");
+    // A plain subscriber beside this program: what the broker (and the machine) add alone.
+    let (probe_tx, mut probed) = mpsc::unbounded_channel::<(u64, u64)>();
+    let probe = async_nats::connect(&url).await.expect("connect");
+    for key in &sources {
+        let mut sub = probe.subscribe(subject(key)).await.expect("subscribe");
+        let probe_tx = probe_tx.clone();
+        tokio::spawn(async move {
+            while let Some(m) = futures::StreamExt::next(&mut sub).await {
+                let at = unix_us();
+                let v = serde_json::from_slice::<serde_json::Value>(&m.payload).ok();
+                if let Some(seq) = v.and_then(|v| v["payload"]["seq"].as_u64()) {
+                    let _ = probe_tx.send((seq, at));
+                }
+            }
+        });
+    }
     let pids: Vec<u32> = nodes.iter().filter_map(Child::id).collect();
     println!(
-        "{n} nodes (one process each) on NATS; floods of {rate} messages/s for {secs} s; \
+        "{n} nodes (one process each{}) on NATS; floods of {rate} messages/s for {secs} s; \
          a valid advert every {} ms",
+        if split { ", all on CPU 0; broker and flooder on the rest" } else { "" },
         HONEST_EVERY.as_millis()
     );
     println!(
-        "{:<17} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>7} {:>8} {:>11} {:>6}",
+        "{:<17} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>7} {:>8} {:>11} {:>6} {:>10}",
         "phase",
         "p50 ms",
         "p99 ms",
@@ -282,34 +343,33 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
         "sent",
         "p99 ×",
         "node cores",
-        "broker"
+        "broker",
+        "broker p99"
     );
     let mut seq = 0u64;
     let mut phases: Vec<Phase> = Vec::new();
     for kind in kinds {
         let kind = kind.as_str();
         while reports.try_recv().is_ok() {}
+        while probed.try_recv().is_ok() {}
         let cpu0: Vec<f64> = pids.iter().map(|&p| hostile::cpu_secs_of(p)).collect();
         let broker0 = hostile::cpu_secs_of(broker.pid());
         let start = Instant::now();
         let flooder = (kind != "baseline").then(|| {
-            spawn_self(&[
-                "flood".into(),
-                kind.into(),
-                rate.to_string(),
-                secs.to_string(),
-                url.clone(),
-                n.to_string(),
-            ])
+            let args = [kind, &rate.to_string(), &secs.to_string(), &url, &n.to_string()];
+            let args: Vec<String> =
+                std::iter::once("flood").chain(args).map(str::to_owned).collect();
+            spawn_self(&args, None)
         });
         let mut sent_at = BTreeMap::new();
         let mut tick = 0u32;
         while start.elapsed() < Duration::from_secs(secs as u64) {
             seq += 1;
             let source = seq as usize % SOURCES;
-            let bytes = seal(&sources[source], "default", &advert(&format!("src{source}"), seq, 0));
+            let key = &sources[source];
+            let bytes = seal(key, "default", &advert(&format!("src{source}"), seq, 0));
             sent_at.insert(seq, unix_us());
-            publisher.publish(SUBJECT, bytes.into()).await.expect("publish");
+            publisher.publish(subject(key), bytes.into()).await.expect("publish");
             tick += 1;
             tokio::time::sleep_until((start + HONEST_EVERY * tick).into()).await;
         }
@@ -321,10 +381,13 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
             }
             None => 0,
         };
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let elapsed = start.elapsed().as_secs_f64();
+        // Until every honest advert is in (what a flood left queued is worked off), at most 10 s.
         let (mut delivery, mut suspect, mut down) = (Vec::new(), 0, 0);
-        while let Ok(report) = reports.try_recv() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while delivery.len() < sent_at.len() * n {
+            let Ok(Some(report)) = tokio::time::timeout_at(deadline, reports.recv()).await else {
+                break;
+            };
             match report {
                 Report::Seen { seq, at_us } => {
                     if let Some(t) = sent_at.get(&seq) {
@@ -335,7 +398,20 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
                 Report::Judged(_) => suspect += 1,
             }
         }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        while let Ok(report) = reports.try_recv() {
+            match report {
+                Report::Judged(health) if health == "down" => down += 1,
+                Report::Judged(_) => suspect += 1,
+                Report::Seen { .. } => {}
+            }
+        }
+        let elapsed = start.elapsed().as_secs_f64();
         delivery.sort_by(f64::total_cmp);
+        let mut broker_delivery: Vec<f64> = std::iter::from_fn(|| probed.try_recv().ok())
+            .filter_map(|(seq, at)| Some(at.saturating_sub(*sent_at.get(&seq)?) as f64 / 1000.0))
+            .collect();
+        broker_delivery.sort_by(f64::total_cmp);
         let phase = Phase {
             kind,
             missed: (sent_at.len() * n).saturating_sub(delivery.len()),
@@ -349,6 +425,7 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
                 .map(|(&p, c0)| (hostile::cpu_secs_of(p) - c0) / elapsed)
                 .collect(),
             broker_cores: (hostile::cpu_secs_of(broker.pid()) - broker0) / elapsed,
+            broker_delivery,
         };
         print_phase(&phase, None);
         phases.push(phase);
@@ -372,7 +449,7 @@ fn print_phase(phase: &Phase, ratio: Option<f64>) {
     let mean = phase.node_cores.iter().sum::<f64>() / phase.node_cores.len().max(1) as f64;
     let max = phase.node_cores.iter().copied().fold(0.0, f64::max);
     println!(
-        "{:<17} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>7} {:>5} {:>7} {:>8} {:>5.2}/{:<5.2} {:>6.2}",
+        "{:<17} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>7} {:>5} {:>7} {:>8} {:>5.2}/{:<5.2} {:>6.2} {:>10.2}",
         phase.kind,
         support::pct(&phase.delivery, 0.5),
         support::pct(&phase.delivery, 0.99),
@@ -385,5 +462,6 @@ fn print_phase(phase: &Phase, ratio: Option<f64>) {
         mean,
         max,
         phase.broker_cores,
+        support::pct(&phase.broker_delivery, 0.99),
     );
 }

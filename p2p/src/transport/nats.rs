@@ -157,7 +157,7 @@ async fn check_jobs(
     checked: mpsc::Sender<(Vec<u8>, OpenedJob)>,
 ) {
     let open = move |bytes: &[u8]| crate::jobs::message::open(bytes, &workspace);
-    let shedder = Shedder::with_per_key(JOBS_PER_KEY);
+    let shedder = Shedder::with_per_key(JOBS_PER_KEY, JOBS_PER_KEY);
     check(raw, None, shedder, open, Some(client), checked, "dispatch messages").await;
 }
 

@@ -4,19 +4,21 @@
 //! and an envelope claiming another node's key there is dropped unchecked; where the broker
 //! lets each node's credentials publish only on its own subject, that is a forgery, and the
 //! broker has told who sent it. Then by the key the envelope claims ([`Shedder`]): a key that
-//! proved itself (a valid signature) and then sends more than [`PER_KEY`] messages a second is
-//! not checked again for [`BOX_MS`]; keys never seen valid share [`UNKNOWN_PER_SECOND`] checks a
+//! proved itself (a valid signature) and then sends more than [`PER_KEY_BURST`] messages at once
+//! or [`PER_KEY`] a second is not checked again for [`BOX_MS`]; keys never seen valid share [`UNKNOWN_PER_SECOND`] checks a
 //! second (a Sybil flood of fresh keys); and of invalid envelopes only [`INVALID_PER_SECOND`] a
 //! second go on to be reported. A forger cannot get an honest key shed: only valid messages
 //! count against a key.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::limit::{Pace, Window};
+use crate::limit::Pace;
 
 /// Valid messages one key may send per second before it is shed (an honest node sends one
-/// or two: a heartbeat, now and then an advert).
+/// or two: a heartbeat, now and then an advert)...
 pub const PER_KEY: u32 = 100;
+/// ...and at once (a node's start, or a Home's new policy with its advert, is a handful).
+pub const PER_KEY_BURST: u32 = 20;
 /// How long an over-eager key is shed.
 pub const BOX_MS: u64 = 10_000;
 /// Checks per second for envelopes under keys never seen valid, paced (at most
@@ -60,25 +62,24 @@ impl Shed {
 /// The shedding state of one node's message subject.
 #[derive(Debug, Default)]
 pub struct Shedder {
-    /// Valid messages a key may send per second ([`PER_KEY`] when 0).
-    per_key_limit: u32,
+    /// Valid messages a key may send per second and at once ([`PER_KEY`], [`PER_KEY_BURST`]
+    /// when 0).
+    per_key_limit: (u32, u32),
     known: HashSet<String>,
     order: VecDeque<String>,
     boxed: HashMap<String, u64>,
-    /// Valid messages per key this second.
-    per_key: HashMap<String, Window>,
+    /// Each key's budget of valid messages.
+    per_key: HashMap<String, Pace>,
     unknown: Pace,
     invalid: Pace,
 }
 
-/// The windows above.
-const SECOND: u64 = 1_000;
-
 impl Shedder {
-    /// A shedder that lets each proven key send `per_key` valid messages a second (a node's own
-    /// dispatch subject carries as many as the jobs it runs or hands out).
-    pub fn with_per_key(per_key: u32) -> Self {
-        Self { per_key_limit: per_key, ..Self::default() }
+    /// A shedder that lets each proven key send `per_second` valid messages a second and
+    /// `burst` at once (a node's own dispatch subject carries as many as the jobs it runs or
+    /// hands out).
+    pub fn with_per_key(per_second: u32, burst: u32) -> Self {
+        Self { per_key_limit: (per_second, burst), ..Self::default() }
     }
 
     /// Whether an envelope claiming `key` is worth checking at `now_ms`.
@@ -116,8 +117,11 @@ impl Shedder {
                 self.per_key.remove(&old);
             }
         }
-        let limit = if self.per_key_limit == 0 { PER_KEY } else { self.per_key_limit };
-        if !self.per_key.entry(key.to_owned()).or_default().spend(now_ms, SECOND, limit) {
+        let (rate, burst) = match self.per_key_limit {
+            (0, _) => (PER_KEY, PER_KEY_BURST),
+            limit => limit,
+        };
+        if !self.per_key.entry(key.to_owned()).or_default().spend(now_ms, rate, burst) {
             self.boxed.insert(key.to_owned(), now_ms.saturating_add(BOX_MS));
             self.boxed.retain(|_, until| *until > now_ms);
             return Err(Shed::Boxed);
@@ -179,10 +183,21 @@ mod tests {
         let passed = (0..PER_KEY + 50)
             .filter(|_| s.before(Some("liar"), 0).is_ok() && s.after(Some("liar"), true, 0).is_ok())
             .count();
-        assert_eq!(passed, PER_KEY as usize);
+        assert_eq!(passed, PER_KEY_BURST as usize);
         assert_eq!(s.before(Some("liar"), 5_000), Err(Shed::Boxed), "unchecked while boxed");
         assert_eq!(s.before(Some("honest"), 5_000), Ok(()), "others are not charged");
         assert_eq!(s.before(Some("liar"), BOX_MS), Ok(()));
+        // An honest node: a handful at start, then a heartbeat a second and an advert now and
+        // then, for an hour.
+        let mut s = Shedder::default();
+        let ok = |s: &mut Shedder, t| {
+            s.before(Some("w1"), t).and_then(|()| s.after(Some("w1"), true, t))
+        };
+        assert!((0..5).all(|_| ok(&mut s, 0).is_ok()));
+        assert!(
+            (1..3_600u64)
+                .all(|t| ok(&mut s, t * 1_000).is_ok() && ok(&mut s, t * 1_000 + 1).is_ok())
+        );
     }
 
     #[test]
