@@ -4,11 +4,12 @@
 //! and an envelope claiming another node's key there is dropped unchecked; where the broker
 //! lets each node's credentials publish only on its own subject, that is a forgery, and the
 //! broker has told who sent it. Then by the key the envelope claims ([`Shedder`]): a key that
-//! proved itself (a valid signature) and then sends more than [`PER_KEY_BURST`] messages at once
-//! or [`PER_KEY`] a second is not checked again for [`BOX_MS`]; keys never seen valid share [`UNKNOWN_PER_SECOND`] checks a
-//! second (a Sybil flood of fresh keys); and of invalid envelopes only [`INVALID_PER_SECOND`] a
-//! second go on to be reported. A forger cannot get an honest key shed: only valid messages
-//! count against a key.
+//! proved itself (a valid signature) and then sends more than [`PER_KEY_BURST`] messages at
+//! once or [`PER_KEY`] a second is not checked again for [`BOX_MS`]; keys never seen valid share
+//! [`UNKNOWN_PER_SECOND`] checks a second (a Sybil flood of fresh keys); and of invalid
+//! envelopes only [`INVALID_PER_SECOND`] a second go on to be reported. Each budget is a token
+//! bucket ([`Pace`]), so a flood is checked at an even pace, not in a burst at each second. A
+//! forger cannot get an honest key shed: only valid messages count against a key.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
