@@ -269,8 +269,8 @@ impl Net {
     }
 
     /// Reports the validation verdict for a received gossip message. A peer that sent more
-    /// than [`MAX_REJECTED`] invalid ones within [`REJECT_WINDOW`] is cut off (see
-    /// [`Net::cut_off`]).
+    /// than `MAX_REJECTED` (3) invalid ones within `REJECT_WINDOW` (10 s) is disconnected and
+    /// refused for a while.
     pub fn report(&mut self, id: &gossipsub::MessageId, source: &PeerId, verdict: Verdict) {
         let acceptance = match verdict {
             Verdict::Accept => gossipsub::MessageAcceptance::Accept,
