@@ -103,6 +103,22 @@ fn node(id: &str, state: &Path, broker: &Broker, extra: &str) -> common::Server 
     common::Launch::new().state_dir(state).env("ARW_NODE_ID", id).config(&config).start()
 }
 
+/// The first message on `sub` whose payload is of `kind` (within 10 s): its subject and bytes.
+async fn first_of_type(sub: &mut async_nats::Subscriber, kind: &str) -> (String, Vec<u8>) {
+    let marker = format!(r#""type":"{kind}""#);
+    let first = async {
+        while let Some(m) = sub.next().await {
+            if String::from_utf8_lossy(&m.payload).contains(&marker) {
+                return (m.subject.to_string(), m.payload.to_vec());
+            }
+        }
+        panic!("the subscription ended before a {kind}");
+    };
+    tokio::time::timeout(Duration::from_secs(10), first)
+        .await
+        .unwrap_or_else(|_| panic!("no {kind} on the wire within 10 s"))
+}
+
 fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     common::eventually(limit, what, || check().then_some(()).ok_or_else(String::new));
 }
@@ -190,15 +206,7 @@ async fn forged_messages_on_the_subject_are_refused_and_reported() {
     // w2's real advert, captured off the wire (on w2's own subject), then tampered with.
     let mut sub = client.subscribe(format!("{MSG}.*")).await.expect("subscribe");
     assert_eq!(w2.post("/admin/hierarchy/role", &json!({"role": "observer"})).0, 200);
-    let (subject, advert) = loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("advert")
-            .expect("open");
-        if String::from_utf8_lossy(&m.payload).contains(r#""type":"advert""#) {
-            break (m.subject.to_string(), m.payload.to_vec());
-        }
-    };
+    let (subject, advert) = first_of_type(&mut sub, "advert").await;
     assert_eq!(subject, format!("{MSG}.{}", w2.endpoints["peer_id"].as_str().expect("peer id")));
     let tampered = String::from_utf8(advert.clone()).expect("utf8").replace("observer", "root");
     client.publish(subject.clone(), tampered.into_bytes().into()).await.expect("publish");
@@ -295,15 +303,7 @@ async fn a_broker_that_binds_each_client_to_its_subject_leaves_a_forger_no_way_i
         .expect("connect");
     let mut sub = client.subscribe(format!("{MSG}.*")).await.expect("subscribe");
     assert_eq!(w2.post("/admin/hierarchy/role", &json!({"role": "observer"})).0, 200);
-    let advert = loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("advert")
-            .expect("open");
-        if String::from_utf8_lossy(&m.payload).contains(r#""type":"advert""#) {
-            break m.payload.to_vec();
-        }
-    };
+    let (_, advert) = first_of_type(&mut sub, "advert").await;
     let tampered = String::from_utf8(advert).expect("utf8").replace("observer", "root");
     // On w2's subject the broker refuses her; on her own, the nodes drop it unchecked: it
     // claims w2's key there.
@@ -561,16 +561,7 @@ async fn a_worker_pinned_by_home_key_obeys_only_its_home_over_nats() {
     let mut sub = client.subscribe(format!("{MSG}.*")).await.expect("subscribe");
     let body = json!({"id": "w1"});
     assert_eq!(home.post("/admin/cluster/admit", &body).0, 200);
-    let genuine = loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
-            .await
-            .expect("policy on the wire")
-            .expect("open");
-        if String::from_utf8_lossy(&m.payload).contains(r#""type":"policy""#) {
-            break (m.subject.to_string(), m.payload.to_vec());
-        }
-    };
-    let (subject, genuine) = genuine;
+    let (subject, genuine) = first_of_type(&mut sub, "policy").await;
     let doc: Value = serde_json::from_slice(&genuine).expect("json");
     let epoch = doc["payload"]["policy_epoch"].as_u64().expect("epoch");
     // A forged copy (the roster emptied, the signature kept) and a rogue Home's newer policy.

@@ -23,9 +23,8 @@ use arw_p2p::{
     cluster::Advert,
     events::EventTx,
     identity::NodeKey,
-    membership::MembershipConfig,
     nats::NatsConfig,
-    node::{self, BusConfig, FederationConfig, NodeConfig},
+    node::{self, FederationConfig, NodeConfig},
     node_id::{IdSource, NodeId},
     wire::{Message, seal},
 };
@@ -96,19 +95,9 @@ async fn nodes(url: &str, n: usize) -> Vec<f64> {
             NodeConfig::new(NodeKey::generate().expect("key"), "default", dir.path().to_path_buf());
         config.explicit_id = Some((NodeId::parse(&format!("n{i}")).expect("id"), IdSource::Config));
         config.bus = "nats".into();
-        config.federation = Some(FederationConfig {
-            bus: BusConfig::Nats(NatsConfig {
-                url: url.to_owned(),
-                tls: false,
-                user: None,
-                pass: None,
-                connect_retries: 3,
-                connect_backoff: Duration::from_millis(200),
-                name: format!("bench-{i}"),
-            }),
-            heartbeat_interval: Duration::from_secs(60),
-            membership: MembershipConfig::new("default"),
-        });
+        let nats = NatsConfig::plain(url, &format!("bench-{i}"));
+        config.federation =
+            Some(FederationConfig::broker("default", nats, Duration::from_secs(60)));
         node::spawn(config, events, cancel.child_token()).await.expect("node");
         let tx = tx.clone();
         tokio::spawn(async move {

@@ -51,9 +51,8 @@ use arw_p2p::{
     cluster::Advert,
     events::EventTx,
     identity::NodeKey,
-    membership::MembershipConfig,
     nats::NatsConfig,
-    node::{self, BusConfig, FederationConfig, NodeConfig},
+    node::{self, FederationConfig, NodeConfig},
     node_id::IdSource,
     time::now_ms,
     wire::{Message, Suspicion, seal},
@@ -171,19 +170,8 @@ async fn run_node(i: usize, url: &str) {
     let mut config = NodeConfig::new(member_key(i), "default", dir.path().to_path_buf());
     config.explicit_id = Some((id(&format!("w{i}")), IdSource::Config));
     config.bus = "nats".into();
-    config.federation = Some(FederationConfig {
-        bus: BusConfig::Nats(NatsConfig {
-            url: url.to_owned(),
-            tls: false,
-            user: None,
-            pass: None,
-            connect_retries: 3,
-            connect_backoff: Duration::from_millis(200),
-            name: format!("flood-{i}"),
-        }),
-        heartbeat_interval: Duration::from_secs(1),
-        membership: MembershipConfig::new("default"),
-    });
+    let nats = NatsConfig::plain(url, &format!("flood-{i}"));
+    config.federation = Some(FederationConfig::broker("default", nats, Duration::from_secs(1)));
     let cancel = CancellationToken::new();
     let _node = node::spawn(config, events, cancel.child_token()).await.expect("node");
     println!("ready");

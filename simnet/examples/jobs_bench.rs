@@ -312,15 +312,7 @@ async fn start(
     );
     federation.membership.home_key = home;
     if let Some(url) = nats {
-        federation.bus = node::BusConfig::Nats(arw_p2p::nats::NatsConfig {
-            url: url.to_owned(),
-            tls: false,
-            user: None,
-            pass: None,
-            connect_retries: 3,
-            connect_backoff: Duration::from_millis(200),
-            name: id.clone(),
-        });
+        federation.bus = node::BusConfig::Nats(arw_p2p::nats::NatsConfig::plain(url, &id));
     }
     config.federation = Some(federation);
     config.jobs = JobsConfig {

@@ -116,6 +116,19 @@ impl FederationConfig {
             membership: MembershipConfig::new(workspace),
         }
     }
+
+    /// The NATS bus through `nats`, with the default membership rules for `workspace`.
+    pub fn broker(
+        workspace: &str,
+        nats: crate::nats::NatsConfig,
+        heartbeat_interval: Duration,
+    ) -> Self {
+        Self {
+            bus: BusConfig::Nats(nats),
+            heartbeat_interval,
+            membership: MembershipConfig::new(workspace),
+        }
+    }
 }
 
 /// Which bus carries the federation.

@@ -40,6 +40,20 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
+    /// A broker at `url` without TLS or credentials, tried 3 more times 200 ms apart at start,
+    /// the client named `name` (tests and benchmarks on loopback).
+    pub fn plain(url: &str, name: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            tls: false,
+            user: None,
+            pass: None,
+            connect_retries: 3,
+            connect_backoff: Duration::from_millis(200),
+            name: name.to_owned(),
+        }
+    }
+
     /// The URL after the TLS rewrite.
     pub fn effective_url(&self) -> String {
         if !self.tls {
