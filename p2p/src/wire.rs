@@ -9,11 +9,15 @@
 //! bytes with `verify_strict` before the payload is decoded, so nothing is ever re-serialised to
 //! check a signature. The workspace is part of the signed bytes (it never travels in them), so a
 //! message signed for one workspace fails verification in any other.
+//!
+//! Envelopes are written in exactly that layout and read only in it: the key and signature sit
+//! at fixed offsets from the end (their base64 has a fixed length), so what an envelope claims is
+//! read without scanning it, whatever its size, and nothing is parsed before the signature holds.
+//! The same JSON in another layout (other field order, spaces) is refused as malformed.
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
 
 use crate::{cluster::Advert, identity::NodeKey, node_id::NodeId, policy::doc::PolicyDoc};
 
@@ -241,13 +245,42 @@ impl Reason {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct Envelope<'a> {
-    v: u8,
-    #[serde(borrow)]
-    payload: &'a RawValue,
-    key: String,
-    sig: String,
+/// The envelope's fixed parts around its version and payload.
+const HEAD: &[u8] = b"{\"v\":";
+const PAYLOAD_FIELD: &[u8] = b",\"payload\":";
+const KEY_FIELD: &[u8] = b",\"key\":\"";
+const SIG_FIELD: &[u8] = b"\",\"sig\":\"";
+const TAIL: &[u8] = b"\"}";
+/// Base64 lengths (with padding) of an ed25519 key and signature.
+const KEY_B64: usize = 44;
+const SIG_B64: usize = 88;
+
+/// An envelope split at its fixed places (not yet checked).
+struct Parts<'a> {
+    payload: &'a [u8],
+    key: &'a [u8],
+    sig: &'a [u8],
+}
+
+/// Splits an envelope of version 1 in the layout [`seal_payload`] writes.
+fn split(bytes: &[u8]) -> Result<Parts<'_>, Reason> {
+    let rest = bytes.strip_prefix(HEAD).ok_or(Reason::Malformed)?;
+    let version = rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(rest.len());
+    match &rest[..version] {
+        b"1" => {}
+        [] => return Err(Reason::Malformed),
+        _ => return Err(Reason::UnsupportedVersion),
+    }
+    let rest = rest[version..].strip_prefix(PAYLOAD_FIELD).ok_or(Reason::Malformed)?;
+    /// The last `len` bytes of `rest`, and what comes before `field` ahead of them.
+    fn cut<'b>(rest: &'b [u8], len: usize, field: &[u8]) -> Option<(&'b [u8], &'b [u8])> {
+        let (rest, part) = rest.split_at_checked(rest.len().checked_sub(len)?)?;
+        Some((rest.strip_suffix(field)?, part))
+    }
+    let rest = rest.strip_suffix(TAIL).ok_or(Reason::Malformed)?;
+    let (rest, sig) = cut(rest, SIG_B64, SIG_FIELD).ok_or(Reason::Malformed)?;
+    let (payload, key) = cut(rest, KEY_B64, KEY_FIELD).ok_or(Reason::Malformed)?;
+    Ok(Parts { payload, key, sig })
 }
 
 /// A verified message and the key that signed it.
@@ -299,21 +332,15 @@ pub(crate) fn open_payload<'a>(
     if bytes.len() > max {
         return Err(Reason::TooLarge);
     }
-    let envelope: Envelope<'a> = serde_json::from_slice(bytes).map_err(|_| Reason::Malformed)?;
-    if envelope.v != 1 {
-        return Err(Reason::UnsupportedVersion);
-    }
+    let Parts { payload, key, sig } = split(bytes)?;
     let key: [u8; 32] =
-        B64.decode(&envelope.key).ok().and_then(|k| k.try_into().ok()).ok_or(Reason::BadKey)?;
+        B64.decode(key).ok().and_then(|k| k.try_into().ok()).ok_or(Reason::BadKey)?;
     let key = VerifyingKey::from_bytes(&key).map_err(|_| Reason::BadKey)?;
-    let sig: [u8; 64] = B64
-        .decode(&envelope.sig)
-        .ok()
-        .and_then(|s| s.try_into().ok())
-        .ok_or(Reason::BadSignature)?;
-    let payload = envelope.payload.get();
-    key.verify_strict(&framed(domain, context, payload.as_bytes()), &Signature::from_bytes(&sig))
+    let sig: [u8; 64] =
+        B64.decode(sig).ok().and_then(|s| s.try_into().ok()).ok_or(Reason::BadSignature)?;
+    key.verify_strict(&framed(domain, context, payload), &Signature::from_bytes(&sig))
         .map_err(|_| Reason::BadSignature)?;
+    let payload = std::str::from_utf8(payload).map_err(|_| Reason::Malformed)?;
     Ok((key, payload))
 }
 
@@ -364,10 +391,10 @@ pub fn event_signed_by(key: &[u8; 32], subject: &str, payload: &[u8], signature:
     key.verify_strict(&event_bytes(subject, payload), &Signature::from_bytes(&sig)).is_ok()
 }
 
-/// The key an envelope claims to be signed with (unverified), for shedding load before the
-/// signature is checked.
-pub fn claimed_key(bytes: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Envelope<'_>>(bytes).ok().map(|e| e.key)
+/// The key (base64) an envelope claims to be signed with, unverified and read without a scan,
+/// for shedding load before the signature is checked.
+pub fn claimed_key(bytes: &[u8]) -> Option<&str> {
+    split(bytes).ok().and_then(|parts| std::str::from_utf8(parts.key).ok())
 }
 
 /// The claimed sender of an envelope that could not be opened, for reports (unverified).
@@ -432,6 +459,31 @@ mod tests {
         let bytes = String::from_utf8(seal(&key, "lab", &beat("n1"))).expect("utf8");
         let spaced = bytes.replacen(r#"{"type""#, r#"{ "type""#, 1);
         assert_eq!(open(spaced.as_bytes(), "lab"), Err(Reason::BadSignature));
+    }
+
+    #[test]
+    fn envelopes_are_read_only_in_the_layout_they_are_written_in() {
+        let key = NodeKey::from_secret([5; 32]);
+        let sealed = seal(&key, "lab", &beat("n1"));
+        assert_eq!(claimed_key(&sealed), Some(key.public_b64().as_str()));
+        // The same JSON, fields in another order or spaced: refused before any check, and
+        // nothing claimed (so no shedding budget is charged to the key it names).
+        let value: serde_json::Value = serde_json::from_slice(&sealed).expect("json");
+        let reordered = value.to_string();
+        assert_ne!(reordered.as_bytes(), sealed, "serde_json orders fields by name");
+        let spaced = String::from_utf8(sealed.clone()).expect("utf8").replacen(',', ", ", 1);
+        for other in [reordered.as_bytes(), spaced.as_bytes(), b"", b"{}", b"garbage"] {
+            assert_eq!(open(other, "lab"), Err(Reason::Malformed));
+            assert_eq!(claimed_key(other), None);
+        }
+        let newer = String::from_utf8(sealed.clone()).expect("utf8").replacen("1", "2", 1);
+        assert_eq!(open(newer.as_bytes(), "lab"), Err(Reason::UnsupportedVersion));
+        // Cut short at either end, or with a byte after it: refused, never a panic.
+        for end in 0..sealed.len() {
+            assert!(open(&sealed[..end], "lab").is_err());
+            assert!(open(&sealed[sealed.len() - end..], "lab").is_err());
+        }
+        assert!(open(&[&sealed[..], b" "].concat(), "lab").is_err());
     }
 
     #[test]

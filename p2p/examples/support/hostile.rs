@@ -38,13 +38,12 @@ fn cpu_secs_in(path: &str) -> f64 {
 
 /// `message` sealed under `key`, then given a signature that matches nothing.
 pub fn bad_signature(key: &NodeKey, message: &Message) -> Vec<u8> {
-    let sealed = seal(key, "default", message);
-    let mut v: serde_json::Value = serde_json::from_slice(&sealed).expect("json");
-    v["sig"] = serde_json::json!(base64::Engine::encode(
-        &base64::engine::general_purpose::STANDARD,
-        [7u8; 64]
-    ));
-    v.to_string().into_bytes()
+    let mut sealed = seal(key, "default", message);
+    // The signature's base64 is the envelope's last 88 bytes before `"}`.
+    let end = sealed.len() - 2;
+    let forged = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [7u8; 64]);
+    sealed[end - forged.len()..end].copy_from_slice(forged.as_bytes());
+    sealed
 }
 
 /// Delivery times (ms, sorted) of the adverts `seen` arriving, each from when its `seq` was

@@ -192,28 +192,28 @@ async fn check<T>(
     let mut shed: std::collections::BTreeMap<&'static str, u64> = Default::default();
     let mut reported = tokio::time::Instant::now();
     while let Some(message) = raw.next().await {
-        let bytes = message.payload.to_vec();
-        let key = wire::claimed_key(&bytes);
+        let bytes = &message.payload[..];
+        let key = wire::claimed_key(bytes);
         let now = crate::time::now_ms();
         let sender = match &mut senders {
             Some((prefix, senders)) => match message.subject.as_str().strip_prefix(prefix.as_str())
             {
-                Some(peer) => senders.check(peer, key.as_deref()),
+                Some(peer) => senders.check(peer, key),
                 None => Err(Shed::Subject),
             },
             None => Ok(()),
         };
-        let verdict = sender.and_then(|()| shedder.before(key.as_deref(), now)).and_then(|()| {
-            let opened = open(&bytes);
+        let verdict = sender.and_then(|()| shedder.before(key, now)).and_then(|()| {
+            let opened = open(bytes);
             let valid = !opened.as_ref().is_err_and(|r| r.is_invalid());
-            shedder.after(key.as_deref(), valid, now).map(|()| opened)
+            shedder.after(key, valid, now).map(|()| opened)
         });
         match verdict {
             Ok(opened) => {
                 if let (Some(client), Some(reply)) = (&ack, message.reply) {
                     let _ = client.publish(reply, Vec::new().into()).await;
                 }
-                if checked.send((bytes, opened)).await.is_err() {
+                if checked.send((bytes.to_vec(), opened)).await.is_err() {
                     return;
                 }
             }
