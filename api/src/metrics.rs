@@ -275,6 +275,12 @@ impl Collector for NodeCollector {
             "Federation messages received (gossip, broker, sync and probe answers, dispatch)",
             c.received,
         )?;
+        counter(
+            &mut encoder,
+            "cluster_messages_shed",
+            "Gossip messages dropped unchecked as a flood (a key sending too much, too many unknown keys from one peer)",
+            c.shed,
+        )?;
         let refused = Family::<ReasonLabels, Counter>::default();
         for (reason, n) in c.refused_by_reason() {
             refused.get_or_create(&ReasonLabels { reason: reason.as_str() }).inc_by(n);

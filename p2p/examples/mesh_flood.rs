@@ -1,25 +1,29 @@
-//! Invalid-message floods on the libp2p mesh against N node actors, beside a baseline taken in
-//! the same run: what honest nodes see (advert delivery, false suspicions), how many invalid
-//! messages still reach their cores second by second (gossipsub's peer scoring should graylist
-//! the sender), and what it costs.
+//! Message floods on the libp2p mesh against N node actors, each between baselines taken in the
+//! same run: what honest nodes see (advert delivery, false suspicions), how many flood messages
+//! still reach their cores second by second (a node should cut the sender off), and what it
+//! costs.
 //!
 //! ```sh
 //! cargo run --release -p arw-p2p --example mesh_flood -- 5 10000 15
 //! ```
 //!
-//! Arguments: nodes (5), flood messages per second (10,000), seconds per phase (15). The N node
+//! Arguments: nodes (5), flood messages per second (10,000), seconds per phase (15), and
+//! optionally the phases (comma-separated; by default each flood between baselines). The N node
 //! actors run on loopback with the default liveness settings (heartbeat 1 s, suspect 3 s, down
-//! 5 s), node w0 the others' bootstrap. The attacker is a bare libp2p swarm with gossipsub that
-//! dials every node and subscribes to the workspace topic, then publishes 3.3 KB of noise
-//! (`garbage`) or envelopes whose signature does not match (`bad_signature`), each unique. In
-//! every phase node w1 changes its role every 200 ms; delivery is that call → each other node's
-//! `cluster.node.advertise` event. Reported per phase: delivery p50 / p99 / max and misses, honest
-//! nodes judged `suspect` / `down` by another, invalid messages that reached the node cores in
-//! each second of the phase (all nodes together), and the CPU of the process (nodes and attacker).
-//! For the flood phases, per 100 ms: the messages the attacker's gossipsub handed to its
-//! connections, those the nodes' gossipsub took in, and those the cores refused; and from when the
-//! attacker is cut off (fewer than 10 % of its messages taken in, or none sent: a node
-//! disconnects a peer that sent it more than 3 invalid messages within 10 s).
+//! 5 s), node w0 the others' bootstrap. For each phase a fresh attacker (a bare libp2p swarm
+//! with gossipsub, under a new identity) dials every node and subscribes to the workspace
+//! topic, then publishes, each message unique: `garbage` (3.3 KB of noise), `bad_signature` (a
+//! 3.3 KB envelope whose signature does not match), `forged_suspicion` (a member that
+//! advertised once, then signs reports naming the honest nodes at any position: valid
+//! signatures) or `sybil` (adverts of fresh keys and ids, validly signed). Signed floods are
+//! made before the phase starts, so that signing does not take the nodes' CPU. In every phase
+//! node w1 changes its role every 200 ms; delivery is that call → each other node's
+//! `cluster.node.advertise` event. Reported per phase: delivery p50 / p99 / max and misses,
+//! honest nodes judged `suspect` / `down` by another, messages the node cores refused in each
+//! second of the phase (all nodes together, any reason), and the CPU of the process (nodes and
+//! attacker). For the flood phases, per 100 ms: the messages the attacker's gossipsub handed to
+//! its connections, those the nodes' gossipsub took in, and those the cores refused; and from
+//! when the attacker is cut off (fewer than 10 % of its messages taken in, or none sent).
 
 #[path = "support/mod.rs"]
 #[allow(dead_code, reason = "the broker is the NATS examples' part of the support module")]
@@ -52,22 +56,79 @@ use arw_p2p::{
     node::{self, FederationConfig, NodeConfig, NodeHandle},
     node_id::IdSource,
     time::now_ms,
-    wire::{Message, Reason},
+    wire::{Message, Suspicion, seal},
 };
 
-/// The `n`th flood message of a phase: unique, so gossip does not drop it as a repeat.
-fn flood(kind: &str, n: u64) -> Vec<u8> {
+/// Phases by default: each flood between baselines.
+const PHASES: [&str; 9] = [
+    "baseline",
+    "garbage",
+    "baseline",
+    "bad_signature",
+    "baseline",
+    "forged_suspicion",
+    "baseline",
+    "sybil",
+    "baseline",
+];
+
+/// The `n`th message of an unsigned flood: unique, so gossip does not drop it as a repeat.
+/// A bad-signature envelope is one sealed once with `n` written over part of its payload (the
+/// signature matches nothing either way).
+fn flood(kind: &str, n: u64, template: &[u8]) -> Vec<u8> {
+    let mut message = template.to_vec();
+    let stamp = format!("{n:020}");
+    let at = match kind {
+        "garbage" => 0,
+        _ => message.windows(20).position(|w| w == [b'x'; 20]).unwrap_or(0),
+    };
+    message[at..at + stamp.len()].copy_from_slice(stamp.as_bytes());
+    message
+}
+
+/// The template of `kind`'s unsigned flood messages (see [`flood`]).
+fn template(kind: &str) -> Vec<u8> {
+    if kind == "garbage" {
+        return vec![b'#'; 3_300];
+    }
+    let mut advert = Advert::basic(id("w0"), "default", u64::MAX / 2, now_ms());
+    advert.tags = (0..40).map(|i| format!("{i:02}{}", "x".repeat(70))).collect();
+    hostile::bad_signature(&NodeKey::from_secret([77; 32]), &Message::Advert(advert))
+}
+
+/// The messages of a signed flood of `count`, made before its phase: `forged_suspicion` (the
+/// liar's advert, then its reports naming the `honest` nodes in turn) or `sybil`.
+fn signed(kind: &str, count: usize, honest: usize) -> Vec<Vec<u8>> {
+    let rogue = NodeKey::from_secret([78; 32]);
     match kind {
-        "garbage" => {
-            let mut noise = format!("{n:020}").into_bytes();
-            noise.resize(3_300, b'#');
-            noise
+        "forged_suspicion" => {
+            let liar = Advert::basic(id("liar"), "default", 1, now_ms());
+            let mut out = vec![seal(&rogue, "default", &Message::Advert(liar))];
+            out.extend((0..count as u64).map(|i| {
+                let report = Suspicion {
+                    id: id("liar"),
+                    workspace: "default".into(),
+                    seq: 1,
+                    beat: i + 1,
+                    sent_ms: now_ms(),
+                    target: id(&format!("w{}", i as usize % honest)),
+                    target_seq: u64::MAX,
+                    target_beat: u64::MAX,
+                };
+                seal(&rogue, "default", &Message::Suspect(report))
+            }));
+            out
         }
-        _ => {
-            let mut advert = Advert::basic(id("w0"), "default", n + 1, now_ms());
-            advert.tags = (0..40).map(|i| format!("{i:02}{}", "x".repeat(70))).collect();
-            hostile::bad_signature(&NodeKey::from_secret([77; 32]), &Message::Advert(advert))
-        }
+        "sybil" => (0..count as u32)
+            .map(|i| {
+                let mut secret = [9u8; 32];
+                secret[..4].copy_from_slice(&i.to_be_bytes());
+                let key = NodeKey::from_secret(secret);
+                let advert = Advert::basic(id(&format!("s{i}")), "default", 1, now_ms());
+                seal(&key, "default", &Message::Advert(advert))
+            })
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -117,23 +178,21 @@ fn attacker(addrs: &[arw_p2p::Multiaddr]) -> Attacker {
     Attacker { flood, published, metrics }
 }
 
-/// Invalid messages the node cores refused so far, all nodes.
+/// Messages the node cores refused so far, all nodes, for any reason.
 fn refused(nodes: &[NodeHandle]) -> u64 {
-    let bad = [Reason::Malformed, Reason::BadSignature];
-    nodes
-        .iter()
-        .map(|n| bad.iter().map(|r| n.snapshot().counters.refused_by[*r as usize]).sum::<u64>())
-        .sum()
+    nodes.iter().map(|n| n.snapshot().counters.refused_by.iter().sum::<u64>()).sum()
 }
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (n, rate, secs) = (
-        args.first().copied().unwrap_or(5),
-        args.get(1).copied().unwrap_or(10_000),
-        args.get(2).copied().unwrap_or(15),
-    );
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let number =
+        |i: usize, default: usize| args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default);
+    let (n, rate, secs) = (number(0, 5), number(1, 10_000), number(2, 15));
+    let phases: Vec<String> = match args.get(3) {
+        Some(list) => list.split(',').map(str::to_owned).collect(),
+        None => PHASES.map(str::to_owned).to_vec(),
+    };
     let cancel = CancellationToken::new();
     let dirs: Vec<tempfile::TempDir> =
         (0..n).map(|_| tempfile::tempdir().expect("tempdir")).collect();
@@ -179,11 +238,13 @@ async fn main() {
         "{n} node actors on loopback libp2p (each with {peers} connections), a fresh attacker dialled to all for each flood; {rate} flood messages/s for {secs} s per phase; w1 re-advertises every 200 ms"
     );
     println!(
-        "{:<14} {:>8} {:>8} {:>8} {:>6} {:>7} {:>5} {:>9} {:>6}  invalid messages reaching the cores, per second",
+        "{:<17} {:>8} {:>8} {:>8} {:>6} {:>7} {:>5} {:>9} {:>6}  messages refused by the cores, per second",
         "phase", "p50 ms", "p99 ms", "max ms", "missed", "suspect", "down", "published", "cores"
     );
     let w1 = nodes[1].clone();
-    for kind in ["baseline", "garbage", "bad_signature", "baseline"] {
+    for kind in phases.iter().map(String::as_str) {
+        let mut prepared = signed(kind, rate * secs, n).into_iter();
+        let template = template(kind);
         let attacker = attacker(&addrs);
         // Connected and subscribed, as an attacker already in the mesh would be.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -225,7 +286,8 @@ async fn main() {
             if kind != "baseline" {
                 for _ in 0..per_tick {
                     made += 1;
-                    let _ = flood_tx.try_send(flood(kind, made));
+                    let message = prepared.next().unwrap_or_else(|| flood(kind, made, &template));
+                    let _ = flood_tx.try_send(message);
                 }
             }
             tick += 1;
@@ -246,7 +308,7 @@ async fn main() {
         let delivery = hostile::delivery(&mut seen, &sent_at);
         let secs_taken = start.elapsed().as_secs_f64();
         println!(
-            "{:<14} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>7} {:>5} {:>9} {:>6.2}  {:?}",
+            "{:<17} {:>8.2} {:>8.2} {:>8.2} {:>6} {:>7} {:>5} {:>9} {:>6.2}  {:?}",
             kind,
             support::pct(&delivery, 0.5),
             support::pct(&delivery, 0.99),

@@ -15,7 +15,8 @@
 //! publishes the honest traffic: four sources outside the nodes, one valid advert every 50 ms in
 //! turn. Delivery is publish → a node's `cluster.node.advertise` event (wall clock, one machine);
 //! "broker p99" is the same to a plain subscriber in this program (what the broker and the
-//! machine add before any node sees a message). With two CPUs or more, the nodes share CPU 0 and
+//! machine add before any node sees a message), and "added p99" the p99 of each node's delivery
+//! less the plain subscriber's of the same advert (what the node itself adds). With two CPUs or more, the nodes share CPU 0 and
 //! the rest (broker, flooder, this program) the others: on a WAN they run on machines of their
 //! own. After each phase the next waits until every honest advert is in (at most 10 s).
 //!
@@ -241,6 +242,9 @@ struct Phase<'a> {
     broker_cores: f64,
     /// Delivery to a plain subscriber beside this program (ms, sorted).
     broker_delivery: Vec<f64>,
+    /// Each node's delivery less the plain subscriber's of the same advert (ms, sorted): what
+    /// the node adds to what the broker and the machine take.
+    added: Vec<f64>,
 }
 
 async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
@@ -320,7 +324,7 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
         HONEST_EVERY.as_millis()
     );
     println!(
-        "{:<17} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>7} {:>8} {:>11} {:>6} {:>10}",
+        "{:<19} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>7} {:>8} {:>11} {:>6} {:>10} {:>10} {:>8}",
         "phase",
         "p50 ms",
         "p99 ms",
@@ -332,7 +336,9 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
         "p99 ×",
         "node cores",
         "broker",
-        "broker p99"
+        "broker p99",
+        "added p99",
+        "added ×"
     );
     let mut seq = 0u64;
     let mut phases: Vec<Phase> = Vec::new();
@@ -370,18 +376,17 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
             None => 0,
         };
         // Until every honest advert is in (what a flood left queued is worked off), at most 10 s.
-        let (mut delivery, mut suspect, mut down) = (Vec::new(), 0, 0);
+        let (mut seen, mut suspect, mut down) = (Vec::new(), 0, 0);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while delivery.len() < sent_at.len() * n {
+        while seen.len() < sent_at.len() * n {
             let Ok(Some(report)) = tokio::time::timeout_at(deadline, reports.recv()).await else {
                 break;
             };
             match report {
-                Report::Seen { seq, at_us } => {
-                    if let Some(t) = sent_at.get(&seq) {
-                        delivery.push(at_us.saturating_sub(*t) as f64 / 1000.0);
-                    }
+                Report::Seen { seq, at_us } if sent_at.contains_key(&seq) => {
+                    seen.push((seq, at_us));
                 }
+                Report::Seen { .. } => {}
                 Report::Judged(health) if health == "down" => down += 1,
                 Report::Judged(_) => suspect += 1,
             }
@@ -395,11 +400,19 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
             }
         }
         let elapsed = start.elapsed().as_secs_f64();
-        delivery.sort_by(f64::total_cmp);
-        let mut broker_delivery: Vec<f64> = std::iter::from_fn(|| probed.try_recv().ok())
-            .filter_map(|(seq, at)| Some(at.saturating_sub(*sent_at.get(&seq)?) as f64 / 1000.0))
-            .collect();
-        broker_delivery.sort_by(f64::total_cmp);
+        let ms = |from: u64, to: u64| (to as f64 - from as f64) / 1000.0;
+        let probe_at: BTreeMap<u64, u64> = std::iter::from_fn(|| probed.try_recv().ok()).collect();
+        let sorted = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let delivery = sorted(seen.iter().map(|(seq, at)| ms(sent_at[seq], *at)).collect());
+        let added = sorted(
+            seen.iter().filter_map(|(seq, at)| Some(ms(*probe_at.get(seq)?, *at))).collect(),
+        );
+        let broker_delivery = sorted(
+            probe_at.iter().filter_map(|(seq, at)| Some(ms(*sent_at.get(seq)?, *at))).collect(),
+        );
         let phase = Phase {
             kind,
             missed: (sent_at.len() * n).saturating_sub(delivery.len()),
@@ -414,30 +427,37 @@ async fn run_bench(n: usize, rate: usize, secs: usize, kinds: &[String]) {
                 .collect(),
             broker_cores: (hostile::cpu_secs_of(broker.pid()) - broker0) / elapsed,
             broker_delivery,
+            added,
         };
         print_phase(&phase, None);
         phases.push(phase);
     }
-    println!("\nEach flood beside the baselines either side of it (p99 × their mean):");
+    println!(
+        "\nEach flood beside the baselines either side of it (p99 × their mean; the same for \
+         the node-added p99):"
+    );
     for (i, phase) in phases.iter().enumerate().filter(|(_, p)| p.kind != "baseline") {
-        let around = [i.checked_sub(1), Some(i + 1)]
-            .into_iter()
-            .flatten()
-            .filter_map(|j| phases.get(j))
-            .map(|b| support::pct(&b.delivery, 0.99))
-            .collect::<Vec<_>>();
-        let baseline = around.iter().sum::<f64>() / around.len().max(1) as f64;
-        print_phase(phase, Some(support::pct(&phase.delivery, 0.99) / baseline));
+        let ratio = |of: for<'p> fn(&'p Phase<'_>) -> &'p [f64]| {
+            let around = [i.checked_sub(1), Some(i + 1)]
+                .into_iter()
+                .flatten()
+                .filter_map(|j| phases.get(j))
+                .map(|b| support::pct(of(b), 0.99))
+                .collect::<Vec<_>>();
+            let baseline = around.iter().sum::<f64>() / around.len().max(1) as f64;
+            support::pct(of(phase), 0.99) / baseline
+        };
+        print_phase(phase, Some((ratio(|p| &p.delivery), ratio(|p| &p.added))));
     }
     drop(nodes);
     drop(broker);
 }
 
-fn print_phase(phase: &Phase, ratio: Option<f64>) {
+fn print_phase(phase: &Phase, ratios: Option<(f64, f64)>) {
     let mean = phase.node_cores.iter().sum::<f64>() / phase.node_cores.len().max(1) as f64;
     let max = phase.node_cores.iter().copied().fold(0.0, f64::max);
     println!(
-        "{:<17} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>7} {:>5} {:>7} {:>8} {:>5.2}/{:<5.2} {:>6.2} {:>10.2}",
+        "{:<19} {:>7.2} {:>7.2} {:>7.2} {:>6} {:>7} {:>5} {:>7} {:>8} {:>5.2}/{:<5.2} {:>6.2} {:>10.2} {:>10.2} {:>8}",
         phase.kind,
         support::pct(&phase.delivery, 0.5),
         support::pct(&phase.delivery, 0.99),
@@ -446,10 +466,12 @@ fn print_phase(phase: &Phase, ratio: Option<f64>) {
         phase.suspect,
         phase.down,
         phase.sent,
-        ratio.map_or("".into(), |r| format!("{r:.2}")),
+        ratios.map_or("".into(), |r| format!("{:.2}", r.0)),
         mean,
         max,
         phase.broker_cores,
         support::pct(&phase.broker_delivery, 0.99),
+        support::pct(&phase.added, 0.99),
+        ratios.map_or("".into(), |r| format!("{:.2}", r.1)),
     );
 }

@@ -236,6 +236,10 @@ pub enum Verdict {
     Ignore,
     /// Invalid: not forwarded, and the sender's score drops.
     Reject,
+    /// Beyond a flood limit (a key sending too much, too many unknown keys from one peer): not
+    /// checked, not forwarded, and counted against the peer that sent it (see
+    /// [`crate::transport::shed`]).
+    Shed,
 }
 
 /// A refused message, for `cluster.event.rejected`.

@@ -169,43 +169,44 @@ async fn replaying_a_node_s_inputs_into_a_fresh_core_gives_the_same_effects() {
 #[path = "../examples/support/mesh.rs"]
 mod mesh;
 
-/// A mesh member that sends messages this node rejects (a valid-looking envelope whose signature
-/// matches nothing) is graylisted by gossipsub's scoring after a few, then disconnected and
-/// refused: the flood stops costing the node anything, and honest nodes are untouched.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_sends_invalid_messages_is_disconnected_and_refused() {
+/// A node (`target`) with an honest peer (`honest`), both `ok` to each other.
+async fn target_and_honest_peer(cancel: &CancellationToken) -> (TestNode, TestNode) {
+    let node = start("target", 1, vec![], cancel).await;
+    let boot = node.handle.snapshot().network.listen.clone();
+    let honest = start("honest", 2, boot, cancel).await;
+    until(&node.handle, "the honest peer", |s| ok_ids(s).contains(&"honest".to_owned())).await;
+    (node, honest)
+}
+
+/// Floods `node` from a fresh mesh member, `per_tick` of `messages` (in turn) every 5 ms,
+/// until the node closes the connection; then checks it refuses the member when it dials
+/// again, and still holds its honest peer `ok`. Returns how many were sent.
+async fn flood_until_cut_off(node: &TestNode, messages: &[Vec<u8>], per_tick: usize) -> usize {
     use futures::StreamExt;
     use libp2p::swarm::SwarmEvent;
 
-    let cancel = CancellationToken::new();
-    let node = start("target", 1, vec![], &cancel).await;
-    let boot = node.handle.snapshot().network.listen.clone();
-    let honest = start("honest", 2, boot.clone(), &cancel).await;
-    until(&node.handle, "the honest peer", |s| ok_ids(s).contains(&"honest".to_owned())).await;
     let target = node.handle.snapshot().peer_id.parse::<libp2p::PeerId>().expect("peer id");
-    let addrs: Vec<arw_p2p::Multiaddr> =
-        boot.iter().map(|a| format!("{a}/p2p/{target}").parse().expect("addr")).collect();
+    let addrs: Vec<arw_p2p::Multiaddr> = node
+        .handle
+        .snapshot()
+        .network
+        .listen
+        .iter()
+        .map(|a| format!("{a}/p2p/{target}").parse().expect("addr"))
+        .collect();
     let (mut attacker, topic) = mesh::attacker(&addrs, "lab", None);
-    let rogue = NodeKey::from_secret([77; 32]);
-    let mut sent = 0u64;
-    let mut cut_at = None;
+    let mut sent = 0;
+    let mut cut = false;
     let deadline = tokio::time::Instant::now() + WAIT;
     let mut flood = tokio::time::interval(Duration::from_millis(5));
-    // Flood until the node closes the connection, then try to come back.
-    while cut_at.is_none() {
+    while !cut {
         tokio::select! {
             () = tokio::time::sleep_until(deadline) => panic!("not cut off after {sent} messages"),
             _ = flood.tick() => {
-                let advert = arw_p2p::cluster::Advert::basic(
-                    NodeId::parse("rogue").expect("id"), "lab", sent + 1, arw_p2p::time::now_ms());
-                let sealed = arw_p2p::wire::seal(&rogue, "lab", &arw_p2p::wire::Message::Advert(advert));
-                // 64 zero bytes in place of the signature (the envelope's last 88 bytes before
-                // `"}`): a signature that matches nothing.
-                let mut envelope = sealed;
-                let end = envelope.len() - 2;
-                envelope[end - 88..end].copy_from_slice(("A".repeat(86) + "==").as_bytes());
-                if attacker.behaviour_mut().publish(topic.clone(), envelope).is_ok() {
-                    sent += 1;
+                for message in messages.iter().cycle().skip(sent).take(per_tick) {
+                    if attacker.behaviour_mut().publish(topic.clone(), message.clone()).is_ok() {
+                        sent += 1;
+                    }
                 }
             }
             event = attacker.select_next_some() => {
@@ -213,13 +214,11 @@ async fn a_peer_that_sends_invalid_messages_is_disconnected_and_refused() {
                     && peer_id == target
                     && sent > 0
                 {
-                    cut_at = Some(sent);
+                    cut = true;
                 }
             }
         }
     }
-    let refused = node.handle.snapshot().counters.refused;
-    assert!(refused <= 20, "{refused} rejected before the cut, of {sent} sent");
     // Refused when it dials again.
     attacker.dial(addrs[0].clone()).expect("dial");
     let refused_again = tokio::time::timeout(WAIT, async {
@@ -231,17 +230,90 @@ async fn a_peer_that_sends_invalid_messages_is_disconnected_and_refused() {
                 {
                     break true;
                 }
-                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == target => {}
                 _ => {}
             }
         }
     })
     .await;
     assert_eq!(refused_again, Ok(true), "the node took the peer back");
-    // The honest peer is still there.
     let s = node.handle.snapshot();
-    assert!(ok_ids(&s).contains(&"honest".to_owned()));
-    assert!(s.network.connected_peers >= 1);
+    assert!(ok_ids(&s).contains(&"honest".to_owned()), "the honest peer is not ok");
+    assert!(s.network.connected_peers >= 1, "the honest peer was cut off too");
+    sent
+}
+
+/// A mesh member that sends messages this node rejects (a valid-looking envelope whose signature
+/// matches nothing) is disconnected and refused after a few: the flood stops costing the node
+/// anything, and honest nodes are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_sends_invalid_messages_is_disconnected_and_refused() {
+    let cancel = CancellationToken::new();
+    let (node, honest) = target_and_honest_peer(&cancel).await;
+    let rogue = NodeKey::from_secret([77; 32]);
+    let forged: Vec<Vec<u8>> = (1..=1_000)
+        .map(|seq| {
+            let advert = arw_p2p::cluster::Advert::basic(
+                NodeId::parse("rogue").expect("id"),
+                "lab",
+                seq,
+                arw_p2p::time::now_ms(),
+            );
+            let mut envelope =
+                arw_p2p::wire::seal(&rogue, "lab", &arw_p2p::wire::Message::Advert(advert));
+            // 64 zero bytes in place of the signature (the envelope's last 88 bytes before
+            // `"}`): a signature that matches nothing.
+            let end = envelope.len() - 2;
+            envelope[end - 88..end].copy_from_slice(("A".repeat(86) + "==").as_bytes());
+            envelope
+        })
+        .collect();
+    let sent = flood_until_cut_off(&node, &forged, 1).await;
+    let refused = node.handle.snapshot().counters.refused;
+    assert!(refused <= 20, "{refused} rejected before the cut, of {sent} sent");
+    drop(honest);
+    cancel.cancel();
+}
+
+/// A member flooding messages with valid signatures, under its own key (a liar's reports and
+/// heartbeats) or under fresh keys (Sybils), gets a handful checked; the rest is shed unchecked
+/// and the member cut off like one sending invalid messages. Honest nodes are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_flooding_validly_signed_messages_is_shed_then_cut_off() {
+    use arw_p2p::wire::{Beat, Message, seal};
+
+    let cancel = CancellationToken::new();
+    let (node, honest) = target_and_honest_peer(&cancel).await;
+    let now = arw_p2p::time::now_ms();
+    let advert = |key: &NodeKey, id: &str| {
+        let advert = arw_p2p::cluster::Advert::basic(NodeId::parse(id).expect("id"), "lab", 1, now);
+        seal(key, "lab", &Message::Advert(advert))
+    };
+    let liar = NodeKey::from_secret([78; 32]);
+    let mut lies = vec![advert(&liar, "liar")];
+    lies.extend((1..=4_000).map(|beat| {
+        let id = NodeId::parse("liar").expect("id");
+        let workspace = "lab".to_owned();
+        seal(
+            &liar,
+            "lab",
+            &Message::Heartbeat(Beat { id, workspace, seq: 1, beat, sent_ms: now, policy: 0 }),
+        )
+    }));
+    let sybils: Vec<Vec<u8>> = (0..4_000u32)
+        .map(|i| {
+            let mut secret = [9u8; 32];
+            secret[..4].copy_from_slice(&i.to_be_bytes());
+            advert(&NodeKey::from_secret(secret), &format!("s{i}"))
+        })
+        .collect();
+    for (what, flood) in [("liar", lies), ("sybil", sybils)] {
+        let before = node.handle.snapshot().counters;
+        let sent = flood_until_cut_off(&node, &flood, 20).await;
+        // The cut came after 2,000 shed (the snapshot shows them soon after).
+        until(&node.handle, "the shed count", |s| s.counters.since(before).shed > 2_000).await;
+        let taken = node.handle.snapshot().counters.since(before);
+        assert!(taken.received <= 400, "{what}: {} checked of {sent}", taken.received);
+    }
     drop(honest);
     cancel.cancel();
 }

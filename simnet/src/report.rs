@@ -61,6 +61,9 @@ pub struct Decisions {
     pub adverts: f64,
     /// Messages refused.
     pub refused: f64,
+    /// Gossip messages shed unchecked as a flood (none in honest traffic).
+    #[serde(default)]
+    pub shed: f64,
 }
 
 /// The result of one scenario run (all trials).
@@ -191,7 +194,7 @@ impl Report {
         if let Some(d) = &self.decisions_per_node_per_s {
             let _ = writeln!(
                 out,
-                "  decisions per node per s   syncs {:.3}, probes {:.3}, reports {:.3}, refutations {:.3}, resets {:.3}, redials {:.3}, adverts {:.3}, refused {:.3}",
+                "  decisions per node per s   syncs {:.3}, probes {:.3}, reports {:.3}, refutations {:.3}, resets {:.3}, redials {:.3}, adverts {:.3}, refused {:.3}, shed {:.3}",
                 d.syncs,
                 d.probes,
                 d.reports,
@@ -199,7 +202,8 @@ impl Report {
                 d.resets,
                 d.redials,
                 d.adverts,
-                d.refused
+                d.refused,
+                d.shed
             );
         }
         if let Some(j) = &self.jobs {
@@ -436,6 +440,7 @@ impl Report {
                 redials: rate(c.redials),
                 adverts: rate(c.adverts),
                 refused: rate(c.refused),
+                shed: rate(c.shed),
             }),
             jobs: m.jobs.map(|j| JobsReport {
                 submitted: j.submitted,

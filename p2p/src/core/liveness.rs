@@ -30,9 +30,17 @@ impl NodeCore {
             Inbound::Gossip { source, .. } => Some(*source),
             Inbound::Broker => None,
         };
-        let opened = match opened {
-            Some(opened) => *opened,
-            None => wire::open(&bytes, &self.workspace),
+        let opened = match source {
+            Some(source) => match self.open_unless_shed(&bytes, source, opened, now) {
+                Some(opened) => opened,
+                None => {
+                    self.counters.shed += 1;
+                    self.out.push(Effect::Validate { via, verdict: Verdict::Shed });
+                    return;
+                }
+            },
+            // Shed on the transport's own task, before its check.
+            None => opened.map_or_else(|| wire::open(&bytes, &self.workspace), |o| *o),
         };
         let may_add = self.newcomers.has_room(source, now);
         let receipt = self.protocol.receive_from(opened, &bytes, now, may_add);
@@ -44,6 +52,26 @@ impl NodeCore {
             self.out.push(Effect::Validate { via, verdict: receipt.verdict });
         }
         self.on_receipt(receipt, source, now);
+    }
+
+    /// Checks a gossip message's signature (unless the executor did: `opened`) unless the key
+    /// it claims sends too much, or `source` too many keys never seen valid (see
+    /// [`crate::transport::shed::Shedder`]): `None`, shed. Invalid messages are not shed here:
+    /// each is rejected, and the peer soon cut off.
+    fn open_unless_shed(
+        &mut self,
+        bytes: &[u8],
+        source: PeerId,
+        opened: Option<Box<Result<wire::Opened, Reason>>>,
+        now: u64,
+    ) -> Option<Result<wire::Opened, Reason>> {
+        let key = wire::claimed_key(bytes);
+        self.shedder.before(key, Some(source), now).ok()?;
+        let opened = opened.map_or_else(|| wire::open(bytes, &self.workspace), |o| *o);
+        if opened.is_ok() {
+            self.shedder.after(key, true, now).ok()?;
+        }
+        Some(opened)
     }
 
     fn on_receipt(&mut self, mut receipt: Receipt, source: Option<PeerId>, now: u64) {

@@ -111,7 +111,9 @@ pub enum Input {
         bytes: Vec<u8>,
         /// How it came.
         via: Inbound,
-        /// The envelope already opened by the executor ([`wire::open`]), when it did so.
+        /// The envelope already opened by the executor ([`wire::open`]), when it did so. On
+        /// NATS the transport sheds floods before it checks; gossip the core sheds itself,
+        /// opened or not (see [`crate::transport::shed`]).
         opened: Option<Box<Result<wire::Opened, wire::Reason>>>,
     },
     /// A peer of this workspace is connected (libp2p).
@@ -350,6 +352,8 @@ pub struct NodeCore {
     rejections: RejectionLimit,
     /// How many new nodes each sender may still bring.
     newcomers: newcomers::Newcomers,
+    /// What gossip is worth checking (on NATS the transport sheds before the node).
+    shedder: crate::transport::shed::Shedder,
     /// Each remote node's key as of a membership generation (rebuilt only when members came or
     /// went), for readers that check relayed events.
     keys: (u64, Arc<BTreeMap<NodeId, [u8; 32]>>),
@@ -468,6 +472,7 @@ impl NodeCore {
             counters: Counters::default(),
             rejections: RejectionLimit::default(),
             newcomers: newcomers::Newcomers::default(),
+            shedder: Default::default(),
             keys: (u64::MAX, Arc::default()),
             linked: bus != Some(Bus::Broker),
             last_flush_ms: 0,

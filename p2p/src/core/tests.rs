@@ -348,3 +348,60 @@ fn the_node_goes_on_while_the_registry_is_written_and_adverts_keep_their_order()
         .collect();
     assert_eq!(replies, [1, 2]);
 }
+
+/// The verdict `core` gives a gossip message `bytes` forwarded by `source` at `now`.
+fn gossip_verdict(core: &mut NodeCore, bytes: Vec<u8>, source: PeerId, now: u64) -> Verdict {
+    let id = libp2p::gossipsub::MessageId::from(bytes.clone());
+    let via = Inbound::Gossip { id, source };
+    let effects = drive(core, Input::Message { bytes, via, opened: None }, now);
+    let verdict = effects.iter().find_map(|e| match e {
+        Effect::Validate { verdict, .. } => Some(*verdict),
+        _ => None,
+    });
+    verdict.expect("a verdict")
+}
+
+#[test]
+fn a_gossip_flood_of_valid_messages_is_shed_unchecked_and_others_still_heard() {
+    let (mut a, b) = a_knowing_b();
+    let (flooder, honest) = (PeerId::random(), PeerId::random());
+    let beat = |key: &NodeKey, id: &str, beat: u64| {
+        let id = NodeId::parse(id).expect("id");
+        let beat = crate::wire::Beat {
+            id,
+            workspace: "lab".into(),
+            seq: T0,
+            beat,
+            sent_ms: T0,
+            policy: 0,
+        };
+        seal(key, "lab", &Message::Heartbeat(beat))
+    };
+    // Its own key, many times: a burst is checked, the rest shed; b is still heard.
+    let verdicts: Vec<Verdict> =
+        (1..=100).map(|i| gossip_verdict(&mut a, beat(&b, "b", i), flooder, T0 + 1)).collect();
+    let checked = verdicts.iter().filter(|v| **v != Verdict::Shed).count();
+    assert_eq!(checked, crate::transport::shed::PER_KEY_BURST as usize, "{verdicts:?}");
+    let c = NodeKey::from_secret([3; 32]);
+    let advert = |key: &NodeKey, id: &str| {
+        let advert = Advert::basic(NodeId::parse(id).expect("id"), "lab", 1, T0);
+        seal(key, "lab", &Message::Advert(advert))
+    };
+    assert_eq!(gossip_verdict(&mut a, advert(&c, "c"), honest, T0 + 2), Verdict::Accept);
+    // Fresh keys from one peer: a burst is checked, the rest shed; another peer's newcomer is
+    // checked and taken in.
+    let sybils: Vec<Verdict> = (0..100u32)
+        .map(|i| {
+            let mut secret = [9u8; 32];
+            secret[..4].copy_from_slice(&i.to_be_bytes());
+            let sybil = NodeKey::from_secret(secret);
+            gossip_verdict(&mut a, advert(&sybil, &format!("s{i}")), flooder, T0 + 3)
+        })
+        .collect();
+    let checked = sybils.iter().filter(|v| **v != Verdict::Shed).count();
+    // (b's first heartbeat, its key new to the gossip budget then, took one.)
+    assert_eq!(checked, crate::transport::shed::UNKNOWN_BURST as usize - 1, "{sybils:?}");
+    let d = NodeKey::from_secret([4; 32]);
+    assert_eq!(gossip_verdict(&mut a, advert(&d, "d"), honest, T0 + 3), Verdict::Accept);
+    assert_eq!(a.counters.shed, 80 + 81);
+}

@@ -275,6 +275,10 @@ pub struct Counters {
     pub redials: u64,
     /// Adverts signed.
     pub adverts: u64,
+    /// Gossip messages dropped as a flood before or after their check (a key sending too much,
+    /// too many unknown keys from one peer); not counted as received.
+    #[serde(default)]
+    pub shed: u64,
     /// Refused messages by reason, indexed as [`Reason::ALL`] (for `/metrics`; not part of the
     /// JSON views, where an array of bare numbers would mean nothing).
     #[serde(skip)]
@@ -295,6 +299,7 @@ impl std::ops::Add for Counters {
             resets: self.resets + o.resets,
             redials: self.redials + o.redials,
             adverts: self.adverts + o.adverts,
+            shed: self.shed + o.shed,
             refused_by: std::array::from_fn(|i| self.refused_by[i] + o.refused_by[i]),
         }
     }
@@ -313,6 +318,7 @@ impl Counters {
             resets: self.resets.saturating_sub(earlier.resets),
             redials: self.redials.saturating_sub(earlier.redials),
             adverts: self.adverts.saturating_sub(earlier.adverts),
+            shed: self.shed.saturating_sub(earlier.shed),
             refused_by: std::array::from_fn(|i| {
                 self.refused_by[i].saturating_sub(earlier.refused_by[i])
             }),

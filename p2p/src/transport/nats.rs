@@ -203,7 +203,7 @@ async fn check<T>(
             },
             None => Ok(()),
         };
-        let verdict = sender.and_then(|()| shedder.before(key, now)).and_then(|()| {
+        let verdict = sender.and_then(|()| shedder.before(key, None, now)).and_then(|()| {
             let opened = open(bytes);
             let valid = !opened.as_ref().is_err_and(|r| r.is_invalid());
             shedder.after(key, valid, now).map(|()| opened)

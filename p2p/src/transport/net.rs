@@ -71,8 +71,9 @@ pub struct Net {
     redialling: BTreeMap<PeerId, u8>,
     /// Peers cut off for sending what this node rejects, until when (see [`BAN`]).
     banned: BTreeMap<PeerId, Instant>,
-    /// Invalid gossip messages each peer sent in its current window, and when that began.
-    rejected: BTreeMap<PeerId, (u32, Instant)>,
+    /// Invalid gossip messages each peer sent in its current window, and those shed as a
+    /// flood, and when that window began.
+    rejected: BTreeMap<PeerId, ([u32; 2], Instant)>,
     /// libp2p's own metrics (connections, bandwidth, identify, Kademlia, ping), when asked for.
     metrics: Option<libp2p::metrics::Metrics>,
 }
@@ -106,6 +107,10 @@ const REDIAL_EVERY: Duration = Duration::from_secs(2);
 const MAX_REJECTED: u32 = 3;
 /// See [`MAX_REJECTED`].
 const REJECT_WINDOW: Duration = Duration::from_secs(10);
+/// Gossip messages a peer may send within [`REJECT_WINDOW`] that the node sheds as a flood
+/// before it is cut off. An honest peer forwards only what it accepted, within the same
+/// budgets: what of it this node sheds is a few a second at most (docs/protocol.md).
+const MAX_SHED: u32 = 2_000;
 /// How long a peer cut off for invalid messages stays disconnected and refused.
 const BAN: Duration = Duration::from_secs(60);
 /// Peers banned at once at most (a Sybil makes new ones; each is cut off all the same).
@@ -114,6 +119,15 @@ const MAX_BANNED: usize = 4_096;
 /// host retries its SYN with backoff (1 s, 2 s, 4 s...); a few staggered dials keep a fresh
 /// SYN going out about every time the node core asks for one.
 const REDIAL_PENDING: u8 = 3;
+
+/// What a peer is cut off for.
+#[derive(Debug, Clone, Copy)]
+enum Misbehaviour {
+    /// Invalid messages (more than [`MAX_REJECTED`]).
+    Invalid,
+    /// Messages shed as a flood (more than [`MAX_SHED`]).
+    Flood,
+}
 
 /// The gossip topic of a workspace.
 pub fn topic_name(workspace: &str) -> String {
@@ -269,41 +283,48 @@ impl Net {
     }
 
     /// Reports the validation verdict for a received gossip message. A peer that sent more
-    /// than `MAX_REJECTED` (3) invalid ones within `REJECT_WINDOW` (10 s) is disconnected and
-    /// refused for a while.
+    /// than `MAX_REJECTED` (3) invalid ones, or `MAX_SHED` (2,000) shed as a flood, within
+    /// `REJECT_WINDOW` (10 s) is disconnected and refused for a while.
     pub fn report(&mut self, id: &gossipsub::MessageId, source: &PeerId, verdict: Verdict) {
         let acceptance = match verdict {
             Verdict::Accept => gossipsub::MessageAcceptance::Accept,
-            Verdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+            Verdict::Ignore | Verdict::Shed => gossipsub::MessageAcceptance::Ignore,
             Verdict::Reject => gossipsub::MessageAcceptance::Reject,
         };
         self.swarm
             .behaviour_mut()
             .gossipsub
             .report_message_validation_result(id, source, acceptance);
-        if verdict == Verdict::Reject {
-            self.rejected_from(*source, Instant::now());
+        match verdict {
+            Verdict::Reject => self.misbehaved(*source, Misbehaviour::Invalid, Instant::now()),
+            Verdict::Shed => self.misbehaved(*source, Misbehaviour::Flood, Instant::now()),
+            Verdict::Accept | Verdict::Ignore => {}
         }
     }
 
-    /// Counts an invalid message from `peer`: honest nodes validate before they forward, so a
-    /// peer that keeps sending them is the source. Gossipsub's scoring would only ignore its
-    /// RPCs, each still received, decrypted and decoded; it is disconnected and refused for
-    /// [`BAN`] instead, so its flood stops costing the node anything.
-    fn rejected_from(&mut self, peer: PeerId, now: Instant) {
+    /// Counts an invalid message from `peer`, or one shed as a flood: honest nodes validate
+    /// before they forward, and forward within the same budgets, so a peer that keeps sending
+    /// them is the source. Gossipsub's scoring would only ignore its RPCs, each still received,
+    /// decrypted and decoded; it is disconnected and refused for [`BAN`] instead, so its flood
+    /// stops costing the node anything.
+    fn misbehaved(&mut self, peer: PeerId, what: Misbehaviour, now: Instant) {
         if self.rejected.len() >= MAX_BANNED {
             self.rejected.retain(|_, (_, since)| now.duration_since(*since) < REJECT_WINDOW);
         }
-        let (count, since) = self.rejected.entry(peer).or_insert((0, now));
+        let (counts, since) = self.rejected.entry(peer).or_insert(([0, 0], now));
         if now.duration_since(*since) >= REJECT_WINDOW {
-            (*count, *since) = (0, now);
+            (*counts, *since) = ([0, 0], now);
         }
+        let (count, limit) = match what {
+            Misbehaviour::Invalid => (&mut counts[0], MAX_REJECTED),
+            Misbehaviour::Flood => (&mut counts[1], MAX_SHED),
+        };
         *count += 1;
-        if *count <= MAX_REJECTED {
+        if *count <= limit {
             return;
         }
         self.rejected.remove(&peer);
-        tracing::warn!(%peer, ban = ?BAN, "disconnecting a peer that sent messages this node rejected");
+        tracing::warn!(%peer, ban = ?BAN, ?what, "disconnecting a peer that sent messages this node rejected or shed");
         if self.banned.len() < MAX_BANNED {
             self.banned.insert(peer, now + BAN);
             self.swarm.behaviour_mut().banned.block_peer(peer);

@@ -1,17 +1,22 @@
-//! What a broker-fed node checks at all. Over NATS every message reaches every node, so load is
-//! shed before an envelope's signature is checked (the check is the cost). First by the subject
+//! What a node checks at all. A flood's cost is the signature check of each message, so load is
+//! shed before it: over NATS on the transport's check task, on the libp2p mesh by the node
+//! core (a peer whose messages keep being shed is then cut off; docs/protocol.md). Over NATS,
+//! first by the subject
 //! it came on ([`Senders`]): each node publishes on a subject of its own, named by its peer id,
 //! and an envelope claiming another node's key there is dropped unchecked; where the broker
 //! lets each node's credentials publish only on its own subject, that is a forgery, and the
 //! broker has told who sent it. Then by the key the envelope claims ([`Shedder`]): a key that
 //! proved itself (a valid signature) and then sends more than [`PER_KEY_BURST`] messages at
 //! once or [`PER_KEY`] a second is not checked again for [`BOX_MS`]; keys never seen valid share
-//! [`UNKNOWN_PER_SECOND`] checks a second (a Sybil flood of fresh keys); and of invalid
+//! [`UNKNOWN_PER_SECOND`] checks a second per sender (a Sybil flood of fresh keys; a sender is
+//! the gossip peer that forwarded the message, or the broker); and of invalid
 //! envelopes only [`INVALID_PER_SECOND`] a second go on to be reported. Each budget is a token
 //! bucket ([`Pace`]), so a flood is checked at an even pace, not in a burst at each second. A
 //! forger cannot get an honest key shed: only valid messages count against a key.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+
+use libp2p::PeerId;
 
 use crate::limit::Pace;
 
@@ -34,6 +39,8 @@ pub const INVALID_PER_SECOND: u32 = 20;
 pub const INVALID_BURST: u32 = 5;
 /// Keys remembered as seen valid.
 const KNOWN: usize = 8_192;
+/// Senders whose budget for unknown keys is remembered (beyond, it starts again full).
+const SENDERS: usize = 1_024;
 
 /// Why an envelope was dropped unchecked, or after its check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -71,7 +78,8 @@ pub struct Shedder {
     boxed: HashMap<String, u64>,
     /// Each key's budget of valid messages.
     per_key: HashMap<String, Pace>,
-    unknown: Pace,
+    /// Each sender's budget of checks for unknown keys (`None`: the broker).
+    unknown: HashMap<Option<PeerId>, Pace>,
     invalid: Pace,
 }
 
@@ -83,8 +91,14 @@ impl Shedder {
         Self { per_key_limit: (per_second, burst), ..Self::default() }
     }
 
-    /// Whether an envelope claiming `key` is worth checking at `now_ms`.
-    pub fn before(&mut self, key: Option<&str>, now_ms: u64) -> Result<(), Shed> {
+    /// Whether an envelope claiming `key`, from `sender` (`None`: the broker), is worth
+    /// checking at `now_ms`.
+    pub fn before(
+        &mut self,
+        key: Option<&str>,
+        sender: Option<PeerId>,
+        now_ms: u64,
+    ) -> Result<(), Shed> {
         let Some(key) = key else { return Ok(()) };
         if let Some(until) = self.boxed.get(key) {
             if *until > now_ms {
@@ -92,9 +106,14 @@ impl Shedder {
             }
             self.boxed.remove(key);
         }
-        if !self.known.contains(key)
-            && !self.unknown.spend(now_ms, UNKNOWN_PER_SECOND, UNKNOWN_BURST)
-        {
+        if self.known.contains(key) {
+            return Ok(());
+        }
+        if self.unknown.len() >= SENDERS && !self.unknown.contains_key(&sender) {
+            self.unknown.clear();
+        }
+        let budget = self.unknown.entry(sender).or_default();
+        if !budget.spend(now_ms, UNKNOWN_PER_SECOND, UNKNOWN_BURST) {
             return Err(Shed::Unknown);
         }
         Ok(())
@@ -182,17 +201,19 @@ mod tests {
     fn a_key_that_floods_valid_messages_is_shed_then_heard_again() {
         let mut s = Shedder::default();
         let passed = (0..PER_KEY + 50)
-            .filter(|_| s.before(Some("liar"), 0).is_ok() && s.after(Some("liar"), true, 0).is_ok())
+            .filter(|_| {
+                s.before(Some("liar"), None, 0).is_ok() && s.after(Some("liar"), true, 0).is_ok()
+            })
             .count();
         assert_eq!(passed, PER_KEY_BURST as usize);
-        assert_eq!(s.before(Some("liar"), 5_000), Err(Shed::Boxed), "unchecked while boxed");
-        assert_eq!(s.before(Some("honest"), 5_000), Ok(()), "others are not charged");
-        assert_eq!(s.before(Some("liar"), BOX_MS), Ok(()));
+        assert_eq!(s.before(Some("liar"), None, 5_000), Err(Shed::Boxed), "unchecked while boxed");
+        assert_eq!(s.before(Some("honest"), None, 5_000), Ok(()), "others are not charged");
+        assert_eq!(s.before(Some("liar"), None, BOX_MS), Ok(()));
         // An honest node: a handful at start, then a heartbeat a second and an advert now and
         // then, for an hour.
         let mut s = Shedder::default();
         let ok = |s: &mut Shedder, t| {
-            s.before(Some("w1"), t).and_then(|()| s.after(Some("w1"), true, t))
+            s.before(Some("w1"), None, t).and_then(|()| s.after(Some("w1"), true, t))
         };
         assert!((0..5).all(|_| ok(&mut s, 0).is_ok()));
         assert!(
@@ -206,11 +227,11 @@ mod tests {
         let mut s = Shedder::default();
         s.after(Some("honest"), true, 0).expect("valid");
         for _ in 0..1_000 {
-            if s.before(Some("honest"), 10).is_ok() {
+            if s.before(Some("honest"), None, 10).is_ok() {
                 let _ = s.after(Some("honest"), false, 10);
             }
         }
-        assert_eq!(s.before(Some("honest"), 20), Ok(()));
+        assert_eq!(s.before(Some("honest"), None, 20), Ok(()));
         assert_eq!(s.after(Some("honest"), true, 20), Ok(()));
     }
 
@@ -248,13 +269,24 @@ mod tests {
     #[test]
     fn fresh_keys_share_a_paced_budget_of_checks() {
         let mut s = Shedder::default();
-        let fresh = |s: &mut Shedder, i: u32, t: u64| s.before(Some(&format!("sybil-{i}")), t);
+        let fresh =
+            |s: &mut Shedder, i: u32, t: u64| s.before(Some(&format!("sybil-{i}")), None, t);
         let at_once = (0..1_000).filter(|&i| fresh(&mut s, i, 100).is_ok()).count();
         assert_eq!(at_once, UNKNOWN_BURST as usize, "a burst, not the second's budget at once");
         // A flood spread over the next second: its budget, one check per 5 ms.
         let spread = (0..10_000u32).filter(|&i| fresh(&mut s, i, 101 + u64::from(i) / 10).is_ok());
         assert_eq!(spread.count(), UNKNOWN_PER_SECOND as usize);
         s.after(Some("old-friend"), true, 0).expect("valid");
-        assert_eq!(s.before(Some("old-friend"), 1_100), Ok(()), "known keys are always checked");
+        assert_eq!(
+            s.before(Some("old-friend"), None, 1_100),
+            Ok(()),
+            "known keys are always checked"
+        );
+        let peer = Some(PeerId::random());
+        assert_eq!(
+            s.before(Some("newcomer"), peer, 1_100),
+            Ok(()),
+            "another sender's newcomers have a budget of their own"
+        );
     }
 }
