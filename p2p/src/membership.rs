@@ -133,9 +133,9 @@ pub const REPORT_SLACK: u64 = 2;
 
 /// Reports acted on per accuser and window (a crash costs an honest accuser one report per
 /// connection it loses; a lying one is muted after its first refuted report anyway).
-const REPORTS_PER_WINDOW: u32 = 16;
+pub(crate) const REPORTS_PER_WINDOW: u32 = 16;
 /// That window.
-const REPORT_WINDOW_MS: u64 = 10_000;
+pub(crate) const REPORT_WINDOW_MS: u64 = 10_000;
 /// An accuser whose report the suspect refuted is not listened to for this long.
 const MUTED_FOR_MS: u64 = 60_000;
 

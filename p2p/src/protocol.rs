@@ -80,6 +80,8 @@ pub struct Protocol {
     refuted: Option<Refutation>,
     /// Suspicion reports signed so far.
     reports: u64,
+    /// Reports sent in the current window: no more than receivers act on.
+    reporting: crate::limit::Window,
     /// Refutations and proofs of life signed so far.
     refutations: u64,
 }
@@ -114,6 +116,7 @@ impl Protocol {
             outbox: Vec::new(),
             refuted: None,
             reports: 0,
+            reporting: Default::default(),
             refutations: 0,
         }
     }
@@ -250,7 +253,15 @@ impl Protocol {
         change
     }
 
+    /// Signs a report for everyone, unless this node sent as many as receivers act on of one
+    /// accuser this window ([`crate::membership::REPORTS_PER_WINDOW`]): more would go unheeded,
+    /// and a burst of them (many nodes gone at once, or a Sybil's fakes falling silent) would
+    /// take this node's key over the receivers' per-key budget and get its heartbeats shed.
     fn report(&mut self, target: &NodeId, (target_seq, target_beat): (u64, u64), now_ms: u64) {
+        use crate::membership::{REPORT_WINDOW_MS, REPORTS_PER_WINDOW};
+        if !self.reporting.spend(now_ms, REPORT_WINDOW_MS, REPORTS_PER_WINDOW) {
+            return;
+        }
         let beat = self.next_beat(now_ms);
         let report = wire::Suspicion {
             id: beat.id,
@@ -546,6 +557,31 @@ mod tests {
         let mut config = MembershipConfig::new("lab");
         config.trust_first_home = true;
         Protocol::new(NodeKey::from_secret([seed; 32]), NodeId::parse(id).expect("id"), config, 0)
+    }
+
+    #[test]
+    fn a_node_sends_no_more_reports_than_receivers_act_on() {
+        use crate::membership::{REPORT_WINDOW_MS, REPORTS_PER_WINDOW};
+        let now = 1_800_000_000_000;
+        let mut a = protocol("a", 1);
+        // Forty nodes fall silent at once (a rack, or a Sybil's fakes): each is suspected here,
+        // but only as many reports go out as a receiver would act on.
+        let gone = |i: u32| NodeId::parse(&format!("n{i}")).expect("id");
+        for i in 0..40 {
+            let key = NodeKey::from_secret([100 + i as u8; 32]);
+            let envelope =
+                wire::seal(&key, "lab", &Message::Advert(advert(&format!("n{i}"), 1, now)));
+            assert_eq!(a.receive(&envelope, now).verdict, Verdict::Accept);
+        }
+        for i in 0..40 {
+            a.suspect(&gone(i), now + 5_000);
+        }
+        assert_eq!(a.take_outbox().len(), REPORTS_PER_WINDOW as usize);
+        let suspect = a.membership().members().values();
+        let suspect = suspect.filter(|m| m.record.health == crate::cluster::Health::Suspect);
+        assert_eq!(suspect.count(), 40, "each is suspected here all the same");
+        a.suspect(&gone(0), now + 5_000 + REPORT_WINDOW_MS);
+        assert_eq!(a.take_outbox().len(), 1, "the next window sends again");
     }
 
     #[test]
