@@ -1,18 +1,21 @@
 //! What a node checks at all. A flood's cost is the signature check of each message, so load is
-//! shed before it: over NATS on the transport's check task, on the libp2p mesh by the node
-//! core (a peer whose messages keep being shed is then cut off; docs/protocol.md). Over NATS,
-//! first by the subject
-//! it came on ([`Senders`]): each node publishes on a subject of its own, named by its peer id,
-//! and an envelope claiming another node's key there is dropped unchecked; where the broker
-//! lets each node's credentials publish only on its own subject, that is a forgery, and the
-//! broker has told who sent it. Then by the key the envelope claims ([`Shedder`]): a key that
-//! proved itself (a valid signature) and then sends more than [`PER_KEY_BURST`] messages at
-//! once or [`PER_KEY`] a second is not checked again for [`BOX_MS`]; keys never seen valid share
+//! shed before it: over NATS on the transport's check task, on the libp2p mesh by the node core
+//! (a peer whose messages keep being shed is then cut off; docs/protocol.md).
+//!
+//! Over NATS, first by the subject a message came on ([`Senders`]): each node publishes on a
+//! subject of its own, named by its peer id, and an envelope claiming another node's key there
+//! is dropped unchecked; where the broker lets each node's credentials publish only on its own
+//! subject, that is a forgery, and the broker has told who sent it.
+//!
+//! On both buses, by the key the envelope claims ([`Shedder`]): a key that proved itself (a
+//! valid signature) and then sends more than [`PER_KEY_BURST`] messages at once or [`PER_KEY`]
+//! a second is not checked again for [`BOX_MS`]; keys never seen valid share
 //! [`UNKNOWN_PER_SECOND`] checks a second per sender (a Sybil flood of fresh keys; a sender is
-//! the gossip peer that forwarded the message, or the broker); and of invalid
-//! envelopes only [`INVALID_PER_SECOND`] a second go on to be reported. Each budget is a token
-//! bucket ([`Pace`]), so a flood is checked at an even pace, not in a burst at each second. A
-//! forger cannot get an honest key shed: only valid messages count against a key.
+//! the gossip peer that forwarded the message, or the broker). Over NATS, of invalid envelopes
+//! only [`INVALID_PER_SECOND`] a second go on to be reported (on the mesh each is rejected and
+//! counts towards its sender's cut-off). Each budget is a token bucket ([`Pace`]), so a flood is
+//! checked at an even pace, not in a burst at each second. A forger cannot get an honest key
+//! shed: only valid messages count against a key.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
