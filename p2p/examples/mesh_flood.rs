@@ -56,7 +56,7 @@ use arw_p2p::{
     node::{self, FederationConfig, NodeConfig, NodeHandle},
     node_id::IdSource,
     time::now_ms,
-    wire::{Message, Suspicion, seal},
+    wire::{Message, seal},
 };
 
 /// Phases by default: each flood between baselines.
@@ -104,26 +104,14 @@ fn signed(kind: &str, count: usize, honest: usize) -> Vec<Vec<u8>> {
         "forged_suspicion" => {
             let liar = Advert::basic(id("liar"), "default", 1, now_ms());
             let mut out = vec![seal(&rogue, "default", &Message::Advert(liar))];
-            out.extend((0..count as u64).map(|i| {
-                let report = Suspicion {
-                    id: id("liar"),
-                    workspace: "default".into(),
-                    seq: 1,
-                    beat: i + 1,
-                    sent_ms: now_ms(),
-                    target: id(&format!("w{}", i as usize % honest)),
-                    target_seq: u64::MAX,
-                    target_beat: u64::MAX,
-                };
-                seal(&rogue, "default", &Message::Suspect(report))
-            }));
+            out.extend(
+                (0..count as u64).map(|i| seal(&rogue, "default", &hostile::lie(i, honest))),
+            );
             out
         }
         "sybil" => (0..count as u32)
             .map(|i| {
-                let mut secret = [9u8; 32];
-                secret[..4].copy_from_slice(&i.to_be_bytes());
-                let key = NodeKey::from_secret(secret);
+                let key = hostile::sybil_key(i);
                 let advert = Advert::basic(id(&format!("s{i}")), "default", 1, now_ms());
                 seal(&key, "default", &Message::Advert(advert))
             })

@@ -56,7 +56,7 @@ use arw_p2p::{
     node::{self, FederationConfig, NodeConfig},
     node_id::IdSource,
     time::now_ms,
-    wire::{Message, Suspicion, seal},
+    wire::{Message, seal},
 };
 
 /// Where `key`'s messages go.
@@ -116,26 +116,14 @@ fn flood(kind: &str, count: usize, honest: usize) -> Vec<(String, Vec<u8>)> {
         "forged_member_bound" => vec![(own, forged())],
         "forged_suspicion" => {
             let mut out = vec![seal(&rogue, "default", &advert("liar", 1, 0))];
-            out.extend((0..count as u64).map(|i| {
-                let report = Suspicion {
-                    id: id("liar"),
-                    workspace: "default".into(),
-                    seq: 1,
-                    beat: i + 1,
-                    sent_ms: now_ms(),
-                    target: id(&format!("w{}", i as usize % honest)),
-                    target_seq: u64::MAX,
-                    target_beat: u64::MAX,
-                };
-                seal(&rogue, "default", &Message::Suspect(report))
-            }));
+            out.extend(
+                (0..count as u64).map(|i| seal(&rogue, "default", &hostile::lie(i, honest))),
+            );
             out.into_iter().map(|envelope| (own.clone(), envelope)).collect()
         }
         "sybil" => (0..count as u32)
             .map(|i| {
-                let mut secret = [9u8; 32];
-                secret[..4].copy_from_slice(&i.to_be_bytes());
-                let key = NodeKey::from_secret(secret);
+                let key = hostile::sybil_key(i);
                 (subject(&key), seal(&key, "default", &advert(&format!("s{i}"), 1, 0)))
             })
             .collect(),

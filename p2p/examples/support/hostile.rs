@@ -9,7 +9,8 @@ use std::sync::{
 use arw_p2p::{
     identity::NodeKey,
     node_id::NodeId,
-    wire::{Message, seal},
+    time::now_ms,
+    wire::{Message, Suspicion, seal},
 };
 
 /// A node id from a name the example made up.
@@ -34,6 +35,28 @@ fn cpu_secs_in(path: &str) -> f64 {
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The `n`th report of member `liar` (advertised at seq 1), naming honest node `w<n % honest>`
+/// at a position beyond anything it published.
+pub fn lie(n: u64, honest: usize) -> Message {
+    Message::Suspect(Suspicion {
+        id: id("liar"),
+        workspace: "default".into(),
+        seq: 1,
+        beat: n + 1,
+        sent_ms: now_ms(),
+        target: id(&format!("w{}", n as usize % honest)),
+        target_seq: u64::MAX,
+        target_beat: u64::MAX,
+    })
+}
+
+/// The key of the `i`th Sybil: fresh, and the same in every run.
+pub fn sybil_key(i: u32) -> NodeKey {
+    let mut secret = [9u8; 32];
+    secret[..4].copy_from_slice(&i.to_be_bytes());
+    NodeKey::from_secret(secret)
 }
 
 /// `message` sealed under `key`, then given a signature that matches nothing.
